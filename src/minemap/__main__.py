@@ -1,0 +1,3 @@
+from minemap.cli import main
+
+main()

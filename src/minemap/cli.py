@@ -1,0 +1,280 @@
+"""Command-line interface: one sub-command per pipeline stage, plus ``run`` and ``demo``.
+
+Thin by design: parse, call the Python API, print. Every :class:`~minemap.errors.MinemapError` becomes one line
+on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from minemap.errors import MinemapError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Map mining areas in satellite imagery, year after year, as a panel dataset.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _stage(fn):
+    """Turn minemap errors into one line and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MinemapError as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err.print("interrupted; rerun the same command to resume")
+            raise typer.Exit(130) from None
+    return wrapper
+
+
+@app.callback()
+def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log each step")] = False) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("minemap").setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _years(spec: str) -> list[int]:
+    from minemap.config import parse_years
+
+    return parse_years(spec)
+
+
+def _bands(spec: Optional[str]) -> Optional[list[str]]:
+    return [b.strip().lower() for b in spec.split(",")] if spec else None
+
+
+BandsOpt = Annotated[Optional[str], typer.Option(help="band names in file order, e.g. red,green,blue,nir "
+                                                      "(default: the files' band descriptions)")]
+
+
+@app.command()
+@_stage
+def labels(paths: Annotated[list[Path], typer.Argument(help="label files (GPKG, GeoJSON, Shapefile, GeoParquet)")],
+           out_path: Annotated[Path, typer.Option("--out", help="clean labels, GeoParquet")],
+           max_abs_lat: Annotated[Optional[float], typer.Option(help="drop labels beyond this latitude")] = None):
+    """Read, repair, merge and deduplicate label polygons into one GeoParquet."""
+    from minemap.labels import labels_stage
+
+    report = labels_stage(paths, out_path, max_abs_lat)
+    out.print(f"{report.kept} labels -> {out_path}")
+    out.print_json(data=report.as_dict())
+
+
+@app.command()
+@_stage
+def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file")],
+          imagery: Annotated[Path, typer.Option(help="imagery directory with one folder per year")],
+          year: Annotated[int, typer.Option(help="year of the imagery the labels were drawn on")],
+          out_dir: Annotated[Path, typer.Option("--out", help="chips folder to write")],
+          chip_size: int = 256, stride: Optional[int] = None, block_size: Optional[int] = None,
+          background_per_positive: float = 0.5, seed: int = 0, bands: BandsOpt = None):
+    """Cut training chips (images, masks, spatial train/val/test splits) at native resolution."""
+    from minemap.chips import make_chips
+    from minemap.config import ChipConfig
+    from minemap.imagery import open_imagery
+    from minemap.labels import read_labels
+
+    cfg = ChipConfig(chip_size=chip_size, stride=stride, block_size=block_size,
+                     background_per_positive=background_per_positive, seed=seed)
+    gdf, _ = read_labels([labels_path])
+    index = make_chips(gdf, open_imagery(imagery, _bands(bands)), year, out_dir, cfg, labels_path=labels_path)
+    out.print(f"{len(index)} chips -> {out_dir} ({index.split.value_counts().to_dict()})")
+
+
+@app.command()
+@_stage
+def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
+          out_dir: Annotated[Path, typer.Option("--out", help="model directory to write")],
+          encoder: str = "mit-b0", epochs: int = 20, batch_size: int = 8, learning_rate: float = 6e-4,
+          pretrained: Annotated[Optional[str], typer.Option(help="local encoder checkpoint (file or folder)")] = None,
+          resume: Annotated[bool, typer.Option(help="continue from out/train_state.pt")] = False,
+          device: str = "auto", seed: int = 0):
+    """Train a SegFormer on chips; keeps the best epoch by validation IoU."""
+    from minemap.config import ModelConfig, TrainConfig
+    from minemap.errors import InputError
+    from minemap.train import train as train_fn
+
+    try:
+        mcfg = ModelConfig(encoder=encoder, pretrained=pretrained)
+        tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, device=device, seed=seed)
+    except ValueError as e:
+        raise InputError(str(e).splitlines()[-2].strip() if len(str(e).splitlines()) > 1 else str(e)) from None
+    card = train_fn(chips_dir, out_dir, tcfg, mcfg, resume=resume)
+    out.print(f"model -> {out_dir}: threshold {card.threshold:.2f}, val F1 {card.val_metrics.get('f1', 0):.3f}, "
+              f"val IoU {card.val_metrics.get('iou', 0):.3f}")
+
+
+@app.command()
+@_stage
+def predict(model_dir: Annotated[Path, typer.Option("--model", help="model directory")],
+            imagery: Annotated[Path, typer.Option(help="imagery directory with one folder per year")],
+            years: Annotated[str, typer.Option(help="e.g. 2019-2021 or 2016,2019")],
+            out_dir: Annotated[Path, typer.Option("--out", help="folder of probability COGs")],
+            tile_size: int = 2048, window_overlap: float = 0.5, batch_size: int = 16, workers: int = 1,
+            device: str = "auto", bands: BandsOpt = None, overwrite: bool = False):
+    """Probability COGs per tile and year (uint8, P x 250, nodata 255); resumes unfinished tiles."""
+    from minemap.config import PredictConfig
+    from minemap.predict import predict as predict_fn
+
+    cfg = PredictConfig(tile_size=tile_size, window_overlap=window_overlap, batch_size=batch_size, device=device)
+    paths = predict_fn(model_dir, imagery, _years(years), out_dir, cfg, _bands(bands), workers, overwrite)
+    out.print(f"{len(paths)} probability rasters -> {out_dir}")
+
+
+@app.command()
+@_stage
+def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probability COGs (one folder a year)")],
+              years: Annotated[str, typer.Option(help="e.g. 2019-2021")],
+              out_dir: Annotated[Path, typer.Option("--out", help="folder of <year>.parquet")],
+              threshold: Annotated[Optional[float], typer.Option(help="default: the model card's")] = None,
+              model_dir: Annotated[Optional[Path], typer.Option("--model", help="model whose threshold to use")] = None,
+              min_area_m2: float = 1000.0, simplify_m: float = 0.0):
+    """Threshold probabilities into valid polygons (EPSG:4326), one GeoParquet a year."""
+    from minemap.config import VectorizeConfig
+    from minemap.errors import InputError
+    from minemap.model import read_card
+    from minemap.vectorize import vectorize as vectorize_fn
+
+    if threshold is None:
+        if model_dir is None:
+            raise InputError("give --threshold or --model (whose card holds the validated threshold)")
+        threshold = read_card(model_dir).threshold
+    paths = vectorize_fn(prob_dir, _years(years), out_dir, threshold,
+                         VectorizeConfig(min_area_m2=min_area_m2, simplify_m=simplify_m))
+    out.print(f"{len(paths)} polygon files -> {out_dir} (threshold {threshold:.2f})")
+
+
+@app.command()
+@_stage
+def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.parquet polygons")],
+                years: Annotated[str, typer.Option(help="e.g. 2019-2021")],
+                out_path: Annotated[Path, typer.Option("--out", help="post-processed GeoParquet")],
+                buffer_m: float = 0.0,
+                temporal_filter: Annotated[bool, typer.Option(help="drop polygons without a neighbour-year overlap")] = True,
+                countries: Annotated[Optional[Path], typer.Option(help="country polygons (default: embedded Natural Earth 1:110m)")] = None):
+    """Temporal consistency filter, country attribution, areas in km2."""
+    from minemap.config import PostprocessConfig
+    from minemap.postprocess import postprocess_stage
+    from minemap.vectorize import read_polygons
+
+    gdf = read_polygons([poly_dir / f"{y}.parquet" for y in _years(years)])
+    res = postprocess_stage(gdf, out_path, PostprocessConfig(temporal_filter=temporal_filter, buffer_m=buffer_m,
+                                                             countries=countries))
+    out.print(f"{len(res)} of {len(gdf)} polygons kept -> {out_path}")
+
+
+@app.command()
+@_stage
+def panel(postprocessed: Annotated[Path, typer.Argument(help="post-processed GeoParquet")],
+          out_dir: Annotated[Path, typer.Option("--out", help="folder for panel.parquet, panel.gpkg, summary.csv")]):
+    """Track mines across years (mine_id) and write the panel and its summary."""
+    from minemap.labels import read_vector
+    from minemap.panel import build_panel, write_panel
+
+    p = build_panel(read_vector(postprocessed))
+    paths = write_panel(p, out_dir)
+    out.print(f"{p.mine_id.nunique()} mines, {len(p)} mine-years -> {paths['parquet']}")
+
+
+@app.command()
+@_stage
+def evaluate(predicted: Annotated[Path, typer.Argument(help="panel or polygons with a 'year' column")],
+             reference: Annotated[Path, typer.Option(help="reference polygons: a file with 'year', or a folder")],
+             probabilities: Annotated[Path, typer.Option(help="folder of probability COGs (sets the grid)")],
+             out_path: Annotated[Path, typer.Option("--out", help="metrics.json")],
+             threshold: Optional[float] = None):
+    """Pixel and object metrics per year against reference polygons."""
+    from minemap.evaluate import evaluate_stage
+    from minemap.labels import read_vector
+
+    res = evaluate_stage(read_vector(predicted), reference, probabilities, out_path, threshold)
+    _print_metrics(res)
+
+
+def _print_metrics(metrics: dict) -> None:
+    table = Table(title="accuracy against the reference")
+    for col in ("year", "precision", "recall", "F1", "IoU", "accuracy", "mines found"):
+        table.add_column(col, justify="right")
+    for year, m in metrics["years"].items():
+        px, ob = m["pixel"], m["object"]
+        table.add_row(year, *(f"{px[k]:.3f}" for k in ("precision", "recall", "f1", "iou", "accuracy")),
+                      f"{ob['recall']:.0%}")
+    px = metrics["overall"]["pixel"]
+    table.add_row("all", *(f"{px[k]:.3f}" for k in ("precision", "recall", "f1", "iou", "accuracy")), "")
+    out.print(table)
+
+
+def _print_result(res) -> None:
+    out.print(f"panel    {res.panel}\n         {res.panel_gpkg}\nsummary  {res.summary}\nmodel    {res.model_dir}"
+              f"\nrasters  {res.out / 'probabilities'}")
+    if res.skipped:
+        out.print(f"up to date, not redone: {', '.join(res.skipped)}")
+    if res.metrics_data:
+        out.print(f"metrics  {res.metrics}")
+        _print_metrics(res.metrics_data)
+
+
+@app.command()
+@_stage
+def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flags override it)")] = None,
+        labels_paths: Annotated[Optional[list[Path]], typer.Option("--labels", help="label file (repeatable)")] = None,
+        imagery: Annotated[Optional[Path], typer.Option(help="imagery directory, one folder per year")] = None,
+        train_year: Annotated[Optional[int], typer.Option(help="year the labels match")] = None,
+        years: Annotated[Optional[str], typer.Option(help="years to map, e.g. 2019-2021")] = None,
+        out_dir: Annotated[Optional[Path], typer.Option("--out", help="run directory")] = None,
+        reference: Annotated[Optional[Path], typer.Option(help="reference polygons for metrics.json")] = None,
+        bands: BandsOpt = None,
+        encoder: Optional[str] = None, epochs: Optional[int] = None, chip_size: Optional[int] = None,
+        tile_size: Optional[int] = None, threshold: Optional[float] = None,
+        min_area_m2: Optional[float] = None, buffer_m: Optional[float] = None,
+        countries: Optional[Path] = None, workers: Optional[int] = None, device: Optional[str] = None,
+        overwrite: Annotated[bool, typer.Option(help="redo finished steps")] = False):
+    """Run every stage, from a TOML config or flags; a rerun resumes where it stopped."""
+    from minemap.config import load_config
+    from minemap.pipeline import run as run_fn
+
+    cfg = load_config(config, **{
+        "labels": [str(p) for p in labels_paths] if labels_paths else None, "imagery": imagery,
+        "train_year": train_year, "years": years, "out": out_dir, "reference": reference, "bands": _bands(bands),
+        "workers": workers, "model.encoder": encoder, "train.epochs": epochs, "train.device": device,
+        "predict.device": device, "chips.chip_size": chip_size, "predict.tile_size": tile_size,
+        "vectorize.threshold": threshold, "vectorize.min_area_m2": min_area_m2,
+        "postprocess.buffer_m": buffer_m, "postprocess.countries": countries,
+    })
+    _print_result(run_fn(cfg, overwrite=overwrite))
+
+
+@app.command()
+@_stage
+def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the scene and the run")] = Path("demo-out"),
+         epochs: int = 20, overwrite: bool = False):
+    """Build a synthetic multi-year scene with known truth and run the whole pipeline on it."""
+    import time
+
+    from minemap.pipeline import run_demo
+
+    t0 = time.perf_counter()
+    res = run_demo(out_dir, epochs=epochs, overwrite=overwrite)
+    _print_result(res)
+    out.print(f"demo finished in {time.perf_counter() - t0:.0f} s")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Configuration of a run: pydantic models, read from TOML and overridden by CLI flags.
+
+A TOML file mirrors :class:`RunConfig`; top-level keys plus one table per stage, for example::
+
+    labels = ["labels.gpkg"]
+    imagery = "tiff_tiles"
+    train_year = 2019
+    years = "2019-2021"
+    out = "out"
+
+    [train]
+    epochs = 8
+
+    [vectorize]
+    min_area_m2 = 2000
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from minemap.errors import InputError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ChipConfig(_Section):
+    chip_size: int = Field(256, ge=32, description="chip side in pixels, at the imagery's native resolution")
+    stride: int | None = Field(None, description="step between chips inside a block; default chip_size // 2")
+    block_size: int | None = Field(None, description="side of a spatial split block in pixels; default 4 x chip")
+    background_per_positive: float = Field(0.5, ge=0, description="background chips per positive chip")
+    val_fraction: float = Field(0.15, ge=0, lt=1)
+    test_fraction: float = Field(0.15, ge=0, lt=1)
+    seed: int = 0
+
+
+class ModelConfig(_Section):
+    encoder: Literal["mit-b0", "mit-b1", "mit-b2", "mit-b3", "mit-b4", "mit-b5"] = "mit-b0"
+    pretrained: str | None = Field(None, description="local checkpoint (file or directory) for the encoder")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(8, ge=1)
+    learning_rate: float = Field(6e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    seed: int = 0
+    device: str = "auto"
+
+
+class PredictConfig(_Section):
+    tile_size: int = Field(2048, ge=64, description="tile side in pixels; the unit of work with a year")
+    window_overlap: float = Field(0.5, ge=0, lt=1)
+    batch_size: int = Field(16, ge=1)
+    device: str = "auto"
+
+
+class VectorizeConfig(_Section):
+    threshold: float | None = Field(None, gt=0, lt=1, description="default: the model card's threshold")
+    min_area_m2: float = Field(1000.0, ge=0)
+    simplify_m: float = Field(0.0, ge=0)
+
+
+class PostprocessConfig(_Section):
+    temporal_filter: bool = True
+    buffer_m: float = Field(0.0, ge=0)
+    countries: Path | None = None
+
+
+class RunConfig(_Section):
+    labels: list[Path]
+    imagery: Path
+    train_year: int
+    years: list[int]
+    out: Path
+    bands: list[str] | None = None
+    reference: Path | None = None
+    workers: int = Field(1, ge=1)
+    chips: ChipConfig = ChipConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    predict: PredictConfig = PredictConfig()
+    vectorize: VectorizeConfig = VectorizeConfig()
+    postprocess: PostprocessConfig = PostprocessConfig()
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, (str, Path)) else v
+
+    @field_validator("years", mode="before")
+    @classmethod
+    def _years(cls, v: Any) -> Any:
+        return parse_years(v) if isinstance(v, (str, int)) else v
+
+
+def parse_years(spec: str | int) -> list[int]:
+    """``"2019-2021"`` -> [2019, 2020, 2021]; ``"2016,2019"`` -> [2016, 2019]; ``2020`` -> [2020]."""
+    years: set[int] = set()
+    for part in str(spec).replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d{4})(?:-(\d{4}))?", part)
+        if not m:
+            raise InputError(f"years {spec!r}: expected e.g. 2019-2021 or 2016,2019")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        if b < a:
+            raise InputError(f"years {spec!r}: range {a}-{b} runs backwards")
+        years.update(range(a, b + 1))
+    return sorted(years)
+
+
+def _flatten_error(e: ValidationError) -> str:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "config"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{where}: {first['msg']}{more}"
+
+
+def load_config(path: Path | None = None, **overrides: Any) -> RunConfig:
+    """Read a TOML config (optional), apply overrides (``None`` values ignored), validate.
+
+    Overrides use dotted keys for stage tables, e.g. ``{"train.epochs": 3}``. Relative paths in the file are
+    resolved against the file's folder.
+    """
+    data: dict[str, Any] = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: config file not found")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{path}: not a valid TOML file ({e})") from None
+        base = path.parent
+        for key in ("imagery", "out", "reference"):
+            if isinstance(data.get(key), str):
+                data[key] = str(base / data[key])
+        if isinstance(data.get("labels"), (str, list)):
+            labels = [data["labels"]] if isinstance(data["labels"], str) else data["labels"]
+            data["labels"] = [str(base / p) for p in labels]
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        node = data
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        src = f"{path}: " if path is not None else ""
+        raise InputError(f"{src}invalid configuration: {_flatten_error(e)}") from None

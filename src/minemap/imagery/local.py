@@ -1,0 +1,154 @@
+"""Local imagery: a directory with one sub-folder per year of GeoTIFF (or COG) files.
+
+Layout (the published study's ``data/tiff_tiles/<year>/<quad>.tiff``)::
+
+    DIR/2019/a.tif  DIR/2019/b.tif  DIR/2020/...
+
+All files of a year form one mosaic; files may be in any CRS (reprojected on read to the year's grid, which
+takes the CRS and pixel size of the year's first file). Windows are read through GDAL warped VRTs, so only the
+pixels asked for are read. Band names come from the files' band descriptions, or from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from affine import Affine
+from pyproj import CRS
+from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
+from rasterio.vrt import WarpedVRT
+from rasterio.warp import transform_bounds
+
+from minemap.errors import ImageryError
+from minemap.imagery import Grid
+
+log = logging.getLogger(__name__)
+_SUFFIXES = {".tif", ".tiff", ".vrt"}
+
+
+@dataclass(frozen=True)
+class _FileInfo:
+    path: Path
+    crs: CRS
+    count: int
+    dtype: str
+    res: tuple[float, float]
+    bounds: tuple[float, float, float, float]
+    descriptions: tuple[str | None, ...]
+
+
+class LocalImagery:
+    """Imagery from ``root/<year>/*.tif``."""
+
+    def __init__(self, root: Path, bands: list[str] | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise ImageryError(f"{self.root}: imagery directory not found")
+        self._bands_cfg = list(bands) if bands else None
+        self._files: dict[int, list[_FileInfo]] = {}
+
+    def years(self) -> list[int]:
+        return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and re.fullmatch(r"\d{4}", p.name))
+
+    def _scan(self, year: int) -> list[_FileInfo]:
+        if year in self._files:
+            return self._files[year]
+        folder = self.root / str(year)
+        if not folder.is_dir():
+            have = ", ".join(map(str, self.years())) or "none"
+            raise ImageryError(f"{folder}: no imagery folder for year {year} (years found: {have})")
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in _SUFFIXES and not p.name.startswith("."))
+        if not paths:
+            raise ImageryError(f"{folder}: no GeoTIFF files for year {year}")
+        infos = []
+        for p in paths:
+            try:
+                with rasterio.open(p) as src:
+                    if src.crs is None:
+                        raise ImageryError(f"{p}: raster has no CRS")
+                    infos.append(
+                        _FileInfo(p, CRS.from_user_input(src.crs), src.count, src.dtypes[0], src.res,
+                                  tuple(src.bounds), tuple(src.descriptions))
+                    )
+            except RasterioError as e:
+                raise ImageryError(f"{p}: not a readable raster ({e})") from None
+        first = infos[0]
+        for info in infos[1:]:
+            if info.count != first.count:
+                raise ImageryError(f"{info.path}: has {info.count} bands, {first.path.name} has {first.count}")
+        self._files[year] = infos
+        return infos
+
+    @cached_property
+    def band_names(self) -> list[str]:  # type: ignore[override]
+        years = self.years()
+        if not years:
+            raise ImageryError(f"{self.root}: no year folders (expected e.g. {self.root}/2019/*.tif)")
+        first = self._scan(years[0])[0]
+        if self._bands_cfg is not None:
+            if len(self._bands_cfg) != first.count:
+                raise ImageryError(
+                    f"{first.path}: has {first.count} bands but the config names {len(self._bands_cfg)} "
+                    f"({', '.join(self._bands_cfg)})"
+                )
+            return self._bands_cfg
+        if all(first.descriptions):
+            return [d.lower() for d in first.descriptions]  # type: ignore[union-attr]
+        return [f"b{i + 1}" for i in range(first.count)]
+
+    def check_bands(self, year: int) -> None:
+        """Raise if a file of ``year`` has another band count or other band names than the source's."""
+        names = self.band_names
+        for info in self._scan(year):
+            if info.count != len(names):
+                raise ImageryError(f"{info.path}: has {info.count} bands, expected {len(names)} ({', '.join(names)})")
+            if self._bands_cfg is None and all(info.descriptions):
+                got = [d.lower() for d in info.descriptions]  # type: ignore[union-attr]
+                if got != names:
+                    raise ImageryError(f"{info.path}: bands {got} differ from {names}")
+
+    def grid(self, year: int) -> Grid:
+        infos = self._scan(year)
+        first = infos[0]
+        xres, yres = first.res
+        lefts, bottoms, rights, tops = [], [], [], []
+        for info in infos:
+            b = info.bounds if info.crs == first.crs else transform_bounds(info.crs, first.crs, *info.bounds)
+            lefts.append(b[0]), bottoms.append(b[1]), rights.append(b[2]), tops.append(b[3])
+        # snap the union to the first file's pixel lattice so that its pixels are read without resampling
+        ox, oy = first.bounds[0], first.bounds[3]
+        left = ox + np.floor((min(lefts) - ox) / xres + 1e-6) * xres
+        top = oy + np.ceil((max(tops) - oy) / yres - 1e-6) * yres
+        width = int(np.ceil((max(rights) - left) / xres - 1e-6))
+        height = int(np.ceil((top - min(bottoms)) / yres - 1e-6))
+        return Grid(first.crs, Affine(xres, 0, left, 0, -yres, top), width, height)
+
+    def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        infos = self._scan(year)
+        n = len(self.band_names)
+        out = np.zeros((n, grid.height, grid.width), dtype=np.float32)
+        valid = np.zeros((grid.height, grid.width), dtype=bool)
+        gl, gb, gr, gt = grid.bounds
+        for info in infos:
+            b = info.bounds if info.crs == grid.crs else transform_bounds(info.crs, grid.crs, *info.bounds)
+            if b[0] >= gr or b[2] <= gl or b[1] >= gt or b[3] <= gb:
+                continue
+            try:
+                with rasterio.open(info.path) as src, WarpedVRT(
+                    src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                    resampling=Resampling.nearest, add_alpha=True,
+                ) as vrt:
+                    data = vrt.read()
+            except RasterioError as e:
+                raise ImageryError(f"{info.path}: cannot read pixels ({e})") from None
+            fill = (data[-1] > 0) & ~valid
+            out[:, fill] = data[:n, fill]
+            valid |= fill
+        return out, valid

@@ -1,0 +1,63 @@
+"""Pixel metrics from confusion counts and probability histograms (shared by train and evaluate).
+
+Probabilities are quantised as in the probability rasters (0..250 for 0..1), so that a threshold sweep over
+any number of pixels needs only two 251-bin histograms.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+LEVELS = 250
+
+
+def binary_metrics(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
+    """Precision, recall, F1, IoU and accuracy; 0 where undefined (no positives predicted or present)."""
+    def div(a: float, b: float) -> float:
+        return float(a / b) if b > 0 else 0.0
+
+    precision, recall = div(tp, tp + fp), div(tp, tp + fn)
+    return {
+        "precision": precision,
+        "recall": recall,
+        "f1": div(2 * precision * recall, precision + recall),
+        "iou": div(tp, tp + fp + fn),
+        "accuracy": div(tp + tn, tp + fp + fn + tn),
+        "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
+    }
+
+
+def quantise(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 levels 0..250."""
+    return np.clip(np.rint(prob * LEVELS), 0, LEVELS).astype(np.uint8)
+
+
+def histograms(levels: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Histograms (251 bins) of quantised probabilities over positive and negative truth pixels."""
+    levels = levels.ravel().astype(np.int64)
+    truth = truth.ravel().astype(bool)
+    return (np.bincount(levels[truth], minlength=LEVELS + 1)[: LEVELS + 1],
+            np.bincount(levels[~truth], minlength=LEVELS + 1)[: LEVELS + 1])
+
+
+def metrics_at(hist_pos: np.ndarray, hist_neg: np.ndarray, threshold: float) -> dict[str, float]:
+    """Metrics of the rule ``probability >= threshold`` from the two histograms."""
+    cut = int(np.ceil(threshold * LEVELS - 1e-9))
+    tp, fn = hist_pos[cut:].sum(), hist_pos[:cut].sum()
+    fp, tn = hist_neg[cut:].sum(), hist_neg[:cut].sum()
+    return binary_metrics(tp, fp, fn, tn)
+
+
+def sweep(hist_pos: np.ndarray, hist_neg: np.ndarray, thresholds: np.ndarray | None = None) -> list[dict]:
+    """Metrics at each threshold (default 0.05, 0.10, ..., 0.95)."""
+    thresholds = np.round(np.arange(0.05, 0.951, 0.05), 2) if thresholds is None else thresholds
+    return [{"threshold": float(t), **metrics_at(hist_pos, hist_neg, float(t))} for t in thresholds]
+
+
+def best_threshold(hist_pos: np.ndarray, hist_neg: np.ndarray) -> tuple[float, dict]:
+    """The threshold of the sweep with the highest F1 (the middle one among ties)."""
+    rows = sweep(hist_pos, hist_neg)
+    f1 = np.array([r["f1"] for r in rows])
+    best = np.flatnonzero(f1 >= f1.max() - 1e-12)
+    row = rows[int(best[len(best) // 2])]
+    return row["threshold"], row

@@ -1,0 +1,191 @@
+"""Models: build, save and load SegFormer segmentation models, and their model cards.
+
+The network is Hugging Face transformers' ``SegformerForSemanticSegmentation`` built from a config (mit-b0 to
+mit-b5 sizes, any number of input bands, one output logit: P(mining) = sigmoid(logit)); nothing is downloaded.
+
+A model directory holds::
+
+    weights.safetensors   the state dict
+    model.json            the model card (:class:`ModelCard`): architecture, bands and order, per-band
+                          normalisation, ground sample distance, chip size, threshold, training-data fingerprint,
+                          validation and test metrics
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+from minemap import __version__
+from minemap._io import atomic_path
+from minemap.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Encoder sizes of the SegFormer paper (Xie et al. 2021), as in nvidia/mit-b0 .. mit-b5
+ENCODERS: dict[str, dict] = {
+    "mit-b0": dict(hidden_sizes=[32, 64, 160, 256], depths=[2, 2, 2, 2], decoder_hidden_size=256),
+    "mit-b1": dict(hidden_sizes=[64, 128, 320, 512], depths=[2, 2, 2, 2], decoder_hidden_size=256),
+    "mit-b2": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 6, 3], decoder_hidden_size=768),
+    "mit-b3": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 4, 18, 3], decoder_hidden_size=768),
+    "mit-b4": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 8, 27, 3], decoder_hidden_size=768),
+    "mit-b5": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 6, 40, 3], decoder_hidden_size=768),
+}
+WEIGHTS = "weights.safetensors"
+CARD = "model.json"
+DOWNLOAD_HINT = (
+    "minemap downloads nothing at run time: fetch the encoder once where you have network, e.g. "
+    "`huggingface-cli download nvidia/mit-b0 --local-dir models/mit-b0` (or mit-b1..b5), "
+    "and pass that directory (or its model.safetensors) as the pretrained checkpoint"
+)
+
+
+class ModelCard(BaseModel):
+    """What a model is, what it expects, and how well it did. Stored as ``model.json``."""
+
+    format_version: int = 1
+    architecture: str = "segformer"
+    encoder: str
+    bands: list[str]
+    band_mean: list[float]
+    band_std: list[float]
+    gsd_m: float
+    pixel_size: list[float]
+    crs: str
+    chip_size: int
+    threshold: float = 0.5
+    train_year: int | None = None
+    labels_fingerprint: str | None = None
+    pretrained: str | None = None
+    epochs_trained: int = 0
+    best_epoch: int | None = None
+    val_metrics: dict = {}
+    test_metrics: dict = {}
+    minemap_version: str = __version__
+
+
+def segformer_config(encoder: str, num_channels: int) -> SegformerConfig:
+    if encoder not in ENCODERS:
+        raise ModelError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
+    return SegformerConfig(num_channels=num_channels, num_labels=1, **ENCODERS[encoder])
+
+
+def build_model(encoder: str, num_channels: int) -> SegformerForSemanticSegmentation:
+    """A freshly initialised SegFormer with one output logit."""
+    return SegformerForSemanticSegmentation(segformer_config(encoder, num_channels))
+
+
+def save_model(model: torch.nn.Module, card: ModelCard, dest: Path) -> Path:
+    """Write ``weights.safetensors`` and ``model.json`` into ``dest`` atomically (the folder is swapped whole)."""
+    dest = Path(dest)
+    with atomic_path(dest) as tmp:
+        tmp.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS))
+        (tmp / CARD).write_text(card.model_dump_json(indent=2) + "\n")
+        for extra in ("train_state.pt",):  # keep resumable training state across checkpoint swaps
+            if (dest / extra).exists():
+                (tmp / extra).hardlink_to(dest / extra)
+    return dest
+
+
+def read_card(model_dir: Path) -> ModelCard:
+    path = Path(model_dir) / CARD
+    if not Path(model_dir).is_dir():
+        raise ModelError(f"{model_dir}: model directory not found")
+    if not path.is_file():
+        raise ModelError(f"{path}: model card missing (not a minemap model directory?)")
+    try:
+        return ModelCard.model_validate_json(path.read_text())
+    except ValidationError as e:
+        raise ModelError(f"{path}: invalid model card ({e.errors()[0]['msg']})") from None
+
+
+def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[SegformerForSemanticSegmentation, ModelCard]:
+    """Load a model directory written by :func:`save_model`."""
+    card = read_card(model_dir)
+    path = Path(model_dir) / WEIGHTS
+    if not path.is_file():
+        raise ModelError(f"{path}: weights missing")
+    try:
+        state = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path}: corrupt weights file ({e})") from None
+    model = build_model(card.encoder, len(card.bands))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ModelError(f"{path}: weights do not fit a {card.encoder} with {len(card.bands)} bands "
+                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    return model.to(device).eval(), card
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.is_dir():
+        for name in ("model.safetensors", WEIGHTS, "pytorch_model.bin"):
+            if (path / name).is_file():
+                return _read_state_dict(path / name)
+        raise ModelError(f"{path}: no model.safetensors, weights.safetensors or pytorch_model.bin inside")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path), device="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch and safetensors raise many types on a bad file
+        raise ModelError(f"{path}: not a readable checkpoint ({str(e).splitlines()[0]})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ModelError(f"{path}: checkpoint holds no state dict")
+    return obj
+
+
+def load_pretrained_encoder(model: SegformerForSemanticSegmentation, checkpoint: Path | str) -> int:
+    """Initialise ``model``'s encoder from a local Hugging Face SegFormer/MiT checkpoint (file or folder).
+
+    The first patch embedding is adapted to the model's band count: RGB filters are kept, extra bands get the
+    mean RGB filter, and all are rescaled so activations keep their magnitude. Returns the tensors loaded.
+    """
+    path = Path(checkpoint)
+    if not path.exists():
+        raise ModelError(f"{checkpoint}: pretrained checkpoint not found locally; {DOWNLOAD_HINT}")
+    state = _read_state_dict(path)
+    if any(k.startswith("backbone.") for k in state):
+        raise ModelError(f"{path}: an MMSegmentation checkpoint; convert it to Hugging Face format first "
+                         "(transformers' convert_segformer_original_to_pytorch.py)")
+    encoder_state = {}
+    for key, value in state.items():
+        for prefix in ("segformer.encoder.", "encoder."):
+            if key.startswith(prefix):
+                encoder_state[key[len(prefix):]] = value
+                break
+    target = model.segformer.encoder.state_dict()
+    if not encoder_state:
+        raise ModelError(f"{path}: no SegFormer encoder weights found")
+    first = "patch_embeddings.0.proj.weight"
+    if first in encoder_state and encoder_state[first].shape[1] != target[first].shape[1]:
+        w = encoder_state[first]
+        n_in, n_out = w.shape[1], target[first].shape[1]
+        new = w.mean(dim=1, keepdim=True).repeat(1, n_out, 1, 1)
+        new[:, : min(n_in, n_out)] = w[:, : min(n_in, n_out)]
+        encoder_state[first] = new * (n_in / n_out)
+    bad = [k for k, v in encoder_state.items() if k in target and v.shape != target[k].shape]
+    if bad:
+        raise ModelError(f"{path}: encoder size differs from the model's (e.g. {bad[0]}: "
+                         f"{tuple(encoder_state[bad[0]].shape)} vs {tuple(target[bad[0]].shape)})")
+    loaded = {k: v for k, v in encoder_state.items() if k in target}
+    if len(loaded) < 0.9 * len(target):
+        raise ModelError(f"{path}: only {len(loaded)} of {len(target)} encoder tensors match this model")
+    model.segformer.encoder.load_state_dict(loaded, strict=False)
+    log.info("loaded %d encoder tensors from %s", len(loaded), path)
+    return len(loaded)
+
+
+def card_json(card: ModelCard) -> dict:
+    return json.loads(card.model_dump_json())

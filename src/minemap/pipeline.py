@@ -1,0 +1,191 @@
+"""The whole pipeline in a row, resumable: labels -> chips -> train -> predict -> vectorize -> postprocess ->
+panel -> evaluate, inside one run directory.
+
+Run directory::
+
+    OUT/labels.parquet            cleaned labels
+    OUT/chips/                    training chips (images/, masks/, index.parquet, meta.json)
+    OUT/model/                    weights.safetensors, model.json (+ train_state.pt)
+    OUT/probabilities/<year>/     probability COGs per tile (+ manifest.json of finished tiles)
+    OUT/polygons/<year>.parquet   vectorised polygons
+    OUT/postprocessed.parquet     temporal filter, countries, areas
+    OUT/panel.parquet, panel.gpkg, summary.csv
+    OUT/metrics.json              with a reference
+    OUT/manifest.json             finished stages and the fingerprint of what they were made from
+
+A stage is skipped when the manifest holds it with the same fingerprint (its inputs and settings, chained
+through the stages before it) and its outputs exist; an interrupted training resumes from its last epoch;
+prediction resumes per (tile, year). ``overwrite=True`` redoes everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import geopandas as gpd
+
+from minemap._io import file_sha256, stable_hash
+from minemap.chips import make_chips
+from minemap.config import RunConfig
+from minemap.errors import ImageryError, InputError
+from minemap.evaluate import evaluate_stage
+from minemap.imagery import open_imagery
+from minemap.labels import labels_stage
+from minemap.manifest import Manifest
+from minemap.model import read_card
+from minemap.panel import build_panel, write_panel
+from minemap.postprocess import postprocess_stage
+from minemap.predict import predict
+from minemap.train import STATE, train
+from minemap.vectorize import read_polygons, vectorize
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    out: Path
+    model_dir: Path
+    panel: Path
+    panel_gpkg: Path
+    summary: Path
+    metrics: Path | None = None
+    metrics_data: dict | None = None
+    skipped: list[str] = field(default_factory=list)
+
+
+def _file_key(path: Path) -> str:
+    if not Path(path).exists():
+        raise InputError(f"{path}: file not found")
+    if Path(path).is_dir():
+        return stable_hash(sorted((str(p.relative_to(path)), p.stat().st_size)
+                                  for p in Path(path).rglob("*") if p.is_file()))
+    return file_sha256(Path(path))
+
+
+def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunResult:
+    """Run every stage of ``cfg`` into ``cfg.out``; see the module docstring for the layout and resuming."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: output path exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = Manifest(out / "manifest.json")
+    if overwrite:
+        manifest.forget()
+    skipped: list[str] = []
+
+    # check every input before any long work starts
+    source = open_imagery(cfg.imagery, cfg.bands)
+    have = source.years()
+    missing = [y for y in sorted({cfg.train_year, *cfg.years}) if y not in have]
+    if missing:
+        raise ImageryError(f"{cfg.imagery}: no imagery folder for year(s) {', '.join(map(str, missing))} "
+                           f"(years found: {', '.join(map(str, have)) or 'none'})")
+    for y in sorted({cfg.train_year, *cfg.years}):
+        source.check_bands(y)
+    label_keys = [_file_key(p) for p in cfg.labels]
+    ref_key = _file_key(cfg.reference) if cfg.reference else None
+
+    def stage(name: str, key: str, outputs: list[Path]) -> bool:
+        """True if the stage must run."""
+        if manifest.done(f"stage:{name}", key) and all(p.exists() for p in outputs):
+            skipped.append(name)
+            log.info("%s: up to date, skipped", name)
+            return False
+        return True
+
+    labels_path = out / "labels.parquet"
+    k_labels = stable_hash(["labels", label_keys])
+    if stage("labels", k_labels, [labels_path]):
+        labels_stage(cfg.labels, labels_path)
+        manifest.mark("stage:labels", k_labels)
+
+    chips_dir = out / "chips"
+    k_chips = stable_hash(["chips", k_labels, str(Path(cfg.imagery).resolve()), cfg.train_year, cfg.bands,
+                           cfg.chips.model_dump()])
+    if stage("chips", k_chips, [chips_dir / "index.parquet"]):
+        make_chips(gpd.read_parquet(labels_path), source, cfg.train_year, chips_dir, cfg.chips,
+                   labels_path=cfg.labels[0] if len(cfg.labels) == 1 else None)
+        manifest.mark("stage:chips", k_chips)
+
+    model_dir = out / "model"
+    k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), cfg.train.model_dump()])
+    if stage("train", k_train, [model_dir / "model.json"]):
+        # resume only a training started with these very settings
+        resume = manifest.done("started:train", k_train) and (model_dir / STATE).is_file()
+        manifest.mark("started:train", k_train)
+        train(chips_dir, model_dir, cfg.train, cfg.model, resume=resume, progress=progress)
+        manifest.mark("stage:train", k_train)
+    card = read_card(model_dir)
+
+    prob_dir = out / "probabilities"
+    k_predict = stable_hash(["predict", k_train, cfg.predict.model_dump(), cfg.years, cfg.bands])
+    if stage("predict", k_predict, [prob_dir / str(y) for y in cfg.years]):
+        predict(model_dir, cfg.imagery, cfg.years, prob_dir, cfg.predict, cfg.bands, cfg.workers,
+                overwrite=overwrite, progress=progress)
+        manifest.mark("stage:predict", k_predict)
+
+    threshold = cfg.vectorize.threshold or card.threshold
+    poly_dir = out / "polygons"
+    poly_paths = {y: poly_dir / f"{y}.parquet" for y in cfg.years}
+    k_vec = stable_hash(["vectorize", k_predict, threshold, cfg.vectorize.model_dump()])
+    if stage("vectorize", k_vec, list(poly_paths.values())):
+        vectorize(prob_dir, cfg.years, poly_dir, threshold, cfg.vectorize)
+        manifest.mark("stage:vectorize", k_vec)
+
+    pp_path = out / "postprocessed.parquet"
+    countries_key = _file_key(cfg.postprocess.countries) if cfg.postprocess.countries else None
+    k_pp = stable_hash(["postprocess", k_vec, cfg.postprocess.model_dump(), countries_key])
+    if stage("postprocess", k_pp, [pp_path]):
+        postprocess_stage(read_polygons(poly_paths), pp_path, cfg.postprocess)
+        manifest.mark("stage:postprocess", k_pp)
+
+    panel_paths = {"parquet": out / "panel.parquet", "gpkg": out / "panel.gpkg", "summary": out / "summary.csv"}
+    k_panel = stable_hash(["panel", k_pp])
+    if stage("panel", k_panel, list(panel_paths.values())):
+        write_panel(build_panel(gpd.read_parquet(pp_path)), out)
+        manifest.mark("stage:panel", k_panel)
+
+    result = RunResult(out, model_dir, panel_paths["parquet"], panel_paths["gpkg"], panel_paths["summary"],
+                       skipped=skipped)
+    if cfg.reference:
+        metrics_path = out / "metrics.json"
+        k_eval = stable_hash(["evaluate", k_panel, ref_key, threshold])
+        if stage("evaluate", k_eval, [metrics_path]):
+            evaluate_stage(gpd.read_parquet(panel_paths["parquet"]), cfg.reference, prob_dir, metrics_path,
+                           threshold)
+            manifest.mark("stage:evaluate", k_eval)
+        result.metrics = metrics_path
+        result.metrics_data = json.loads(metrics_path.read_text())
+    return result
+
+
+DEMO_YEARS = (2019, 2020, 2021)
+
+
+def demo_config(out: Path, epochs: int = 20) -> RunConfig:
+    """The settings of ``minemap demo``: a mit-b0 on 128 px chips, sized for 2 CPU cores."""
+    scene = Path(out) / "scene"
+    return RunConfig.model_validate({
+        "labels": [scene / f"labels_{DEMO_YEARS[0]}.gpkg"], "imagery": scene / "imagery",
+        "train_year": DEMO_YEARS[0], "years": list(DEMO_YEARS), "out": Path(out) / "run",
+        "reference": scene / "truth.gpkg",
+        "chips": {"chip_size": 128, "stride": 32, "block_size": 256, "background_per_positive": 0.3},
+        "train": {"epochs": epochs, "batch_size": 8, "learning_rate": 1e-3},
+        "predict": {"tile_size": 512},
+        "vectorize": {"min_area_m2": 1000},
+        "postprocess": {"buffer_m": 10},
+    })
+
+
+def run_demo(out: Path, epochs: int = 20, overwrite: bool = False, progress: bool = True) -> RunResult:
+    """Write the synthetic demo scene under ``out/scene`` (once) and run the pipeline into ``out/run``."""
+    from minemap.synthetic import make_scene
+
+    scene = Path(out) / "scene"
+    if overwrite or not (scene / "truth.gpkg").is_file():
+        make_scene(scene, years=DEMO_YEARS, train_year=DEMO_YEARS[0])
+    return run(demo_config(out, epochs), overwrite=overwrite, progress=progress)

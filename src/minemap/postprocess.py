@@ -1,0 +1,125 @@
+"""Post-processing: the temporal consistency rule, country attribution and areas.
+
+Temporal rule (Sepin et al. 2025): a polygon of year t stays only if a polygon of the previous or next year
+(of the years processed), buffered by ``buffer_m`` metres, intersects it; the first and last year look at their
+one neighbour. Buffers are applied in metres at each polygon's latitude (not metres / 100,000 in degrees).
+
+Countries: ISO3 code and name of the country with the largest overlap (areas in an equal-area CRS), from the
+embedded Natural Earth 1:110m layer or from a user's file (GADM, geoBoundaries, Natural Earth 1:10m); polygons
+offshore of the coarse coastline take the nearest country within ``NEAREST_MAX_M``.
+
+Reads ``polygons/<year>.parquet``; writes ``postprocessed.parquet`` (EPSG:4326, columns
+``year, iso3, country, area_km2, mean_probability, geometry``).
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+
+from minemap.config import PostprocessConfig
+from minemap.errors import InputError
+from minemap.geo import EQUAL_AREA, WGS84, area_km2, units_per_metre
+from minemap.labels import read_vector, write_geoparquet
+
+log = logging.getLogger(__name__)
+NEAREST_MAX_M = 25_000.0
+_ISO_COLUMNS = ("iso3", "ISO3", "ISO_A3", "iso_a3", "ISO3_CODE", "GID_0", "shapeGroup", "ADM0_A3", "adm0_a3")
+_NAME_COLUMNS = ("country", "COUNTRY", "NAME", "name", "NAME_0", "ADMIN", "COUNTRY_NAME", "shapeName", "NAME_EN")
+
+
+def temporal_filter(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> gpd.GeoDataFrame:
+    """Keep the polygons of each year that meet a (buffered) polygon of an adjacent processed year."""
+    years = sorted(polygons["year"].unique())
+    if len(years) < 2:
+        log.warning("temporal filter needs two years or more; %s kept as is", years)
+        return polygons
+    merc = polygons.to_crs("EPSG:3857")
+    geoms = np.asarray(merc.geometry.values)
+    if buffer_m > 0:  # Web Mercator stretches by 1/cos(lat): convert metres at each polygon's own latitude
+        c = shapely.centroid(geoms)
+        geoms_b = shapely.buffer(geoms, buffer_m * units_per_metre("EPSG:3857", shapely.get_x(c), shapely.get_y(c)))
+    else:
+        geoms_b = geoms
+    year = polygons["year"].to_numpy()
+    keep = np.zeros(len(polygons), dtype=bool)
+    for i, y in enumerate(years):
+        this = np.flatnonzero(year == y)
+        neighbours = [years[j] for j in (i - 1, i + 1) if 0 <= j < len(years)]
+        other = np.flatnonzero(np.isin(year, neighbours))
+        if len(this) == 0 or len(other) == 0:
+            continue
+        hit, _ = shapely.STRtree(geoms_b[other]).query(geoms[this], predicate="intersects")
+        keep[this[np.unique(hit)]] = True
+    log.info("temporal filter: kept %d of %d polygons", keep.sum(), len(keep))
+    return polygons.loc[keep].reset_index(drop=True)
+
+
+def load_countries(path: Path | None = None) -> gpd.GeoDataFrame:
+    """Country polygons (EPSG:4326, columns iso3, country): the embedded Natural Earth layer, or ``path``."""
+    if path is None:
+        with resources.as_file(resources.files("minemap") / "data" / "countries_ne110m.parquet") as p:
+            return gpd.read_parquet(p)
+    gdf = read_vector(path)
+    iso = next((c for c in _ISO_COLUMNS if c in gdf.columns), None)
+    name = next((c for c in _NAME_COLUMNS if c in gdf.columns), None)
+    if iso is None or name is None:
+        raise InputError(f"{path}: no country code or name column (looked for {', '.join(_ISO_COLUMNS[:4])}, ... "
+                         f"and {', '.join(_NAME_COLUMNS[:4])}, ...)")
+    out = gpd.GeoDataFrame({"iso3": gdf[iso].astype(str), "country": gdf[name].astype(str)},
+                           geometry=shapely.make_valid(np.asarray(gdf.to_crs(WGS84).geometry.values)), crs=WGS84)
+    if "ADM0_A3" in gdf.columns and iso != "ADM0_A3":  # Natural Earth's -99 (France, Norway, ...)
+        bad = out["iso3"] == "-99"
+        out.loc[bad, "iso3"] = gdf.loc[bad, "ADM0_A3"].astype(str)
+    return out
+
+
+def attribute_countries(polygons: gpd.GeoDataFrame, countries: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
+    """Add ``iso3`` and ``country``: the country covering the largest part of each polygon."""
+    out = polygons.copy()
+    out["iso3"] = pd.Series([None] * len(out), dtype=object)
+    out["country"] = pd.Series([None] * len(out), dtype=object)
+    if len(out) == 0:
+        return out
+    p_ea = out.geometry.to_crs(EQUAL_AREA).values
+    c_ea = countries.geometry.to_crs(EQUAL_AREA).values
+    pi, ci = shapely.STRtree(np.asarray(c_ea)).query(np.asarray(p_ea), predicate="intersects")
+    if len(pi):
+        share = shapely.area(shapely.intersection(np.asarray(p_ea)[pi], np.asarray(c_ea)[ci]))
+        pairs = pd.DataFrame({"p": pi, "c": ci, "share": share}).sort_values(["p", "share"], ascending=[True, False])
+        best = pairs.drop_duplicates("p")
+        out.iloc[best.p.to_numpy(), out.columns.get_loc("iso3")] = countries.iso3.to_numpy()[best.c.to_numpy()]
+        out.iloc[best.p.to_numpy(), out.columns.get_loc("country")] = countries.country.to_numpy()[best.c.to_numpy()]
+    missing = np.flatnonzero(out["iso3"].isna().to_numpy())
+    if len(missing):
+        tree = shapely.STRtree(np.asarray(c_ea))
+        (src, dst), dist = tree.query_nearest(np.asarray(p_ea)[missing], max_distance=NEAREST_MAX_M,
+                                               return_distance=True, all_matches=False)
+        out.iloc[missing[src], out.columns.get_loc("iso3")] = countries.iso3.to_numpy()[dst]
+        out.iloc[missing[src], out.columns.get_loc("country")] = countries.country.to_numpy()[dst]
+    return out
+
+
+def postprocess(polygons: gpd.GeoDataFrame, cfg: PostprocessConfig | None = None) -> gpd.GeoDataFrame:
+    """Temporal filter (optional), valid geometries, countries and areas in km2 on the ellipsoid."""
+    cfg = cfg or PostprocessConfig()
+    gdf = polygons.copy()
+    gdf["geometry"] = shapely.make_valid(np.asarray(gdf.geometry.values))
+    if cfg.temporal_filter:
+        gdf = temporal_filter(gdf, cfg.buffer_m)
+    gdf = attribute_countries(gdf, load_countries(cfg.countries))
+    gdf["area_km2"] = area_km2(gdf.geometry.values)
+    cols = ["year", "iso3", "country", "area_km2"] + [c for c in ("mean_probability",) if c in gdf] + ["geometry"]
+    return gdf[cols]
+
+
+def postprocess_stage(polygons: gpd.GeoDataFrame, dest: Path, cfg: PostprocessConfig | None = None) -> gpd.GeoDataFrame:
+    gdf = postprocess(polygons, cfg)
+    write_geoparquet(gdf, dest)
+    return gdf

@@ -1,0 +1,170 @@
+"""Prediction: per (tile, year), sliding-window SegFormer inference written as probability COGs.
+
+Each tile is read with a halo of half a window around it, windows overlap by ``window_overlap`` and are blended
+with a squared-sine weight (which sums to one under half-window overlap), so neither windows nor tiles leave
+seams. Output per unit::
+
+    probabilities/<year>/<tile_id>.tif   COG, uint8 = round(P(mining) x 250), nodata 255 where no imagery
+
+A manifest (``probabilities/manifest.json``) records finished units with the model's fingerprint; a rerun
+skips them unless ``overwrite``. Imagery whose bands or ground sample distance differ from the model card's
+is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+import torch
+from rasterio.io import MemoryFile
+
+from minemap._io import atomic_path, file_sha256
+from minemap.config import PredictConfig
+from minemap.errors import ImageryError
+from minemap.execution import map_units
+from minemap.geo import ground_sample_distance_m
+from minemap.grid import Tile, make_tiles
+from minemap.imagery import Grid, ImagerySource, open_imagery
+from minemap.manifest import Manifest
+from minemap.metrics import LEVELS, quantise
+from minemap.model import WEIGHTS, ModelCard, load_model, read_card
+from minemap.train import forward_probability, resolve_device
+
+log = logging.getLogger(__name__)
+NODATA = 255
+GSD_TOLERANCE = 0.25
+
+
+def check_compatible(card: ModelCard, source: ImagerySource, year: int, where: str = "") -> None:
+    """Refuse imagery whose bands or ground sample distance do not match the model card."""
+    if list(source.band_names) != list(card.bands):
+        raise ImageryError(f"{where}imagery bands {list(source.band_names)} do not match the model's "
+                           f"{card.bands} (names and order must agree)")
+    source.check_bands(year)
+    g = source.grid(year)
+    gsd = ground_sample_distance_m(g.crs, g.transform, g.width, g.height)
+    if abs(gsd - card.gsd_m) > GSD_TOLERANCE * card.gsd_m:
+        raise ImageryError(f"{where}imagery of {year} has a ground sample distance of {gsd:.2f} m, the model was "
+                           f"trained at {card.gsd_m:.2f} m (more than {GSD_TOLERANCE:.0%} apart)")
+
+
+def blend_weights(size: int) -> np.ndarray:
+    """2-D squared-sine window: sums to 1 when windows overlap by half."""
+    w = np.sin(np.pi * (np.arange(size) + 0.5) / size) ** 2
+    return np.outer(w, w).astype(np.float32)
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    s = list(range(0, length - window + 1, stride))
+    if s[-1] != length - window:
+        s.append(length - window)
+    return s
+
+
+@torch.no_grad()
+def predict_array(model, card: ModelCard, pixels: np.ndarray, valid: np.ndarray, overlap: float = 0.5,
+                  batch_size: int = 16, device: torch.device | str = "cpu") -> np.ndarray:
+    """P(mining) for every pixel of ``pixels`` (bands, h, w) by blended sliding windows; float32 (h, w)."""
+    window = card.chip_size
+    c, h, w = pixels.shape
+    ph, pw = max(h, window), max(w, window)
+    x = np.zeros((c, ph, pw), np.float32)
+    mean = np.asarray(card.band_mean, np.float32)[:, None, None]
+    std = np.asarray(card.band_std, np.float32)[:, None, None]
+    x[:, :h, :w] = np.where(valid[None], (pixels - mean) / std, 0.0)
+    stride = max(1, int(round(window * (1 - overlap))))
+    weight = blend_weights(window)
+    acc = np.zeros((ph, pw), np.float32)
+    wsum = np.zeros((ph, pw), np.float32)
+    origins = [(r, q) for r in _starts(ph, window, stride) for q in _starts(pw, window, stride)]
+    for i in range(0, len(origins), batch_size):
+        batch = origins[i:i + batch_size]
+        xb = torch.from_numpy(np.stack([x[:, r:r + window, q:q + window] for r, q in batch])).to(device)
+        prob = torch.sigmoid(forward_probability(model, xb)).cpu().numpy()
+        for (r, q), p in zip(batch, prob):
+            acc[r:r + window, q:q + window] += p * weight
+            wsum[r:r + window, q:q + window] += weight
+    return (acc / np.maximum(wsum, 1e-12))[:h, :w]
+
+
+def write_cog(dest: Path, data: np.ndarray, grid: Grid, nodata: int | None = NODATA, blocksize: int = 256) -> None:
+    """Write a single-band uint8 array as a tiled, deflate-compressed Cloud-Optimised GeoTIFF, atomically."""
+    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, dtype="uint8",
+                   crs=grid.crs, transform=grid.transform, nodata=nodata)
+    with atomic_path(dest) as tmp, MemoryFile() as mem:
+        with mem.open(**profile) as ds:
+            ds.write(data, 1)
+            ds.set_band_description(1, "P(mining) x 250")
+            rasterio.shutil.copy(ds, tmp, driver="COG", compress="DEFLATE", blocksize=blocksize,
+                                 overview_resampling="average")
+
+
+# -- worker state: the model is loaded once per process ----------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_predict(model_dir: str, imagery: str, bands: list[str] | None, device: str) -> None:
+    dev = resolve_device(device)
+    model, card = load_model(Path(model_dir), dev)
+    _WORKER.update(model=model, card=card, device=dev, source=open_imagery(imagery, bands))
+
+
+def _predict_unit(unit: tuple[int, Tile, str, float, int]) -> tuple[int, str]:
+    year, tile, dest, overlap, batch_size = unit
+    model, card, source = _WORKER["model"], _WORKER["card"], _WORKER["source"]
+    parent = source.grid(year)
+    halo = card.chip_size // 2
+    pixels, valid = source.read(year, tile.grid(parent, halo))
+    prob = predict_array(model, card, pixels, valid, overlap, batch_size, _WORKER["device"])
+    inner = (slice(halo, halo + tile.height), slice(halo, halo + tile.width))
+    out = quantise(prob[inner])
+    out[~valid[inner]] = NODATA
+    write_cog(Path(dest), out, tile.grid(parent))
+    return year, tile.tile_id
+
+
+def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg: PredictConfig | None = None,
+            bands: list[str] | None = None, workers: int = 1, overwrite: bool = False,
+            progress: bool = True) -> list[Path]:
+    """Stage ``predict``: probability COGs for every (tile, year) under ``out_dir/<year>/``."""
+    cfg = cfg or PredictConfig()
+    out_dir = Path(out_dir)
+    card = read_card(model_dir)
+    source = open_imagery(imagery, bands)
+    for year in years:
+        check_compatible(card, source, year, where=f"{imagery}: ")
+    fingerprint = file_sha256(Path(model_dir) / WEIGHTS)[:16]
+    manifest = Manifest(out_dir / "manifest.json")
+    units, outputs = [], []
+    for year in years:
+        for tile in make_tiles(source.grid(year), cfg.tile_size):
+            dest = out_dir / str(year) / f"{tile.tile_id}.tif"
+            outputs.append(dest)
+            key = f"{year}/{tile.tile_id}"
+            if not overwrite and manifest.done(key, fingerprint) and dest.is_file():
+                continue
+            units.append((year, tile, str(dest), cfg.window_overlap, cfg.batch_size))
+    if len(units) < len(outputs):
+        log.info("predict: %d of %d units already done", len(outputs) - len(units), len(outputs))
+    for year, tile_id in map_units(_predict_unit, units, workers, _init_predict,
+                                   (str(model_dir), str(imagery), bands, cfg.device), desc="predict",
+                                   progress=progress):
+        manifest.mark(f"{year}/{tile_id}", fingerprint)
+    _WORKER.clear()
+    return outputs
+
+
+def read_probability(path: Path) -> tuple[np.ndarray, Grid]:
+    """A probability COG as float32 in [0, 1] (NaN where nodata) and its grid."""
+    with rasterio.open(path) as src:
+        q = src.read(1)
+        grid = Grid(src.crs, src.transform, src.width, src.height)
+    prob = q.astype(np.float32) / LEVELS
+    prob[q == NODATA] = np.nan
+    return prob, grid
