@@ -102,8 +102,8 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     pos, blk = chip_positions(grid, cfg)
     if len(pos) == 0:
         raise InputError(f"the {year} imagery ({grid.width} x {grid.height} px) is smaller than one chip ({chip} px)")
-    x0, y0 = grid.transform * (pos[:, 0], pos[:, 1])
-    x1, y1 = grid.transform * (pos[:, 0] + chip, pos[:, 1] + chip)
+    x0, y0 = grid.transform @ (pos[:, 0], pos[:, 1])
+    x1, y1 = grid.transform @ (pos[:, 0] + chip, pos[:, 1] + chip)
     boxes = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
     tree = shapely.STRtree(geoms)
     hit_chip, _ = tree.query(boxes, predicate="intersects")

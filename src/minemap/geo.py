@@ -39,5 +39,5 @@ def units_per_metre(crs: CRS | str, x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 def ground_sample_distance_m(crs: CRS | str, transform, width: int, height: int) -> float:
     """Ground size in metres of one pixel at the centre of a raster grid (x resolution, eastwards)."""
-    cx, cy = transform * (width / 2, height / 2)
+    cx, cy = transform @ (width / 2, height / 2)
     return float(abs(transform.a) / units_per_metre(crs, cx, cy)[0])

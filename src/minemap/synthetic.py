@@ -172,7 +172,7 @@ def make_scene(
 
     def pixel_to_ll(geoms: np.ndarray) -> np.ndarray:
         def f(xy: np.ndarray) -> np.ndarray:
-            x, y = transform * (xy[:, 0], xy[:, 1])
+            x, y = transform @ (xy[:, 0], xy[:, 1])
             return np.column_stack(to_ll.transform(x, y))
 
         return shapely.transform(geoms, f)
@@ -181,7 +181,7 @@ def make_scene(
     for year in years:
         present = [m for m in mines if m.first <= year <= m.last]
         px = np.array([_mine_polygon(m, year, years[0]) for m in present], dtype=object)
-        merc = shapely.transform(px, lambda xy: np.column_stack(transform * (xy[:, 0], xy[:, 1])))
+        merc = shapely.transform(px, lambda xy: np.column_stack(transform @ (xy[:, 0], xy[:, 1])))
         mask = rasterize([(g, 1) for g in merc], out_shape=(size, size), transform=transform, dtype=np.uint8) > 0
         img = _draw_mines(rng, base, mask)
         img *= (1 + 0.05 * rng.uniform(-1, 1, 4).astype(np.float32))[:, None, None]  # sensor/season drift
@@ -225,7 +225,7 @@ def _write_quads(folder: Path, data: np.ndarray, transform: Affine, quads: int) 
             block = data[:, r * step:(r + 1) * step, c * step:(c + 1) * step]
             if block.size == 0:
                 continue
-            t = transform * Affine.translation(c * step, r * step)
+            t = transform @ Affine.translation(c * step, r * step)
             profile = dict(driver="GTiff", width=block.shape[2], height=block.shape[1], count=block.shape[0],
                            dtype="uint16", crs="EPSG:3857", transform=t, nodata=0, tiled=True,
                            blockxsize=256, blockysize=256, compress="deflate")

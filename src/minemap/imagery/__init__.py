@@ -30,8 +30,8 @@ class Grid:
     @property
     def bounds(self) -> tuple[float, float, float, float]:
         """(left, bottom, right, top) in the grid's CRS."""
-        x0, y0 = self.transform * (0, 0)
-        x1, y1 = self.transform * (self.width, self.height)
+        x0, y0 = self.transform @ (0, 0)
+        x1, y1 = self.transform @ (self.width, self.height)
         return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
 
     @property
@@ -40,7 +40,7 @@ class Grid:
 
     def window(self, col_off: int, row_off: int, width: int, height: int) -> Grid:
         """The sub-grid starting at pixel (col_off, row_off); it may reach outside this grid."""
-        return Grid(self.crs, self.transform * Affine.translation(col_off, row_off), width, height)
+        return Grid(self.crs, self.transform @ Affine.translation(col_off, row_off), width, height)
 
 
 @runtime_checkable

@@ -57,6 +57,12 @@ class LocalImagery:
     def years(self) -> list[int]:
         return sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and re.fullmatch(r"\d{4}", p.name))
 
+    def _paths(self, year: int) -> list[Path]:
+        folder = self.root / str(year)
+        if not folder.is_dir():
+            return []
+        return sorted(p for p in folder.iterdir() if p.suffix.lower() in _SUFFIXES and not p.name.startswith("."))
+
     def _scan(self, year: int) -> list[_FileInfo]:
         if year in self._files:
             return self._files[year]
@@ -64,7 +70,7 @@ class LocalImagery:
         if not folder.is_dir():
             have = ", ".join(map(str, self.years())) or "none"
             raise ImageryError(f"{folder}: no imagery folder for year {year} (years found: {have})")
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in _SUFFIXES and not p.name.startswith("."))
+        paths = self._paths(year)
         if not paths:
             raise ImageryError(f"{folder}: no GeoTIFF files for year {year}")
         infos = []
@@ -88,9 +94,9 @@ class LocalImagery:
 
     @cached_property
     def band_names(self) -> list[str]:  # type: ignore[override]
-        years = self.years()
+        years = [y for y in self.years() if self._paths(y)]
         if not years:
-            raise ImageryError(f"{self.root}: no year folders (expected e.g. {self.root}/2019/*.tif)")
+            raise ImageryError(f"{self.root}: no year folders with GeoTIFFs (expected e.g. {self.root}/2019/*.tif)")
         first = self._scan(years[0])[0]
         if self._bands_cfg is not None:
             if len(self._bands_cfg) != first.count:
