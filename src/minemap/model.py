@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
+from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerModel
 
 from minemap import __version__
 from minemap._io import atomic_path
@@ -128,11 +128,6 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[Seg
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.is_dir():
-        for name in ("model.safetensors", WEIGHTS, "pytorch_model.bin"):
-            if (path / name).is_file():
-                return _read_state_dict(path / name)
-        raise ModelError(f"{path}: no model.safetensors, weights.safetensors or pytorch_model.bin inside")
     try:
         if path.suffix == ".safetensors":
             return load_file(str(path), device="cpu")
@@ -146,8 +141,50 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _pretrained_encoder(path: Path, like: SegformerConfig) -> SegformerModel:
+    """A SegformerModel from a Hugging Face folder (config.json + weights) or a bare weights file.
+
+    Loading goes through transformers' ``from_pretrained``, so checkpoints published under older key names
+    (``segformer.encoder.block...``) map onto the installed version's modules.
+    """
+    import tempfile
+
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path}: no config.json (a Hugging Face model folder holds config.json and "
+                             "model.safetensors)")
+        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
+        if weights is None:
+            raise ModelError(f"{path}: no model.safetensors or pytorch_model.bin inside")
+        state, folder, tmp = _read_state_dict(weights), path, None
+    else:
+        state = _read_state_dict(path)
+        tmp = tempfile.TemporaryDirectory(prefix="minemap-pretrained-")
+        folder = Path(tmp.name)
+    if any(k.startswith("backbone.") for k in state):
+        raise ModelError(f"{path}: an MMSegmentation checkpoint; convert it to Hugging Face format first "
+                         "(transformers' convert_segformer_original_to_pytorch.py)")
+    try:
+        if tmp is not None:  # a bare file: give it the config of the model it is meant for
+            first = next((v for k, v in state.items() if k.endswith("patch_embeddings.0.proj.weight")
+                          or k.endswith("stages.0.patch_embeddings.proj.weight")), None)
+            if first is None:
+                raise ModelError(f"{path}: no SegFormer encoder weights found")
+            cfg = SegformerConfig(**{**like.to_dict(), "num_channels": int(first.shape[1])})
+            cfg.save_pretrained(folder)
+            save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+        try:
+            return SegformerModel.from_pretrained(folder, local_files_only=True)
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ModelError(f"{path}: encoder size differs from the model's or weights are unusable "
+                             f"({str(e).splitlines()[0][:200]})") from None
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
 def load_pretrained_encoder(model: SegformerForSemanticSegmentation, checkpoint: Path | str) -> int:
-    """Initialise ``model``'s encoder from a local Hugging Face SegFormer/MiT checkpoint (file or folder).
+    """Initialise ``model``'s encoder from a local Hugging Face SegFormer/MiT checkpoint (folder or file).
 
     The first patch embedding is adapted to the model's band count: RGB filters are kept, extra bands get the
     mean RGB filter, and all are rescaled so activations keep their magnitude. Returns the tensors loaded.
@@ -155,34 +192,30 @@ def load_pretrained_encoder(model: SegformerForSemanticSegmentation, checkpoint:
     path = Path(checkpoint)
     if not path.exists():
         raise ModelError(f"{checkpoint}: pretrained checkpoint not found locally; {DOWNLOAD_HINT}")
-    state = _read_state_dict(path)
-    if any(k.startswith("backbone.") for k in state):
-        raise ModelError(f"{path}: an MMSegmentation checkpoint; convert it to Hugging Face format first "
-                         "(transformers' convert_segformer_original_to_pytorch.py)")
-    encoder_state = {}
-    for key, value in state.items():
-        for prefix in ("segformer.encoder.", "encoder."):
-            if key.startswith(prefix):
-                encoder_state[key[len(prefix):]] = value
-                break
-    target = model.segformer.encoder.state_dict()
-    if not encoder_state:
-        raise ModelError(f"{path}: no SegFormer encoder weights found")
-    first = "patch_embeddings.0.proj.weight"
-    if first in encoder_state and encoder_state[first].shape[1] != target[first].shape[1]:
-        w = encoder_state[first]
-        n_in, n_out = w.shape[1], target[first].shape[1]
-        new = w.mean(dim=1, keepdim=True).repeat(1, n_out, 1, 1)
-        new[:, : min(n_in, n_out)] = w[:, : min(n_in, n_out)]
-        encoder_state[first] = new * (n_in / n_out)
-    bad = [k for k, v in encoder_state.items() if k in target and v.shape != target[k].shape]
-    if bad:
-        raise ModelError(f"{path}: encoder size differs from the model's (e.g. {bad[0]}: "
-                         f"{tuple(encoder_state[bad[0]].shape)} vs {tuple(target[bad[0]].shape)})")
-    loaded = {k: v for k, v in encoder_state.items() if k in target}
+    enc = _pretrained_encoder(path, model.config)
+    for attr in ("hidden_sizes", "depths"):
+        if list(getattr(enc.config, attr)) != list(getattr(model.config, attr)):
+            raise ModelError(f"{path}: encoder size differs from the model's ({attr} "
+                             f"{list(getattr(enc.config, attr))} vs {list(getattr(model.config, attr))})")
+    source = enc.state_dict()
+    target = model.segformer.state_dict()
+    loaded = {}
+    for key, value in source.items():
+        if key not in target:
+            continue
+        want = target[key].shape
+        if value.shape != want and value.ndim == 4 and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
+            n_in, n_out = value.shape[1], want[1]  # the first patch embedding: adapt the band count
+            new = value.mean(dim=1, keepdim=True).repeat(1, n_out, 1, 1)
+            new[:, : min(n_in, n_out)] = value[:, : min(n_in, n_out)]
+            value = new * (n_in / n_out)
+        if value.shape != want:
+            raise ModelError(f"{path}: encoder size differs from the model's ({key}: {tuple(value.shape)} vs "
+                             f"{tuple(want)})")
+        loaded[key] = value
     if len(loaded) < 0.9 * len(target):
         raise ModelError(f"{path}: only {len(loaded)} of {len(target)} encoder tensors match this model")
-    model.segformer.encoder.load_state_dict(loaded, strict=False)
+    model.segformer.load_state_dict(loaded, strict=False)
     log.info("loaded %d encoder tensors from %s", len(loaded), path)
     return len(loaded)
 

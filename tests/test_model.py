@@ -1,0 +1,106 @@
+import json
+
+import pytest
+import torch
+from transformers import SegformerConfig, SegformerModel
+
+from minemap.errors import ModelError
+from minemap.model import (ENCODERS, ModelCard, build_model, load_model, load_pretrained_encoder, read_card,
+                           save_model)
+
+
+def _card(**kw):
+    base = dict(encoder="mit-b0", bands=["red", "green", "blue", "nir"], band_mean=[1.0] * 4, band_std=[2.0] * 4,
+                gsd_m=4.77, pixel_size=[4.77, 4.77], crs="EPSG:3857", chip_size=64)
+    base.update(kw)
+    return ModelCard(**base)
+
+
+def test_build_any_band_count_one_logit():
+    for bands in (3, 4, 6):
+        m = build_model("mit-b0", bands).eval()
+        with torch.no_grad():
+            logits = m(pixel_values=torch.zeros(1, bands, 64, 64)).logits
+        assert logits.shape == (1, 1, 16, 16)
+    assert m.config.hidden_sizes == ENCODERS["mit-b0"]["hidden_sizes"]
+    with pytest.raises(ModelError, match="unknown encoder 'mit-b9'"):
+        build_model("mit-b9", 4)
+
+
+def test_save_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    m = build_model("mit-b0", 4).eval()
+    save_model(m, _card(threshold=0.35), tmp_path / "model")
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.json", "weights.safetensors"]
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["bands"] == ["red", "green", "blue", "nir"] and card["threshold"] == 0.35
+    m2, card2 = load_model(tmp_path / "model")
+    x = torch.randn(1, 4, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(m(pixel_values=x).logits, m2(pixel_values=x).logits)
+    assert card2.chip_size == 64
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(ModelError, match="nope: model directory not found"):
+        load_model(tmp_path / "nope")
+    (tmp_path / "m").mkdir()
+    with pytest.raises(ModelError, match="model.json: model card missing"):
+        read_card(tmp_path / "m")
+    (tmp_path / "m" / "model.json").write_text(_card().model_dump_json())
+    (tmp_path / "m" / "weights.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ModelError, match="weights.safetensors: corrupt weights file"):
+        load_model(tmp_path / "m")
+    save_model(build_model("mit-b0", 3), _card(bands=["r", "g", "b"]), tmp_path / "m3")
+    (tmp_path / "m3" / "model.json").write_text(_card().model_dump_json())  # card says 4 bands
+    with pytest.raises(ModelError, match="do not fit a mit-b0 with 4 bands"):
+        load_model(tmp_path / "m3")
+
+
+def _pretrained_dir(tmp_path, hidden_sizes=(32, 64, 160, 256)):
+    """A small RGB MiT encoder saved the way Hugging Face publishes nvidia/mit-b0 (save_pretrained)."""
+    torch.manual_seed(1)
+    cfg = SegformerConfig(num_channels=3, hidden_sizes=list(hidden_sizes), depths=[2, 2, 2, 2],
+                          decoder_hidden_size=256)
+    enc = SegformerModel(cfg)
+    enc.save_pretrained(tmp_path / "mit-b0")
+    return tmp_path / "mit-b0", enc
+
+
+def _first_conv(state, bands):
+    return next(k for k, v in state.items() if v.ndim == 4 and v.shape[1] == bands and "patch_embeddings" in k)
+
+
+def test_pretrained_encoder_loaded_and_adapted_to_four_bands(tmp_path):
+    path, enc = _pretrained_dir(tmp_path)
+    model = build_model("mit-b0", 4)
+    n = load_pretrained_encoder(model, path)
+    src = enc.state_dict()
+    dst = model.segformer.state_dict()
+    assert n == len(dst)
+    first = _first_conv(dst, 4)
+    for key in dst:
+        if key != first:
+            assert torch.equal(src[key], dst[key]), key
+    w_src, w_dst = src[first], dst[first]
+    assert w_src.shape[1] == 3 and w_dst.shape[1] == 4
+    assert torch.allclose(w_dst[:, :3], w_src * 3 / 4)
+    assert torch.allclose(w_dst[:, 3], w_src.mean(1) * 3 / 4)
+    # the bare weights file works too
+    model2 = build_model("mit-b0", 4)
+    load_pretrained_encoder(model2, path / "model.safetensors")
+    assert torch.equal(model2.segformer.state_dict()[first], w_dst)
+
+
+def test_pretrained_errors(tmp_path):
+    with pytest.raises(ModelError, match="not found locally.*huggingface-cli download nvidia/mit-b0"):
+        load_pretrained_encoder(build_model("mit-b0", 4), tmp_path / "missing")
+    path, _ = _pretrained_dir(tmp_path, hidden_sizes=(64, 128, 320, 512))  # mit-b1 sized
+    with pytest.raises(ModelError, match="encoder size differs"):
+        load_pretrained_encoder(build_model("mit-b0", 4), path)
+    torch.save({"state_dict": {"backbone.layers.0.0.projection.weight": torch.zeros(1)}}, tmp_path / "mmseg.pth")
+    with pytest.raises(ModelError, match="an MMSegmentation checkpoint"):
+        load_pretrained_encoder(build_model("mit-b0", 4), tmp_path / "mmseg.pth")
+    (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="bad.pth: not a readable checkpoint"):
+        load_pretrained_encoder(build_model("mit-b0", 4), tmp_path / "bad.pth")

@@ -1,0 +1,98 @@
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from minemap.config import PredictConfig
+from minemap.errors import ImageryError
+from minemap.model import load_model, read_card, save_model
+from minemap.predict import NODATA, blend_weights, check_compatible, predict, predict_array
+from minemap.imagery import open_imagery
+
+
+class PixelModel(torch.nn.Module):
+    """A stand-in whose logit at each pixel depends on that pixel alone: blending must reproduce it exactly."""
+
+    def forward(self, pixel_values):
+        return SimpleNamespace(logits=pixel_values[:, :1] * 2.0 - pixel_values[:, 3:4])
+
+
+def test_blend_weights_sum_to_one_under_half_overlap():
+    w = blend_weights(64)
+    total = np.zeros((64 * 3, 64 * 3))
+    for r in range(0, 64 * 2 + 1, 32):
+        for c in range(0, 64 * 2 + 1, 32):
+            total[r:r + 64, c:c + 64] += w
+    assert np.allclose(total[32:-32, 32:-32], 1.0)
+
+
+def test_sliding_windows_have_no_seams():
+    card = SimpleNamespace(chip_size=32, band_mean=[0.0] * 4, band_std=[1.0] * 4)
+    rng = np.random.default_rng(0)
+    pixels = rng.normal(size=(4, 100, 77)).astype(np.float32)
+    valid = np.ones((100, 77), bool)
+    prob = predict_array(PixelModel(), card, pixels, valid, overlap=0.5, batch_size=5)
+    expected = 1 / (1 + np.exp(-(pixels[0] * 2 - pixels[3])))
+    assert np.allclose(prob, expected, atol=1e-5)
+
+
+def _pixel_model_dir(scene, tmp_path):
+    """A saved model directory whose card matches the scene; weights from a real mit-b0."""
+    from minemap.model import ModelCard, build_model
+
+    src = open_imagery(scene.imagery)
+    g = src.grid(2019)
+    card = ModelCard(encoder="mit-b0", bands=src.band_names, band_mean=[1000.0] * 4, band_std=[800.0] * 4,
+                     gsd_m=4.75, pixel_size=list(g.res), crs="EPSG:3857", chip_size=64, threshold=0.5)
+    return save_model(build_model("mit-b0", 4), card, tmp_path / "model")
+
+
+def test_predict_tiles_are_cogs_and_resume(scene, tmp_path, monkeypatch):
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    real_load = load_model
+    monkeypatch.setattr("minemap.predict.load_model", lambda d, dev: (PixelModel(), real_load(d, dev)[1]))
+    cfg = PredictConfig(tile_size=200)
+    outs = predict(model_dir, scene.imagery, [2019, 2020], tmp_path / "probs", cfg, progress=False)
+    assert len(outs) == 2 * 4 and all(p.is_file() for p in outs)  # 384 px in tiles of 200: 2 x 2 per year
+    with rasterio.open(outs[0]) as src:
+        assert src.dtypes[0] == "uint8" and src.nodata == NODATA and src.profile["tiled"]
+        assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        q = src.read(1)
+        assert q.max() <= 250
+    with rasterio.open(outs[1]) as right:
+        assert right.width == 184 and right.transform.c == pytest.approx(src.transform.c + 200 * src.res[0])
+    # tiles agree with a single-tile prediction of the whole scene (no seams between tiles)
+    whole = predict(model_dir, scene.imagery, [2019], tmp_path / "whole", PredictConfig(tile_size=512),
+                    progress=False)[0]
+    with rasterio.open(whole) as w:
+        full = w.read(1)
+    with rasterio.open(outs[3]) as t:
+        diff = np.abs(t.read(1).astype(int) - full[200:, 200:].astype(int))
+        assert diff.max() <= 1 and diff.mean() < 0.01  # equal up to rounding at a half level
+    stamp = {p: os.stat(p).st_mtime_ns for p in outs}
+    predict(model_dir, scene.imagery, [2019, 2020], tmp_path / "probs", cfg, progress=False)
+    assert all(os.stat(p).st_mtime_ns == stamp[p] for p in outs)  # resumed: nothing redone
+    outs[2].unlink()
+    predict(model_dir, scene.imagery, [2019, 2020], tmp_path / "probs", cfg, progress=False)
+    assert outs[2].is_file() and os.stat(outs[0]).st_mtime_ns == stamp[outs[0]]
+    predict(model_dir, scene.imagery, [2019], tmp_path / "probs", cfg, overwrite=True, progress=False)
+    assert os.stat(outs[0]).st_mtime_ns != stamp[outs[0]]
+
+
+def test_incompatible_imagery_refused(scene, tmp_path):
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    card = read_card(model_dir)
+    src = open_imagery(scene.imagery)
+    with pytest.raises(ImageryError, match=r"imagery bands \['nir', 'red', 'green', 'blue'\] do not match"):
+        check_compatible(card, open_imagery(scene.imagery, bands=["nir", "red", "green", "blue"]), 2019)
+    coarse = card.model_copy(update={"gsd_m": 10.0})
+    with pytest.raises(ImageryError, match=r"ground sample distance of 4.75 m, the model was trained at 10.00 m"):
+        check_compatible(coarse, src, 2019)
+    with pytest.raises(ImageryError, match="no imagery folder for year 2030"):
+        predict(model_dir, scene.imagery, [2030], tmp_path / "p", progress=False)
+    assert not (tmp_path / "p").exists()
+    m, _ = load_model(model_dir)
+    assert m is not None
