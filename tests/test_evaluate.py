@@ -1,0 +1,68 @@
+import json
+
+import geopandas as gpd
+import numpy as np
+import pytest
+from affine import Affine
+from shapely.geometry import box
+
+from minemap.errors import InputError
+from minemap.evaluate import evaluate, evaluate_stage, read_reference
+from minemap.imagery import Grid
+from minemap.predict import write_cog
+
+T = Affine(4.0, 0, 0.0, 0, -4.0, 0.0)
+
+
+def _px_box(c0, r0, c1, r1):
+    x0, y0 = T @ (c0, r0)
+    x1, y1 = T @ (c1, r1)
+    return gpd.GeoSeries([box(x0, y1, x1, y0)], crs="EPSG:3857").to_crs("EPSG:4326").iloc[0]
+
+
+@pytest.fixture
+def probs(tmp_path):
+    q = np.zeros((100, 100), np.uint8)
+    q[10:30, 10:30] = 240
+    q[10:30, 10:20] = 100  # half of the mine has a low probability
+    write_cog(tmp_path / "probs" / "2020" / "r000_c000.tif", q, Grid("EPSG:3857", T, 100, 100))
+    return tmp_path / "probs"
+
+
+def _gdf(geoms, year=2020):
+    return gpd.GeoDataFrame({"year": [year] * len(geoms)}, geometry=geoms, crs="EPSG:4326")
+
+
+def test_known_answers(probs):
+    ref = _gdf([_px_box(10, 10, 30, 30), _px_box(60, 60, 70, 70)])
+    pred = _gdf([_px_box(20, 10, 30, 30), _px_box(80, 80, 90, 90)])  # half of one mine, plus a false one
+    m = evaluate(pred, ref, probs, threshold=0.5)["years"]["2020"]
+    px = m["pixel"]
+    assert (px["tp"], px["fp"], px["fn"]) == (200, 100, 300)
+    assert px["precision"] == pytest.approx(200 / 300) and px["recall"] == pytest.approx(200 / 500)
+    assert px["iou"] == pytest.approx(200 / 600)
+    assert m["object"] == {"precision": 0.5, "recall": 0.5, "n_predicted": 2, "n_reference": 2}
+    raw = m["raw_probability"]["at_threshold"]  # P >= 0.5 covers 200 px of the first mine only
+    assert (raw["tp"], raw["fp"]) == (200, 0)
+    sweep = {r["threshold"]: r for r in m["raw_probability"]["threshold_sweep"]}
+    assert sweep[0.35]["tp"] == 400 and sweep[0.45]["tp"] == 200
+
+
+def test_perfect_prediction_and_files(probs, tmp_path):
+    ref = _gdf([_px_box(10, 10, 30, 30)])
+    ref.to_file(tmp_path / "ref.gpkg")
+    res = evaluate_stage(ref, tmp_path / "ref.gpkg", probs, tmp_path / "metrics.json")
+    assert res["years"]["2020"]["pixel"]["f1"] == 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["overall"]["pixel"]["iou"] == 1.0
+
+
+def test_reference_folder_and_errors(tmp_path):
+    (tmp_path / "ref").mkdir()
+    _gdf([box(0, 0, 1, 1)]).drop(columns="year").to_file(tmp_path / "ref" / "mines_2020.gpkg")
+    assert list(read_reference(tmp_path / "ref").year) == [2020]
+    _gdf([box(0, 0, 1, 1)]).drop(columns="year").to_file(tmp_path / "noyear.gpkg")
+    with pytest.raises(InputError, match="noyear.gpkg: reference needs a 'year' column"):
+        read_reference(tmp_path / "noyear.gpkg")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no vector files named by year"):
+        read_reference(tmp_path / "empty")

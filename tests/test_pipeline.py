@@ -1,0 +1,165 @@
+"""The whole pipeline through the Python API and the CLI, resuming, and bad inputs as a user meets them."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from minemap.cli import app
+from minemap.pipeline import run
+from minemap.train import STATE
+
+from conftest import YEARS, tiny_config
+
+runner = CliRunner()
+
+
+def test_run_outputs_and_schemas(tiny_run):
+    cfg, res = tiny_run
+    out = cfg.out
+    panel = gpd.read_parquet(out / "panel.parquet")
+    assert list(panel.columns) == ["mine_id", "year", "iso3", "country", "area_km2", "n_polygons", "geometry"]
+    assert panel.crs.to_epsg() == 4326 and panel.geometry.is_valid.all()
+    assert set(panel.iso3.dropna()) <= {"GHA"}
+    summary = pd.read_csv(out / "summary.csv")
+    assert summary.area_km2.sum() == pytest.approx(panel.area_km2.sum(), abs=1e-5 * len(summary))
+    assert (out / "model" / "weights.safetensors").is_file() and (out / "model" / "model.json").is_file()
+    for y in YEARS:
+        assert len(list((out / "probabilities" / str(y)).glob("*.tif"))) == 4
+        assert (out / "polygons" / f"{y}.parquet").is_file()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["years"]) == {str(y) for y in YEARS}
+    assert 0 <= metrics["overall"]["pixel"]["f1"] <= 1
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]
+
+
+def test_rerun_skips_finished_stages_and_overwrite_redoes(tiny_run):
+    cfg, _ = tiny_run
+    stamp = os.stat(cfg.out / "panel.parquet").st_mtime_ns
+    res = run(cfg, progress=False)
+    assert res.skipped == ["labels", "chips", "train", "predict", "vectorize", "postprocess", "panel", "evaluate"]
+    assert os.stat(cfg.out / "panel.parquet").st_mtime_ns == stamp
+    # a changed setting redoes that stage and those after it, not those before
+    res = run(cfg.model_copy(update={"vectorize": cfg.vectorize.model_copy(update={"min_area_m2": 5000})}),
+              progress=False)
+    assert res.skipped == ["labels", "chips", "train", "predict"]
+
+
+def test_interrupted_training_resumes(scene, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import minemap.train as train_mod
+
+    cfg = tiny_config(scene, tmp_path / "out", train={"epochs": 3, "batch_size": 8, "learning_rate": 1e-3})
+    real = train_mod._save_state
+    calls = []
+
+    def crash_after_two(*a, **k):
+        real(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_mod, "_save_state", crash_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg, progress=False)
+    assert (cfg.out / "model" / STATE).is_file() and not (cfg.out / "panel.parquet").exists()
+    monkeypatch.setattr(train_mod, "_save_state", real)
+    with caplog.at_level(logging.INFO, logger="minemap"):
+        res = run(cfg, progress=False)
+    assert "resuming at epoch 3" in caplog.text
+    assert res.skipped == ["labels", "chips"] and (cfg.out / "panel.parquet").is_file()
+
+
+def test_cli_help_lists_every_stage():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for cmd in ("labels", "chips", "train", "predict", "vectorize", "postprocess", "panel", "evaluate", "run",
+                "demo"):
+        assert re.search(rf"│ {cmd}\s", result.output), cmd
+
+
+def test_cli_run_exact_form(scene, tmp_path):
+    """The documented form, as a user types it, in a real subprocess with default settings."""
+    out = tmp_path / "OUT"
+    cmd = [sys.executable, "-m", "minemap", "run", "--labels", str(scene.labels), "--imagery", str(scene.imagery),
+           "--train-year", "2019", "--years", "2019-2021", "--out", str(out), "--epochs", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("panel.parquet", "panel.gpkg", "summary.csv", "model/model.json"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "probabilities").glob("*/*.tif"))) == 3
+    assert "panel" in proc.stdout and not (out / "metrics.json").exists()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "up to date, not redone" in again.stdout
+
+
+def test_cli_stages_one_by_one(tiny_run, tmp_path):
+    cfg, _ = tiny_run
+    out = cfg.out
+    r = runner.invoke(app, ["labels", str(cfg.labels[0]), "--out", str(tmp_path / "labels.parquet")])
+    assert r.exit_code == 0 and (tmp_path / "labels.parquet").is_file()
+    r = runner.invoke(app, ["vectorize", str(out / "probabilities"), "--years", "2019-2021", "--model",
+                            str(out / "model"), "--out", str(tmp_path / "polys")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["postprocess", str(tmp_path / "polys"), "--years", "2019-2021", "--buffer-m", "10",
+                            "--out", str(tmp_path / "pp.parquet")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["panel", str(tmp_path / "pp.parquet"), "--out", str(tmp_path / "panel")])
+    assert r.exit_code == 0 and (tmp_path / "panel" / "panel.gpkg").is_file()
+    r = runner.invoke(app, ["evaluate", str(tmp_path / "panel" / "panel.parquet"), "--reference", str(cfg.reference),
+                            "--probabilities", str(out / "probabilities"), "--out", str(tmp_path / "m.json")])
+    assert r.exit_code == 0 and json.loads((tmp_path / "m.json").read_text())["years"]
+
+
+def _fails_cleanly(args, pattern, out_dir=None):
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.output
+    assert re.search(pattern, lines[0]), lines[0]
+    assert "Traceback" not in r.output
+    if out_dir is not None:
+        assert not (out_dir / "panel.parquet").exists() and not (out_dir / "chips").exists()
+
+
+def _args(scene, out, labels=None, imagery=None, extra=()):
+    return ["run", "--labels", str(labels or scene.labels), "--imagery", str(imagery or scene.imagery),
+            "--train-year", "2019", "--years", "2019-2021", "--out", str(out), *extra]
+
+
+def test_cli_bad_inputs(scene, tmp_path):
+    out = tmp_path / "out"
+    _fails_cleanly(_args(scene, out, labels=tmp_path / "nope.gpkg"), r"nope.gpkg: file not found", out)
+    (tmp_path / "empty.gpkg").write_bytes(b"")
+    _fails_cleanly(_args(scene, out, labels=tmp_path / "empty.gpkg"), r"empty.gpkg: file is empty", out)
+    gpd.read_file(scene.labels).set_crs(None, allow_override=True).to_file(tmp_path / "nocrs.shp")
+    _fails_cleanly(_args(scene, out, labels=tmp_path / "nocrs.shp"), r"nocrs.shp: has no CRS", out)
+    far = gpd.read_file(scene.labels)
+    far["geometry"] = far.geometry.translate(20, 20)
+    far.to_file(tmp_path / "far.gpkg")
+    _fails_cleanly(_args(scene, out, labels=tmp_path / "far.gpkg"), r"far.gpkg: none of the \d+ labels lies within",
+                   out)
+    _fails_cleanly(["run", "--labels", str(scene.labels), "--imagery", str(scene.imagery), "--train-year", "2019",
+                    "--years", "2019-2023", "--out", str(out)], r"no imagery folder for year\(s\) 2022, 2023", out)
+    _fails_cleanly(_args(scene, out, extra=["--bands", "red,green,blue"]), r"has 4 bands but the config names 3", out)
+    bad = tmp_path / "imagery"
+    shutil.copytree(scene.imagery, bad)
+    (bad / "2020" / "quad_0_0.tif").write_bytes(b"II*\x00" + b"\x00" * 64)
+    _fails_cleanly(_args(scene, out, imagery=bad), r"quad_0_0.tif: not a readable raster", out)
+    (tmp_path / "run.toml").write_text("this is = not toml [")
+    _fails_cleanly(["run", str(tmp_path / "run.toml")], r"run.toml: not a valid TOML file")
+    _fails_cleanly(["run", str(tmp_path / "missing.toml")], r"missing.toml: config file not found")
+    _fails_cleanly(["train", str(tmp_path), "--out", str(tmp_path / "m")], r"not a chips folder")
+    _fails_cleanly(["predict", "--model", str(tmp_path / "nomodel"), "--imagery", str(scene.imagery), "--years",
+                    "2019", "--out", str(tmp_path / "p")], r"nomodel: model directory not found")
+    _fails_cleanly(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--pretrained", "nvidia/mit-b0"],
+                   r"not a chips folder")

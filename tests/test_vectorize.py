@@ -1,0 +1,74 @@
+import numpy as np
+import pytest
+import shapely
+from affine import Affine
+
+from minemap.config import VectorizeConfig
+from minemap.errors import InputError
+from minemap.geo import area_km2
+from minemap.imagery import Grid
+from minemap.predict import NODATA, write_cog
+from minemap.vectorize import vectorize, vectorize_year
+
+RES = 4.0
+T = Affine(RES, 0, 0.0, 0, -RES, 0.0)  # EPSG:3857 at the equator
+
+
+def _tiles(tmp_path, q):
+    """Split a quantised probability array into two side-by-side COG tiles."""
+    h, w = q.shape
+    half = w // 2
+    paths = []
+    for i, (c0, c1) in enumerate([(0, half), (half, w)]):
+        g = Grid("EPSG:3857", T @ Affine.translation(c0, 0), c1 - c0, h)
+        p = tmp_path / "2020" / f"r000_c{i:03d}.tif"
+        write_cog(p, np.ascontiguousarray(q[:, c0:c1]), g)
+        paths.append(p)
+    return paths
+
+
+def test_polygons_merge_across_tile_seams_with_holes(tmp_path):
+    q = np.zeros((64, 64), np.uint8)
+    q[10:40, 20:50] = 200  # straddles the seam at column 32
+    q[20:25, 25:30] = 0  # a hole
+    q[50:52, 5:7] = 220  # a 4-pixel speck: 64 m2
+    q[55:60, 55:60] = NODATA
+    paths = _tiles(tmp_path, q)
+    gdf = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=100))
+    assert len(gdf) == 1 and gdf.crs.to_epsg() == 4326 and gdf.geometry.is_valid.all()
+    poly = gdf.geometry.iloc[0]
+    assert poly.geom_type == "Polygon" and len(poly.interiors) == 1
+    expected_m2 = (30 * 30 - 25) * RES * RES
+    assert gdf.area_km2.iloc[0] * 1e6 == pytest.approx(expected_m2, rel=0.01)
+    assert gdf.mean_probability.iloc[0] == pytest.approx(200 / 250)
+    assert gdf.year.iloc[0] == 2020
+    small = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=10))
+    assert len(small) == 2
+    assert len(vectorize_year(paths, 2020, 0.9)) == 0  # 200/250 = 0.8 < 0.9
+
+
+def test_simplify_in_metres(tmp_path):
+    q = np.zeros((64, 64), np.uint8)
+    yy, xx = np.mgrid[:64, :64]
+    q[(yy - 32) ** 2 + (xx - 32) ** 2 < 20 ** 2] = 250  # a pixelated disc: many vertices
+    paths = _tiles(tmp_path, q)
+    raw = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=0))
+    simple = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=0, simplify_m=6))
+    n_raw = shapely.get_num_coordinates(raw.geometry.values)[0]
+    n_simple = shapely.get_num_coordinates(simple.geometry.values)[0]
+    assert n_simple < n_raw / 2
+    assert simple.area_km2.iloc[0] == pytest.approx(raw.area_km2.iloc[0], rel=0.05)
+
+
+def test_vectorize_writes_geoparquet_and_errors(tmp_path):
+    q = np.zeros((32, 32), np.uint8)
+    q[5:15, 5:15] = 250
+    _tiles(tmp_path / "probs", q)
+    out = vectorize(tmp_path / "probs", [2020], tmp_path / "polys", 0.5)
+    import geopandas as gpd
+
+    gdf = gpd.read_parquet(out[2020])
+    assert list(gdf.columns) == ["year", "area_km2", "mean_probability", "geometry"]
+    assert gdf.area_km2.sum() == pytest.approx(area_km2(gdf.geometry.values).sum())
+    with pytest.raises(InputError, match="no probability rasters for year 2021"):
+        vectorize(tmp_path / "probs", [2021], tmp_path / "polys", 0.5)
