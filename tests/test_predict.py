@@ -96,3 +96,13 @@ def test_incompatible_imagery_refused(scene, tmp_path):
     assert not (tmp_path / "p").exists()
     m, _ = load_model(model_dir)
     assert m is not None
+
+
+def test_worker_processes_match_serial(scene, tmp_path):
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    cfg = PredictConfig(tile_size=200)
+    serial = predict(model_dir, scene.imagery, [2019], tmp_path / "serial", cfg, progress=False)
+    parallel = predict(model_dir, scene.imagery, [2019], tmp_path / "parallel", cfg, workers=2, progress=False)
+    for a, b in zip(serial, parallel):
+        with rasterio.open(a) as x, rasterio.open(b) as y:
+            assert np.array_equal(x.read(1), y.read(1))
