@@ -7,7 +7,6 @@ on stderr and exit code 2.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 from pathlib import Path

@@ -61,6 +61,14 @@ def _year_tiles(prob_dir: Path, year: int) -> list[Path]:
     return sorted(folder.glob("*.tif")) if folder.is_dir() else []
 
 
+def _burn(gdf: gpd.GeoDataFrame, shape: tuple[int, int], transform, crs) -> np.ndarray:
+    """Pixels of a grid covered by the polygons (pixel centres inside)."""
+    if len(gdf) == 0:
+        return np.zeros(shape, bool)
+    geoms = gdf.to_crs(crs).geometry.values
+    return rasterize(((g, 1) for g in geoms), out_shape=shape, transform=transform, dtype=np.uint8) > 0
+
+
 def evaluate_year(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, tiles: list[Path],
                   threshold: float | None = None) -> dict:
     """Metrics of one year. ``predicted`` and ``reference`` hold that year's polygons (EPSG:4326)."""
@@ -74,14 +82,8 @@ def evaluate_year(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, tile
             shape, transform, crs = q.shape, src.transform, src.crs
             footprints.append(gpd.GeoSeries([shapely.box(*src.bounds)], crs=crs).to_crs(WGS84).iloc[0])
         valid = q != NODATA
-
-        def burn(gdf: gpd.GeoDataFrame) -> np.ndarray:
-            if len(gdf) == 0:
-                return np.zeros(shape, bool)
-            geoms = gdf.to_crs(crs).geometry.values
-            return rasterize(((g, 1) for g in geoms), out_shape=shape, transform=transform, dtype=np.uint8) > 0
-
-        truth, pred = burn(reference), burn(predicted)
+        truth = _burn(reference, shape, transform, crs)
+        pred = _burn(predicted, shape, transform, crs)
         t, p = truth[valid], pred[valid]
         counts += [np.sum(t & p), np.sum(~t & p), np.sum(t & ~p), np.sum(~t & ~p)]
         hp, hn = histograms(q[valid], t)

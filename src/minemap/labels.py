@@ -85,7 +85,7 @@ def clean_labels(gdf: gpd.GeoDataFrame, report: LabelReport | None = None) -> gp
     """Repair and explode one source's geometries to valid single Polygons in EPSG:4326."""
     report = report if report is not None else LabelReport()
     gdf = gdf.to_crs(WGS84)
-    geoms = gdf.geometry.values.to_numpy() if hasattr(gdf.geometry.values, "to_numpy") else np.asarray(gdf.geometry)
+    geoms = np.asarray(gdf.geometry.values)
     missing = pd.isna(geoms) | shapely.is_empty(geoms)
     report.dropped_empty += int(missing.sum())
     types = shapely.get_type_id(geoms)

@@ -13,7 +13,6 @@ A model directory holds::
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -218,7 +217,3 @@ def load_pretrained_encoder(model: SegformerForSemanticSegmentation, checkpoint:
     model.segformer.load_state_dict(loaded, strict=False)
     log.info("loaded %d encoder tensors from %s", len(loaded), path)
     return len(loaded)
-
-
-def card_json(card: ModelCard) -> dict:
-    return json.loads(card.model_dump_json())

@@ -61,7 +61,7 @@ def _file_key(path: Path) -> str:
     if not Path(path).exists():
         raise InputError(f"{path}: file not found")
     if Path(path).is_dir():
-        return stable_hash(sorted((str(p.relative_to(path)), p.stat().st_size)
+        return stable_hash(sorted((str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns)
                                   for p in Path(path).rglob("*") if p.is_file()))
     return file_sha256(Path(path))
 
@@ -88,6 +88,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         source.check_bands(y)
     label_keys = [_file_key(p) for p in cfg.labels]
     ref_key = _file_key(cfg.reference) if cfg.reference else None
+    imagery_key = _file_key(cfg.imagery)  # file names and sizes: replaced imagery redoes chips and prediction
 
     def stage(name: str, key: str, outputs: list[Path]) -> bool:
         """True if the stage must run."""
@@ -104,7 +105,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         manifest.mark("stage:labels", k_labels)
 
     chips_dir = out / "chips"
-    k_chips = stable_hash(["chips", k_labels, str(Path(cfg.imagery).resolve()), cfg.train_year, cfg.bands,
+    k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands,
                            cfg.chips.model_dump()])
     if stage("chips", k_chips, [chips_dir / "index.parquet"]):
         make_chips(gpd.read_parquet(labels_path), source, cfg.train_year, chips_dir, cfg.chips,
@@ -122,7 +123,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     card = read_card(model_dir)
 
     prob_dir = out / "probabilities"
-    k_predict = stable_hash(["predict", k_train, cfg.predict.model_dump(), cfg.years, cfg.bands])
+    k_predict = stable_hash(["predict", k_train, imagery_key, cfg.predict.model_dump(), cfg.years, cfg.bands])
     if stage("predict", k_predict, [prob_dir / str(y) for y in cfg.years]):
         predict(model_dir, cfg.imagery, cfg.years, prob_dir, cfg.predict, cfg.bands, cfg.workers,
                 overwrite=overwrite, progress=progress)
