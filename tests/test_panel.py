@@ -43,7 +43,7 @@ def test_exports(tmp_path):
     assert back.crs.to_epsg() == 4326 and len(back) == 2
     assert [layer for layer, _ in pyogrio.list_layers(paths["gpkg"])] == ["mines_2019", "mines_2020"]
     summary = pd.read_csv(paths["summary"])
-    assert list(summary.columns) == ["iso3", "country", "year", "n_mines", "area_km2"]
-    assert list(summary.n_mines) == [1, 1]
+    assert list(summary.columns) == ["iso3", "country", "year", "n_mines", "n_polygons", "area_km2"]
+    assert list(summary.n_mines) == [1, 1] and list(summary.n_polygons) == [1, 1]
     assert summary.area_km2.iloc[1] == pytest.approx(2 * summary.area_km2.iloc[0], rel=1e-3)
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind

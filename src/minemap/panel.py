@@ -7,7 +7,7 @@ has one row per mine and year (its polygons of that year dissolved).
 
 Writes ``panel.parquet`` (GeoParquet, EPSG:4326: mine_id, year, iso3, country, area_km2, n_polygons,
 geometry), ``panel.gpkg`` (one layer per year, ``mines_<year>``) and ``summary.csv`` (iso3, country, year,
-n_mines, area_km2).
+n_mines, n_polygons, area_km2).
 """
 
 from __future__ import annotations
@@ -107,12 +107,12 @@ def build_panel(polygons: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
 
 
 def summarise(panel: gpd.GeoDataFrame) -> pd.DataFrame:
-    """Mines and km2 per country and year."""
+    """Mines, polygons and km2 per country and year."""
     df = pd.DataFrame(panel.drop(columns="geometry"))
     df["iso3"] = df["iso3"].fillna("")
     df["country"] = df["country"].fillna("(none)")
-    out = df.groupby(["iso3", "country", "year"], as_index=False).agg(n_mines=("mine_id", "nunique"),
-                                                                    area_km2=("area_km2", "sum"))
+    out = df.groupby(["iso3", "country", "year"], as_index=False).agg(
+        n_mines=("mine_id", "nunique"), n_polygons=("n_polygons", "sum"), area_km2=("area_km2", "sum"))
     return out.sort_values(["iso3", "year"]).reset_index(drop=True)
 
 
