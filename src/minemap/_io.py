@@ -25,8 +25,13 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     try:
         yield tmp
         if dest.is_dir() and tmp.is_dir():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+            # a folder cannot be replaced in one step: move the old one aside first, drop it once swapped
+            old = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(dest, old)
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
     finally:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
