@@ -152,17 +152,16 @@ def _pretrained_encoder(path: Path, like: SegformerConfig) -> SegformerModel:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path}: no config.json (a Hugging Face model folder holds config.json and "
                              "model.safetensors)")
-        weights = next((path / n for n in ("model.safetensors", "pytorch_model.bin") if (path / n).is_file()), None)
-        if weights is None:
+        if not any((path / n).is_file() for n in ("model.safetensors", "pytorch_model.bin")):
             raise ModelError(f"{path}: no model.safetensors or pytorch_model.bin inside")
-        state, folder, tmp = _read_state_dict(weights), path, None
+        folder, tmp = path, None
     else:
         state = _read_state_dict(path)
+        if any(k.startswith("backbone.") for k in state):
+            raise ModelError(f"{path}: an MMSegmentation checkpoint; convert it to Hugging Face format first "
+                             "(transformers' convert_segformer_original_to_pytorch.py)")
         tmp = tempfile.TemporaryDirectory(prefix="minemap-pretrained-")
         folder = Path(tmp.name)
-    if any(k.startswith("backbone.") for k in state):
-        raise ModelError(f"{path}: an MMSegmentation checkpoint; convert it to Hugging Face format first "
-                         "(transformers' convert_segformer_original_to_pytorch.py)")
     try:
         if tmp is not None:  # a bare file: give it the config of the model it is meant for
             first = next((v for k, v in state.items() if k.endswith("patch_embeddings.0.proj.weight")

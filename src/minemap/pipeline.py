@@ -88,7 +88,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         source.check_bands(y)
     label_keys = [_file_key(p) for p in cfg.labels]
     ref_key = _file_key(cfg.reference) if cfg.reference else None
-    imagery_key = _file_key(cfg.imagery)  # file names and sizes: replaced imagery redoes chips and prediction
+    imagery_key = _file_key(cfg.imagery)  # names, sizes, mtimes: new imagery redoes chips and prediction
 
     def stage(name: str, key: str, outputs: list[Path]) -> bool:
         """True if the stage must run."""

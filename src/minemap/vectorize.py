@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 COLUMNS = ["year", "area_km2", "mean_probability", "geometry"]
 
 
-def _tile_polygons(path: Path, cut: int) -> tuple[list, list, object]:
+def _tile_polygons(path: Path, cut: int) -> tuple[list, list, object, float]:
     try:
         with rasterio.open(path) as src:
             q = src.read(1)
@@ -42,7 +42,7 @@ def _tile_polygons(path: Path, cut: int) -> tuple[list, list, object]:
         raise InputError(f"{path}: cannot read probability raster ({e})") from None
     mask = (q != NODATA) & (q >= cut)
     if not mask.any():
-        return [], [], crs
+        return [], [], crs, abs(transform.a)
     geoms, sums = [], []
     # one polygon per connected region; its mean probability comes from the pixels it covers
     labels, n = cc_label(mask, structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
@@ -52,7 +52,7 @@ def _tile_polygons(path: Path, cut: int) -> tuple[list, list, object]:
         geoms.append(shapely.geometry.shape(geom))
         v = int(value)
         sums.append((sum_p[v], count[v]))
-    return geoms, sums, crs
+    return geoms, sums, crs, abs(transform.a)
 
 
 def merge_across_seams(geoms: np.ndarray, weights: np.ndarray, tolerance: float) -> tuple[np.ndarray, np.ndarray]:
@@ -77,17 +77,15 @@ def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: Vectoriz
     """Polygons of one year from its probability tiles."""
     cfg = cfg or VectorizeConfig()
     cut = int(np.ceil(threshold * LEVELS - 1e-9))
-    geoms, weights, crs = [], [], None
+    geoms, weights, crs, pixel = [], [], None, None
     for p in paths:
-        g, w, c = _tile_polygons(p, cut)
+        g, w, c, px = _tile_polygons(p, cut)
         geoms += g
         weights += w
-        crs = crs or c
+        crs, pixel = crs or c, pixel or px
     if not geoms:
         return gpd.GeoDataFrame({c: [] for c in COLUMNS[:-1]}, geometry=[], crs=WGS84)
     geoms = np.array(geoms, dtype=object)
-    with rasterio.open(paths[0]) as src:
-        pixel = abs(src.transform.a)
     geoms, weights = merge_across_seams(geoms, np.array(weights, dtype=np.float64), pixel / 100)
     parts, idx = shapely.get_parts(geoms, return_index=True)
     weights = weights[idx]
