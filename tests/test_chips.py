@@ -1,14 +1,16 @@
 import json
 
 import geopandas as gpd
+import pandas as pd
 import numpy as np
 import pytest
 import rasterio
 import shapely
 from affine import Affine
+from pyproj import CRS
 from shapely.geometry import Polygon, box
 
-from minemap.chips import assign_splits, make_chips
+from minemap.chips import make_chips
 from minemap.config import ChipConfig
 from minemap.errors import InputError
 from minemap.imagery import open_imagery
@@ -38,7 +40,7 @@ def test_mask_is_rasterised_exactly_with_holes(tmp_path):
     src = _scene(tmp_path)
     lab = gpd.GeoDataFrame(geometry=[_label_px(10, 20, 50, 60, hole=(20, 30, 30, 40))], crs="EPSG:3857")
     cfg = ChipConfig(chip_size=64, stride=64, block_size=66, background_per_positive=0, val_fraction=0,
-                     test_fraction=0)
+                     test_fraction=0, ignore_border_m=0)
     index = make_chips(lab, src, 2019, tmp_path / "chips", cfg)
     first = index[index.chip_id == "2019_000001_000001"].iloc[0]
     with rasterio.open(tmp_path / "chips" / first["mask"]) as m, rasterio.open(tmp_path / "chips" / first.image) as im:
@@ -73,10 +75,99 @@ def test_splits_never_overlap_or_touch(tmp_path):
     assert meta["gsd_m"] == pytest.approx(RES, rel=1e-3)  # at the equator Web Mercator metres are ground metres
 
 
-def test_assign_splits_gives_val_and_test_positive_blocks():
-    blocks = np.array([(i, 0) for i in range(10)])
-    splits = assign_splits(blocks, {(0, 0), (1, 0), (2, 0)}, ChipConfig(val_fraction=0.1, test_fraction=0.1))
-    assert sorted(splits[(i, 0)] for i in range(3)) == ["test", "train", "val"]
+def test_ignore_band_along_label_outlines(tmp_path):
+    src = _scene(tmp_path)
+    lab = gpd.GeoDataFrame(geometry=[_label_px(10, 20, 50, 60)], crs="EPSG:3857")
+    # 8 m wide at 4 m pixels: pixel centres within 1 px of the outline, on both sides, are ignored
+    cfg = ChipConfig(chip_size=64, stride=64, block_size=66, background_per_positive=0, val_fraction=0,
+                     test_fraction=0, ignore_border_m=8.0)
+    index = make_chips(lab, src, 2019, tmp_path / "chips", cfg)
+    with rasterio.open(tmp_path / "chips" / index.iloc[0]["mask"]) as m:
+        mask = m.read(1)
+    expected = np.zeros((64, 64), np.uint8)
+    expected[18:60, 8:50] = 255  # outline at chip rows 19 and 59, columns 9 and 49
+    expected[20:58, 10:48] = 1
+    assert np.array_equal(mask, expected)
+    assert index.iloc[0].positive_pixels == 38 * 38
+
+
+def _blob_labels(rng, n, size, r_px=(6, 30)):
+    polys = []
+    for x, y, r in zip(*rng.uniform(40, size - 40, (2, n)), rng.uniform(*r_px, n)):
+        polys.append(shapely.Point(*(T @ (x, y))).buffer(r * RES, quad_segs=8))
+    return gpd.GeoDataFrame(geometry=polys, crs="EPSG:3857")
+
+
+def test_splits_share_labelled_pixels_for_any_seed():
+    """Small scenes with a dozen mines: whatever the seeds, train gets 60-80 % of the labelled pixels and the
+    largest share, val and test get some."""
+    from minemap.chips import assign_splits, choose_block_size
+    from minemap.imagery import Grid
+
+    grid = Grid(CRS.from_epsg(3857), T, 768, 768)
+    shares = []
+    for seed in range(40):
+        lab = _blob_labels(np.random.default_rng(seed), 12, 768)
+        cfg = ChipConfig(chip_size=64, seed=seed)
+        block, weights = choose_block_size(grid, np.asarray(lab.geometry.values), cfg)
+        splits = assign_splits(weights, [], cfg)
+        total = sum(weights.values())
+        share = {s: sum(w for b, w in weights.items() if splits[b] == s) / total for s in ("train", "val", "test")}
+        shares.append(share["train"])
+        assert share["train"] > max(share["val"], share["test"]) and min(share.values()) > 0, (seed, share)
+    assert 0.6 <= min(shares) and max(shares) <= 0.8, shares
+
+
+def test_chips_record_split_shares(tmp_path):
+    src = _scene(tmp_path, size=512)
+    lab = _blob_labels(np.random.default_rng(7), 10, 512)
+    index = make_chips(lab, src, 2019, tmp_path / "chips", ChipConfig(chip_size=64, seed=5))
+    meta = json.loads((tmp_path / "chips" / "meta.json").read_text())
+    assert meta["block_size_from"] == "labels" and meta["blocks_with_labels"] >= 8
+    splits = meta["splits"]
+    assert {s: v["chips"] for s, v in splits.items()} == index.split.value_counts().to_dict()
+    total = sum(v["positive_pixels"] for v in splits.values())
+    assert total == index.positive_pixels.sum() > 0
+    assert 0.55 <= splits["train"]["positive_pixels"] / total <= 0.85
+    assert all(v["positive_chips"] > 0 for v in splits.values())
+    assert set(index.kind) == {"positive", "background"}
+
+
+def test_background_covers_rare_surfaces(tmp_path):
+    """A bright surface on a few per cent of the scene still gets background chips: draws are spread over
+    groups of similar spectra, not proportional to area."""
+    size = 512
+    data = np.full((4, size, size), 1000, np.uint16)
+    data[:, 448:, 448:] = 5000  # one bright corner, 1.5 % of the scene
+    write_raster(tmp_path / "img" / "2019" / "a.tif", data, T, descriptions=("red", "green", "blue", "nir"))
+    lab = _blob_labels(np.random.default_rng(2), 10, 400)
+    cfg = ChipConfig(chip_size=32, block_size=128, background_per_positive=0.2, val_fraction=0.2,
+                     test_fraction=0.2, seed=1)
+    index = make_chips(lab, open_imagery(tmp_path / "img"), 2019, tmp_path / "chips", cfg).to_crs("EPSG:3857")
+    bg = index[index.kind == "background"]
+    corner = shapely.box(*(T @ (440, size)), *(T @ (size, 440)))
+    assert len(bg) >= 4 and shapely.intersects(np.asarray(bg.geometry.values), corner).sum() >= 1
+
+
+def test_labels_too_clustered_to_split(tmp_path):
+    src = _scene(tmp_path)
+    lab = gpd.GeoDataFrame(geometry=[_label_px(10, 10, 30, 30)], crs="EPSG:3857")
+    with pytest.raises(InputError, match=r"labels.gpkg: the 1 labels fall in 1 block\(s\) of 66 px .* too few to "
+                                         r"split .* chips.val_fraction"):
+        make_chips(lab, src, 2019, tmp_path / "chips", ChipConfig(chip_size=64), labels_path=tmp_path / "labels.gpkg")
+    assert not (tmp_path / "chips").exists()
+
+
+def test_no_imagery_under_the_labels(tmp_path):
+    data = np.full((4, 256, 256), 1000, np.uint16)
+    data[:, :, :128] = 0  # nodata where the labels are
+    write_raster(tmp_path / "img" / "2019" / "a.tif", data, T, nodata=0, descriptions=("red", "green", "blue", "nir"))
+    lab = gpd.GeoDataFrame(geometry=[_label_px(x, y, x + 10, y + 10) for x in (5, 40, 80) for y in (5, 80, 160)],
+                           crs="EPSG:3857")
+    with pytest.raises(InputError, match="labels.gpkg: no chip of the 2019 imagery under the labels has enough valid pixels"):
+        make_chips(lab, open_imagery(tmp_path / "img"), 2019, tmp_path / "chips",
+                   ChipConfig(chip_size=32, background_per_positive=0), labels_path=tmp_path / "labels.gpkg")
+    assert not (tmp_path / "chips").exists()
 
 
 def test_labels_missing_the_imagery(tmp_path):
@@ -92,3 +183,38 @@ def test_chip_larger_than_block_is_refused(tmp_path):
     lab = gpd.GeoDataFrame(geometry=[_label_px(10, 10, 20, 20)], crs="EPSG:3857")
     with pytest.raises(InputError, match="block_size 64 must exceed chip_size 64"):
         make_chips(lab, src, 2019, tmp_path / "chips", ChipConfig(chip_size=64, block_size=64))
+
+
+def test_hard_negatives_teach_false_alarms_and_spare_likely_mines(tmp_path):
+    from minemap.chips import hard_negative_chips
+    from minemap.config import HardNegativeConfig
+
+    src = _scene(tmp_path, size=512)
+    lab = gpd.GeoDataFrame(geometry=[_label_px(x, y, x + 20, y + 20) for x, y in
+                                     [(20, 20), (150, 30), (300, 40), (40, 300), (200, 200), (420, 420)]],
+                           crs="EPSG:3857")
+    cfg = ChipConfig(chip_size=32, block_size=128, background_per_positive=0, seed=3, ignore_border_m=0)
+    index = make_chips(lab, src, 2019, tmp_path / "chips", cfg)
+    det = gpd.GeoDataFrame({"mean_probability": [0.6, 0.97, 0.9]}, geometry=[
+        _label_px(100, 400, 110, 410),  # far from every label, unsure: a false alarm to learn from
+        _label_px(400, 100, 412, 112),  # far, as sure as on labelled mines: maybe a mine the labels miss
+        _label_px(205, 205, 228, 215),  # on a label and just beyond it: the mine, or its growth
+    ], crs="EPSG:3857").to_crs("EPSG:4326")
+    hn = HardNegativeConfig(buffer_m=40.0, per_positive=1.0)
+    hard = hard_negative_chips(det, lab.to_crs("EPSG:4326"), src, tmp_path / "chips", tmp_path / "hard", cfg, hn)
+    meta = json.loads((tmp_path / "hard" / "meta.json").read_text())
+    counts = {k: meta["hard_negatives"][k] for k in ("detections", "false_alarms",
+                                                     "ignored_as_possible_missed_mines", "chips")}
+    assert counts == {"detections": 3, "false_alarms": 1, "ignored_as_possible_missed_mines": 1, "chips": 1}
+    assert "may be mines the labels miss" in meta["hard_negatives"]["rule"]
+    missed = gpd.read_parquet(tmp_path / "hard" / "possible_missed_mines.parquet")
+    assert len(missed) == 1 and missed.mean_probability.iloc[0] == 0.97
+    assert len(hard) == 1 and hard.kind.iloc[0] == "hard_negative"
+    chip = hard.to_crs("EPSG:3857").geometry.iloc[0]
+    assert chip.contains(_label_px(100, 400, 110, 410))
+    with rasterio.open(tmp_path / "hard" / hard["mask"].iloc[0]) as m:
+        assert set(np.unique(m.read(1))) == {0}  # all background: taught as such
+    # the split of a hard negative is its block's
+    blocks_split = pd.read_parquet(tmp_path / "chips" / "blocks.parquet")
+    bx, by = map(int, hard.block.iloc[0].split("_"))
+    assert hard.split.iloc[0] == blocks_split[(blocks_split.bx == bx) & (blocks_split.by == by)].split.iloc[0]

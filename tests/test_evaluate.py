@@ -66,3 +66,37 @@ def test_reference_folder_and_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="no vector files named by year"):
         read_reference(tmp_path / "empty")
+
+
+def test_reliability_known_answers():
+    from minemap.metrics import LEVELS, reliability
+
+    pos, neg = np.zeros(LEVELS + 1), np.zeros(LEVELS + 1)
+    pos[LEVELS], neg[0] = 30, 70  # sure and right
+    assert reliability(pos, neg)["ece"] == pytest.approx(0.0)
+    pos[:], neg[:] = 0, 0
+    pos[200], neg[200] = 50, 50  # says 0.8, right half the time
+    rel = reliability(pos, neg)
+    assert rel["ece"] == pytest.approx(0.3)
+    assert rel["table"] == [{"bin": [0.8, 0.9], "pixels": 100, "mean_probability": 0.8, "observed": 0.5}]
+
+
+def test_platt_fit_recovers_scale_and_bias():
+    from minemap.metrics import fit_platt
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 3, 200_000)
+    truth = rng.uniform(size=z.size) < 1 / (1 + np.exp(-(0.4 * z - 1.0)))
+    a, b = fit_platt(z, truth)
+    assert a == pytest.approx(0.4, abs=0.02) and b == pytest.approx(-1.0, abs=0.03)
+    assert fit_platt(z, np.zeros_like(truth)) == (1.0, 0.0)  # one class only: nothing to fit
+    sep = fit_platt(np.array([-2.0, -1, 1, 2]), np.array([0, 0, 1, 1]))  # separable: bounded, not runaway
+    assert np.isfinite(sep).all() and sep[0] <= 1e3
+
+
+def test_metrics_json_has_calibration(probs, tmp_path):
+    ref = gpd.GeoDataFrame({"year": [2020]}, geometry=[_px_box(10, 10, 30, 30)], crs="EPSG:4326")
+    pred = gpd.GeoDataFrame({"year": [2020]}, geometry=[_px_box(10, 10, 30, 30)], crs="EPSG:4326")
+    m = evaluate(pred, ref, probs)["years"]["2020"]["calibration"]
+    # 200 mine pixels at 0.96 (all mine), 200 at 0.40 (all mine), 9,600 at 0 (none): gaps 0.04 and 0.60
+    assert m["ece"] == pytest.approx((200 * 0.04 + 200 * 0.6) / 10_000, abs=1e-6)

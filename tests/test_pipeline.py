@@ -44,12 +44,13 @@ def test_rerun_skips_finished_stages_and_overwrite_redoes(tiny_run):
     cfg, _ = tiny_run
     stamp = os.stat(cfg.out / "panel.parquet").st_mtime_ns
     res = run(cfg, progress=False)
-    assert res.skipped == ["labels", "chips", "train", "predict", "vectorize", "postprocess", "panel", "evaluate"]
+    assert res.skipped == ["labels", "chips", "train", "hard_negatives", "finetune", "predict", "vectorize",
+                           "postprocess", "panel", "evaluate"]
     assert os.stat(cfg.out / "panel.parquet").st_mtime_ns == stamp
     # a changed setting redoes that stage and those after it, not those before
     res = run(cfg.model_copy(update={"vectorize": cfg.vectorize.model_copy(update={"min_area_m2": 5000})}),
               progress=False)
-    assert res.skipped == ["labels", "chips", "train", "predict"]
+    assert res.skipped == ["labels", "chips", "train", "hard_negatives", "finetune", "predict"]
 
 
 def test_interrupted_training_resumes(scene, tmp_path, monkeypatch, caplog):
@@ -70,7 +71,7 @@ def test_interrupted_training_resumes(scene, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(train_mod, "_save_state", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, progress=False)
-    assert (cfg.out / "model" / STATE).is_file() and not (cfg.out / "panel.parquet").exists()
+    assert (cfg.out / "model_initial" / STATE).is_file() and not (cfg.out / "panel.parquet").exists()
     monkeypatch.setattr(train_mod, "_save_state", real)
     with caplog.at_level(logging.INFO, logger="minemap"):
         res = run(cfg, progress=False)
@@ -90,7 +91,8 @@ def test_cli_run_exact_form(scene, tmp_path):
     """The documented form, as a user types it, in a real subprocess with default settings."""
     out = tmp_path / "OUT"
     cmd = [sys.executable, "-m", "minemap", "run", "--labels", str(scene.labels), "--imagery", str(scene.imagery),
-           "--train-year", "2019", "--years", "2019-2021", "--out", str(out), "--epochs", "1"]
+           "--train-year", "2019", "--years", "2019-2021", "--out", str(out), "--epochs", "1",
+           "--chip-size", "64"]  # the scene is 384 px: 256 px chips would leave too few blocks to split
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     for name in ("panel.parquet", "panel.gpkg", "summary.csv", "model/model.json"):
@@ -162,3 +164,21 @@ def test_cli_bad_inputs(scene, tmp_path):
                     "2019", "--out", str(tmp_path / "p")], r"nomodel: model directory not found")
     _fails_cleanly(["train", str(tmp_path), "--out", str(tmp_path / "m"), "--pretrained", "nvidia/mit-b0"],
                    r"not a chips folder")
+
+
+def test_weak_model_stops_the_run_unless_accepted(tiny_run, tmp_path):
+    """The floor judges the model without retraining it: a rerun with --accept-weak-model goes on from there."""
+    import tomli_w
+
+    cfg, _ = tiny_run
+    data = json.loads(cfg.model_dump_json(exclude_none=True))
+    data["accept_weak_model"] = False
+    data["train"]["min_val_f1"] = 0.999
+    (tmp_path / "run.toml").write_text(tomli_w.dumps(data))
+    card = json.loads((cfg.out / "model_initial" / "model.json").read_text())  # the first fit is judged first
+    _fails_cleanly(["run", str(tmp_path / "run.toml")],
+                   rf"model_initial/model.json: validation F1 {card['val_metrics']['f1']:.3f} is below the floor 1.00 .* "
+                   r"--accept-weak-model")
+    r = runner.invoke(app, ["run", str(tmp_path / "run.toml"), "--accept-weak-model"])
+    assert r.exit_code == 0, r.output
+    assert "up to date, not redone: labels, chips, train, hard_negatives, finetune, predict" in r.output

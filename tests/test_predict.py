@@ -30,7 +30,7 @@ def test_blend_weights_sum_to_one_under_half_overlap():
 
 
 def test_sliding_windows_have_no_seams():
-    card = SimpleNamespace(chip_size=32, band_mean=[0.0] * 4, band_std=[1.0] * 4)
+    card = SimpleNamespace(chip_size=32, band_mean=[0.0] * 4, band_std=[1.0] * 4, calibrate=torch.sigmoid)
     rng = np.random.default_rng(0)
     pixels = rng.normal(size=(4, 100, 77)).astype(np.float32)
     valid = np.ones((100, 77), bool)
@@ -104,3 +104,28 @@ def test_worker_processes_match_serial(scene, tmp_path):
     for a, b in zip(serial, parallel):
         with rasterio.open(a) as x, rasterio.open(b) as y:
             assert np.array_equal(x.read(1), y.read(1))
+
+
+def test_year_radiometry_undoes_a_gain_and_offset(tmp_path):
+    """A year that is the training year x 0.8 + 300 (haze-like), with a bright cloud on 6 % of it: the fit finds
+    the inverse on the pixels that stayed the same, and the cloud does not pull it."""
+    from affine import Affine
+
+    from conftest import write_raster
+    from minemap.predict import apply_radiometry, year_radiometry
+
+    rng = np.random.default_rng(0)
+    base = rng.gamma(2.0, 500.0, (4, 300, 300)).astype(np.float32) + 100
+    later = base * 0.8 + 300 + rng.normal(0, 10, base.shape).astype(np.float32)  # sensor noise
+    later[:, :60, :90] = 6000  # a cloud
+    t = Affine(4.0, 0, 0, 0, -4.0, 0)
+    names = ("red", "green", "blue", "nir")
+    write_raster(tmp_path / "img" / "2019" / "a.tif", base, t, descriptions=names)
+    write_raster(tmp_path / "img" / "2020" / "a.tif", later, t, descriptions=names)
+    rad = year_radiometry(open_imagery(tmp_path / "img"), [2019, 2020], 2019)
+    assert set(rad) == {2020}
+    assert rad[2020]["gain"] == pytest.approx([1.25] * 4, rel=0.01)
+    assert rad[2020]["offset"] == pytest.approx([-375.0] * 4, abs=15.0)
+    assert 0.85 < rad[2020]["invariant_share"] < 0.97  # the cloud is out
+    assert np.abs(apply_radiometry(later[:, 100:, 100:], rad[2020]) - base[:, 100:, 100:]).mean() < 20
+    assert year_radiometry(open_imagery(tmp_path / "img"), [2020], 2017) == {}  # no such year: left alone

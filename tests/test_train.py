@@ -1,3 +1,4 @@
+import json
 import logging
 
 import pytest
@@ -44,7 +45,7 @@ def test_train_writes_model_card_and_resumes(chips_dir, tmp_path, caplog):
     assert card.labels_fingerprint and len(card.labels_fingerprint) == 64
     assert card.epochs_trained == 2 and card.best_epoch in (1, 2)
     state = torch.load(tmp_path / "model" / STATE, weights_only=False)
-    assert state["epoch"] == 1
+    assert state["progress"]["epoch"] == 1
     # resume: two more epochs on top of the saved state, not four from scratch
     with caplog.at_level(logging.INFO, logger="minemap"):
         card = train(chips_dir, tmp_path / "model", TrainConfig(epochs=4, batch_size=8, learning_rate=1e-3),
@@ -57,3 +58,44 @@ def test_train_writes_model_card_and_resumes(chips_dir, tmp_path, caplog):
 def test_train_bad_inputs(tmp_path):
     with pytest.raises(InputError, match="not a chips folder"):
         train(tmp_path, tmp_path / "model", progress=False)
+
+
+def test_training_stops_when_validation_stalls(chips_dir, tmp_path):
+    """With a learning rate too small to change anything, validation F1 never improves after epoch 1: patience 1
+    stops after epoch 2, long before the cap, and the card says so and keeps the curve."""
+    cfg = TrainConfig(epochs=10, patience=1, batch_size=8, learning_rate=1e-12)
+    card = train(chips_dir, tmp_path / "model", cfg, progress=False)
+    assert card.epochs_trained == 2 and card.best_epoch == 1 and card.stopped.startswith("early")
+    assert [c["epoch"] for c in card.val_curve] == [1, 2]
+    assert set(card.val_curve[0]) >= {"loss", "lr", "val_f1", "val_iou", "val_threshold"}
+    assert card.val_curve[1]["lr"] == pytest.approx(card.val_curve[0]["lr"] / 2)  # the plateau halves the rate
+    on_disk = read_card(tmp_path / "model")
+    assert on_disk.val_curve == card.val_curve and on_disk.splits["train"]["chips"] > 0
+
+
+def test_card_records_calibration_splits_and_weak_models(chips_dir, tmp_path):
+    from minemap.train import weak_model_error
+
+    card = train(chips_dir, tmp_path / "model", TrainConfig(epochs=2, batch_size=8, learning_rate=1e-3),
+                 progress=False)
+    assert card.calibration["method"] == "platt" and card.calibration["scale"] > 0
+    for part in (card.val_metrics, card.test_metrics):
+        rel = part["calibration"]
+        assert 0 <= rel["ece"] <= 1 and sum(r["pixels"] for r in rel["table"]) > 0
+    # the reliability table adds up to the pixels the metrics count
+    assert sum(r["pixels"] for r in card.test_metrics["calibration"]["table"]) == sum(
+        card.test_metrics[k] for k in ("tp", "fp", "fn", "tn"))
+    meta_splits = json.loads((chips_dir / "meta.json").read_text())["splits"]
+    assert {s: card.splits[s]["positive_pixels"] for s in meta_splits} == {
+        s: v["positive_pixels"] for s, v in meta_splits.items()}
+    assert weak_model_error(card, 0.0, tmp_path / "model") is None
+    err = weak_model_error(card, 1.0, tmp_path / "model")
+    assert err is not None and f"validation F1 {card.val_metrics['f1']:.3f} is below the floor 1.00" in str(err)
+
+
+def test_finetune_starts_from_the_given_model(chips_dir, tmp_path):
+    first = train(chips_dir, tmp_path / "first", TrainConfig(epochs=1, batch_size=8), progress=False)
+    tuned = train(chips_dir, tmp_path / "tuned", TrainConfig(epochs=1, batch_size=8), progress=False,
+                  init_from=tmp_path / "first", epochs=1)
+    assert tuned.band_mean == first.band_mean and tuned.band_std == first.band_std
+    assert tuned.best_epoch in (0, 1) and tuned.val_curve[0]["lr"] == pytest.approx(6e-4 / 3)

@@ -1,41 +1,64 @@
 """Training chips at the imagery's native resolution, with spatially separated train/val/test splits.
 
 The grid of the training year is cut into square blocks; every block goes wholly to one split, and chips lie
-inside one block with a one-pixel margin, so no chip of one split overlaps or touches a chip of another. Chips
-intersecting a label are positives; background chips are drawn from the rest. Masks are rasterised from the
-polygons on the chip's own grid (no interpolation; holes stay holes); pixels without imagery are 255 (ignored).
+inside one block with a one-pixel margin, so no chip of one split overlaps or touches a chip of another.
+
+- Block size: unless the config fixes it, the largest of 8, 4, 2 and 1.5 chips (or one chip plus its margins)
+  that gives at least ``min_positive_blocks`` blocks holding labels, none with more than a quarter of all labelled
+  pixels: a district with a dozen mines gets small blocks, a continent large ones.
+- Splits: blocks holding labels are shared out to reach the target shares of *labelled pixels* (largest blocks
+  first, each to the split furthest below its target), so the train split always gets the largest share;
+  blocks without labels go to splits at random in the same proportions.
+- Chips intersecting a label are positives; background chips are drawn from the rest so that they cover the
+  scene's variety: candidates are grouped by their coarse spectra (k-means) and drawn evenly from each group.
+- Masks are rasterised from the polygons on the chip's own grid (no interpolation; holes stay holes). Pixels
+  without imagery and a band of ``ignore_border_m`` along label outlines (digitised outlines are metres off)
+  are 255 (ignored by the loss).
+- Hard negatives (:func:`hard_negative_chips`): after a first fit, chips where the model fires away from the
+  labels, placed in the same blocks, so the split guarantee holds for them too.
 
 Writes, atomically as one folder::
 
     chips/images/<chip_id>.tif   float32, the source's bands, with band descriptions
     chips/masks/<chip_id>.tif    uint8: 0 background, 1 mining, 255 ignore
-    chips/index.parquet          GeoParquet (EPSG:4326): chip_id, split, year, image, mask, block,
-                                 positive_fraction, valid_fraction, geometry (the chip's footprint)
-    chips/meta.json              bands, CRS, pixel size, ground sample distance, chip size, labels fingerprint
+    chips/index.parquet          GeoParquet (EPSG:4326): chip_id, split, kind (positive, background,
+                                 hard_negative), year, image, mask, block, positive_fraction, valid_fraction,
+                                 geometry (the chip's footprint)
+    chips/blocks.parquet         block column/row, split and labelled pixels of every block holding labels
+    chips/meta.json              bands, CRS, pixel size, ground sample distance, chip and block size, labels
+                                 fingerprint, and per split: chips, positive chips, positive pixels
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import warnings
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import rasterio
 import shapely
+from affine import Affine
 from rasterio.features import rasterize
+from scipy.cluster.vq import kmeans2
 from tqdm.auto import tqdm
 
 from minemap._io import atomic_path, write_json
-from minemap.config import ChipConfig
+from minemap.config import ChipConfig, HardNegativeConfig
 from minemap.errors import InputError
-from minemap.geo import WGS84, ground_sample_distance_m
+from minemap.geo import WGS84, ground_sample_distance_m, units_per_metre
 from minemap.imagery import Grid, ImagerySource
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 MARGIN_PX = 1
+MAX_BLOCK_SHARE = 0.25  # an automatic block size keeps any one block below this share of the labelled pixels
+IGNORE = 255
+MISSED = "possible_missed_mines.parquet"  # beside hard-negative chips: pixels no chip teaches
 
 
 def labels_fingerprint(labels: gpd.GeoDataFrame) -> str:
@@ -44,117 +67,167 @@ def labels_fingerprint(labels: gpd.GeoDataFrame) -> str:
     return hashlib.sha256("".join(wkb).encode()).hexdigest()
 
 
-def assign_splits(block_ids: np.ndarray, positive_blocks: set, cfg: ChipConfig) -> dict:
-    """Map each block to a split. Blocks with positives are shared out first so that val and test get some."""
+# -- blocks and splits --------------------------------------------------------------------------------------
+
+def block_weights(grid: Grid, geoms: np.ndarray, block: int) -> dict[tuple[int, int], float]:
+    """Labelled pixels (label area / pixel area) in each block of ``block`` px that holds any; geoms in grid CRS."""
+    nx, ny = -(-grid.width // block), -(-grid.height // block)
+    bx, by = np.meshgrid(np.arange(nx), np.arange(ny))
+    bx, by = bx.ravel(), by.ravel()
+    x0, y0 = grid.transform @ (bx * block, by * block)
+    x1, y1 = grid.transform @ (np.minimum((bx + 1) * block, grid.width), np.minimum((by + 1) * block, grid.height))
+    boxes = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
+    ib, ig = shapely.STRtree(boxes).query(geoms, predicate="intersects")[::-1]
+    area = shapely.area(shapely.intersection(boxes[ib], geoms[ig])) / (grid.res[0] * grid.res[1])
+    total = np.bincount(ib, weights=area, minlength=len(boxes))
+    return {(int(bx[i]), int(by[i])): float(total[i]) for i in np.flatnonzero(total > 0)}
+
+
+def choose_block_size(grid: Grid, geoms: np.ndarray, cfg: ChipConfig) -> tuple[int, dict]:
+    """The configured block size, or the largest candidate with enough labelled blocks; and its block weights
+    (labelled pixels of the blocks that hold labels and at least one chip)."""
+    chip, stride = cfg.chip_size, cfg.stride or cfg.chip_size // 2
+    if cfg.block_size:
+        sizes = [cfg.block_size]
+    else:  # down to blocks of 2 x 2 overlapping chips, then of one chip
+        sizes = [8 * chip, 4 * chip, 2 * chip, chip + stride + 2 * MARGIN_PX, chip + 2 * MARGIN_PX]
+    weights: dict = {}
+    for size in sizes:
+        with_chips = set(map(tuple, chip_positions(grid, cfg, size)[1]))
+        weights = {b: w for b, w in block_weights(grid, geoms, size).items() if b in with_chips}
+        w = np.array(list(weights.values()))
+        if len(w) >= cfg.min_positive_blocks and w.max() <= MAX_BLOCK_SHARE * w.sum():
+            break
+    return size, weights
+
+
+def _split_targets(cfg: ChipConfig) -> dict[str, float]:
+    return {"train": 1 - cfg.val_fraction - cfg.test_fraction, "val": cfg.val_fraction, "test": cfg.test_fraction}
+
+
+def assign_splits(weights: dict[tuple[int, int], float], other_blocks: list[tuple[int, int]],
+                  cfg: ChipConfig) -> dict[tuple[int, int], str]:
+    """Map each block to a split.
+
+    Blocks holding labels (``weights``: labelled pixels per block) are taken largest first, each to the split
+    furthest below its target share of labelled pixels; a little seeded noise in the order lets seeds differ
+    without moving the shares. The largest block goes to train, so train always gets the largest share.
+    Blocks without labels (``other_blocks``) go to splits at random in the target proportions.
+    """
     rng = np.random.default_rng(cfg.seed)
-    out: dict = {}
-    blocks = sorted(set(map(tuple, block_ids)))
-    pos = [b for b in blocks if b in positive_blocks]
-    neg = [b for b in blocks if b not in positive_blocks]
-    rng.shuffle(pos)
-    n_val = int(round(cfg.val_fraction * len(pos)))
-    n_test = int(round(cfg.test_fraction * len(pos)))
-    if len(pos) >= 3:  # each split needs at least one positive block to be of use
-        n_val = max(n_val, 1 if cfg.val_fraction > 0 else 0)
-        n_test = max(n_test, 1 if cfg.test_fraction > 0 else 0)
-    for i, b in enumerate(pos):
-        out[b] = "val" if i < n_val else "test" if i < n_val + n_test else "train"
-    draws = rng.uniform(size=len(neg))
-    for b, u in zip(neg, draws):
+    targets = _split_targets(cfg)
+    blocks = sorted(weights)
+    w = np.array([weights[b] for b in blocks])
+    order = np.argsort(-w * np.exp(0.25 * rng.standard_normal(len(w))), kind="stable")
+    total = w.sum()
+    have = dict.fromkeys(SPLITS, 0.0)
+    out: dict[tuple[int, int], str] = {}
+    for i in order:
+        split = max((s for s in SPLITS if targets[s] > 0 or s == "train"),
+                    key=lambda s: (targets[s] * total - have[s], s == "train"))
+        out[blocks[i]] = split
+        have[split] += w[i]
+    draws = rng.uniform(size=len(other_blocks))
+    for b, u in zip(sorted(other_blocks), draws):
         out[b] = "val" if u < cfg.val_fraction else "test" if u < cfg.val_fraction + cfg.test_fraction else "train"
     return out
 
 
-def chip_positions(grid: Grid, cfg: ChipConfig) -> tuple[np.ndarray, np.ndarray]:
+def chip_positions(grid: Grid, cfg: ChipConfig, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-left (col, row) of every candidate chip, and the (block col, block row) each lies in."""
     chip = cfg.chip_size
-    stride = cfg.stride or chip // 2
-    block = cfg.block_size or 4 * chip
+    # blocks under two chips wide step by a quarter chip, so that a small block still gives several chips
+    stride = cfg.stride or (chip // 2 if block >= 2 * chip else chip // 4)
     if block - 2 * MARGIN_PX < chip:
         raise InputError(f"chips.block_size {block} must exceed chip_size {chip} by {2 * MARGIN_PX} pixels")
     offsets = np.arange(MARGIN_PX, block - MARGIN_PX - chip + 1, stride)
-    pos, blk = [], []
-    for by in range(0, grid.height, block):
-        for bx in range(0, grid.width, block):
-            for oy in offsets:
-                for ox in offsets:
-                    c, r = bx + ox, by + oy
-                    if c + chip <= grid.width and r + chip <= grid.height:
-                        pos.append((c, r))
-                        blk.append((bx // block, by // block))
-    return np.array(pos, dtype=np.int64).reshape(-1, 2), np.array(blk, dtype=np.int64).reshape(-1, 2)
+    bx, by = np.meshgrid(np.arange(0, grid.width, block), np.arange(0, grid.height, block))
+    ox, oy = np.meshgrid(offsets, offsets)
+    c = (bx.ravel()[:, None] + ox.ravel()[None]).ravel()
+    r = (by.ravel()[:, None] + oy.ravel()[None]).ravel()
+    keep = (c + chip <= grid.width) & (r + chip <= grid.height)
+    pos = np.column_stack([c, r])[keep].astype(np.int64)
+    return pos, pos // block
 
 
-def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
-               labels_path: Path | None = None) -> gpd.GeoDataFrame:
-    """Stage ``chips``: cut training chips of ``year`` around ``labels`` into the folder ``dest``."""
-    grid = source.grid(year)
-    lab = labels.to_crs(grid.crs)
-    geoms = np.asarray(lab.geometry.values)
-    inside = shapely.intersects(geoms, shapely.box(*grid.bounds))
-    where = f"{labels_path}: " if labels_path else ""
-    if not inside.any():
-        ll = gpd.GeoSeries([shapely.box(*grid.bounds)], crs=grid.crs).to_crs(WGS84).total_bounds.round(4)
-        raise InputError(f"{where}none of the {len(geoms)} labels lies within the {year} imagery "
-                         f"(lon/lat bounds {ll.tolist()})")
-    geoms = geoms[inside]
-    chip = cfg.chip_size
-    pos, blk = chip_positions(grid, cfg)
-    if len(pos) == 0:
-        raise InputError(f"the {year} imagery ({grid.width} x {grid.height} px) is smaller than one chip ({chip} px)")
+def _chip_boxes(grid: Grid, pos: np.ndarray, chip: int) -> np.ndarray:
     x0, y0 = grid.transform @ (pos[:, 0], pos[:, 1])
     x1, y1 = grid.transform @ (pos[:, 0] + chip, pos[:, 1] + chip)
-    boxes = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
-    tree = shapely.STRtree(geoms)
-    hit_chip, _ = tree.query(boxes, predicate="intersects")
-    positive = np.zeros(len(pos), dtype=bool)
-    positive[hit_chip] = True
-    splits = assign_splits(blk, {tuple(b) for b in blk[positive]}, cfg)
-    rng = np.random.default_rng(cfg.seed + 1)
-    neg_idx = np.flatnonzero(~positive)
-    n_bg = min(len(neg_idx), int(round(cfg.background_per_positive * positive.sum())))
-    chosen = np.sort(np.concatenate([np.flatnonzero(positive), rng.choice(neg_idx, n_bg, replace=False)]))
+    return shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
 
-    rows = []
-    with atomic_path(Path(dest)) as tmp:
-        (tmp / "images").mkdir(parents=True)
-        (tmp / "masks").mkdir()
-        for i in tqdm(chosen, desc=f"chips {year}", unit="chip", leave=False):
-            c, r = (int(v) for v in pos[i])
-            cgrid = grid.window(c, r, chip, chip)
-            pixels, valid = source.read(year, cgrid)
-            if valid.mean() < 0.5:
-                continue
-            near = tree.query(boxes[i], predicate="intersects")
-            mask = np.zeros((chip, chip), dtype=np.uint8)
-            if len(near):
-                mask = rasterize([(g, 1) for g in geoms[near]], out_shape=(chip, chip),
-                                 transform=cgrid.transform, dtype=np.uint8)
-            mask[~valid] = 255
-            chip_id = f"{year}_{c:06d}_{r:06d}"
-            _write_chip(tmp / "images" / f"{chip_id}.tif", pixels, cgrid, source.band_names)
-            _write_chip(tmp / "masks" / f"{chip_id}.tif", mask[None], cgrid, ["mask"])
-            rows.append({
-                "chip_id": chip_id, "split": splits[tuple(blk[i])], "year": year,
-                "image": f"images/{chip_id}.tif", "mask": f"masks/{chip_id}.tif",
-                "block": f"{blk[i][0]}_{blk[i][1]}",
-                "positive_fraction": float((mask == 1).mean()), "valid_fraction": float(valid.mean()),
-                "geometry": boxes[i],
-            })
-        if not rows:
-            raise InputError(f"no chip of the {year} imagery has enough valid pixels")
-        index = gpd.GeoDataFrame(rows, geometry="geometry", crs=grid.crs).to_crs(WGS84)
-        index.to_parquet(tmp / "index.parquet")
-        write_json(tmp / "meta.json", {
-            "year": year, "bands": list(source.band_names), "crs": grid.crs.to_string(),
-            "pixel_size": list(grid.res), "gsd_m": ground_sample_distance_m(grid.crs, grid.transform,
-                                                                           grid.width, grid.height),
-            "chip_size": chip, "labels_fingerprint": labels_fingerprint(labels),
-            "counts": {s: int((index.split == s).sum()) for s in SPLITS},
-            "positive_counts": {s: int(((index.split == s) & (index.positive_fraction > 0)).sum()) for s in SPLITS},
-        })
-    log.info("chips: %s", index.split.value_counts().to_dict())
-    return index
+
+# -- background chips that cover the scene's variety --------------------------------------------------------
+
+def _coarse_features(source: ImagerySource, year: int, grid: Grid, pos: np.ndarray, chip: int) -> np.ndarray:
+    """Per candidate chip: valid share, and per band the mean and spread of a 1/8-resolution read."""
+    step = max(1, chip // 16)
+    n = chip // step
+    feats = []
+    for c, r in pos:
+        g = grid.window(int(c), int(r), chip, chip)
+        coarse = Grid(g.crs, g.transform @ Affine.scale(step), n, n)
+        px, valid = source.read(year, coarse)
+        if valid.sum() < 2:
+            feats.append([0.0] + [0.0] * (2 * px.shape[0]))
+            continue
+        v = px[:, valid]
+        feats.append([valid.mean(), *np.log1p(np.abs(v.mean(1))), *np.log1p(v.std(1))])
+    return np.asarray(feats, dtype=np.float64)
+
+
+def select_background(source: ImagerySource, year: int, grid: Grid, pos: np.ndarray, candidates: np.ndarray,
+                      n: int, cfg: ChipConfig, rng: np.random.Generator) -> np.ndarray:
+    """``n`` of the ``candidates`` (indices into ``pos``) drawn evenly from groups of similar coarse spectra."""
+    if n <= 0 or len(candidates) == 0:
+        return np.zeros(0, np.int64)
+    pool = rng.choice(candidates, min(len(candidates), max(10 * n, 200), cfg.max_background_pool), replace=False)
+    feats = _coarse_features(source, year, grid, pos[pool], cfg.chip_size)
+    ok = feats[:, 0] >= 0.5
+    pool, feats = pool[ok], feats[ok, 1:]
+    if len(pool) <= n:
+        return np.sort(pool)
+    k = int(min(cfg.background_groups, n, len(np.unique(feats.round(6), axis=0))))
+    if k <= 1:
+        return np.sort(rng.choice(pool, n, replace=False))
+    z = (feats - feats.mean(0)) / np.maximum(feats.std(0), 1e-9)
+    with warnings.catch_warnings():  # a group left empty by k-means only means fewer groups
+        warnings.simplefilter("ignore")
+        _, group = kmeans2(z, k, minit="++", seed=rng, iter=20)
+    # round-robin over the groups, in random order inside each, so rare surfaces get as many chips as common ones
+    queues = [list(rng.permutation(pool[group == g])) for g in range(k)]
+    queues = [q for q in queues if q]
+    chosen: list[int] = []
+    while len(chosen) < n:
+        for q in queues:
+            if q and len(chosen) < n:
+                chosen.append(q.pop())
+    return np.sort(np.asarray(chosen, np.int64))
+
+
+# -- masks and files ----------------------------------------------------------------------------------------
+
+def chip_mask(cgrid: Grid, labels: np.ndarray, valid: np.ndarray, ignore_border_m: float,
+              ignore: np.ndarray | None = None) -> np.ndarray:
+    """uint8 mask of a chip: 1 inside ``labels``, 255 along their outlines, over ``ignore`` and without imagery.
+
+    ``labels`` and ``ignore`` are polygons in the chip's CRS that intersect it. The outline band is
+    ``ignore_border_m`` wide in ground metres (half inside, half outside), pixel centres inside it are ignored.
+    """
+    shape = (cgrid.height, cgrid.width)
+    mask = np.zeros(shape, dtype=np.uint8)
+    if len(labels):
+        mask = rasterize([(g, 1) for g in labels], out_shape=shape, transform=cgrid.transform, dtype=np.uint8)
+        if ignore_border_m > 0:
+            cx, cy = cgrid.transform @ (cgrid.width / 2, cgrid.height / 2)
+            half = ignore_border_m / 2 * float(units_per_metre(cgrid.crs, cx, cy)[0])
+            band = shapely.buffer(shapely.boundary(labels), half)
+            edge = rasterize([(g, 1) for g in band], out_shape=shape, transform=cgrid.transform, dtype=np.uint8)
+            mask[edge > 0] = IGNORE
+    if ignore is not None and len(ignore):
+        off = rasterize([(g, 1) for g in ignore], out_shape=shape, transform=cgrid.transform, dtype=np.uint8)
+        mask[(off > 0) & (mask != 1)] = IGNORE
+    mask[~valid] = IGNORE
+    return mask
 
 
 def _write_chip(path: Path, data: np.ndarray, grid: Grid, names: list[str]) -> None:
@@ -163,3 +236,208 @@ def _write_chip(path: Path, data: np.ndarray, grid: Grid, names: list[str]) -> N
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
         dst.descriptions = tuple(names)
+
+
+def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: np.ndarray, blk: np.ndarray,
+                 boxes: np.ndarray, chosen: np.ndarray, kinds: np.ndarray, splits: dict, geoms: np.ndarray,
+                 cfg: ChipConfig, ignore: np.ndarray | None = None, desc: str = "chips") -> list[dict]:
+    """Read, mask and write the ``chosen`` chips into ``tmp/images`` and ``tmp/masks``; their index rows."""
+    (tmp / "images").mkdir(parents=True, exist_ok=True)
+    (tmp / "masks").mkdir(exist_ok=True)
+    tree = shapely.STRtree(geoms)
+    ignore_tree = shapely.STRtree(ignore) if ignore is not None and len(ignore) else None
+    chip = cfg.chip_size
+    rows = []
+    for i, kind in tqdm(list(zip(chosen, kinds)), desc=f"{desc} {year}", unit="chip", leave=False):
+        c, r = (int(v) for v in pos[i])
+        cgrid = grid.window(c, r, chip, chip)
+        pixels, valid = source.read(year, cgrid)
+        if valid.mean() < 0.5:
+            continue
+        near = geoms[tree.query(boxes[i], predicate="intersects")]
+        off = ignore[ignore_tree.query(boxes[i], predicate="intersects")] if ignore_tree is not None else None
+        mask = chip_mask(cgrid, near, valid, cfg.ignore_border_m, off)
+        chip_id = f"{year}_{c:06d}_{r:06d}"
+        _write_chip(tmp / "images" / f"{chip_id}.tif", pixels, cgrid, source.band_names)
+        _write_chip(tmp / "masks" / f"{chip_id}.tif", mask[None], cgrid, ["mask"])
+        rows.append({
+            "chip_id": chip_id, "split": splits.get(tuple(blk[i]), "train"), "kind": str(kind), "year": year,
+            "image": f"images/{chip_id}.tif", "mask": f"masks/{chip_id}.tif",
+            "block": f"{blk[i][0]}_{blk[i][1]}",
+            "positive_fraction": float((mask == 1).mean()), "valid_fraction": float(valid.mean()),
+            "positive_pixels": int((mask == 1).sum()), "geometry": boxes[i],
+        })
+    return rows
+
+
+def split_summary(index: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Per split: chips, positive chips and positive (mining) pixels."""
+    out = {}
+    for s in SPLITS:
+        part = index[index.split == s]
+        out[s] = {"chips": int(len(part)), "positive_chips": int((part.positive_pixels > 0).sum()),
+                  "positive_pixels": int(part.positive_pixels.sum())}
+    return out
+
+
+def _labels_in_grid(labels: gpd.GeoDataFrame, grid: Grid, year: int, labels_path: Path | None) -> np.ndarray:
+    geoms = np.asarray(labels.to_crs(grid.crs).geometry.values)
+    inside = shapely.intersects(geoms, shapely.box(*grid.bounds))
+    if not inside.any():
+        where = f"{labels_path}: " if labels_path else ""
+        ll = gpd.GeoSeries([shapely.box(*grid.bounds)], crs=grid.crs).to_crs(WGS84).total_bounds.round(4)
+        raise InputError(f"{where}none of the {len(geoms)} labels lies within the {year} imagery "
+                         f"(lon/lat bounds {ll.tolist()})")
+    return geoms[inside]
+
+
+def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
+               labels_path: Path | None = None) -> gpd.GeoDataFrame:
+    """Stage ``chips``: cut training chips of ``year`` around ``labels`` into the folder ``dest``."""
+    where = f"{labels_path}: " if labels_path else ""
+    grid = source.grid(year)
+    geoms = _labels_in_grid(labels, grid, year, labels_path)
+    chip = cfg.chip_size
+    block, weights = choose_block_size(grid, geoms, cfg)
+    pos, blk = chip_positions(grid, cfg, block)
+    if len(pos) == 0:
+        raise InputError(f"the {year} imagery ({grid.width} x {grid.height} px) is smaller than one chip ({chip} px)")
+    targets = _split_targets(cfg)
+    needed = sum(1 for s in SPLITS if targets[s] > 0)
+    if len(weights) < needed:
+        gsd = ground_sample_distance_m(grid.crs, grid.transform, grid.width, grid.height)
+        raise InputError(
+            f"{where}the {len(geoms)} labels fall in {len(weights)} block(s) of {block} px ({block * gsd:.0f} m), "
+            f"too few to split into train/val/test without overlap (needs {needed}): add labels over a wider "
+            "area, use smaller chips (chips.chip_size), or set chips.val_fraction and chips.test_fraction to 0")
+    all_blocks = {tuple(b) for b in map(tuple, blk)}
+    splits = assign_splits(weights, sorted(all_blocks - set(weights)), cfg)
+    boxes = _chip_boxes(grid, pos, chip)
+    hit, _ = shapely.STRtree(geoms).query(boxes, predicate="intersects")
+    positive = np.zeros(len(pos), dtype=bool)
+    positive[hit] = True
+    rng = np.random.default_rng(cfg.seed + 1)
+    n_bg = int(round(cfg.background_per_positive * positive.sum()))
+    background = select_background(source, year, grid, pos, np.flatnonzero(~positive), n_bg, cfg, rng)
+    chosen = np.concatenate([np.flatnonzero(positive), background])
+    kinds = np.array(["positive"] * int(positive.sum()) + ["background"] * len(background))
+
+    with atomic_path(Path(dest)) as tmp:
+        rows = _write_chips(tmp, source, year, grid, pos, blk, boxes, chosen, kinds, splits, geoms, cfg)
+        if not rows:
+            raise InputError(f"{where}no chip of the {year} imagery under the labels has enough valid pixels")
+        index = gpd.GeoDataFrame(rows, geometry="geometry", crs=grid.crs).to_crs(WGS84)
+        summary = split_summary(index)
+        for s in SPLITS:
+            if targets[s] > 0 and summary[s]["positive_pixels"] == 0:
+                raise InputError(f"{where}no labelled pixel with imagery falls in the {s} split (labels in "
+                                 f"{len(weights)} blocks of {block} px): add labels over a wider area or set "
+                                 f"chips.{s}_fraction to 0")
+        index.to_parquet(tmp / "index.parquet")
+        pd.DataFrame([{"bx": b[0], "by": b[1], "split": splits[b], "label_pixels": weights.get(b, 0.0)}
+                      for b in sorted(splits)]).to_parquet(tmp / "blocks.parquet")
+        write_json(tmp / "meta.json", {
+            "year": year, "bands": list(source.band_names), "crs": grid.crs.to_string(),
+            "pixel_size": list(grid.res), "gsd_m": ground_sample_distance_m(grid.crs, grid.transform,
+                                                                           grid.width, grid.height),
+            "chip_size": chip, "block_size": block, "block_size_from": "config" if cfg.block_size else "labels",
+            "blocks_with_labels": len(weights), "labels_fingerprint": labels_fingerprint(labels),
+            "ignore_border_m": cfg.ignore_border_m, "splits": summary,
+        })
+    total = sum(v["positive_pixels"] for v in summary.values()) or 1
+    log.info("chips: block %d px, %s; positive pixel shares %s", block, {s: v["chips"] for s, v in summary.items()},
+             {s: round(v["positive_pixels"] / total, 3) for s, v in summary.items()})
+    return index
+
+
+def read_meta(chips_dir: Path) -> dict:
+    path = Path(chips_dir) / "meta.json"
+    if not path.is_file() or not (Path(chips_dir) / "index.parquet").is_file():
+        raise InputError(f"{chips_dir}: not a chips folder (index.parquet or meta.json missing)")
+    return json.loads(path.read_text())
+
+
+# -- hard negatives -----------------------------------------------------------------------------------------
+
+def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, source: ImagerySource,
+                        chips_dir: Path, dest: Path, cfg: ChipConfig, hn: HardNegativeConfig) -> gpd.GeoDataFrame:
+    """Chips where a first model fires away from the labels, written to ``dest`` like a chips folder.
+
+    ``detections``: that model's polygons of the training year (EPSG:4326, column ``mean_probability``).
+    A detection counts as a false alarm where it lies further than ``hn.buffer_m`` from every label (outlines
+    are metres off and mines grow); its part within that distance is ignored (255), not taught. Labels from the
+    literature miss mines, so a detection the model is as sure of as it is of the labelled mines (mean
+    probability at least the lower quartile of the detections on labels, and at most ``hn.max_probability``
+    is asked) is not taught as background either: it may be a mine nobody drew. Such detections are written
+    to ``dest/possible_missed_mines.parquet``; training ignores their pixels in every chip, background and
+    validation chips included, so a missed mine neither teaches the model nor counts against it. At most
+    ``hn.per_positive`` x the positive chips are added, largest false alarms first, each placed in the blocks
+    of ``chips_dir`` so that splits stay apart.
+    """
+    meta = read_meta(chips_dir)
+    year = int(meta["year"])
+    grid = source.grid(year)
+    block = int(meta["block_size"])
+    blocks = pd.read_parquet(Path(chips_dir) / "blocks.parquet")
+    index = gpd.read_parquet(Path(chips_dir) / "index.parquet")
+    geoms = _labels_in_grid(labels, grid, year, None)
+    lc = shapely.centroid(geoms)
+    near = shapely.union_all(shapely.buffer(geoms, hn.buffer_m * units_per_metre(grid.crs, shapely.get_x(lc),
+                                                                                 shapely.get_y(lc))))
+    dgeoms = np.asarray(detections.to_crs(grid.crs).geometry.values)
+    false = shapely.difference(dgeoms, near)
+    keep = ~shapely.is_empty(false)
+    prob = detections["mean_probability"].to_numpy()
+    on_label = np.zeros(len(dgeoms), bool)
+    on_label[shapely.STRtree(geoms).query(dgeoms, predicate="intersects")[0]] = True
+    sure_level = min(hn.max_probability, float(np.percentile(prob[on_label], 25))) if on_label.any() \
+        else hn.max_probability
+    sure = prob >= sure_level
+    taught = false[keep & ~sure]
+    ignored = np.concatenate([dgeoms[keep & sure], shapely.intersection(dgeoms[~sure], near)])
+    ignored = ignored[~shapely.is_empty(ignored)]
+    n_max = int(round(hn.per_positive * (index.kind == "positive").sum()))
+    stats = {"detections": int(len(dgeoms)), "false_alarms": int(len(taught)),
+             "ignored_as_possible_missed_mines": int((keep & sure).sum()), "chips": 0}
+    policy = {"buffer_m": hn.buffer_m, "sure_level": round(sure_level, 4), "rule": (
+        f"false alarms are the first model's detections further than {hn.buffer_m:g} m from every label and "
+        f"less sure than {sure_level:.2f} (the lower quartile of its mean probability on labelled mines, capped at "
+        f"{hn.max_probability:g}); surer detections away from labels may be mines the labels miss: their pixels "
+        f"are ignored (255) in every chip, as is the part of any detection within {hn.buffer_m:g} m of a label")}
+    missed = gpd.GeoDataFrame({"mean_probability": prob[keep & sure]}, geometry=dgeoms[keep & sure],
+                              crs=grid.crs).to_crs(WGS84)
+    pos, blk = chip_positions(grid, cfg, block)
+    chosen: list[int] = []
+    if len(taught) and n_max > 0 and len(pos):
+        boxes = _chip_boxes(grid, pos, cfg.chip_size)
+        centres = shapely.centroid(boxes)
+        order = np.argsort(-shapely.area(taught), kind="stable")
+        points = shapely.point_on_surface(taught[order])
+        tree = shapely.STRtree(boxes)
+        for p in points:  # the candidate chip holding the false alarm, centred on it as near as the grid allows
+            cand = tree.query(p, predicate="within")
+            if len(cand):
+                best = int(cand[np.argmin(shapely.distance(centres[cand], p))])
+                if best not in chosen:
+                    chosen.append(best)
+            if len(chosen) >= n_max:
+                break
+    splits = {(int(r.bx), int(r.by)): r.split for r in blocks.itertuples()}
+    with atomic_path(Path(dest)) as tmp:
+        tmp.mkdir(parents=True)
+        rows = []
+        if chosen:
+            sel = np.asarray(chosen, np.int64)
+            rows = _write_chips(tmp, source, year, grid, pos, blk, _chip_boxes(grid, pos, cfg.chip_size), sel,
+                                np.array(["hard_negative"] * len(sel)), splits, geoms, cfg, ignore=ignored,
+                                desc="hard negatives")
+        hard = gpd.GeoDataFrame(rows, geometry="geometry", crs=grid.crs) if rows else gpd.GeoDataFrame(
+            {k: [] for k in index.columns if k != "geometry"}, geometry=[], crs=grid.crs)
+        hard = hard.to_crs(WGS84)
+        hard.to_parquet(tmp / "index.parquet")
+        missed.to_parquet(tmp / MISSED)
+        stats["chips"] = int(len(hard))
+        write_json(tmp / "meta.json", {**meta, "kind": "hard_negatives", "hard_negatives": {**stats, **policy},
+                                       "splits": split_summary(hard)})
+    log.info("hard negatives: %s", stats)
+    return hard

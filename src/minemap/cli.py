@@ -100,7 +100,9 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
           encoder: str = "mit-b0", epochs: int = 20, batch_size: int = 8, learning_rate: float = 6e-4,
           pretrained: Annotated[Optional[str], typer.Option(help="local encoder checkpoint (file or folder)")] = None,
           resume: Annotated[bool, typer.Option(help="continue from out/train_state.pt")] = False,
-          device: str = "auto", seed: int = 0):
+          device: str = "auto", seed: int = 0, patience: int = 6,
+          min_val_f1: Annotated[float, typer.Option(help="validation F1 below this is an error")] = 0.5,
+          accept_weak_model: Annotated[bool, typer.Option(help="keep a model below --min-val-f1 without error")] = False):
     """Train a SegFormer on chips; keeps the best epoch by validation IoU."""
     from minemap.config import ModelConfig, TrainConfig
     from minemap.errors import InputError
@@ -108,12 +110,18 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
 
     try:
         mcfg = ModelConfig(encoder=encoder, pretrained=pretrained)
-        tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, device=device, seed=seed)
+        tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, device=device,
+                           seed=seed, patience=patience, min_val_f1=min_val_f1)
     except ValueError as e:
         raise InputError(str(e).splitlines()[-2].strip() if len(str(e).splitlines()) > 1 else str(e)) from None
+    from minemap.train import weak_model_error
+
     card = train_fn(chips_dir, out_dir, tcfg, mcfg, resume=resume)
     out.print(f"model -> {out_dir}: threshold {card.threshold:.2f}, val F1 {card.val_metrics.get('f1', 0):.3f}, "
-              f"val IoU {card.val_metrics.get('iou', 0):.3f}")
+              f"val IoU {card.val_metrics.get('iou', 0):.3f}, best epoch {card.best_epoch} ({card.stopped})")
+    weak = weak_model_error(card, min_val_f1, out_dir)
+    if weak is not None and not accept_weak_model:
+        raise weak
 
 
 @app.command()
@@ -240,6 +248,10 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         tile_size: Optional[int] = None, threshold: Optional[float] = None,
         min_area_m2: Optional[float] = None, buffer_m: Optional[float] = None,
         countries: Optional[Path] = None, workers: Optional[int] = None, device: Optional[str] = None,
+        hard_negatives: Annotated[Optional[bool], typer.Option(
+            "--hard-negatives/--no-hard-negatives", help="mine hard negatives and fine-tune (default on)")] = None,
+        accept_weak_model: Annotated[bool, typer.Option(
+            help="map with a model whose validation F1 is below train.min_val_f1")] = False,
         overwrite: Annotated[bool, typer.Option(help="redo finished steps")] = False):
     """Run every stage, from a TOML config or flags; a rerun resumes where it stopped."""
     from minemap.config import load_config
@@ -252,6 +264,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         "predict.device": device, "chips.chip_size": chip_size, "predict.tile_size": tile_size,
         "vectorize.threshold": threshold, "vectorize.min_area_m2": min_area_m2,
         "postprocess.buffer_m": buffer_m, "postprocess.countries": countries,
+        "hard_negatives.enabled": hard_negatives, "accept_weak_model": accept_weak_model or None,
     })
     _print_result(run_fn(cfg, overwrite=overwrite))
 

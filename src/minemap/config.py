@@ -22,7 +22,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from minemap.errors import InputError
 
@@ -33,12 +33,41 @@ class _Section(BaseModel):
 
 class ChipConfig(_Section):
     chip_size: int = Field(256, ge=32, description="chip side in pixels, at the imagery's native resolution")
-    stride: int | None = Field(None, description="step between chips inside a block; default chip_size // 2")
-    block_size: int | None = Field(None, description="side of a spatial split block in pixels; default 4 x chip")
+    stride: int | None = Field(None, description="step between chips inside a block; default chip_size // 2, "
+                                                 "chip_size // 4 in blocks under two chips wide")
+    block_size: int | None = Field(None, description="side of a spatial split block in pixels; default: chosen "
+                                                     "from the labels (see min_positive_blocks)")
+    min_positive_blocks: int = Field(8, ge=3, description="an automatic block size gives at least this many "
+                                                           "blocks holding labels")
     background_per_positive: float = Field(0.5, ge=0, description="background chips per positive chip")
+    background_groups: int = Field(8, ge=1, description="background chips are drawn evenly from this many "
+                                                        "groups of similar coarse spectra")
+    max_background_pool: int = Field(4000, ge=10, description="candidates whose spectra are compared")
+    ignore_border_m: float = Field(5.0, ge=0, description="width of the band along label outlines left out of "
+                                                          "the loss (digitised outlines are metres off)")
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.15, ge=0, lt=1)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _train_is_largest(self) -> "ChipConfig":
+        if 1 - self.val_fraction - self.test_fraction <= max(self.val_fraction, self.test_fraction):
+            raise ValueError("the train split must be the largest: val_fraction + test_fraction leave too little")
+        return self
+
+
+class HardNegativeConfig(_Section):
+    """After a first fit, chips where the model fires away from the labels, then a fine-tune."""
+
+    enabled: bool = True
+    per_positive: float = Field(0.5, ge=0, description="at most this many hard-negative chips per positive chip")
+    buffer_m: float = Field(60.0, ge=0, description="detections within this distance of a label are not false "
+                                                     "alarms (outlines are off, mines grow)")
+    max_probability: float = Field(0.9, gt=0, le=1, description="detections at least this sure may be mines the "
+                                                                "labels miss: ignored, not taught as background")
+    epochs: int = Field(8, ge=1, description="most epochs of the fine-tune")
+    patience: int = Field(3, ge=1, description="stop the fine-tune after this many epochs without a better "
+                                               "validation F1")
 
 
 class ModelConfig(_Section):
@@ -47,7 +76,10 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    epochs: int = Field(20, ge=1)
+    epochs: int = Field(30, ge=1, description="most epochs; training stops earlier when validation stalls")
+    patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation F1")
+    min_val_f1: float = Field(0.5, ge=0, le=1, description="a model below this validation F1 stops the run "
+                                                           "(unless accept_weak_model)")
     batch_size: int = Field(8, ge=1)
     learning_rate: float = Field(6e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
@@ -59,6 +91,10 @@ class TrainConfig(_Section):
 class PredictConfig(_Section):
     tile_size: int = Field(2048, ge=64, description="tile side in pixels; the unit of work with a year")
     window_overlap: float = Field(0.5, ge=0, lt=1)
+    normalise_years: bool = Field(False, description="bring each year's reflectance to the training year's over "
+                                                     "pixels that stay the same (one gain and offset per band and "
+                                                     "year: it helps with a uniform shift, it hurts under patchy "
+                                                     "haze, hence off by default)")
     batch_size: int = Field(16, ge=1)
     device: str = "auto"
 
@@ -84,7 +120,9 @@ class RunConfig(_Section):
     bands: list[str] | None = None
     reference: Path | None = None
     workers: int = Field(1, ge=1)
+    accept_weak_model: bool = False
     chips: ChipConfig = ChipConfig()
+    hard_negatives: HardNegativeConfig = HardNegativeConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     predict: PredictConfig = PredictConfig()

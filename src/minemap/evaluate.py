@@ -3,7 +3,8 @@
 Pixel metrics (precision, recall, F1, IoU, accuracy) compare the panel's polygons with the reference, both
 rasterised on the probability rasters' grid, over pixels that have imagery. A threshold sweep on the raw
 probabilities shows the model's own precision/recall trade-off before vectorising and post-processing.
-Object metrics: the share of predicted mines that overlap a reference polygon (precision) and of reference
+The calibration of the probabilities (expected calibration error and a reliability table, ten bins) is
+measured against the reference the same way. Object metrics: the share of predicted mines that overlap a reference polygon (precision) and of reference
 polygons that overlap a predicted mine (recall).
 
 Reference: one file with a ``year`` column, or a folder of per-year files whose names contain the year.
@@ -27,7 +28,7 @@ from minemap._io import write_json
 from minemap.errors import InputError
 from minemap.geo import WGS84
 from minemap.labels import VECTOR_SUFFIXES, clean_labels, read_vector
-from minemap.metrics import LEVELS, binary_metrics, histograms, metrics_at, sweep
+from minemap.metrics import LEVELS, binary_metrics, histograms, metrics_at, reliability, sweep
 from minemap.predict import NODATA
 
 log = logging.getLogger(__name__)
@@ -106,6 +107,7 @@ def evaluate_year(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, tile
                    "recall": float(ref_hit.mean()) if len(ref) else 0.0,
                    "n_predicted": int(len(pred)), "n_reference": int(len(ref))},
         "raw_probability": {"threshold_sweep": sweep(hpos, hneg)},
+        "calibration": reliability(hpos, hneg),
         "_counts": counts.tolist(),
     }
     if threshold is not None:

@@ -61,3 +61,61 @@ def best_threshold(hist_pos: np.ndarray, hist_neg: np.ndarray) -> tuple[float, d
     best = np.flatnonzero(f1 >= f1.max() - 1e-12)
     row = rows[int(best[len(best) // 2])]
     return row["threshold"], row
+
+
+def reliability(hist_pos: np.ndarray, hist_neg: np.ndarray, bins: int = 10) -> dict:
+    """Expected calibration error and a reliability table from the two histograms of quantised probabilities.
+
+    Each of ``bins`` equal-width probability bins holds its pixels, their mean predicted probability and the
+    observed share of mining pixels; ECE is the pixel-weighted mean gap between the two.
+    """
+    levels = np.arange(LEVELS + 1) / LEVELS
+    which = np.minimum((levels * bins).astype(int), bins - 1)
+    n = hist_pos + hist_neg
+    count = np.bincount(which, weights=n, minlength=bins)
+    pos = np.bincount(which, weights=hist_pos, minlength=bins)
+    pred = np.bincount(which, weights=n * levels, minlength=bins)
+    total = count.sum()
+    table, ece = [], 0.0
+    for b in range(bins):
+        if count[b] == 0:
+            continue
+        mean_p, observed = pred[b] / count[b], pos[b] / count[b]
+        ece += count[b] / total * abs(mean_p - observed)
+        table.append({"bin": [b / bins, (b + 1) / bins], "pixels": int(count[b]),
+                      "mean_probability": round(float(mean_p), 4), "observed": round(float(observed), 4)})
+    return {"ece": float(ece), "table": table}
+
+
+def fit_platt(logits: np.ndarray, truth: np.ndarray, iterations: int = 50) -> tuple[float, float]:
+    """Scale and bias so that sigmoid(scale x logit + bias) is calibrated on (logits, truth): Newton steps on
+    the mean log-loss, which is convex in the two parameters. Returns (1, 0) where a class is missing."""
+    z = np.clip(np.asarray(logits, np.float64).ravel(), -30, 30)
+    t = np.asarray(truth, np.float64).ravel()
+    if len(z) == 0 or t.min() == t.max():
+        return 1.0, 0.0
+    def loss(a: float, b: float) -> float:
+        u = a * z + b
+        return float(np.mean(np.logaddexp(0, u) - t * u))
+
+    a, b = 1.0, 0.0
+    cur = loss(a, b)
+    for _ in range(iterations):
+        p = 1 / (1 + np.exp(-(a * z + b)))
+        r, w = p - t, np.maximum(p * (1 - p), 1e-12)
+        g = np.array([(r * z).mean(), r.mean()])
+        h = np.array([[(w * z * z).mean(), (w * z).mean()], [(w * z).mean(), w.mean()]]) + 1e-9 * np.eye(2)
+        step = np.linalg.solve(h, g)
+        for _ in range(30):  # halve the step until the loss goes down (separable data would run away)
+            na, nb = a - step[0], b - step[1]
+            new = loss(na, nb)
+            if new <= cur:
+                break
+            step = step / 2
+        else:
+            break
+        a, b, done = na, nb, cur - new < 1e-10
+        cur = new
+        if done:
+            break
+    return float(np.clip(a, 1e-3, 1e3)), float(b)

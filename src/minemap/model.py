@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -24,7 +26,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation, Segf
 
 from minemap import __version__
 from minemap._io import atomic_path
-from minemap.errors import ModelError
+from minemap.errors import InputError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,35 @@ class ModelCard(BaseModel):
     pretrained: str | None = None
     epochs_trained: int = 0
     best_epoch: int | None = None
+    stopped: str = ""
+    calibration: dict = {"scale": 1.0, "bias": 0.0}
     val_metrics: dict = {}
     test_metrics: dict = {}
+    val_curve: list[dict] = []
+    splits: dict = {}
+    hard_negatives: dict = {}
     minemap_version: str = __version__
+
+    def calibrate(self, logits: np.ndarray | torch.Tensor):
+        """Calibrated P(mining) from raw logits: sigmoid(scale x logit + bias), fitted on validation chips."""
+        z = self.calibration["scale"] * logits + self.calibration["bias"]
+        return torch.sigmoid(z) if isinstance(z, torch.Tensor) else 1 / (1 + np.exp(-z))
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA where available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise InputError(f"device {name!r}: {e}") from None
+
+
+def forward_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The mining logit at every input pixel: (B, H, W), upsampled from SegFormer's 1/4-resolution output."""
+    logits = model(pixel_values=x).logits
+    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
 def segformer_config(encoder: str, num_channels: int) -> SegformerConfig:

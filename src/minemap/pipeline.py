@@ -5,13 +5,19 @@ Run directory::
 
     OUT/labels.parquet            cleaned labels
     OUT/chips/                    training chips (images/, masks/, index.parquet, meta.json)
-    OUT/model/                    weights.safetensors, model.json (+ train_state.pt)
+    OUT/model_initial/            the first fit (with hard negatives on)
+    OUT/hard_negatives/           the training year mapped by the first fit, and chips where it fired away
+                                  from the labels (probabilities/, chips/)
+    OUT/model/                    weights.safetensors, model.json (+ train_state.pt): the model used
     OUT/probabilities/<year>/     probability COGs per tile (+ manifest.json of finished tiles)
     OUT/polygons/<year>.parquet   vectorised polygons
     OUT/postprocessed.parquet     temporal filter, countries, areas
     OUT/panel.parquet, panel.gpkg, summary.csv
     OUT/metrics.json              with a reference
     OUT/manifest.json             finished stages and the fingerprint of what they were made from
+
+Training is a first fit, then (``hard_negatives.enabled``) hard-negative mining and a fine-tune on all chips.
+A model whose validation F1 is below ``train.min_val_f1`` stops the run unless ``accept_weak_model``.
 
 A stage is skipped when the manifest holds it with the same fingerprint (its inputs and settings, chained
 through the stages before it) and its outputs exist; an interrupted training resumes from its last epoch;
@@ -28,8 +34,8 @@ from pathlib import Path
 import geopandas as gpd
 
 from minemap._io import file_sha256, stable_hash
-from minemap.chips import make_chips
-from minemap.config import RunConfig
+from minemap.chips import hard_negative_chips, make_chips
+from minemap.config import RunConfig, VectorizeConfig
 from minemap.errors import ImageryError, InputError
 from minemap.evaluate import evaluate_stage
 from minemap.imagery import open_imagery
@@ -39,8 +45,8 @@ from minemap.model import read_card
 from minemap.panel import build_panel, write_panel
 from minemap.postprocess import postprocess_stage
 from minemap.predict import predict
-from minemap.train import STATE, train
-from minemap.vectorize import read_polygons, vectorize
+from minemap.train import STATE, train, weak_model_error
+from minemap.vectorize import read_polygons, vectorize, vectorize_year
 
 log = logging.getLogger(__name__)
 
@@ -113,14 +119,26 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         manifest.mark("stage:chips", k_chips)
 
     model_dir = out / "model"
-    k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), cfg.train.model_dump()])
-    if stage("train", k_train, [model_dir / "model.json"]):
-        # resume only a training started with these very settings
-        resume = manifest.done("started:train", k_train) and (model_dir / STATE).is_file()
-        manifest.mark("started:train", k_train)
-        train(chips_dir, model_dir, cfg.train, cfg.model, resume=resume, progress=progress)
+    hn = cfg.hard_negatives
+    first_dir = out / "model_initial" if hn.enabled else model_dir
+    k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), _train_settings(cfg)])
+    if stage("train", k_train, [first_dir / "model.json"]):
+        _train_resumable(manifest, "train", k_train, [chips_dir], first_dir, cfg, progress)
         manifest.mark("stage:train", k_train)
-    card = read_card(model_dir)
+    _check_floor(cfg, first_dir)  # a model that learnt nothing would mine the whole scene as hard negatives
+    if hn.enabled:
+        hn_dir = out / "hard_negatives"
+        k_hn = stable_hash(["hard_negatives", k_train, imagery_key, hn.model_dump(exclude={"epochs", "patience"}),
+                            cfg.predict.model_dump()])
+        if stage("hard_negatives", k_hn, [hn_dir / "chips" / "index.parquet"]):
+            _hard_negatives(cfg, source, labels_path, chips_dir, first_dir, hn_dir, overwrite, progress)
+            manifest.mark("stage:hard_negatives", k_hn)
+        k_train = stable_hash(["finetune", k_hn, hn.epochs, hn.patience])
+        if stage("finetune", k_train, [model_dir / "model.json"]):
+            _train_resumable(manifest, "finetune", k_train, [chips_dir, hn_dir / "chips"], model_dir, cfg,
+                             progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience)
+            manifest.mark("stage:finetune", k_train)
+    card = _check_floor(cfg, model_dir)
 
     prob_dir = out / "probabilities"
     k_predict = stable_hash(["predict", k_train, imagery_key, cfg.predict.model_dump(), cfg.years, cfg.bands])
@@ -162,6 +180,43 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         result.metrics = metrics_path
         result.metrics_data = json.loads(metrics_path.read_text())
     return result
+
+
+def _train_settings(cfg: RunConfig) -> dict:
+    # the validation floor judges a model, it does not change it: changing it must not retrain
+    return cfg.train.model_dump(exclude={"min_val_f1"})
+
+
+def _check_floor(cfg: RunConfig, model_dir: Path):
+    card = read_card(model_dir)
+    weak = weak_model_error(card, cfg.train.min_val_f1, model_dir)
+    if weak is not None:
+        if not cfg.accept_weak_model:
+            raise weak
+        log.warning("%s (accepted)", weak)
+    return card
+
+
+def _train_resumable(manifest: Manifest, name: str, key: str, chips_dirs: list[Path], model_dir: Path,
+                     cfg: RunConfig, progress: bool, **kwargs) -> None:
+    """Train, resuming only a training started with these very settings."""
+    resume = manifest.done(f"started:{name}", key) and (model_dir / STATE).is_file()
+    manifest.mark(f"started:{name}", key)
+    train(chips_dirs, model_dir, cfg.train, cfg.model, resume=resume, progress=progress, **kwargs)
+
+
+def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, first_dir: Path, hn_dir: Path,
+                    overwrite: bool, progress: bool) -> None:
+    """Map the training year with the first model and cut chips where it fires away from the labels."""
+    year = cfg.train_year
+    prob_dir = hn_dir / "probabilities"
+    predict(first_dir, cfg.imagery, [year], prob_dir, cfg.predict, cfg.bands, cfg.workers, overwrite=overwrite,
+            progress=progress)
+    card = read_card(first_dir)
+    detections = vectorize_year(sorted((prob_dir / str(year)).glob("*.tif")), year, card.threshold,
+                                VectorizeConfig(min_area_m2=0.0))
+    hard_negative_chips(detections, gpd.read_parquet(labels_path), source, chips_dir, hn_dir / "chips",
+                        cfg.chips, cfg.hard_negatives)
 
 
 DEMO_YEARS = (2019, 2020, 2021)

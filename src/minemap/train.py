@@ -1,58 +1,89 @@
-"""Training: a SegFormer on the chips of :mod:`minemap.chips`, with validation, best checkpoint and resume.
+"""Training: a SegFormer on the chips of :mod:`minemap.chips`, until validation stops improving.
 
-Reads ``chips/index.parquet`` and the chip GeoTIFFs; writes a model directory (``weights.safetensors`` +
-``model.json``, the best epoch by validation IoU) and ``train_state.pt`` beside them (last epoch, optimiser,
-scheduler) so that ``resume=True`` carries on after a crash.
+Reads one or more chips folders (``index.parquet`` + chip GeoTIFFs: the chips, and the hard negatives of
+:func:`minemap.chips.hard_negative_chips`); writes a model directory (``weights.safetensors`` + ``model.json``,
+the best epoch by validation F1) and ``train_state.pt`` beside them (last epoch, optimiser, learning rate,
+early-stopping counters) so that ``resume=True`` carries on after a crash.
 
-Loss: binary cross-entropy plus soft Dice over valid pixels (mask 255 ignored): Dice keeps small mines from
-being swamped by background. Augmentation: flips, 90-degree rotations, and a photometric jitter (gain, offset,
-haze towards a bright per-band level) so that hazy or differently calibrated years still segment.
+- Loss: binary cross-entropy plus soft Dice over valid pixels (mask 255 ignored: no imagery, and the band along
+  label outlines): Dice keeps small mines from being swamped by background.
+- Augmentation: flips, 90-degree rotations, and a photometric jitter (gain, offset, haze towards a bright
+  per-band level) so that hazy or differently calibrated years still segment.
+- Schedule: a warm-up over the first epoch, then a constant rate that halves whenever validation F1 has not
+  improved for ``patience // 2`` epochs; training stops after ``patience`` epochs without improvement, or at
+  ``epochs``. Validation F1 is taken at its best threshold, so model selection does not depend on calibration.
+- Pixels of detections that hard-negative mining judged possible missed mines
+  (:data:`minemap.chips.MISSED`) are ignored in every chip, so a mine the labels miss neither teaches the
+  model that it is background nor counts against it in validation, calibration or test.
+- After training: the best epoch's logits on the validation chips fit a calibration (scale and bias of the
+  logit, Platt), the threshold is chosen by F1 on calibrated validation probabilities, and the test chips give
+  metrics and the expected calibration error. The card records the per-epoch validation curve.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 from pathlib import Path
 
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import rasterio
 import torch
 import torch.nn.functional as F
 from rasterio.errors import RasterioError
+from rasterio.features import rasterize
 from tqdm.auto import tqdm
 
 from minemap._io import atomic_path
+from minemap.chips import MISSED, read_meta
 from minemap.config import ModelConfig, TrainConfig
 from minemap.errors import InputError, ModelError
-from minemap.metrics import best_threshold, histograms, metrics_at, quantise
-from minemap.model import ModelCard, build_model, load_model, load_pretrained_encoder, save_model
+from minemap.geo import WGS84
+from minemap.metrics import best_threshold, fit_platt, histograms, metrics_at, quantise, reliability
+from minemap.model import (ModelCard, build_model, forward_logits, load_model, load_pretrained_encoder,
+                           resolve_device, save_model)
 
 log = logging.getLogger(__name__)
 STATE = "train_state.pt"
+CALIBRATION_PIXELS = 2_000_000
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as e:
-        raise InputError(f"device {name!r}: {e}") from None
+def read_index(chips_dirs: list[Path]) -> pd.DataFrame:
+    """The chips of every folder, with the folder each lies in (column ``root``)."""
+    frames = []
+    for d in chips_dirs:
+        read_meta(d)
+        frames.append(pd.DataFrame(gpd.read_parquet(Path(d) / "index.parquet").drop(columns="geometry"))
+                      .assign(root=str(d)))
+    return pd.concat(frames, ignore_index=True)
 
 
-def _read_chips(chips_dir: Path, index: gpd.GeoDataFrame) -> tuple[np.ndarray, np.ndarray]:
+def possible_missed_mines(chips_dirs: list[Path]) -> gpd.GeoDataFrame | None:
+    """Detections that hard-negative mining judged to be mines the labels may miss (EPSG:4326), if any."""
+    frames = [gpd.read_parquet(Path(d) / MISSED) for d in chips_dirs if (Path(d) / MISSED).is_file()]
+    frames = [f for f in frames if len(f)]
+    return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=WGS84) if frames else None
+
+
+def _read_chips(index: pd.DataFrame, ignore: gpd.GeoDataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Images and masks of the chips; background pixels under ``ignore`` polygons become 255."""
     images, masks = [], []
     for row in index.itertuples():
+        root = Path(row.root)
         try:
-            with rasterio.open(chips_dir / row.image) as src:
+            with rasterio.open(root / row.image) as src:
                 images.append(src.read().astype(np.float32))
-            with rasterio.open(chips_dir / row.mask) as src:
+                transform, crs, shape, bounds = src.transform, src.crs, (src.height, src.width), src.bounds
+            with rasterio.open(root / row.mask) as src:
                 masks.append(src.read(1))
         except RasterioError as e:
-            raise InputError(f"{chips_dir / row.image}: cannot read chip ({e})") from None
+            raise InputError(f"{root / row.image}: cannot read chip ({e})") from None
+        if ignore is not None:
+            near = ignore.to_crs(crs).cx[bounds.left:bounds.right, bounds.bottom:bounds.top]
+            if len(near):
+                off = rasterize(((g, 1) for g in near.geometry), out_shape=shape, transform=transform, dtype=np.uint8)
+                masks[-1][(off > 0) & (masks[-1] == 0)] = 255
     return np.stack(images), np.stack(masks)
 
 
@@ -107,19 +138,14 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
     return bce + dice_weight * dice
 
 
-def forward_probability(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Logits upsampled to the input size: (B, H, W)."""
-    logits = model(pixel_values=x).logits
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-
 
 @torch.no_grad()
-def _predict_chips(model, images: torch.Tensor, mean, std, device, batch: int = 16) -> np.ndarray:
+def _chip_logits(model, images: torch.Tensor, mean, std, device, batch: int = 16) -> np.ndarray:
     model.eval()
     out = []
     for i in range(0, len(images), batch):
         x = ((images[i:i + batch] - mean) / std).to(device)
-        out.append(torch.sigmoid(forward_probability(model, x)).cpu().numpy())
+        out.append(forward_logits(model, x).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,) + tuple(images.shape[-2:]), np.float32)
 
 
@@ -128,107 +154,183 @@ def _split_histograms(probs: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray,
     return histograms(quantise(probs[valid]), masks[valid] == 1)
 
 
-def train(chips_dir: Path, model_dir: Path, cfg: TrainConfig | None = None, model_cfg: ModelConfig | None = None,
-          resume: bool = False, progress: bool = True) -> ModelCard:
-    """Stage ``train``: fit a SegFormer on ``chips_dir`` and write the best model to ``model_dir``."""
+def _best_f1(logits: np.ndarray, masks: np.ndarray) -> dict:
+    """Metrics at the threshold of best F1 (a monotone calibration would give the same F1)."""
+    return best_threshold(*_split_histograms(1 / (1 + np.exp(-logits)), masks))[1]
+
+
+def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | None = None,
+          model_cfg: ModelConfig | None = None, resume: bool = False, progress: bool = True,
+          init_from: Path | None = None, epochs: int | None = None, patience: int | None = None) -> ModelCard:
+    """Stage ``train``: fit a SegFormer on the chips and write the best model to ``model_dir``.
+
+    ``init_from``: a model directory to fine-tune (its weights and band normalisation are kept, the learning
+    rate is a third of ``cfg.learning_rate``, without warm-up; the given model counts as epoch 0, so a fine-tune
+    that does not beat it on validation keeps it); ``epochs`` and ``patience`` override ``cfg``'s.
+    """
     cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ModelConfig()
-    chips_dir, model_dir = Path(chips_dir), Path(model_dir)
-    index_path, meta_path = chips_dir / "index.parquet", chips_dir / "meta.json"
-    if not index_path.is_file() or not meta_path.is_file():
-        raise InputError(f"{chips_dir}: not a chips folder (index.parquet or meta.json missing)")
-    index = gpd.read_parquet(index_path)
-    meta = json.loads(meta_path.read_text())
+    dirs = [Path(d) for d in ([chips_dirs] if isinstance(chips_dirs, (str, Path)) else chips_dirs)]
+    model_dir = Path(model_dir)
+    meta = read_meta(dirs[0])
+    index = read_index(dirs)
+    max_epochs = epochs or cfg.epochs
+    patience = patience or cfg.patience
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = resolve_device(cfg.device)
 
-    tr = index[index.split == "train"]
-    va = index[index.split == "val"]
-    te = index[index.split == "test"]
+    tr, va, te = (index[index.split == s] for s in ("train", "val", "test"))
     if len(tr) == 0:
-        raise InputError(f"{index_path}: no training chips")
+        raise InputError(f"{dirs[0] / 'index.parquet'}: no training chips")
     if len(va) == 0:
         log.warning("no validation chips: model selection and threshold use the training chips")
         va = tr
-    x_tr, y_tr = _read_chips(chips_dir, tr)
-    x_va, y_va = _read_chips(chips_dir, va)
+    missed = possible_missed_mines(dirs)
+    x_tr, y_tr = _read_chips(tr, missed)
+    x_va, y_va = _read_chips(va, missed)
     mean_np, std_np, p99 = band_statistics(x_tr, y_tr)
+    if init_from is not None:
+        model, base = load_model(init_from, "cpu")
+        encoder = base.encoder
+        mean_np, std_np = np.asarray(base.band_mean, np.float32), np.asarray(base.band_std, np.float32)
+    else:
+        encoder = model_cfg.encoder
+        model = build_model(encoder, len(meta["bands"]))
+        if model_cfg.pretrained:
+            load_pretrained_encoder(model, model_cfg.pretrained)
     mean = torch.as_tensor(mean_np, dtype=torch.float32)[:, None, None]
     std = torch.as_tensor(std_np, dtype=torch.float32)[:, None, None]
-
     card = ModelCard(
-        encoder=model_cfg.encoder, bands=meta["bands"], band_mean=mean_np.tolist(), band_std=std_np.tolist(),
+        encoder=encoder, bands=meta["bands"], band_mean=mean_np.tolist(), band_std=std_np.tolist(),
         gsd_m=meta["gsd_m"], pixel_size=meta["pixel_size"], crs=meta["crs"], chip_size=meta["chip_size"],
         train_year=meta.get("year"), labels_fingerprint=meta.get("labels_fingerprint"),
-        pretrained=model_cfg.pretrained,
+        pretrained=model_cfg.pretrained, splits=chip_summary(index),
+        hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
     )
-    model = build_model(model_cfg.encoder, len(card.bands))
-    if model_cfg.pretrained:
-        load_pretrained_encoder(model, model_cfg.pretrained)
     model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(tr) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / total) ** 0.9)
+    base_lr = cfg.learning_rate / 3 if init_from is not None else cfg.learning_rate
+    opt = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
+    warmup = -(-len(tr) // cfg.batch_size) if init_from is None else 0  # one epoch of steps
     augment = _Augment(p99, cfg.seed)
-    start_epoch, best_iou, best_epoch = 0, -1.0, None
+    st = {"epoch": -1, "best_f1": -1.0, "best_epoch": None, "lr": base_lr, "bad": 0, "since_cut": 0,
+          "curve": [], "step": 0}
     state_path = model_dir / STATE
     if resume and state_path.is_file():
         try:
-            st = torch.load(state_path, map_location="cpu", weights_only=False)
-            model.load_state_dict(st["model"])
-            opt.load_state_dict(st["optimizer"])
-            sched.load_state_dict(st["scheduler"])
-            augment.gen.set_state(st["augment_rng"])
-            torch.set_rng_state(st["torch_rng"])
+            saved = torch.load(state_path, map_location="cpu", weights_only=False)
+            model.load_state_dict(saved["model"])
+            opt.load_state_dict(saved["optimizer"])
+            augment.gen.set_state(saved["augment_rng"])
+            torch.set_rng_state(saved["torch_rng"])
+            st = saved["progress"]
         except Exception as e:  # a truncated or foreign file
             raise ModelError(f"{state_path}: cannot resume from this training state ({e})") from None
-        start_epoch, best_iou, best_epoch = st["epoch"] + 1, st["best_iou"], st["best_epoch"]
-        log.info("resuming at epoch %d (best val IoU %.3f)", start_epoch + 1, best_iou)
+        log.info("resuming at epoch %d (best val F1 %.3f)", st["epoch"] + 2, st["best_f1"])
 
     xt, yt = torch.as_tensor(x_tr), torch.as_tensor(y_tr.astype(np.int64))
     xv = torch.as_tensor(x_va)
-    bar = tqdm(range(start_epoch, cfg.epochs), desc="train", unit="epoch", disable=not progress, leave=False)
+    if init_from is not None and st["best_epoch"] is None:
+        # the model to improve on is the one given: a fine-tune that does no better keeps it (epoch 0)
+        st["best_f1"] = _best_f1(_chip_logits(model, xv, mean, std, device), y_va)["f1"]
+        st["best_epoch"] = card.best_epoch = 0
+        save_model(model, card, model_dir)
+    bar = tqdm(range(st["epoch"] + 1, max_epochs), desc="train", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
+        if st["bad"] >= patience:
+            break
         model.train()
         perm = torch.randperm(len(xt))
         losses = []
         for i in range(0, len(perm), cfg.batch_size):
+            for group in opt.param_groups:
+                group["lr"] = st["lr"] * min(1.0, (st["step"] + 1) / warmup) if warmup else st["lr"]
             idx = perm[i:i + cfg.batch_size]
             xb, yb = augment(xt[idx], yt[idx])
             xb = ((xb - mean) / std).to(device)
-            loss = segmentation_loss(forward_probability(model, xb), yb.to(device), cfg.dice_weight)
+            loss = segmentation_loss(forward_logits(model, xb), yb.to(device), cfg.dice_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            st["step"] += 1
             losses.append(float(loss.detach()))
-        probs = _predict_chips(model, xv, mean, std, device)
-        val = metrics_at(*_split_histograms(probs, y_va), 0.5)
-        if val["iou"] > best_iou:
-            best_iou, best_epoch = val["iou"], epoch + 1
-            card.epochs_trained, card.best_epoch, card.val_metrics = epoch + 1, best_epoch, val
+        val = _best_f1(_chip_logits(model, xv, mean, std, device), y_va)
+        st["curve"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5), "lr": st["lr"],
+                            "val_f1": round(val["f1"], 5), "val_iou": round(val["iou"], 5),
+                            "val_threshold": val["threshold"]})
+        if val["f1"] > st["best_f1"] + 1e-4:
+            st.update(best_f1=val["f1"], best_epoch=epoch + 1, bad=0, since_cut=0)
+            card.epochs_trained = card.best_epoch = epoch + 1
             save_model(model, card, model_dir)
-        _save_state(state_path, model, opt, sched, augment, epoch, best_iou, best_epoch)
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_iou=f"{val['iou']:.3f}", best=f"{best_iou:.3f}")
-        log.info("epoch %d: loss %.4f, val IoU %.3f", epoch + 1, np.mean(losses), val["iou"])
+        else:
+            st["bad"] += 1
+            st["since_cut"] += 1
+            if st["since_cut"] >= max(1, patience // 2):  # a plateau: halve the rate
+                st["lr"] /= 2
+                st["since_cut"] = 0
+        st["epoch"] = epoch
+        _save_state(state_path, model, opt, augment, st)
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_f1=f"{val['f1']:.3f}", best=f"{st['best_f1']:.3f}")
+        log.info("epoch %d: loss %.4f, val F1 %.3f (best %.3f at epoch %s), lr %.2g", epoch + 1, np.mean(losses),
+                 val["f1"], st["best_f1"], st["best_epoch"], st["lr"])
+    if st["best_epoch"] is None:
+        raise ModelError(f"{model_dir}: training ran no epoch (epochs {max_epochs})")
 
-    model, card = load_model(model_dir, device)
-    card.epochs_trained = cfg.epochs
-    card.threshold, card.val_metrics = best_threshold(*_split_histograms(_predict_chips(model, xv, mean, std, device), y_va))
-    if len(te):
-        x_te, y_te = _read_chips(chips_dir, te)
-        probs = _predict_chips(model, torch.as_tensor(x_te), mean, std, device)
-        card.test_metrics = metrics_at(*_split_histograms(probs, y_te), card.threshold)
+    model, _ = load_model(model_dir, device)
+    card.epochs_trained, card.best_epoch = st["epoch"] + 1, st["best_epoch"]
+    card.stopped = (f"early: no better validation F1 for {patience} epochs" if st["bad"] >= patience
+                    else f"at the cap of {max_epochs} epochs")
+    card.val_curve = st["curve"]
+    _calibrate_and_test(model, card, (x_va, y_va), te, mean, std, device, missed)
     save_model(model, card, model_dir)
     return card
 
 
-def _save_state(path: Path, model, opt, sched, augment: _Augment, epoch: int, best_iou: float, best_epoch) -> None:
+def chip_summary(index: pd.DataFrame) -> dict:
+    """Per split: chips, positive chips, positive pixels, and chips of each kind."""
+    out = {}
+    for s in ("train", "val", "test"):
+        part = index[index.split == s]
+        out[s] = {"chips": int(len(part)), "positive_chips": int((part.positive_pixels > 0).sum()),
+                  "positive_pixels": int(part.positive_pixels.sum()),
+                  "by_kind": {str(k): int(v) for k, v in part.kind.value_counts().items()}}
+    return out
+
+
+def _calibrate_and_test(model, card: ModelCard, val: tuple[np.ndarray, np.ndarray], te: pd.DataFrame,
+                        mean, std, device, missed: gpd.GeoDataFrame | None) -> None:
+    """Fit the calibration and the threshold on validation chips; test metrics and calibration error."""
+    x_va, y_va = val
+    logits = _chip_logits(model, torch.as_tensor(x_va), mean, std, device)
+    valid = y_va != 255
+    z, t = logits[valid], y_va[valid] == 1
+    if len(z) > CALIBRATION_PIXELS:  # a fixed random subset: two parameters need no more
+        pick = np.random.default_rng(0).choice(len(z), CALIBRATION_PIXELS, replace=False)
+        z, t = z[pick], t[pick]
+    scale, bias = fit_platt(z, t)
+    card.calibration = {"method": "platt", "scale": scale, "bias": bias}
+    hv = _split_histograms(card.calibrate(logits), y_va)
+    card.threshold, card.val_metrics = best_threshold(*hv)
+    card.val_metrics["calibration"] = reliability(*hv)
+    if len(te):
+        x_te, y_te = _read_chips(te, missed)
+        ht = _split_histograms(card.calibrate(_chip_logits(model, torch.as_tensor(x_te), mean, std, device)), y_te)
+        card.test_metrics = {**metrics_at(*ht, card.threshold), "calibration": reliability(*ht)}
+
+
+def weak_model_error(card: ModelCard, floor: float, model_dir: Path) -> ModelError | None:
+    """The error that stops a run whose model is below the validation floor, or None."""
+    f1 = float(card.val_metrics.get("f1", 0.0))
+    if f1 >= floor:
+        return None
+    return ModelError(
+        f"{Path(model_dir) / 'model.json'}: validation F1 {f1:.3f} is below the floor {floor:.2f} (best epoch "
+        f"{card.best_epoch}, {card.splits.get('train', {}).get('positive_chips', '?')} positive training chips): "
+        "add or check labels, or pass --accept-weak-model to map with it anyway")
+
+
+def _save_state(path: Path, model, opt, augment: _Augment, progress: dict) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                     "augment_rng": augment.gen.get_state(), "torch_rng": torch.get_rng_state(),
-                    "epoch": epoch, "best_iou": best_iou, "best_epoch": best_epoch}, tmp)
+                    "progress": progress}, tmp)
