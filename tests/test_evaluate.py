@@ -9,7 +9,7 @@ from shapely.geometry import box
 from minemap.errors import InputError
 from minemap.evaluate import evaluate, evaluate_stage, read_reference
 from minemap.imagery import Grid
-from minemap.predict import write_cog
+from minemap.rasters import write_cog
 
 T = Affine(4.0, 0, 0.0, 0, -4.0, 0.0)
 
@@ -69,7 +69,8 @@ def test_reference_folder_and_errors(tmp_path):
 
 
 def test_reliability_known_answers():
-    from minemap.metrics import LEVELS, reliability
+    from minemap.metrics import reliability
+    from minemap.rasters import LEVELS
 
     pos, neg = np.zeros(LEVELS + 1), np.zeros(LEVELS + 1)
     pos[LEVELS], neg[0] = 30, 70  # sure and right

@@ -28,8 +28,8 @@ from minemap._io import write_json
 from minemap.errors import InputError
 from minemap.geo import WGS84
 from minemap.labels import VECTOR_SUFFIXES, clean_labels, read_vector
-from minemap.metrics import LEVELS, binary_metrics, histograms, metrics_at, reliability, sweep
-from minemap.predict import NODATA
+from minemap.metrics import binary_metrics, histograms, metrics_at, reliability, sweep
+from minemap.rasters import LEVELS, NODATA
 
 log = logging.getLogger(__name__)
 

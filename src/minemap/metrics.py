@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-LEVELS = 250
+from minemap.rasters import LEVELS
 
 
 def binary_metrics(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:
@@ -25,11 +25,6 @@ def binary_metrics(tp: float, fp: float, fn: float, tn: float) -> dict[str, floa
         "accuracy": div(tp + tn, tp + fp + fn + tn),
         "tp": int(tp), "fp": int(fp), "fn": int(fn), "tn": int(tn),
     }
-
-
-def quantise(prob: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] -> uint8 levels 0..250."""
-    return np.clip(np.rint(prob * LEVELS), 0, LEVELS).astype(np.uint8)
 
 
 def histograms(levels: np.ndarray, truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

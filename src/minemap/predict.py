@@ -19,12 +19,9 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import rasterio
-import rasterio.shutil
 import torch
-from rasterio.io import MemoryFile
 
-from minemap._io import atomic_path, file_sha256, stable_hash, write_json
+from minemap._io import file_sha256, stable_hash, write_json
 from minemap.config import PredictConfig
 from minemap.errors import ImageryError
 from minemap.execution import map_units
@@ -32,11 +29,10 @@ from minemap.geo import ground_sample_distance_m
 from minemap.grid import Tile, make_tiles
 from minemap.imagery import Grid, ImagerySource, open_imagery
 from minemap.manifest import Manifest
-from minemap.metrics import LEVELS, quantise
+from minemap.rasters import NODATA, quantise, write_cog
 from minemap.model import WEIGHTS, ModelCard, forward_logits, load_model, read_card, resolve_device
 
 log = logging.getLogger(__name__)
-NODATA = 255
 GSD_TOLERANCE = 0.25
 QUANTILES = (10, 30, 50, 70, 90)  # matched between a year and the training year
 
@@ -93,18 +89,6 @@ def predict_array(model, card: ModelCard, pixels: np.ndarray, valid: np.ndarray,
             acc[r:r + window, q:q + window] += p * weight
             wsum[r:r + window, q:q + window] += weight
     return (acc / np.maximum(wsum, 1e-12))[:h, :w]
-
-
-def write_cog(dest: Path, data: np.ndarray, grid: Grid, nodata: int | None = NODATA, blocksize: int = 256) -> None:
-    """Write a single-band uint8 array as a tiled, deflate-compressed Cloud-Optimised GeoTIFF, atomically."""
-    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, dtype="uint8",
-                   crs=grid.crs, transform=grid.transform, nodata=nodata)
-    with atomic_path(dest) as tmp, MemoryFile() as mem:
-        with mem.open(**profile) as ds:
-            ds.write(data, 1)
-            ds.set_band_description(1, "P(mining) x 250")
-            rasterio.shutil.copy(ds, tmp, driver="COG", compress="DEFLATE", blocksize=blocksize,
-                                 overview_resampling="average")
 
 
 def year_radiometry(source: ImagerySource, years: list[int], ref_year: int | None, windows: int = 25,
@@ -225,13 +209,3 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
         manifest.mark(f"{year}/{tile_id}", fingerprint)
     _WORKER.clear()
     return outputs
-
-
-def read_probability(path: Path) -> tuple[np.ndarray, Grid]:
-    """A probability COG as float32 in [0, 1] (NaN where nodata) and its grid."""
-    with rasterio.open(path) as src:
-        q = src.read(1)
-        grid = Grid(src.crs, src.transform, src.width, src.height)
-    prob = q.astype(np.float32) / LEVELS
-    prob[q == NODATA] = np.nan
-    return prob, grid

@@ -40,7 +40,8 @@ from minemap.chips import MISSED, read_meta
 from minemap.config import ModelConfig, TrainConfig
 from minemap.errors import InputError, ModelError
 from minemap.geo import WGS84
-from minemap.metrics import best_threshold, fit_platt, histograms, metrics_at, quantise, reliability
+from minemap.metrics import best_threshold, fit_platt, histograms, metrics_at, reliability
+from minemap.rasters import quantise
 from minemap.model import (ModelCard, build_model, forward_logits, load_model, load_pretrained_encoder,
                            resolve_device, save_model)
 

@@ -26,8 +26,7 @@ from minemap.config import VectorizeConfig
 from minemap.errors import InputError
 from minemap.geo import WGS84, area_km2, units_per_metre
 from minemap.labels import write_geoparquet
-from minemap.metrics import LEVELS
-from minemap.predict import NODATA
+from minemap.rasters import LEVELS, NODATA
 
 log = logging.getLogger(__name__)
 COLUMNS = ["year", "area_km2", "mean_probability", "geometry"]

@@ -1,0 +1,48 @@
+"""The probability raster: one encoding shared by the stages that write it (predict) and read it (vectorize,
+evaluate, hard-negative mining, reports).
+
+``probabilities/<year>/<tile>.tif``: a tiled, deflate-compressed Cloud-Optimised GeoTIFF, one uint8 band,
+``round(P(mining) x 250)`` (levels 0..250), 255 where there was no imagery.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from rasterio.io import MemoryFile
+
+from minemap._io import atomic_path
+from minemap.imagery import Grid
+
+LEVELS = 250
+NODATA = 255
+
+
+def quantise(prob: np.ndarray) -> np.ndarray:
+    """Probabilities in [0, 1] -> uint8 levels 0..250."""
+    return np.clip(np.rint(prob * LEVELS), 0, LEVELS).astype(np.uint8)
+
+
+def write_cog(dest: Path, data: np.ndarray, grid: Grid, nodata: int | None = NODATA, blocksize: int = 256) -> None:
+    """Write a single-band uint8 array as a tiled, deflate-compressed Cloud-Optimised GeoTIFF, atomically."""
+    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, dtype="uint8",
+                   crs=grid.crs, transform=grid.transform, nodata=nodata)
+    with atomic_path(dest) as tmp, MemoryFile() as mem:
+        with mem.open(**profile) as ds:
+            ds.write(data, 1)
+            ds.set_band_description(1, "P(mining) x 250")
+            rasterio.shutil.copy(ds, tmp, driver="COG", compress="DEFLATE", blocksize=blocksize,
+                                 overview_resampling="average")
+
+
+def read_probability(path: Path) -> tuple[np.ndarray, Grid]:
+    """A probability COG as float32 in [0, 1] (NaN where nodata) and its grid."""
+    with rasterio.open(path) as src:
+        q = src.read(1)
+        grid = Grid(src.crs, src.transform, src.width, src.height)
+    prob = q.astype(np.float32) / LEVELS
+    prob[q == NODATA] = np.nan
+    return prob, grid
