@@ -60,7 +60,8 @@ def run_scene(name: str, spec: dict, size: int, root: Path) -> dict:
         "ece_truth": max(m.get("calibration", {}).get("ece", float("nan")) for m in years.values()),
         "val_f1": card["val_metrics"].get("f1"), "best_epoch": card.get("best_epoch"),
         "epochs": card.get("epochs_trained"),
-        "hard_negatives": card.get("splits", {}).get("train", {}).get("by_kind", {}).get("hard_negative", 0),
+        "hard_negatives": sum(v.get("by_kind", {}).get("hard_negative", 0) for v in card.get("splits", {}).values()),
+        "stages": res.seconds,
     }
 
 
@@ -86,6 +87,7 @@ def main() -> None:
             print(f"{name:13s} F1 {f1s}  ECE test {r['ece_test']:.3f} truth {r['ece_truth']:.3f}  "
                   f"val F1 {r['val_f1']:.3f}  best epoch {r['best_epoch']}/{r['epochs']}  "
                   f"hard neg {r['hard_negatives']}  {r['wall_s']:.0f} s", flush=True)
+            print("              " + ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items()), flush=True)
     all_f1 = [f for r in rows for f in r["f1"].values()]
     print(f"\n{len(rows)} scenes x {len(YEARS)} years, {args.size} px, default settings, "
           f"{args.threads} threads")

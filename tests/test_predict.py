@@ -113,7 +113,7 @@ def test_year_radiometry_undoes_a_gain_and_offset(tmp_path):
     from affine import Affine
 
     from conftest import write_raster
-    from minemap.predict import apply_radiometry, year_radiometry
+    from minemap.radiometry import apply, year_radiometry
 
     rng = np.random.default_rng(0)
     base = rng.gamma(2.0, 500.0, (4, 300, 300)).astype(np.float32) + 100
@@ -123,10 +123,86 @@ def test_year_radiometry_undoes_a_gain_and_offset(tmp_path):
     names = ("red", "green", "blue", "nir")
     write_raster(tmp_path / "img" / "2019" / "a.tif", base, t, descriptions=names)
     write_raster(tmp_path / "img" / "2020" / "a.tif", later, t, descriptions=names)
-    rad = year_radiometry(open_imagery(tmp_path / "img"), [2019, 2020], 2019)
+    rad = year_radiometry(open_imagery(tmp_path / "img"), [2019, 2020], 2019, "global")
     assert set(rad) == {2020}
     assert rad[2020]["gain"] == pytest.approx([1.25] * 4, rel=0.01)
     assert rad[2020]["offset"] == pytest.approx([-375.0] * 4, abs=15.0)
     assert 0.85 < rad[2020]["invariant_share"] < 0.97  # the cloud is out
-    assert np.abs(apply_radiometry(later[:, 100:, 100:], rad[2020]) - base[:, 100:, 100:]).mean() < 20
-    assert year_radiometry(open_imagery(tmp_path / "img"), [2020], 2017) == {}  # no such year: left alone
+    assert np.abs(apply(later[:, 100:, 100:], rad[2020]) - base[:, 100:, 100:]).mean() < 20
+    assert year_radiometry(open_imagery(tmp_path / "img"), [2020], 2017, "global") == {}  # no such year
+
+
+def test_tta_averages_the_four_flips():
+    """A pixel model is flip-equivariant, so test-time flips change nothing; a model that looks at its left
+    neighbour is not, and flips average its four views."""
+    card = SimpleNamespace(chip_size=16, band_mean=[0.0] * 4, band_std=[1.0] * 4, calibrate=torch.sigmoid)
+    rng = np.random.default_rng(1)
+    pixels = rng.normal(size=(4, 16, 16)).astype(np.float32)
+    valid = np.ones((16, 16), bool)
+    plain = predict_array(PixelModel(), card, pixels, valid)
+    assert np.allclose(predict_array(PixelModel(), card, pixels, valid, tta=True), plain, atol=1e-6)
+
+    class LeftNeighbour(torch.nn.Module):
+        def forward(self, pixel_values):
+            return SimpleNamespace(logits=torch.roll(pixel_values[:, :1], 1, dims=-1))
+
+    from minemap.predict import window_probability
+
+    x = torch.from_numpy(pixels[None])
+    views = [torch.sigmoid(torch.roll(x[:, 0], 1, -1)),
+             torch.sigmoid(torch.roll(x[:, 0].flip(-1), 1, -1)).flip(-1),
+             torch.sigmoid(torch.roll(x[:, 0].flip(-2), 1, -1)).flip(-2),
+             torch.sigmoid(torch.roll(x[:, 0].flip((-2, -1)), 1, -1)).flip((-2, -1))]
+    got = window_probability(LeftNeighbour(), card, x, tta=True)
+    assert torch.allclose(got, sum(views) / 4, atol=1e-6)
+
+
+def test_local_radiometry_undoes_patchy_haze_and_tiles_agree(tmp_path):
+    """Haze whose thickness changes across the scene: one gain per band cannot undo it, gain fields can; and
+    a tile normalised alone equals the same pixels normalised with the whole grid."""
+    from affine import Affine
+    from scipy.ndimage import gaussian_filter
+
+    from conftest import write_raster
+    from minemap.radiometry import apply, year_radiometry
+
+    rng = np.random.default_rng(4)
+    size = 256
+    base = (600 * (1 + 0.3 * gaussian_filter(rng.normal(size=(4, size, size)), (0, 2, 2)) * 3)
+            + np.array([0, 200, 100, 2400])[:, None, None]).astype(np.float32)
+    alpha = np.linspace(0.05, 0.4, size)[None, None, :] * np.ones((1, size, 1))  # thicker to the east
+    hazy = ((1 - alpha) * base + alpha * 2200).astype(np.float32)
+    t = Affine(4.0, 0, 0, 0, -4.0, 0)
+    names = ("red", "green", "blue", "nir")
+    write_raster(tmp_path / "img" / "2019" / "a.tif", base, t, descriptions=names)
+    write_raster(tmp_path / "img" / "2020" / "a.tif", hazy, t, descriptions=names)
+    src = open_imagery(tmp_path / "img")
+    err = {}
+    for mode in ("global", "local"):
+        r = year_radiometry(src, [2020], 2019, mode)[2020]
+        err[mode] = np.abs(apply(hazy, r) - base).mean()
+        if mode == "local":
+            tile = apply(hazy[:, 64:160, 96:200], r, col_off=96, row_off=64)
+            assert np.allclose(tile, apply(hazy, r)[:, 64:160, 96:200], atol=1e-3)
+    before = np.abs(hazy - base).mean()
+    assert err["local"] < 0.5 * err["global"] and err["global"] < before, (before, err)
+
+
+def test_clouds_are_nodata_not_no_mine(scene, tmp_path, monkeypatch):
+    """Pixels brighter in every band than anything the model was trained on are opaque cloud: the probability
+    raster says 'no observation' there (with a 2 px rim for the soft edge), not 'no mine'."""
+    from minemap.predict import cloud_mask
+    from minemap.model import ModelCard
+
+    card = ModelCard(encoder="mit-b0", bands=["red", "green", "blue", "nir"], band_mean=[0.0] * 4,
+                     band_std=[1.0] * 4, gsd_m=4.75, pixel_size=[4.77, 4.77], crs="EPSG:3857", chip_size=32,
+                     cloud_level=[4000.0, 4000.0, 4000.0, 5000.0])
+    pixels = np.full((4, 40, 40), 1000, np.float32)
+    pixels[:, 10:20, 10:20] = 6000  # a cloud
+    pixels[:3, 30:35, 30:35] = 6000  # bright in the visible only (a roof, bare sand): not a cloud
+    m = cloud_mask(pixels, card)
+    # grown by 2 px (4-connected steps: the rim's corners are cut)
+    assert m[10:20, 8:22].all() and m[8:22, 10:20].all() and m.sum() == 100 + 4 * 2 * 10 + 4
+    assert not m[28:37, 28:37].any()
+    card.cloud_level = None  # an older card: nothing is masked
+    assert not cloud_mask(pixels, card).any()

@@ -94,8 +94,25 @@ def test_card_records_calibration_splits_and_weak_models(chips_dir, tmp_path):
 
 
 def test_finetune_starts_from_the_given_model(chips_dir, tmp_path):
+    import shutil
+
+    import geopandas as gpd
+
     first = train(chips_dir, tmp_path / "first", TrainConfig(epochs=1, batch_size=8), progress=False)
-    tuned = train(chips_dir, tmp_path / "tuned", TrainConfig(epochs=1, batch_size=8), progress=False,
+    # the same chips again: nothing new to learn, the given model is kept (epoch 0) and only recalibrated
+    same = train(chips_dir, tmp_path / "same", TrainConfig(epochs=1, batch_size=8), progress=False,
+                 init_from=tmp_path / "first", epochs=3)
+    assert same.best_epoch == 0 and same.val_curve == [] and same.stopped == "nothing new to fine-tune on"
+    assert (tmp_path / "same" / "weights.safetensors").read_bytes() == (
+        tmp_path / "first" / "weights.safetensors").read_bytes()
+    # with hard negatives among the training chips it trains, from the given weights, at a third of the rate
+    hard = tmp_path / "hard"
+    shutil.copytree(chips_dir, hard)
+    idx = gpd.read_parquet(hard / "index.parquet")
+    idx["kind"] = "hard_negative"
+    idx.to_parquet(hard / "index.parquet")
+    tuned = train([chips_dir, hard], tmp_path / "tuned", TrainConfig(epochs=1, batch_size=8), progress=False,
                   init_from=tmp_path / "first", epochs=1)
     assert tuned.band_mean == first.band_mean and tuned.band_std == first.band_std
     assert tuned.best_epoch in (0, 1) and tuned.val_curve[0]["lr"] == pytest.approx(6e-4 / 3)
+    assert tuned.splits["train"]["by_kind"]["hard_negative"] == first.splits["train"]["chips"]

@@ -9,8 +9,9 @@ inside one block with a one-pixel margin, so no chip of one split overlaps or to
 - Splits: blocks holding labels are shared out to reach the target shares of *labelled pixels* (largest blocks
   first, each to the split furthest below its target), so the train split always gets the largest share;
   blocks without labels go to splits at random in the same proportions.
-- Chips intersecting a label are positives; background chips are drawn from the rest so that they cover the
-  scene's variety: candidates are grouped by their coarse spectra (k-means) and drawn evenly from each group.
+- Chips intersecting a label are positives; background chips are drawn from the rest of each split's blocks
+  (so that validation and test measure false alarms too) so that they cover the scene's variety: candidates
+  are grouped by their coarse spectra (k-means) and drawn evenly from each group.
 - Masks are rasterised from the polygons on the chip's own grid (no interpolation; holes stay holes). Pixels
   without imagery and a band of ``ignore_border_m`` along label outlines (digitised outlines are metres off)
   are 255 (ignored by the loss).
@@ -136,8 +137,8 @@ def assign_splits(weights: dict[tuple[int, int], float], other_blocks: list[tupl
 def chip_positions(grid: Grid, cfg: ChipConfig, block: int) -> tuple[np.ndarray, np.ndarray]:
     """Top-left (col, row) of every candidate chip, and the (block col, block row) each lies in."""
     chip = cfg.chip_size
-    # blocks under two chips wide step by a quarter chip, so that a small block still gives several chips
-    stride = cfg.stride or (chip // 2 if block >= 2 * chip else chip // 4)
+    # small blocks (few labels) step by a quarter chip: where labels are scarce, more views of each
+    stride = cfg.stride or (chip // 2 if block >= 4 * chip else chip // 4)
     if block - 2 * MARGIN_PX < chip:
         raise InputError(f"chips.block_size {block} must exceed chip_size {chip} by {2 * MARGIN_PX} pixels")
     offsets = np.arange(MARGIN_PX, block - MARGIN_PX - chip + 1, stride)
@@ -317,8 +318,15 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     positive = np.zeros(len(pos), dtype=bool)
     positive[hit] = True
     rng = np.random.default_rng(cfg.seed + 1)
-    n_bg = int(round(cfg.background_per_positive * positive.sum()))
-    background = select_background(source, year, grid, pos, np.flatnonzero(~positive), n_bg, cfg, rng)
+    # background for each split from its own blocks, so that validation and test measure false alarms too
+    chip_split = np.array([splits[tuple(b)] for b in blk])
+    background = [np.zeros(0, np.int64)]
+    for s in SPLITS:
+        if targets[s] > 0 and cfg.background_per_positive > 0:
+            n_bg = max(2, int(round(cfg.background_per_positive * (positive & (chip_split == s)).sum())))
+            background.append(select_background(source, year, grid, pos, np.flatnonzero(~positive & (chip_split == s)),
+                                                n_bg, cfg, rng))
+    background = np.concatenate(background)
     chosen = np.concatenate([np.flatnonzero(positive), background])
     kinds = np.array(["positive"] * int(positive.sum()) + ["background"] * len(background))
 

@@ -97,10 +97,10 @@ def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file
 @_stage
 def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
           out_dir: Annotated[Path, typer.Option("--out", help="model directory to write")],
-          encoder: str = "mit-b0", epochs: int = 20, batch_size: int = 8, learning_rate: float = 6e-4,
+          encoder: str = "mit-b0", epochs: int = 30, batch_size: int = 8, learning_rate: float = 6e-4,
           pretrained: Annotated[Optional[str], typer.Option(help="local encoder checkpoint (file or folder)")] = None,
           resume: Annotated[bool, typer.Option(help="continue from out/train_state.pt")] = False,
-          device: str = "auto", seed: int = 0, patience: int = 6,
+          device: str = "auto", seed: int = 0, patience: int = 4,
           min_val_f1: Annotated[float, typer.Option(help="validation F1 below this is an error")] = 0.5,
           accept_weak_model: Annotated[bool, typer.Option(help="keep a model below --min-val-f1 without error")] = False):
     """Train a SegFormer on chips; keeps the best epoch by validation IoU."""
@@ -272,7 +272,8 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
 @app.command()
 @_stage
 def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the scene and the run")] = Path("demo-out"),
-         epochs: int = 20, overwrite: bool = False):
+         epochs: Annotated[Optional[int], typer.Option(help="most training epochs (default: the run's)")] = None,
+         overwrite: bool = False):
     """Build a synthetic multi-year scene with known truth and run the whole pipeline on it."""
     import time
 

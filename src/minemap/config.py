@@ -34,7 +34,7 @@ class _Section(BaseModel):
 class ChipConfig(_Section):
     chip_size: int = Field(256, ge=32, description="chip side in pixels, at the imagery's native resolution")
     stride: int | None = Field(None, description="step between chips inside a block; default chip_size // 2, "
-                                                 "chip_size // 4 in blocks under two chips wide")
+                                                 "chip_size // 4 in blocks under four chips wide (few labels)")
     block_size: int | None = Field(None, description="side of a spatial split block in pixels; default: chosen "
                                                      "from the labels (see min_positive_blocks)")
     min_positive_blocks: int = Field(8, ge=3, description="an automatic block size gives at least this many "
@@ -60,13 +60,13 @@ class HardNegativeConfig(_Section):
     """After a first fit, chips where the model fires away from the labels, then a fine-tune."""
 
     enabled: bool = True
-    per_positive: float = Field(0.5, ge=0, description="at most this many hard-negative chips per positive chip")
+    per_positive: float = Field(1.0, ge=0, description="at most this many hard-negative chips per positive chip")
     buffer_m: float = Field(60.0, ge=0, description="detections within this distance of a label are not false "
                                                      "alarms (outlines are off, mines grow)")
     max_probability: float = Field(0.9, gt=0, le=1, description="detections at least this sure may be mines the "
                                                                 "labels miss: ignored, not taught as background")
     epochs: int = Field(8, ge=1, description="most epochs of the fine-tune")
-    patience: int = Field(3, ge=1, description="stop the fine-tune after this many epochs without a better "
+    patience: int = Field(2, ge=1, description="stop the fine-tune after this many epochs without a better "
                                                "validation F1")
 
 
@@ -77,7 +77,7 @@ class ModelConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1, description="most epochs; training stops earlier when validation stalls")
-    patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation F1")
+    patience: int = Field(4, ge=1, description="stop after this many epochs without a better validation F1")
     min_val_f1: float = Field(0.5, ge=0, le=1, description="a model below this validation F1 stops the run "
                                                            "(unless accept_weak_model)")
     batch_size: int = Field(8, ge=1)
@@ -91,10 +91,13 @@ class TrainConfig(_Section):
 class PredictConfig(_Section):
     tile_size: int = Field(2048, ge=64, description="tile side in pixels; the unit of work with a year")
     window_overlap: float = Field(0.5, ge=0, lt=1)
-    normalise_years: bool = Field(False, description="bring each year's reflectance to the training year's over "
-                                                     "pixels that stay the same (one gain and offset per band and "
-                                                     "year: it helps with a uniform shift, it hurts under patchy "
-                                                     "haze, hence off by default)")
+    tta: bool = Field(False, description="average the four flips of every window (test-time augmentation; four "
+                                         "times the work)")
+    mask_clouds: bool = Field(True, description="opaque clouds (brighter in every band than anything in the "
+                                                "training chips) are nodata: no observation, not 'no mine'")
+    normalise_years: Literal["off", "global", "local"] = Field(
+        "local", description="bring each year's reflectance to the training year's over pixels that stay the same: "
+                           "one gain and offset per band (global) or fields of them (local, for patchy haze)")
     batch_size: int = Field(16, ge=1)
     device: str = "auto"
 

@@ -69,6 +69,7 @@ class ModelCard(BaseModel):
     best_epoch: int | None = None
     stopped: str = ""
     calibration: dict = {"scale": 1.0, "bias": 0.0}
+    cloud_level: list[float] | None = None  # per band: pixels at least this bright in every band are clouds
     val_metrics: dict = {}
     test_metrics: dict = {}
     val_curve: list[dict] = []

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,6 +62,7 @@ class RunResult:
     metrics: Path | None = None
     metrics_data: dict | None = None
     skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage this run did
 
 
 def _file_key(path: Path) -> str:
@@ -82,6 +84,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     if overwrite:
         manifest.forget()
     skipped: list[str] = []
+    started: dict[str, float] = {}
+    seconds: dict[str, float] = {}
 
     # check every input before any long work starts
     source = open_imagery(cfg.imagery, cfg.bands)
@@ -102,13 +106,19 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
             skipped.append(name)
             log.info("%s: up to date, skipped", name)
             return False
+        started[name] = time.perf_counter()
         return True
+
+    def finished(name: str, key: str) -> None:
+        manifest.mark(f"stage:{name}", key)
+        seconds[name] = round(time.perf_counter() - started[name], 2)
+        log.info("%s: done in %.1f s", name, seconds[name])
 
     labels_path = out / "labels.parquet"
     k_labels = stable_hash(["labels", label_keys])
     if stage("labels", k_labels, [labels_path]):
         labels_stage(cfg.labels, labels_path)
-        manifest.mark("stage:labels", k_labels)
+        finished("labels", k_labels)
 
     chips_dir = out / "chips"
     k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands,
@@ -116,7 +126,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     if stage("chips", k_chips, [chips_dir / "index.parquet"]):
         make_chips(gpd.read_parquet(labels_path), source, cfg.train_year, chips_dir, cfg.chips,
                    labels_path=cfg.labels[0] if len(cfg.labels) == 1 else None)
-        manifest.mark("stage:chips", k_chips)
+        finished("chips", k_chips)
 
     model_dir = out / "model"
     hn = cfg.hard_negatives
@@ -124,7 +134,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), _train_settings(cfg)])
     if stage("train", k_train, [first_dir / "model.json"]):
         _train_resumable(manifest, "train", k_train, [chips_dir], first_dir, cfg, progress)
-        manifest.mark("stage:train", k_train)
+        finished("train", k_train)
     _check_floor(cfg, first_dir)  # a model that learnt nothing would mine the whole scene as hard negatives
     if hn.enabled:
         hn_dir = out / "hard_negatives"
@@ -132,12 +142,12 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
                             cfg.predict.model_dump()])
         if stage("hard_negatives", k_hn, [hn_dir / "chips" / "index.parquet"]):
             _hard_negatives(cfg, source, labels_path, chips_dir, first_dir, hn_dir, overwrite, progress)
-            manifest.mark("stage:hard_negatives", k_hn)
+            finished("hard_negatives", k_hn)
         k_train = stable_hash(["finetune", k_hn, hn.epochs, hn.patience])
         if stage("finetune", k_train, [model_dir / "model.json"]):
             _train_resumable(manifest, "finetune", k_train, [chips_dir, hn_dir / "chips"], model_dir, cfg,
                              progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience)
-            manifest.mark("stage:finetune", k_train)
+            finished("finetune", k_train)
     card = _check_floor(cfg, model_dir)
 
     prob_dir = out / "probabilities"
@@ -145,7 +155,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     if stage("predict", k_predict, [prob_dir / str(y) for y in cfg.years]):
         predict(model_dir, cfg.imagery, cfg.years, prob_dir, cfg.predict, cfg.bands, cfg.workers,
                 overwrite=overwrite, progress=progress)
-        manifest.mark("stage:predict", k_predict)
+        finished("predict", k_predict)
 
     threshold = cfg.vectorize.threshold or card.threshold
     poly_dir = out / "polygons"
@@ -153,30 +163,30 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     k_vec = stable_hash(["vectorize", k_predict, threshold, cfg.vectorize.model_dump()])
     if stage("vectorize", k_vec, list(poly_paths.values())):
         vectorize(prob_dir, cfg.years, poly_dir, threshold, cfg.vectorize)
-        manifest.mark("stage:vectorize", k_vec)
+        finished("vectorize", k_vec)
 
     pp_path = out / "postprocessed.parquet"
     countries_key = _file_key(cfg.postprocess.countries) if cfg.postprocess.countries else None
     k_pp = stable_hash(["postprocess", k_vec, cfg.postprocess.model_dump(), countries_key])
     if stage("postprocess", k_pp, [pp_path]):
         postprocess_stage(read_polygons(poly_paths), pp_path, cfg.postprocess)
-        manifest.mark("stage:postprocess", k_pp)
+        finished("postprocess", k_pp)
 
     panel_paths = {"parquet": out / "panel.parquet", "gpkg": out / "panel.gpkg", "summary": out / "summary.csv"}
     k_panel = stable_hash(["panel", k_pp])
     if stage("panel", k_panel, list(panel_paths.values())):
         write_panel(build_panel(gpd.read_parquet(pp_path)), out)
-        manifest.mark("stage:panel", k_panel)
+        finished("panel", k_panel)
 
     result = RunResult(out, model_dir, panel_paths["parquet"], panel_paths["gpkg"], panel_paths["summary"],
-                       skipped=skipped)
+                       skipped=skipped, seconds=seconds)
     if cfg.reference:
         metrics_path = out / "metrics.json"
         k_eval = stable_hash(["evaluate", k_panel, ref_key, threshold])
         if stage("evaluate", k_eval, [metrics_path]):
             evaluate_stage(gpd.read_parquet(panel_paths["parquet"]), cfg.reference, prob_dir, metrics_path,
                            threshold)
-            manifest.mark("stage:evaluate", k_eval)
+            finished("evaluate", k_eval)
         result.metrics = metrics_path
         result.metrics_data = json.loads(metrics_path.read_text())
     return result
@@ -222,22 +232,24 @@ def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, 
 DEMO_YEARS = (2019, 2020, 2021)
 
 
-def demo_config(out: Path, epochs: int = 20) -> RunConfig:
-    """The settings of ``minemap demo``: a mit-b0 on 128 px chips, sized for 2 CPU cores."""
+def demo_config(out: Path, epochs: int | None = None) -> RunConfig:
+    """The settings of ``minemap demo``: the defaults (a mit-b0 on 256 px chips), with the scene's paths.
+
+    Only ``postprocess.buffer_m`` is set: the demo's mines are drawn anew each year, so a few metres of
+    tolerance let the temporal rule match a mine's outlines across years."""
     scene = Path(out) / "scene"
-    return RunConfig.model_validate({
+    data = {
         "labels": [scene / f"labels_{DEMO_YEARS[0]}.gpkg"], "imagery": scene / "imagery",
         "train_year": DEMO_YEARS[0], "years": list(DEMO_YEARS), "out": Path(out) / "run",
         "reference": scene / "truth.gpkg",
-        "chips": {"chip_size": 128, "stride": 32, "block_size": 256, "background_per_positive": 0.3},
-        "train": {"epochs": epochs, "batch_size": 8, "learning_rate": 1e-3},
-        "predict": {"tile_size": 512},
-        "vectorize": {"min_area_m2": 1000},
         "postprocess": {"buffer_m": 10},
-    })
+    }
+    if epochs is not None:
+        data["train"] = {"epochs": epochs}
+    return RunConfig.model_validate(data)
 
 
-def run_demo(out: Path, epochs: int = 20, overwrite: bool = False, progress: bool = True) -> RunResult:
+def run_demo(out: Path, epochs: int | None = None, overwrite: bool = False, progress: bool = True) -> RunResult:
     """Write the synthetic demo scene under ``out/scene`` (once) and run the pipeline into ``out/run``."""
     from minemap.synthetic import make_scene
 

@@ -8,9 +8,9 @@ seams. Output per unit::
 
 A manifest (``probabilities/manifest.json``) records finished units with the model's fingerprint; a rerun
 skips them unless ``overwrite``. Imagery whose bands or ground sample distance differ from the model card's
-is refused before anything is written. Each year other than the model's training year is first brought to
-that year's reflectance (:func:`year_radiometry`, ``probabilities/radiometry.json``) unless
-``normalise_years`` is off.
+is refused before anything is written. With ``normalise_years``, each year other than the model's training
+year is first brought to that year's reflectance (:mod:`minemap.radiometry`, ``probabilities/radiometry/``).
+With ``mask_clouds``, opaque clouds (brighter in every band than anything in the training chips) are nodata.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.ndimage import binary_dilation
 
 from minemap._io import file_sha256, stable_hash, write_json
 from minemap.config import PredictConfig
@@ -29,12 +30,12 @@ from minemap.geo import ground_sample_distance_m
 from minemap.grid import Tile, make_tiles
 from minemap.imagery import Grid, ImagerySource, open_imagery
 from minemap.manifest import Manifest
+from minemap import radiometry as rad
 from minemap.rasters import NODATA, quantise, write_cog
 from minemap.model import WEIGHTS, ModelCard, forward_logits, load_model, read_card, resolve_device
 
 log = logging.getLogger(__name__)
 GSD_TOLERANCE = 0.25
-QUANTILES = (10, 30, 50, 70, 90)  # matched between a year and the training year
 
 
 def check_compatible(card: ModelCard, source: ImagerySource, year: int, where: str = "") -> None:
@@ -66,8 +67,18 @@ def _starts(length: int, window: int, stride: int) -> list[int]:
 
 
 @torch.no_grad()
+def window_probability(model, card: ModelCard, xb: torch.Tensor, tta: bool = False) -> torch.Tensor:
+    """Calibrated P(mining) of a batch of normalised windows (B, C, H, W) -> (B, H, W); with ``tta`` the mean
+    over the four flips of each window (test-time augmentation, four times the work)."""
+    probs = [card.calibrate(forward_logits(model, xb))]
+    if tta:
+        for dims in ((-1,), (-2,), (-2, -1)):  # (B, C, H, W) in, (B, H, W) out: the last two are H and W in both
+            probs.append(card.calibrate(forward_logits(model, xb.flip(dims))).flip(dims))
+    return sum(probs) / len(probs)
+
+
 def predict_array(model, card: ModelCard, pixels: np.ndarray, valid: np.ndarray, overlap: float = 0.5,
-                  batch_size: int = 16, device: torch.device | str = "cpu") -> np.ndarray:
+                  batch_size: int = 16, device: torch.device | str = "cpu", tta: bool = False) -> np.ndarray:
     """Calibrated P(mining) for every pixel of ``pixels`` (bands, h, w) by blended sliding windows; (h, w)."""
     window = card.chip_size
     c, h, w = pixels.shape
@@ -84,71 +95,20 @@ def predict_array(model, card: ModelCard, pixels: np.ndarray, valid: np.ndarray,
     for i in range(0, len(origins), batch_size):
         batch = origins[i:i + batch_size]
         xb = torch.from_numpy(np.stack([x[:, r:r + window, q:q + window] for r, q in batch])).to(device)
-        prob = card.calibrate(forward_logits(model, xb)).float().cpu().numpy()
+        prob = window_probability(model, card, xb, tta).float().cpu().numpy()
         for (r, q), p in zip(batch, prob):
             acc[r:r + window, q:q + window] += p * weight
             wsum[r:r + window, q:q + window] += weight
     return (acc / np.maximum(wsum, 1e-12))[:h, :w]
 
 
-def year_radiometry(source: ImagerySource, years: list[int], ref_year: int | None, windows: int = 25,
-                    size: int = 256) -> dict[int, dict]:
-    """Per year, a per-band gain and offset that bring its reflectance to ``ref_year``'s (the training year).
-
-    Relative radiometric normalisation on pseudo-invariant pixels: ``windows`` windows spread over the reference
-    grid are read in both years; pixels that changed (mines, clouds, shadows, new fields) are dropped as
-    outliers of a robust fit, and each band's gain and offset map the rest's quantiles onto the training year's
-    (least squares through matched quantiles: unlike a regression of pixel pairs it is not flattened by patchy
-    haze or noise in the year being corrected). Haze, another
-    sensor calibration or season then look as in the training year. Years without overlap with ``ref_year``,
-    or ``ref_year`` absent, are left as they are.
-    """
-    if ref_year is None or ref_year not in source.years():
-        return {}
-    ref = source.grid(ref_year)
-    n = int(np.ceil(np.sqrt(windows)))
-    w, h = min(size, ref.width), min(size, ref.height)
-    cols = np.linspace(0, ref.width - w, n).astype(int)
-    rows = np.linspace(0, ref.height - h, n).astype(int)
-    grids = [ref.window(int(c), int(r), w, h) for r in rows for c in cols]
-    ref_px = [source.read(ref_year, g) for g in grids]
-    out = {}
-    for year in years:
-        if year == ref_year:
-            continue
-        xs, ys = [], []
-        for g, (rp, rv) in zip(grids, ref_px):
-            px, v = source.read(year, g)
-            both = v & rv
-            xs.append(px[:, both])
-            ys.append(rp[:, both])
-        x, y = np.concatenate(xs, 1).astype(np.float64), np.concatenate(ys, 1).astype(np.float64)
-        if x.shape[1] < 1000:
-            log.warning("radiometry %d: too few pixels shared with %d; left as it is", year, ref_year)
-            continue
-        keep = np.ones(x.shape[1], bool)
-        for _ in range(5):
-            # quantiles, unlike moments, are barely moved by patchy haze or by the pixels that changed
-            qx, qy = np.percentile(x[:, keep], QUANTILES, axis=1), np.percentile(y[:, keep], QUANTILES, axis=1)
-            gain = ((qx - qx.mean(0)) * (qy - qy.mean(0))).sum(0) / np.maximum(((qx - qx.mean(0)) ** 2).sum(0), 1e-9)
-            offset = qy.mean(0) - gain * qx.mean(0)
-            resid = y - (gain[:, None] * x + offset[:, None])
-            med = np.median(resid[:, keep], 1)
-            mad = 1.4826 * np.median(np.abs(resid[:, keep] - med[:, None]), 1) + 1e-9
-            new_keep = (np.abs(resid - med[:, None]) / mad[:, None] < 3).all(0)
-            if new_keep.sum() < 1000 or (new_keep == keep).all():
-                break
-            keep = new_keep
-        out[year] = {"gain": [round(float(v), 6) for v in gain], "offset": [round(float(v), 4) for v in offset],
-                     "reference_year": ref_year, "invariant_share": round(float(keep.mean()), 4)}
-        log.info("radiometry %d -> %d: gain %s, offset %s", year, ref_year, out[year]["gain"], out[year]["offset"])
-    return out
-
-
-def apply_radiometry(pixels: np.ndarray, radiometry: dict) -> np.ndarray:
-    gain = np.asarray(radiometry["gain"], np.float32)[:, None, None]
-    offset = np.asarray(radiometry["offset"], np.float32)[:, None, None]
-    return pixels * gain + offset
+def cloud_mask(pixels: np.ndarray, card: ModelCard, grow_px: int = 2) -> np.ndarray:
+    """Pixels brighter in every band than anything in the training chips (``card.cloud_level``): opaque cloud,
+    grown by ``grow_px`` to take in its soft edge. No observation of the ground, so nodata, not 'no mine'."""
+    if not card.cloud_level:
+        return np.zeros(pixels.shape[1:], bool)
+    cloud = (pixels >= np.asarray(card.cloud_level, np.float32)[:, None, None]).all(0)
+    return binary_dilation(cloud, iterations=grow_px) if cloud.any() and grow_px else cloud
 
 
 # -- worker state: the model is loaded once per process ----------------------------------------------------
@@ -161,15 +121,19 @@ def _init_predict(model_dir: str, imagery: str, bands: list[str] | None, device:
     _WORKER.update(model=model, card=card, device=dev, source=open_imagery(imagery, bands))
 
 
-def _predict_unit(unit: tuple[int, Tile, str, float, int, dict | None]) -> tuple[int, str]:
-    year, tile, dest, overlap, batch_size, radiometry = unit
+def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, dict | None]) -> tuple[int, str]:
+    year, tile, dest, cfg, radiometry = unit
     model, card, source = _WORKER["model"], _WORKER["card"], _WORKER["source"]
     parent = source.grid(year)
     halo = card.chip_size // 2
     pixels, valid = source.read(year, tile.grid(parent, halo))
+    if cfg.mask_clouds:
+        valid &= ~cloud_mask(pixels, card)
     if radiometry is not None:
-        pixels = apply_radiometry(pixels, radiometry)
-    prob = predict_array(model, card, pixels, valid, overlap, batch_size, _WORKER["device"])
+        if radiometry not in _WORKER:
+            _WORKER[radiometry] = rad.load(Path(radiometry))
+        pixels = rad.apply(pixels, _WORKER[radiometry], tile.col_off - halo, tile.row_off - halo)
+    prob = predict_array(model, card, pixels, valid, cfg.window_overlap, cfg.batch_size, _WORKER["device"], cfg.tta)
     inner = (slice(halo, halo + tile.height), slice(halo, halo + tile.width))
     out = quantise(prob[inner])
     out[~valid[inner]] = NODATA
@@ -187,10 +151,14 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
     source = open_imagery(imagery, bands)
     for year in years:
         check_compatible(card, source, year, where=f"{imagery}: ")
-    radiometry = year_radiometry(source, years, card.train_year) if cfg.normalise_years else {}
-    if radiometry:
-        write_json(out_dir / "radiometry.json", {str(y): r for y, r in radiometry.items()})
-    fingerprint = stable_hash([file_sha256(Path(model_dir) / WEIGHTS), radiometry])
+    radiometry = {}
+    fitted = rad.year_radiometry(source, years, card.train_year, cfg.normalise_years)
+    for year, r in fitted.items():
+        radiometry[year] = str(rad.save(r, out_dir / "radiometry" / f"{year}.npz"))
+    if fitted:
+        write_json(out_dir / "radiometry.json", {str(y): rad.summary(r) for y, r in fitted.items()})
+    fingerprint = stable_hash([file_sha256(Path(model_dir) / WEIGHTS), cfg.window_overlap, cfg.tta, cfg.mask_clouds,
+                               {y: file_sha256(Path(p)) for y, p in radiometry.items()}])
     manifest = Manifest(out_dir / "manifest.json")
     units, outputs = [], []
     for year in years:
@@ -200,7 +168,7 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
             key = f"{year}/{tile.tile_id}"
             if not overwrite and manifest.done(key, fingerprint) and dest.is_file():
                 continue
-            units.append((year, tile, str(dest), cfg.window_overlap, cfg.batch_size, radiometry.get(year)))
+            units.append((year, tile, str(dest), cfg, radiometry.get(year)))
     if len(units) < len(outputs):
         log.info("predict: %d of %d units already done", len(outputs) - len(units), len(outputs))
     for year, tile_id in map_units(_predict_unit, units, workers, _init_predict,

@@ -7,8 +7,9 @@ early-stopping counters) so that ``resume=True`` carries on after a crash.
 
 - Loss: binary cross-entropy plus soft Dice over valid pixels (mask 255 ignored: no imagery, and the band along
   label outlines): Dice keeps small mines from being swamped by background.
-- Augmentation: flips, 90-degree rotations, and a photometric jitter (gain, offset, haze towards a bright
-  per-band level) so that hazy or differently calibrated years still segment.
+- Augmentation: flips, 90-degree rotations, and a photometric jitter (gain per chip and band, patchy haze
+  towards a bright per-band level, cloud shadows) so that hazy, shadowed or differently calibrated years still
+  segment.
 - Schedule: a warm-up over the first epoch, then a constant rate that halves whenever validation F1 has not
   improved for ``patience // 2`` epochs; training stops after ``patience`` epochs without improvement, or at
   ``epochs``. Validation F1 is taken at its best threshold, so model selection does not depend on calibration.
@@ -48,6 +49,8 @@ from minemap.model import (ModelCard, build_model, forward_logits, load_model, l
 log = logging.getLogger(__name__)
 STATE = "train_state.pt"
 CALIBRATION_PIXELS = 2_000_000
+MIN_DELTA = 0.002  # a gain in validation F1 smaller than this is noise, not progress
+CLOUD_FACTOR = 1.5  # brighter than this x the training chips' 99.9th percentile in every band: a cloud
 
 
 def read_index(chips_dirs: list[Path]) -> pd.DataFrame:
@@ -67,9 +70,9 @@ def possible_missed_mines(chips_dirs: list[Path]) -> gpd.GeoDataFrame | None:
     return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=WGS84) if frames else None
 
 
-def _read_chips(index: pd.DataFrame, ignore: gpd.GeoDataFrame | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Images and masks of the chips; background pixels under ``ignore`` polygons become 255."""
-    images, masks = [], []
+def _read_chips(index: pd.DataFrame, ignore: gpd.GeoDataFrame | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """Images and masks of the chips; background pixels under ``ignore`` polygons become 255 (and are counted)."""
+    images, masks, ignored = [], [], 0
     for row in index.itertuples():
         root = Path(row.root)
         try:
@@ -84,28 +87,39 @@ def _read_chips(index: pd.DataFrame, ignore: gpd.GeoDataFrame | None = None) -> 
             near = ignore.to_crs(crs).cx[bounds.left:bounds.right, bounds.bottom:bounds.top]
             if len(near):
                 off = rasterize(((g, 1) for g in near.geometry), out_shape=shape, transform=transform, dtype=np.uint8)
-                masks[-1][(off > 0) & (masks[-1] == 0)] = 255
-    return np.stack(images), np.stack(masks)
+                hit = (off > 0) & (masks[-1] == 0)
+                masks[-1][hit] = 255
+                ignored += int(hit.sum())
+    return np.stack(images), np.stack(masks), ignored
 
 
-def band_statistics(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-band mean, std and 99th percentile over the valid pixels of the training chips."""
+def band_statistics(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-band mean, std, 99th and 99.9th percentile over the valid pixels of the training chips."""
     valid = masks != 255
     px = images.transpose(1, 0, 2, 3)[:, valid]  # (bands, n)
-    return px.mean(1), np.maximum(px.std(1), 1e-6), np.percentile(px, 99, axis=1)
+    p99, p999 = np.percentile(px, (99, 99.9), axis=1)
+    return px.mean(1), np.maximum(px.std(1), 1e-6), p99, p999
 
 
 class _Augment:
     """Flips, rotations and photometric jitter on raw reflectance (before normalisation).
 
-    Haze is modelled as a blend towards a grey-white level (path radiance, about equal in every band), with the
-    level drawn around the median of the per-band 99th percentiles: it lowers contrast and lifts dark pixels,
-    which is what makes a hazy year look unlike the training year.
+    - gain: one for the chip and one per band (another sensor calibration or season);
+    - haze: a blend towards a grey-white level (path radiance, about equal in every band), with the level drawn
+      around the median of the per-band 99th percentiles and a thickness that varies smoothly across the chip,
+      as real haze is patchy: it lowers contrast and lifts dark pixels, which is what makes a hazy year look
+      unlike the training year;
+    - cloud shadows: soft patches darkened to 40-70 %, labels unchanged (a mine in shadow is still a mine).
     """
 
     def __init__(self, p99: np.ndarray, seed: int) -> None:
         self.haze_level = float(np.median(p99))
         self.gen = torch.Generator().manual_seed(seed)
+
+    def _field(self, h: int, w: int, cells: int = 4) -> torch.Tensor:
+        """A smooth random field (h, w) with zero mean and unit spread, from a coarse grid upsampled."""
+        coarse = torch.randn(1, 1, cells, cells, generator=self.gen)
+        return F.interpolate(coarse, size=(h, w), mode="bicubic", align_corners=True)[0, 0]
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (B, C, H, W) raw reflectance, y: (B, H, W); returns augmented copies."""
@@ -116,12 +130,18 @@ class _Augment:
             xi, yi = torch.rot90(xi, k, (1, 2)), torch.rot90(yi, k, (0, 1))
             if torch.rand(1, generator=g) < 0.5:
                 xi, yi = xi.flip(2), yi.flip(1)
-            gain = 1 + 0.15 * (2 * torch.rand(1, generator=g) - 1) + 0.05 * (2 * torch.rand(xi.shape[0], 1, 1, generator=g) - 1)
+            c, h, w = xi.shape
+            gain = 1 + 0.15 * (2 * torch.rand(1, generator=g) - 1) + 0.05 * (2 * torch.rand(c, 1, 1, generator=g) - 1)
             xi = xi * gain
-            if torch.rand(1, generator=g) < 0.5:
-                alpha = 0.5 * torch.rand(1, generator=g)
+            if torch.rand(1, generator=g) < 0.3:
+                dark = 0.4 + 0.3 * torch.rand(1, generator=g)
+                patch = torch.sigmoid(4 * (self._field(h, w) - 1.0))  # soft blobs over about a sixth of the chip
+                xi = xi * (1 - (1 - dark) * patch)
+            if torch.rand(1, generator=g) < 0.6:
+                alpha = (0.45 * torch.rand(1, generator=g) + 0.1 * torch.rand(1, generator=g) * self._field(h, w))
+                alpha = alpha.clamp(0, 0.6)
                 level = self.haze_level * (0.5 + 0.6 * torch.rand(1, generator=g)) * (
-                    1 + 0.1 * (2 * torch.rand(xi.shape[0], 1, 1, generator=g) - 1))
+                    1 + 0.1 * (2 * torch.rand(c, 1, 1, generator=g) - 1))
                 xi = (1 - alpha) * xi + alpha * level
             out_x.append(xi)
             out_y.append(yi)
@@ -188,9 +208,12 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         log.warning("no validation chips: model selection and threshold use the training chips")
         va = tr
     missed = possible_missed_mines(dirs)
-    x_tr, y_tr = _read_chips(tr, missed)
-    x_va, y_va = _read_chips(va, missed)
-    mean_np, std_np, p99 = band_statistics(x_tr, y_tr)
+    x_tr, y_tr, cleaned = _read_chips(tr, missed)
+    x_va, y_va, _ = _read_chips(va, missed)
+    # a fine-tune whose training chips are those of the given model, unchanged, has nothing new to learn: it only
+    # recalibrates on the (cleaned) validation chips
+    news = (tr.kind == "hard_negative").any() or cleaned > 0
+    mean_np, std_np, p99, p999 = band_statistics(x_tr, y_tr)
     if init_from is not None:
         model, base = load_model(init_from, "cpu")
         encoder = base.encoder
@@ -207,6 +230,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         gsd_m=meta["gsd_m"], pixel_size=meta["pixel_size"], crs=meta["crs"], chip_size=meta["chip_size"],
         train_year=meta.get("year"), labels_fingerprint=meta.get("labels_fingerprint"),
         pretrained=model_cfg.pretrained, splits=chip_summary(index),
+        cloud_level=(CLOUD_FACTOR * p999).round(1).tolist() if init_from is None else base.cloud_level,
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
     )
     model.to(device)
@@ -236,6 +260,9 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         st["best_f1"] = _best_f1(_chip_logits(model, xv, mean, std, device), y_va)["f1"]
         st["best_epoch"] = card.best_epoch = 0
         save_model(model, card, model_dir)
+        if not news:
+            log.info("fine-tune: no new training chips or pixels; the given model is kept and recalibrated")
+            max_epochs = 0
     bar = tqdm(range(st["epoch"] + 1, max_epochs), desc="train", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         if st["bad"] >= patience:
@@ -259,7 +286,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         st["curve"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5), "lr": st["lr"],
                             "val_f1": round(val["f1"], 5), "val_iou": round(val["iou"], 5),
                             "val_threshold": val["threshold"]})
-        if val["f1"] > st["best_f1"] + 1e-4:
+        if val["f1"] > st["best_f1"] + MIN_DELTA:
             st.update(best_f1=val["f1"], best_epoch=epoch + 1, bad=0, since_cut=0)
             card.epochs_trained = card.best_epoch = epoch + 1
             save_model(model, card, model_dir)
@@ -280,7 +307,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     model, _ = load_model(model_dir, device)
     card.epochs_trained, card.best_epoch = st["epoch"] + 1, st["best_epoch"]
     card.stopped = (f"early: no better validation F1 for {patience} epochs" if st["bad"] >= patience
-                    else f"at the cap of {max_epochs} epochs")
+                    else "nothing new to fine-tune on" if max_epochs == 0 else f"at the cap of {max_epochs} epochs")
     card.val_curve = st["curve"]
     _calibrate_and_test(model, card, (x_va, y_va), te, mean, std, device, missed)
     save_model(model, card, model_dir)
@@ -314,7 +341,7 @@ def _calibrate_and_test(model, card: ModelCard, val: tuple[np.ndarray, np.ndarra
     card.threshold, card.val_metrics = best_threshold(*hv)
     card.val_metrics["calibration"] = reliability(*hv)
     if len(te):
-        x_te, y_te = _read_chips(te, missed)
+        x_te, y_te, _ = _read_chips(te, missed)
         ht = _split_histograms(card.calibrate(_chip_logits(model, torch.as_tensor(x_te), mean, std, device)), y_te)
         card.test_metrics = {**metrics_at(*ht, card.threshold), "calibration": reliability(*ht)}
 
