@@ -194,7 +194,7 @@ def test_hard_negatives_teach_false_alarms_and_spare_likely_mines(tmp_path):
                                      [(20, 20), (150, 30), (300, 40), (40, 300), (200, 200), (420, 420)]],
                            crs="EPSG:3857")
     cfg = ChipConfig(chip_size=32, block_size=128, background_per_positive=0, seed=3, ignore_border_m=0)
-    index = make_chips(lab, src, 2019, tmp_path / "chips", cfg)
+    make_chips(lab, src, 2019, tmp_path / "chips", cfg)
     det = gpd.GeoDataFrame({"mean_probability": [0.6, 0.97, 0.9]}, geometry=[
         _label_px(100, 400, 110, 410),  # far from every label, unsure: a false alarm to learn from
         _label_px(400, 100, 412, 112),  # far, as sure as on labelled mines: maybe a mine the labels miss
@@ -218,3 +218,12 @@ def test_hard_negatives_teach_false_alarms_and_spare_likely_mines(tmp_path):
     blocks_split = pd.read_parquet(tmp_path / "chips" / "blocks.parquet")
     bx, by = map(int, hard.block.iloc[0].split("_"))
     assert hard.split.iloc[0] == blocks_split[(blocks_split.bx == bx) & (blocks_split.by == by)].split.iloc[0]
+
+
+def test_every_split_gets_a_labelled_block_when_there_are_enough():
+    from minemap.chips import assign_splits
+
+    three = {(0, 0): 100.0, (1, 0): 100.0, (2, 0): 100.0}
+    assert sorted(assign_splits(three, [], ChipConfig()).values()) == ["test", "train", "val"]
+    two = {(0, 0): 100.0, (1, 0): 50.0}
+    assert "train" in assign_splits(two, [], ChipConfig()).values()

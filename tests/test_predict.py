@@ -188,7 +188,7 @@ def test_local_radiometry_undoes_patchy_haze_and_tiles_agree(tmp_path):
     assert err["local"] < 0.5 * err["global"] and err["global"] < before, (before, err)
 
 
-def test_clouds_are_nodata_not_no_mine(scene, tmp_path, monkeypatch):
+def test_clouds_are_nodata_not_no_mine():
     """Pixels brighter in every band than anything the model was trained on are opaque cloud: the probability
     raster says 'no observation' there (with a 2 px rim for the soft edge), not 'no mine'."""
     from minemap.predict import cloud_mask

@@ -116,3 +116,34 @@ def test_finetune_starts_from_the_given_model(chips_dir, tmp_path):
     assert tuned.band_mean == first.band_mean and tuned.band_std == first.band_std
     assert tuned.best_epoch in (0, 1) and tuned.val_curve[0]["lr"] == pytest.approx(6e-4 / 3)
     assert tuned.splits["train"]["by_kind"]["hard_negative"] == first.splits["train"]["chips"]
+
+
+def test_a_state_from_other_settings_is_never_resumed(chips_dir, tmp_path, caplog):
+    train(chips_dir, tmp_path / "model", TrainConfig(epochs=2, batch_size=8), progress=False, run_key="A")
+    with caplog.at_level(logging.INFO, logger="minemap"):
+        card = train(chips_dir, tmp_path / "model", TrainConfig(epochs=1, batch_size=8), resume=True,
+                     progress=False, run_key="B")
+    assert "saved by a training with other settings" in caplog.text and "resuming" not in caplog.text
+    assert card.epochs_trained == 1 and len(card.val_curve) == 1
+    assert torch.load(tmp_path / "model" / STATE, weights_only=False)["progress"]["key"] == "B"
+
+
+def test_possible_missed_mines_are_ignored_in_every_chip(chips_dir, tmp_path):
+    """A detection judged a possible missed mine turns the background pixels under it to 255 in the chips
+    (labelled pixels stay 1), and the count of such pixels is known."""
+    import geopandas as gpd
+    import shapely
+
+    from minemap.train import _read_chips, possible_missed_mines, read_index
+
+    index = read_index([chips_dir])
+    chip = gpd.read_parquet(chips_dir / "index.parquet").iloc[[0]]
+    (tmp_path / "hard").mkdir()
+    gpd.GeoDataFrame({"mean_probability": [0.95]}, geometry=[shapely.box(*chip.total_bounds)],
+                     crs="EPSG:4326").to_parquet(tmp_path / "hard" / "possible_missed_mines.parquet")
+    missed = possible_missed_mines([chips_dir, tmp_path / "hard"])
+    assert len(missed) == 1
+    _, plain, none = _read_chips(index.iloc[[0]])
+    _, cleaned, n = _read_chips(index.iloc[[0]], missed)
+    assert none == 0 and n == int((plain == 0).sum()) > 0
+    assert ((cleaned == 255) == ((plain == 255) | (plain == 0))).all() and ((cleaned == 1) == (plain == 1)).all()

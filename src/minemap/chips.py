@@ -25,7 +25,7 @@ Writes, atomically as one folder::
     chips/index.parquet          GeoParquet (EPSG:4326): chip_id, split, kind (positive, background,
                                  hard_negative), year, image, mask, block, positive_fraction, valid_fraction,
                                  geometry (the chip's footprint)
-    chips/blocks.parquet         block column/row, split and labelled pixels of every block holding labels
+    chips/blocks.parquet         block column/row, split and labelled pixels of every block with chips
     chips/meta.json              bands, CRS, pixel size, ground sample distance, chip and block size, labels
                                  fingerprint, and per split: chips, positive chips, positive pixels
 """
@@ -129,6 +129,12 @@ def assign_splits(weights: dict[tuple[int, int], float], other_blocks: list[tupl
         out[blocks[i]] = split
         have[split] += w[i]
     draws = rng.uniform(size=len(other_blocks))
+    # a split with a target but no labelled block takes train's smallest one (train keeps its largest)
+    for split in (x for x in SPLITS if x != "train" and targets[x] > 0):
+        if split not in out.values():
+            spare = sorted((b for b, v in out.items() if v == "train"), key=lambda b: weights[b])
+            if len(spare) > 1:
+                out[spare[0]] = split
     for b, u in zip(sorted(other_blocks), draws):
         out[b] = "val" if u < cfg.val_fraction else "test" if u < cfg.val_fraction + cfg.test_fraction else "train"
     return out
@@ -160,7 +166,7 @@ def _chip_boxes(grid: Grid, pos: np.ndarray, chip: int) -> np.ndarray:
 # -- background chips that cover the scene's variety --------------------------------------------------------
 
 def _coarse_features(source: ImagerySource, year: int, grid: Grid, pos: np.ndarray, chip: int) -> np.ndarray:
-    """Per candidate chip: valid share, and per band the mean and spread of a 1/8-resolution read."""
+    """Per candidate chip: valid share, and per band the mean and spread of a read at 1/16 resolution."""
     step = max(1, chip // 16)
     n = chip // step
     feats = []
@@ -221,8 +227,8 @@ def chip_mask(cgrid: Grid, labels: np.ndarray, valid: np.ndarray, ignore_border_
         if ignore_border_m > 0:
             cx, cy = cgrid.transform @ (cgrid.width / 2, cgrid.height / 2)
             half = ignore_border_m / 2 * float(units_per_metre(cgrid.crs, cx, cy)[0])
-            band = shapely.buffer(shapely.boundary(labels), half)
-            edge = rasterize([(g, 1) for g in band], out_shape=shape, transform=cgrid.transform, dtype=np.uint8)
+            band = shapely.buffer(shapely.boundary(shapely.union_all(labels)), half)  # touching labels: one outline
+            edge = rasterize([(band, 1)], out_shape=shape, transform=cgrid.transform, dtype=np.uint8)
             mask[edge > 0] = IGNORE
     if ignore is not None and len(ignore):
         off = rasterize([(g, 1) for g in ignore], out_shape=shape, transform=cgrid.transform, dtype=np.uint8)
@@ -313,6 +319,11 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
             "area, use smaller chips (chips.chip_size), or set chips.val_fraction and chips.test_fraction to 0")
     all_blocks = {tuple(b) for b in map(tuple, blk)}
     splits = assign_splits(weights, sorted(all_blocks - set(weights)), cfg)
+    empty = [x for x in SPLITS if targets[x] > 0 and x not in {splits[b] for b in weights}]
+    if empty:
+        raise InputError(f"{where}the {len(geoms)} labels fall in {len(weights)} block(s) of {block} px, too few "
+                         f"to give the {', '.join(empty)} split any: add labels over a wider area, use smaller "
+                         "chips (chips.chip_size), or set chips.val_fraction and chips.test_fraction to 0")
     boxes = _chip_boxes(grid, pos, chip)
     hit, _ = shapely.STRtree(geoms).query(boxes, predicate="intersects")
     positive = np.zeros(len(pos), dtype=bool)
@@ -375,8 +386,8 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     A detection counts as a false alarm where it lies further than ``hn.buffer_m`` from every label (outlines
     are metres off and mines grow); its part within that distance is ignored (255), not taught. Labels from the
     literature miss mines, so a detection the model is as sure of as it is of the labelled mines (mean
-    probability at least the lower quartile of the detections on labels, and at most ``hn.max_probability``
-    is asked) is not taught as background either: it may be a mine nobody drew. Such detections are written
+    probability at least the median of the detections on labels, or ``hn.max_probability`` if lower) is not
+    taught as background either: it may be a mine nobody drew. Such detections are written
     to ``dest/possible_missed_mines.parquet``; training ignores their pixels in every chip, background and
     validation chips included, so a missed mine neither teaches the model nor counts against it. At most
     ``hn.per_positive`` x the positive chips are added, largest false alarms first, each placed in the blocks
@@ -398,7 +409,7 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     prob = detections["mean_probability"].to_numpy()
     on_label = np.zeros(len(dgeoms), bool)
     on_label[shapely.STRtree(geoms).query(dgeoms, predicate="intersects")[0]] = True
-    sure_level = min(hn.max_probability, float(np.percentile(prob[on_label], 25))) if on_label.any() \
+    sure_level = min(hn.max_probability, float(np.median(prob[on_label]))) if on_label.any() \
         else hn.max_probability
     sure = prob >= sure_level
     taught = false[keep & ~sure]
@@ -409,7 +420,7 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
              "ignored_as_possible_missed_mines": int((keep & sure).sum()), "chips": 0}
     policy = {"buffer_m": hn.buffer_m, "sure_level": round(sure_level, 4), "rule": (
         f"false alarms are the first model's detections further than {hn.buffer_m:g} m from every label and "
-        f"less sure than {sure_level:.2f} (the lower quartile of its mean probability on labelled mines, capped at "
+        f"less sure than {sure_level:.2f} (the median of its mean probability on labelled mines, capped at "
         f"{hn.max_probability:g}); surer detections away from labels may be mines the labels miss: their pixels "
         f"are ignored (255) in every chip, as is the part of any detection within {hn.buffer_m:g} m of a label")}
     missed = gpd.GeoDataFrame({"mean_probability": prob[keep & sure]}, geometry=dgeoms[keep & sure],

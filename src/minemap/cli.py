@@ -45,6 +45,20 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log eac
     logging.getLogger("minemap").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _settings(model, **values):
+    """A stage's settings from flags; an invalid value is one line naming the flag, not a traceback."""
+    from pydantic import ValidationError
+
+    from minemap.errors import InputError
+
+    try:
+        return model(**values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "settings"
+        raise InputError(f"{flag}: {first['msg']}") from None
+
+
 def _years(spec: str) -> list[int]:
     from minemap.config import parse_years
 
@@ -86,8 +100,8 @@ def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file
     from minemap.imagery import open_imagery
     from minemap.labels import read_labels
 
-    cfg = ChipConfig(chip_size=chip_size, stride=stride, block_size=block_size,
-                     background_per_positive=background_per_positive, seed=seed)
+    cfg = _settings(ChipConfig, chip_size=chip_size, stride=stride, block_size=block_size,
+                    background_per_positive=background_per_positive, seed=seed)
     gdf, _ = read_labels([labels_path])
     index = make_chips(gdf, open_imagery(imagery, _bands(bands)), year, out_dir, cfg, labels_path=labels_path)
     out.print(f"{len(index)} chips -> {out_dir} ({index.split.value_counts().to_dict()})")
@@ -100,22 +114,17 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
           encoder: str = "mit-b0", epochs: int = 30, batch_size: int = 8, learning_rate: float = 6e-4,
           pretrained: Annotated[Optional[str], typer.Option(help="local encoder checkpoint (file or folder)")] = None,
           resume: Annotated[bool, typer.Option(help="continue from out/train_state.pt")] = False,
-          device: str = "auto", seed: int = 0, patience: int = 4,
+          device: str = "auto", seed: int = 0, patience: int = 5,
           min_val_f1: Annotated[float, typer.Option(help="validation F1 below this is an error")] = 0.5,
           accept_weak_model: Annotated[bool, typer.Option(help="keep a model below --min-val-f1 without error")] = False):
-    """Train a SegFormer on chips; keeps the best epoch by validation IoU."""
+    """Train a SegFormer on chips until validation F1 stalls; keeps the best epoch, calibrated."""
     from minemap.config import ModelConfig, TrainConfig
-    from minemap.errors import InputError
     from minemap.train import train as train_fn
-
-    try:
-        mcfg = ModelConfig(encoder=encoder, pretrained=pretrained)
-        tcfg = TrainConfig(epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, device=device,
-                           seed=seed, patience=patience, min_val_f1=min_val_f1)
-    except ValueError as e:
-        raise InputError(str(e).splitlines()[-2].strip() if len(str(e).splitlines()) > 1 else str(e)) from None
     from minemap.train import weak_model_error
 
+    mcfg = _settings(ModelConfig, encoder=encoder, pretrained=pretrained)
+    tcfg = _settings(TrainConfig, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, device=device,
+                     seed=seed, patience=patience, min_val_f1=min_val_f1)
     card = train_fn(chips_dir, out_dir, tcfg, mcfg, resume=resume)
     out.print(f"model -> {out_dir}: threshold {card.threshold:.2f}, val F1 {card.val_metrics.get('f1', 0):.3f}, "
               f"val IoU {card.val_metrics.get('iou', 0):.3f}, best epoch {card.best_epoch} ({card.stopped})")
@@ -136,7 +145,8 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
     from minemap.config import PredictConfig
     from minemap.predict import predict as predict_fn
 
-    cfg = PredictConfig(tile_size=tile_size, window_overlap=window_overlap, batch_size=batch_size, device=device)
+    cfg = _settings(PredictConfig, tile_size=tile_size, window_overlap=window_overlap, batch_size=batch_size,
+                    device=device)
     paths = predict_fn(model_dir, imagery, _years(years), out_dir, cfg, _bands(bands), workers, overwrite)
     out.print(f"{len(paths)} probability rasters -> {out_dir}")
 

@@ -63,8 +63,10 @@ class HardNegativeConfig(_Section):
     per_positive: float = Field(1.0, ge=0, description="at most this many hard-negative chips per positive chip")
     buffer_m: float = Field(60.0, ge=0, description="detections within this distance of a label are not false "
                                                      "alarms (outlines are off, mines grow)")
-    max_probability: float = Field(0.9, gt=0, le=1, description="detections at least this sure may be mines the "
-                                                                "labels miss: ignored, not taught as background")
+    max_probability: float = Field(0.9, gt=0, le=1, description="detections away from labels as sure as the median "
+                                                                "detection on a label (or this, if lower) may be "
+                                                                "mines the labels miss: ignored in every chip, not "
+                                                                "taught as background")
     epochs: int = Field(8, ge=1, description="most epochs of the fine-tune")
     patience: int = Field(2, ge=1, description="stop the fine-tune after this many epochs without a better "
                                                "validation F1")
@@ -77,7 +79,7 @@ class ModelConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1, description="most epochs; training stops earlier when validation stalls")
-    patience: int = Field(4, ge=1, description="stop after this many epochs without a better validation F1")
+    patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation F1")
     min_val_f1: float = Field(0.5, ge=0, le=1, description="a model below this validation F1 stops the run "
                                                            "(unless accept_weak_model)")
     batch_size: int = Field(8, ge=1)

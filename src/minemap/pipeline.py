@@ -131,7 +131,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     model_dir = out / "model"
     hn = cfg.hard_negatives
     first_dir = out / "model_initial" if hn.enabled else model_dir
-    k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), _train_settings(cfg)])
+    k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), _train_settings(cfg), first_dir.name])
     if stage("train", k_train, [first_dir / "model.json"]):
         _train_resumable(manifest, "train", k_train, [chips_dir], first_dir, cfg, progress)
         finished("train", k_train)
@@ -139,7 +139,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     if hn.enabled:
         hn_dir = out / "hard_negatives"
         k_hn = stable_hash(["hard_negatives", k_train, imagery_key, hn.model_dump(exclude={"epochs", "patience"}),
-                            cfg.predict.model_dump()])
+                            _predict_settings(cfg, "tile_size", "normalise_years")])
         if stage("hard_negatives", k_hn, [hn_dir / "chips" / "index.parquet"]):
             _hard_negatives(cfg, source, labels_path, chips_dir, first_dir, hn_dir, overwrite, progress)
             finished("hard_negatives", k_hn)
@@ -151,7 +151,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     card = _check_floor(cfg, model_dir)
 
     prob_dir = out / "probabilities"
-    k_predict = stable_hash(["predict", k_train, imagery_key, cfg.predict.model_dump(), cfg.years, cfg.bands])
+    k_predict = stable_hash(["predict", k_train, imagery_key, _predict_settings(cfg), cfg.years, cfg.bands])
     if stage("predict", k_predict, [prob_dir / str(y) for y in cfg.years]):
         predict(model_dir, cfg.imagery, cfg.years, prob_dir, cfg.predict, cfg.bands, cfg.workers,
                 overwrite=overwrite, progress=progress)
@@ -193,8 +193,13 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
 
 
 def _train_settings(cfg: RunConfig) -> dict:
-    # the validation floor judges a model, it does not change it: changing it must not retrain
-    return cfg.train.model_dump(exclude={"min_val_f1"})
+    # the validation floor judges a model, it does not change it; the device does not change it either
+    return cfg.train.model_dump(exclude={"min_val_f1", "device"})
+
+
+def _predict_settings(cfg: RunConfig, *also: str) -> dict:
+    """The prediction settings that change probabilities (not the device or batch size), less ``also``."""
+    return cfg.predict.model_dump(exclude={"device", "batch_size", *also})
 
 
 def _check_floor(cfg: RunConfig, model_dir: Path):
@@ -212,7 +217,7 @@ def _train_resumable(manifest: Manifest, name: str, key: str, chips_dirs: list[P
     """Train, resuming only a training started with these very settings."""
     resume = manifest.done(f"started:{name}", key) and (model_dir / STATE).is_file()
     manifest.mark(f"started:{name}", key)
-    train(chips_dirs, model_dir, cfg.train, cfg.model, resume=resume, progress=progress, **kwargs)
+    train(chips_dirs, model_dir, cfg.train, cfg.model, resume=resume, progress=progress, run_key=key, **kwargs)
 
 
 def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, first_dir: Path, hn_dir: Path,

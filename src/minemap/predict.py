@@ -28,11 +28,11 @@ from minemap.errors import ImageryError
 from minemap.execution import map_units
 from minemap.geo import ground_sample_distance_m
 from minemap.grid import Tile, make_tiles
-from minemap.imagery import Grid, ImagerySource, open_imagery
+from minemap.imagery import ImagerySource, open_imagery
 from minemap.manifest import Manifest
 from minemap import radiometry as rad
 from minemap.rasters import NODATA, quantise, write_cog
-from minemap.model import WEIGHTS, ModelCard, forward_logits, load_model, read_card, resolve_device
+from minemap.model import CARD, WEIGHTS, ModelCard, forward_logits, load_model, read_card, resolve_device
 
 log = logging.getLogger(__name__)
 GSD_TOLERANCE = 0.25
@@ -127,12 +127,12 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, dict | None]) -> tu
     parent = source.grid(year)
     halo = card.chip_size // 2
     pixels, valid = source.read(year, tile.grid(parent, halo))
-    if cfg.mask_clouds:
-        valid &= ~cloud_mask(pixels, card)
     if radiometry is not None:
         if radiometry not in _WORKER:
             _WORKER[radiometry] = rad.load(Path(radiometry))
         pixels = rad.apply(pixels, _WORKER[radiometry], tile.col_off - halo, tile.row_off - halo)
+    if cfg.mask_clouds:  # after normalising: the cloud level is in the training year's units
+        valid &= ~cloud_mask(pixels, card)
     prob = predict_array(model, card, pixels, valid, cfg.window_overlap, cfg.batch_size, _WORKER["device"], cfg.tta)
     inner = (slice(halo, halo + tile.height), slice(halo, halo + tile.width))
     out = quantise(prob[inner])
@@ -152,13 +152,18 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
     for year in years:
         check_compatible(card, source, year, where=f"{imagery}: ")
     radiometry = {}
+    if cfg.normalise_years != "off" and card.train_year not in source.years():
+        log.warning("%s: no imagery of the model's training year %s: years are not normalised to it", imagery,
+                    card.train_year)
     fitted = rad.year_radiometry(source, years, card.train_year, cfg.normalise_years)
     for year, r in fitted.items():
         radiometry[year] = str(rad.save(r, out_dir / "radiometry" / f"{year}.npz"))
     if fitted:
         write_json(out_dir / "radiometry.json", {str(y): rad.summary(r) for y, r in fitted.items()})
-    fingerprint = stable_hash([file_sha256(Path(model_dir) / WEIGHTS), cfg.window_overlap, cfg.tta, cfg.mask_clouds,
-                               {y: file_sha256(Path(p)) for y, p in radiometry.items()}])
+    # a unit is done when made by these weights and card (calibration, cloud level), settings and radiometry
+    model_key = [file_sha256(Path(model_dir) / WEIGHTS), file_sha256(Path(model_dir) / CARD), cfg.window_overlap,
+                 cfg.tta, cfg.mask_clouds, {y: rad.content_key(r) for y, r in fitted.items()}]
+    fingerprints = {y: stable_hash([model_key, source.fingerprint(y)]) for y in years}
     manifest = Manifest(out_dir / "manifest.json")
     units, outputs = [], []
     for year in years:
@@ -166,7 +171,7 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
             dest = out_dir / str(year) / f"{tile.tile_id}.tif"
             outputs.append(dest)
             key = f"{year}/{tile.tile_id}"
-            if not overwrite and manifest.done(key, fingerprint) and dest.is_file():
+            if not overwrite and manifest.done(key, fingerprints[year]) and dest.is_file():
                 continue
             units.append((year, tile, str(dest), cfg, radiometry.get(year)))
     if len(units) < len(outputs):
@@ -174,6 +179,6 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
     for year, tile_id in map_units(_predict_unit, units, workers, _init_predict,
                                    (str(model_dir), str(imagery), bands, cfg.device), desc="predict",
                                    progress=progress):
-        manifest.mark(f"{year}/{tile_id}", fingerprint)
+        manifest.mark(f"{year}/{tile_id}", fingerprints[year])
     _WORKER.clear()
     return outputs

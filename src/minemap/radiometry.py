@@ -7,8 +7,8 @@ outliers of a robust fit):
 
 - ``global``: one gain and offset per band and year, mapping the year's quantiles onto the training year's.
   Right for a uniform shift (calibration, season); wrong for patchy haze, which a single gain cannot undo.
-- ``local``: gain and offset *fields* per band, on cells of ``cell_px`` (32) pixels of the year's grid (more
-  over grids wider than 4096 pixels, which are read at a coarser step): in each cell
+- ``local``: gain and offset *fields* per band, on cells of ``cell_px`` (32) pixels of the year's grid (grids
+  wider than 4096 pixels are read at a coarser step, and cells hold at least 8 x 8 of those reads): in each cell
   the gain is the ratio of the two years' spreads (inter-quartile ranges) and the offset matches the medians;
   the fields are smoothed over neighbouring cells and interpolated bilinearly at every pixel. Haze that thins
   from one valley to the next is undone where it is. Interpolation is at absolute pixel positions, so tiles
@@ -19,6 +19,7 @@ Written by predict as ``probabilities/radiometry/<year>.npz`` (with ``radiometry
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -173,6 +174,14 @@ def summary(rad: dict) -> dict:
             "invariant_share": round(rad["invariant_share"], 4),
             "gain_min": np.round(flat(g).min(1), 4).tolist(), "gain_max": np.round(flat(g).max(1), 4).tolist(),
             "offset_min": np.round(flat(o).min(1), 2).tolist(), "offset_max": np.round(flat(o).max(1), 2).tolist()}
+
+
+def content_key(rad: dict) -> str:
+    """A hash of the gains and offsets (the file's bytes carry a time stamp, its content does not)."""
+    h = hashlib.sha256()
+    for k in ("gain", "offset"):
+        h.update(np.ascontiguousarray(rad[k], np.float32).tobytes())
+    return h.hexdigest()[:16]
 
 
 def save(rad: dict, dest: Path) -> Path:

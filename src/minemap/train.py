@@ -58,8 +58,12 @@ def read_index(chips_dirs: list[Path]) -> pd.DataFrame:
     frames = []
     for d in chips_dirs:
         read_meta(d)
-        frames.append(pd.DataFrame(gpd.read_parquet(Path(d) / "index.parquet").drop(columns="geometry"))
-                      .assign(root=str(d)))
+        frame = pd.DataFrame(gpd.read_parquet(Path(d) / "index.parquet").drop(columns="geometry"))
+        missing = {"chip_id", "split", "kind", "image", "mask", "positive_pixels"} - set(frame.columns)
+        if missing and len(frame):
+            raise InputError(f"{Path(d) / 'index.parquet'}: lacks columns {sorted(missing)} (made by an older "
+                             "minemap?): cut the chips again")
+        frames.append(frame.assign(root=str(d)))
     return pd.concat(frames, ignore_index=True)
 
 
@@ -182,12 +186,15 @@ def _best_f1(logits: np.ndarray, masks: np.ndarray) -> dict:
 
 def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | None = None,
           model_cfg: ModelConfig | None = None, resume: bool = False, progress: bool = True,
-          init_from: Path | None = None, epochs: int | None = None, patience: int | None = None) -> ModelCard:
+          init_from: Path | None = None, epochs: int | None = None, patience: int | None = None,
+          run_key: str | None = None) -> ModelCard:
     """Stage ``train``: fit a SegFormer on the chips and write the best model to ``model_dir``.
 
     ``init_from``: a model directory to fine-tune (its weights and band normalisation are kept, the learning
     rate is a third of ``cfg.learning_rate``, without warm-up; the given model counts as epoch 0, so a fine-tune
-    that does not beat it on validation keeps it); ``epochs`` and ``patience`` override ``cfg``'s.
+    that does not beat it on validation keeps it); ``epochs`` and ``patience`` override ``cfg``'s. ``run_key``
+    identifies the settings: ``resume`` continues only a state saved under the same key, and a training that
+    does not resume starts by removing any older state.
     """
     cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ModelConfig()
@@ -241,17 +248,29 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     st = {"epoch": -1, "best_f1": -1.0, "best_epoch": None, "lr": base_lr, "bad": 0, "since_cut": 0,
           "curve": [], "step": 0}
     state_path = model_dir / STATE
+    saved = None
     if resume and state_path.is_file():
         try:
             saved = torch.load(state_path, map_location="cpu", weights_only=False)
+        except Exception as e:  # a truncated or foreign file
+            raise ModelError(f"{state_path}: cannot resume from this training state ({e})") from None
+        if saved.get("progress", {}).get("key") != run_key:
+            log.info("%s was saved by a training with other settings: starting afresh", state_path)
+            saved = None
+    if saved is None:
+        state_path.unlink(missing_ok=True)  # an older training's state must never be resumed by this one
+    else:
+        try:
             model.load_state_dict(saved["model"])
             opt.load_state_dict(saved["optimizer"])
             augment.gen.set_state(saved["augment_rng"])
             torch.set_rng_state(saved["torch_rng"])
-            st = saved["progress"]
-        except Exception as e:  # a truncated or foreign file
+        except Exception as e:
             raise ModelError(f"{state_path}: cannot resume from this training state ({e})") from None
+        st = saved["progress"]
         log.info("resuming at epoch %d (best val F1 %.3f)", st["epoch"] + 2, st["best_f1"])
+    st["key"] = run_key
+    card.stopped = "training in progress"  # until calibrated: the card on disk is not final before then
 
     xt, yt = torch.as_tensor(x_tr), torch.as_tensor(y_tr.astype(np.int64))
     xv = torch.as_tensor(x_va)

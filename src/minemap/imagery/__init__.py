@@ -53,6 +53,10 @@ class ImagerySource(Protocol):
 
     def grid(self, year: int) -> Grid: ...
 
+    def fingerprint(self, year: int) -> str:
+        """A short key that changes when ``year``'s pixels may have changed (files, items, settings)."""
+        ...
+
     def check_bands(self, year: int) -> None:
         """Raise :class:`~minemap.errors.ImageryError` if ``year``'s imagery lacks the source's bands."""
         ...

@@ -26,6 +26,7 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 
+from minemap._io import stable_hash
 from minemap.errors import ImageryError
 from minemap.imagery import Grid
 
@@ -119,6 +120,10 @@ class LocalImagery:
                 got = [d.lower() for d in info.descriptions]  # type: ignore[union-attr]
                 if got != names:
                     raise ImageryError(f"{info.path}: bands {got} differ from {names}")
+
+    def fingerprint(self, year: int) -> str:
+        """Names, sizes and modification times of the year's files: changes when its imagery does."""
+        return stable_hash(sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in self._paths(year)))
 
     def grid(self, year: int) -> Grid:
         infos = self._scan(year)
