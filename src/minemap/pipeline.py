@@ -238,15 +238,17 @@ DEMO_YEARS = (2019, 2020, 2021)
 
 
 def demo_config(out: Path, epochs: int | None = None) -> RunConfig:
-    """The settings of ``minemap demo``: the defaults (a mit-b0 on 256 px chips), with the scene's paths.
+    """The settings of ``minemap demo``: the defaults (a mit-b0), with the scene's paths, and two changes.
 
-    Only ``postprocess.buffer_m`` is set: the demo's mines are drawn anew each year, so a few metres of
-    tolerance let the temporal rule match a mine's outlines across years."""
+    ``chips.chip_size`` is 128: the demo scene is 1024 px wide, and 256 px chips in split blocks would leave it
+    one chip per block. ``postprocess.buffer_m`` is 10: the demo's mines are drawn anew each year, so a few
+    metres of tolerance let the temporal rule match a mine's outlines across years."""
     scene = Path(out) / "scene"
     data = {
         "labels": [scene / f"labels_{DEMO_YEARS[0]}.gpkg"], "imagery": scene / "imagery",
         "train_year": DEMO_YEARS[0], "years": list(DEMO_YEARS), "out": Path(out) / "run",
         "reference": scene / "truth.gpkg",
+        "chips": {"chip_size": 128},
         "postprocess": {"buffer_m": 10},
     }
     if epochs is not None:
