@@ -8,7 +8,8 @@ off), few labels (a dozen mines) and chip/train seeds other than the default.
 
 Prints one row per scene (pixel F1 per year, expected calibration error of the calibrated probabilities on the
 test chips and against the truth, best epoch, wall time) and the minimum and median F1 over every scene and
-year. Run: `make bench` or `.venv/bin/python benchmarks/bench_accuracy.py [--size 1536] [--only plain,utm]`.
+year. Run: `make bench` or `.venv/bin/python benchmarks/bench_accuracy.py [--size 1536] [--only plain,utm]`;
+`--set predict.normalise_years=off` (repeatable) measures one setting changed on every scene.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ SCENES: dict[str, dict] = {
 }
 
 
-def run_scene(name: str, spec: dict, size: int, root: Path) -> dict:
+def run_scene(name: str, spec: dict, size: int, root: Path, settings: dict | None = None) -> dict:
     spec = dict(spec)
     run_seed = spec.pop("run_seed", None)
     scene = make_scene(root / name / "scene", years=YEARS, size=size, **spec)
     over = {"chips.seed": run_seed, "train.seed": run_seed} if run_seed is not None else {}
+    over.update(settings or {})
     cfg = load_config(None, labels=[str(scene.labels)], imagery=str(scene.imagery), train_year=YEARS[0],
                       years=list(YEARS), out=str(root / name / "run"), reference=str(scene.truth),
                       accept_weak_model=True, **over)
@@ -71,7 +73,17 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma-separated scene names (default: all)")
     ap.add_argument("--keep", type=Path, default=None, help="keep scenes and runs in this folder")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting changed for every scene, to measure it, e.g. predict.normalise_years=off or "
+                         "predict.tta=true (repeatable)")
     args = ap.parse_args()
+    settings = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            settings[key] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[key] = value
     torch.set_num_threads(args.threads)
     names = [n for n in (args.only.split(",") if args.only else SCENES)]
     unknown = set(names) - set(SCENES)
@@ -81,7 +93,7 @@ def main() -> None:
         root = args.keep or Path(tmp)
         rows = []
         for name in names:
-            r = run_scene(name, SCENES[name], args.size, root)
+            r = run_scene(name, SCENES[name], args.size, root, settings)
             rows.append(r)
             f1s = " ".join(f"{r['f1'].get(y, float('nan')):.3f}" for y in YEARS)
             print(f"{name:13s} F1 {f1s}  ECE test {r['ece_test']:.3f} truth {r['ece_truth']:.3f}  "
@@ -89,8 +101,8 @@ def main() -> None:
                   f"hard neg {r['hard_negatives']}  {r['wall_s']:.0f} s", flush=True)
             print("              " + ", ".join(f"{k} {v:.0f} s" for k, v in r["stages"].items()), flush=True)
     all_f1 = [f for r in rows for f in r["f1"].values()]
-    print(f"\n{len(rows)} scenes x {len(YEARS)} years, {args.size} px, default settings, "
-          f"{args.threads} threads")
+    changed = ", ".join(f"{k}={v}" for k, v in settings.items()) or "default settings"
+    print(f"\n{len(rows)} scenes x {len(YEARS)} years, {args.size} px, {changed}, {args.threads} threads")
     print(f"pixel F1: min {min(all_f1):.3f}, median {statistics.median(all_f1):.3f}")
     print(f"ECE on test chips: max {max(r['ece_test'] for r in rows):.3f}; against the truth: max "
           f"{max(r['ece_truth'] for r in rows):.3f}")
