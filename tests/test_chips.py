@@ -109,7 +109,7 @@ def test_splits_share_labelled_pixels_for_any_seed():
     for seed in range(40):
         lab = _blob_labels(np.random.default_rng(seed), 12, 768)
         cfg = ChipConfig(chip_size=64, seed=seed)
-        block, weights = choose_block_size(grid, np.asarray(lab.geometry.values), cfg)
+        block, weights, _, _ = choose_block_size(grid, np.asarray(lab.geometry.values), cfg)
         splits = assign_splits(weights, [], cfg)
         total = sum(weights.values())
         share = {s: sum(w for b, w in weights.items() if splits[b] == s) / total for s in ("train", "val", "test")}

@@ -27,7 +27,7 @@ Writes, atomically as one folder::
                                  geometry (the chip's footprint)
     chips/blocks.parquet         block column/row, split and labelled pixels of every block with chips
     chips/meta.json              bands, CRS, pixel size, ground sample distance, chip and block size, labels
-                                 fingerprint, and per split: chips, positive chips, positive pixels
+                                 fingerprint, and per split: chips, positive chips, positive pixels, kinds
 """
 
 from __future__ import annotations
@@ -84,9 +84,11 @@ def block_weights(grid: Grid, geoms: np.ndarray, block: int) -> dict[tuple[int, 
     return {(int(bx[i]), int(by[i])): float(total[i]) for i in np.flatnonzero(total > 0)}
 
 
-def choose_block_size(grid: Grid, geoms: np.ndarray, cfg: ChipConfig) -> tuple[int, dict]:
-    """The configured block size, or the largest candidate with enough labelled blocks; and its block weights
-    (labelled pixels of the blocks that hold labels and at least one chip)."""
+def choose_block_size(grid: Grid, geoms: np.ndarray, cfg: ChipConfig
+                      ) -> tuple[int, dict, np.ndarray, np.ndarray]:
+    """The configured block size, or the largest candidate with enough labelled blocks; its block weights
+    (labelled pixels of the blocks that hold labels and at least one chip) and its candidate chips
+    (:func:`chip_positions`)."""
     chip, stride = cfg.chip_size, cfg.stride or cfg.chip_size // 2
     if cfg.block_size:
         sizes = [cfg.block_size]
@@ -94,12 +96,13 @@ def choose_block_size(grid: Grid, geoms: np.ndarray, cfg: ChipConfig) -> tuple[i
         sizes = [8 * chip, 4 * chip, 2 * chip, chip + stride + 2 * MARGIN_PX, chip + 2 * MARGIN_PX]
     weights: dict = {}
     for size in sizes:
-        with_chips = set(map(tuple, chip_positions(grid, cfg, size)[1]))
+        pos, blk = chip_positions(grid, cfg, size)
+        with_chips = set(map(tuple, blk))
         weights = {b: w for b, w in block_weights(grid, geoms, size).items() if b in with_chips}
         w = np.array(list(weights.values()))
         if len(w) >= cfg.min_positive_blocks and w.max() <= MAX_BLOCK_SHARE * w.sum():
             break
-    return size, weights
+    return size, weights, pos, blk
 
 
 def _split_targets(cfg: ChipConfig) -> dict[str, float]:
@@ -277,13 +280,14 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
     return rows
 
 
-def split_summary(index: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """Per split: chips, positive chips and positive (mining) pixels."""
+def split_summary(index: pd.DataFrame) -> dict[str, dict]:
+    """Per split: chips, positive chips, positive (mining) pixels, and chips of each kind."""
     out = {}
     for s in SPLITS:
         part = index[index.split == s]
         out[s] = {"chips": int(len(part)), "positive_chips": int((part.positive_pixels > 0).sum()),
-                  "positive_pixels": int(part.positive_pixels.sum())}
+                  "positive_pixels": int(part.positive_pixels.sum()),
+                  "by_kind": {str(k): int(v) for k, v in part.kind.value_counts().items()}}
     return out
 
 
@@ -305,25 +309,20 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     grid = source.grid(year)
     geoms = _labels_in_grid(labels, grid, year, labels_path)
     chip = cfg.chip_size
-    block, weights = choose_block_size(grid, geoms, cfg)
-    pos, blk = chip_positions(grid, cfg, block)
+    block, weights, pos, blk = choose_block_size(grid, geoms, cfg)
     if len(pos) == 0:
         raise InputError(f"the {year} imagery ({grid.width} x {grid.height} px) is smaller than one chip ({chip} px)")
     targets = _split_targets(cfg)
-    needed = sum(1 for s in SPLITS if targets[s] > 0)
-    if len(weights) < needed:
-        gsd = ground_sample_distance_m(grid.crs, grid.transform, grid.width, grid.height)
-        raise InputError(
-            f"{where}the {len(geoms)} labels fall in {len(weights)} block(s) of {block} px ({block * gsd:.0f} m), "
-            f"too few to split into train/val/test without overlap (needs {needed}): add labels over a wider "
-            "area, use smaller chips (chips.chip_size), or set chips.val_fraction and chips.test_fraction to 0")
     all_blocks = {tuple(b) for b in map(tuple, blk)}
     splits = assign_splits(weights, sorted(all_blocks - set(weights)), cfg)
     empty = [x for x in SPLITS if targets[x] > 0 and x not in {splits[b] for b in weights}]
     if empty:
-        raise InputError(f"{where}the {len(geoms)} labels fall in {len(weights)} block(s) of {block} px, too few "
-                         f"to give the {', '.join(empty)} split any: add labels over a wider area, use smaller "
-                         "chips (chips.chip_size), or set chips.val_fraction and chips.test_fraction to 0")
+        gsd = ground_sample_distance_m(grid.crs, grid.transform, grid.width, grid.height)
+        raise InputError(
+            f"{where}the {len(geoms)} labels fall in {len(weights)} block(s) of {block} px ({block * gsd:.0f} m), "
+            f"too few to split into train/val/test without overlap (the {', '.join(empty)} split gets none): add "
+            "labels over a wider area, use smaller chips (chips.chip_size), or set chips.val_fraction and "
+            "chips.test_fraction to 0")
     boxes = _chip_boxes(grid, pos, chip)
     hit, _ = shapely.STRtree(geoms).query(boxes, predicate="intersects")
     positive = np.zeros(len(pos), dtype=bool)
@@ -426,9 +425,9 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     missed = gpd.GeoDataFrame({"mean_probability": prob[keep & sure]}, geometry=dgeoms[keep & sure],
                               crs=grid.crs).to_crs(WGS84)
     pos, blk = chip_positions(grid, cfg, block)
+    boxes = _chip_boxes(grid, pos, cfg.chip_size)
     chosen: list[int] = []
     if len(taught) and n_max > 0 and len(pos):
-        boxes = _chip_boxes(grid, pos, cfg.chip_size)
         centres = shapely.centroid(boxes)
         order = np.argsort(-shapely.area(taught), kind="stable")
         points = shapely.point_on_surface(taught[order])
@@ -447,7 +446,7 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
         rows = []
         if chosen:
             sel = np.asarray(chosen, np.int64)
-            rows = _write_chips(tmp, source, year, grid, pos, blk, _chip_boxes(grid, pos, cfg.chip_size), sel,
+            rows = _write_chips(tmp, source, year, grid, pos, blk, boxes, sel,
                                 np.array(["hard_negative"] * len(sel)), splits, geoms, cfg, ignore=ignored,
                                 desc="hard negatives")
         hard = gpd.GeoDataFrame(rows, geometry="geometry", crs=grid.crs) if rows else gpd.GeoDataFrame(

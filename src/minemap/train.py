@@ -37,7 +37,7 @@ from rasterio.features import rasterize
 from tqdm.auto import tqdm
 
 from minemap._io import atomic_path
-from minemap.chips import MISSED, read_meta
+from minemap.chips import MISSED, read_meta, split_summary
 from minemap.config import ModelConfig, TrainConfig
 from minemap.errors import InputError, ModelError
 from minemap.geo import WGS84
@@ -236,7 +236,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         encoder=encoder, bands=meta["bands"], band_mean=mean_np.tolist(), band_std=std_np.tolist(),
         gsd_m=meta["gsd_m"], pixel_size=meta["pixel_size"], crs=meta["crs"], chip_size=meta["chip_size"],
         train_year=meta.get("year"), labels_fingerprint=meta.get("labels_fingerprint"),
-        pretrained=model_cfg.pretrained, splits=chip_summary(index),
+        pretrained=model_cfg.pretrained, splits=split_summary(index),
         cloud_level=(CLOUD_FACTOR * p999).round(1).tolist() if init_from is None else base.cloud_level,
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
     )
@@ -331,17 +331,6 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     _calibrate_and_test(model, card, (x_va, y_va), te, mean, std, device, missed)
     save_model(model, card, model_dir)
     return card
-
-
-def chip_summary(index: pd.DataFrame) -> dict:
-    """Per split: chips, positive chips, positive pixels, and chips of each kind."""
-    out = {}
-    for s in ("train", "val", "test"):
-        part = index[index.split == s]
-        out[s] = {"chips": int(len(part)), "positive_chips": int((part.positive_pixels > 0).sum()),
-                  "positive_pixels": int(part.positive_pixels.sum()),
-                  "by_kind": {str(k): int(v) for k, v in part.kind.value_counts().items()}}
-    return out
 
 
 def _calibrate_and_test(model, card: ModelCard, val: tuple[np.ndarray, np.ndarray], te: pd.DataFrame,
