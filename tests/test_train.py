@@ -147,3 +147,40 @@ def test_possible_missed_mines_are_ignored_in_every_chip(chips_dir, tmp_path):
     _, cleaned, n = _read_chips(index.iloc[[0]], missed)
     assert none == 0 and n == int((plain == 0).sum()) > 0
     assert ((cleaned == 255) == ((plain == 255) | (plain == 0))).all() and ((cleaned == 1) == (plain == 1)).all()
+
+
+def test_random_crops_keep_image_and_mask_aligned():
+    """Training crops: the default takes 192 px of a 256 px chip and nothing of a smaller one; a crop is the
+    same window of image and mask; a crop size that is no multiple of 32 is refused."""
+    import numpy as np
+
+    from minemap.train import _Augment, crop_size
+
+    assert crop_size(TrainConfig(), 256) == 192 and crop_size(TrainConfig(), 128) is None
+    assert crop_size(TrainConfig(crop_size=128), 256) == 128 and crop_size(TrainConfig(crop_size=256), 256) is None
+    with pytest.raises(InputError, match="multiple of 32"):
+        crop_size(TrainConfig(crop_size=100), 256)
+    rng = np.random.default_rng(0)
+    y = torch.as_tensor(rng.random((6, 256, 256)) < 0.3, dtype=torch.int64)
+    x = torch.zeros(6, 4, 256, 256)
+    x[:, 0] = 10000.0 * y  # band 0 carries the mask; band 1 is flat: whatever the jitter, band 0 - band 1 shows it
+    aug = _Augment(np.full(4, 2000.0), seed=3, crop=192)
+    xa, ya = aug(x, y)
+    assert xa.shape == (6, 4, 192, 192) and ya.shape == (6, 192, 192)
+    assert torch.equal((xa[:, 0] - xa[:, 1] > 700).to(torch.int64), ya)
+
+
+def test_resumed_training_equals_an_uninterrupted_one(chips_dir, tmp_path):
+    """Weights, their moving average and the curve after 2 + 1 epochs (resumed) equal those of 3 in one go."""
+    def cfg(epochs):
+        return TrainConfig(epochs=epochs, batch_size=8, learning_rate=1e-3, patience=10)
+
+    train(chips_dir, tmp_path / "straight", cfg(3), progress=False, run_key="k")
+    train(chips_dir, tmp_path / "resumed", cfg(2), progress=False, run_key="k")
+    train(chips_dir, tmp_path / "resumed", cfg(3), resume=True, progress=False, run_key="k")
+    a, b = (torch.load(tmp_path / d / STATE, weights_only=False) for d in ("straight", "resumed"))
+    assert a["average"] is not None and int(a["average"]["n_averaged"]) > 1
+    for part in ("model", "average"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert [e["val_f1"] for e in a["progress"]["curve"]] == [e["val_f1"] for e in b["progress"]["curve"]]

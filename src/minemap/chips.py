@@ -378,10 +378,12 @@ def read_meta(chips_dir: Path) -> dict:
 # -- hard negatives -----------------------------------------------------------------------------------------
 
 def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, source: ImagerySource,
-                        chips_dir: Path, dest: Path, cfg: ChipConfig, hn: HardNegativeConfig) -> gpd.GeoDataFrame:
+                        chips_dir: Path, dest: Path, cfg: ChipConfig, hn: HardNegativeConfig,
+                        level: float | None = None) -> gpd.GeoDataFrame:
     """Chips where a first model fires away from the labels, written to ``dest`` like a chips folder.
 
-    ``detections``: that model's polygons of the training year (EPSG:4326, column ``mean_probability``).
+    ``detections``: that model's polygons of the training year (EPSG:4326, column ``mean_probability``), cut at
+    the calibrated probability ``level`` (recorded; see ``hn.search_level``).
     A detection counts as a false alarm where it lies further than ``hn.buffer_m`` from every label (outlines
     are metres off and mines grow); its part within that distance is ignored (255), not taught. Labels from the
     literature miss mines, so a detection the model is as sure of as it is of the labelled mines (mean
@@ -417,8 +419,8 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     n_max = int(round(hn.per_positive * (index.kind == "positive").sum()))
     stats = {"detections": int(len(dgeoms)), "false_alarms": int(len(taught)),
              "ignored_as_possible_missed_mines": int((keep & sure).sum()), "chips": 0}
-    policy = {"buffer_m": hn.buffer_m, "sure_level": round(sure_level, 4), "rule": (
-        f"false alarms are the first model's detections further than {hn.buffer_m:g} m from every label and "
+    policy = {"buffer_m": hn.buffer_m, "search_level": level, "sure_level": round(sure_level, 4), "rule": (
+        f"false alarms are the first model's detections{'' if level is None else f' at probability {level:g}'} further than {hn.buffer_m:g} m from every label and "
         f"less sure than {sure_level:.2f} (the median of its mean probability on labelled mines, capped at "
         f"{hn.max_probability:g}); surer detections away from labels may be mines the labels miss: their pixels "
         f"are ignored (255) in every chip, as is the part of any detection within {hn.buffer_m:g} m of a label")}

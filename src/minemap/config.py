@@ -61,6 +61,10 @@ class HardNegativeConfig(_Section):
 
     enabled: bool = True
     per_positive: float = Field(1.0, ge=0, description="at most this many hard-negative chips per positive chip")
+    search_level: float = Field(0.1, gt=0, lt=1, description="the first model's detections are searched at this "
+                                                            "calibrated probability (or its threshold, if lower): "
+                                                            "below the threshold, so that confusions a high "
+                                                            "threshold hides at the price of recall are found too")
     buffer_m: float = Field(60.0, ge=0, description="detections within this distance of a label are not false "
                                                      "alarms (outlines are off, mines grow)")
     max_probability: float = Field(0.9, gt=0, le=1, description="detections away from labels as sure as the median "
@@ -83,6 +87,13 @@ class TrainConfig(_Section):
     min_val_f1: float = Field(0.5, ge=0, le=1, description="a model below this validation F1 stops the run "
                                                            "(unless accept_weak_model)")
     batch_size: int = Field(8, ge=1)
+    crop_size: int | None = Field(None, ge=32, description="training sees a random square of this side from each "
+                                                           "chip (a multiple of 32); default: the chip less 64 px "
+                                                           "for chips of 256 px or more (60 % of the compute of "
+                                                           "a whole 256 px chip), the whole chip otherwise")
+    ema_decay: float = Field(0.95, ge=0, lt=1, description="validation and the saved model use an exponential "
+                                                          "moving average of the weights, with this decay per "
+                                                          "step (steadier than the last step's weights; 0: off)")
     learning_rate: float = Field(6e-4, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     dice_weight: float = Field(1.0, ge=0)
@@ -96,7 +107,9 @@ class PredictConfig(_Section):
     tta: bool = Field(False, description="average the four flips of every window (test-time augmentation; four "
                                          "times the work)")
     mask_clouds: bool = Field(True, description="opaque clouds (brighter in every band than anything in the "
-                                                "training chips) are nodata: no observation, not 'no mine'")
+                                                "training chips) are nodata: no observation, not 'no mine'; so "
+                                                "are thin clouds and cloud shadows in normalised years (every "
+                                                "band brighter, or dimmer alike, than the training year's)")
     normalise_years: Literal["off", "global", "local"] = Field(
         "local", description="bring each year's reflectance to the training year's over pixels that stay the same: "
                            "one gain and offset per band (global) or fields of them (local, for patchy haze)")

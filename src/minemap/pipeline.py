@@ -227,11 +227,11 @@ def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, 
     prob_dir = hn_dir / "probabilities"
     predict(first_dir, cfg.imagery, [year], prob_dir, cfg.predict, cfg.bands, cfg.workers, overwrite=overwrite,
             progress=progress)
-    card = read_card(first_dir)
-    detections = vectorize_year(sorted((prob_dir / str(year)).glob("*.tif")), year, card.threshold,
+    level = min(cfg.hard_negatives.search_level, read_card(first_dir).threshold)
+    detections = vectorize_year(sorted((prob_dir / str(year)).glob("*.tif")), year, level,
                                 VectorizeConfig(min_area_m2=0.0))
     hard_negative_chips(detections, gpd.read_parquet(labels_path), source, chips_dir, hn_dir / "chips",
-                        cfg.chips, cfg.hard_negatives)
+                        cfg.chips, cfg.hard_negatives, level)
 
 
 DEMO_YEARS = (2019, 2020, 2021)

@@ -10,7 +10,9 @@ A manifest (``probabilities/manifest.json``) records finished units with the mod
 skips them unless ``overwrite``. Imagery whose bands or ground sample distance differ from the model card's
 is refused before anything is written. With ``normalise_years``, each year other than the model's training
 year is first brought to that year's reflectance (:mod:`minemap.radiometry`, ``probabilities/radiometry/``).
-With ``mask_clouds``, opaque clouds (brighter in every band than anything in the training chips) are nodata.
+With ``mask_clouds``, opaque clouds (brighter in every band than anything in the training chips) are nodata,
+and so, in each normalised year, are thin clouds and cloud shadows found by comparison with the training year
+(:func:`obscured`).
 """
 
 from __future__ import annotations
@@ -111,6 +113,29 @@ def cloud_mask(pixels: np.ndarray, card: ModelCard, grow_px: int = 2) -> np.ndar
     return binary_dilation(cloud, iterations=grow_px) if cloud.any() and grow_px else cloud
 
 
+# compared with the reference (training) year on the same ground, both in its units (after normalisation)
+CLOUD_RATIO = 1.25  # a cloud: every band, near infrared included, at least this much brighter
+SHADOW_RATIO = 0.75  # a cloud's shadow: every band at most this share of the reference's ...
+SHADOW_FLAT = 1.35  # ... and dimmed about alike (largest ratio over smallest at most this)
+
+
+def obscured(pixels: np.ndarray, valid: np.ndarray, ref: np.ndarray, ref_valid: np.ndarray,
+             grow_px: int = 2) -> np.ndarray:
+    """Pixels of a year that a cloud, thin or opaque, or a cloud's shadow hides, found by comparing the year with
+    the reference year on the same ground (``pixels`` normalised to it).
+
+    A cloud brightens every band; land that changes does not: a new mine or field brightens the visible bands
+    but leaves the near infrared lower or about the same. A shadow dims every band by about one factor; land
+    that changes does not (water and burns lose the near infrared far more). Grown by ``grow_px`` to take in
+    the soft edges. Such pixels are no observation of the ground: nodata, not 'no mine'."""
+    both = valid & ref_valid
+    r = pixels / np.maximum(ref, 1.0)
+    cloud = (r >= CLOUD_RATIO).all(0)
+    shadow = (r <= SHADOW_RATIO).all(0) & (r.max(0) <= SHADOW_FLAT * r.min(0))
+    hidden = (cloud | shadow) & both
+    return binary_dilation(hidden, iterations=grow_px) if hidden.any() and grow_px else hidden
+
+
 # -- worker state: the model is loaded once per process ----------------------------------------------------
 _WORKER: dict = {}
 
@@ -121,18 +146,21 @@ def _init_predict(model_dir: str, imagery: str, bands: list[str] | None, device:
     _WORKER.update(model=model, card=card, device=dev, source=open_imagery(imagery, bands))
 
 
-def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, dict | None]) -> tuple[int, str]:
-    year, tile, dest, cfg, radiometry = unit
+def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | None]) -> tuple[int, str]:
+    year, tile, dest, cfg, radiometry, ref_year = unit
     model, card, source = _WORKER["model"], _WORKER["card"], _WORKER["source"]
     parent = source.grid(year)
     halo = card.chip_size // 2
-    pixels, valid = source.read(year, tile.grid(parent, halo))
+    grid = tile.grid(parent, halo)
+    pixels, valid = source.read(year, grid)
     if radiometry is not None:
         if radiometry not in _WORKER:
             _WORKER[radiometry] = rad.load(Path(radiometry))
         pixels = rad.apply(pixels, _WORKER[radiometry], tile.col_off - halo, tile.row_off - halo)
     if cfg.mask_clouds:  # after normalising: the cloud level is in the training year's units
         valid &= ~cloud_mask(pixels, card)
+        if ref_year is not None:  # thin clouds and shadows, by comparison with the reference year
+            valid &= ~obscured(pixels, valid, *source.read(ref_year, grid))
     prob = predict_array(model, card, pixels, valid, cfg.window_overlap, cfg.batch_size, _WORKER["device"], cfg.tta)
     inner = (slice(halo, halo + tile.height), slice(halo, halo + tile.width))
     out = quantise(prob[inner])
@@ -163,7 +191,11 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
     # a unit is done when made by these weights and card (calibration, cloud level), settings and radiometry
     model_key = [file_sha256(Path(model_dir) / WEIGHTS), file_sha256(Path(model_dir) / CARD), cfg.window_overlap,
                  cfg.tta, cfg.mask_clouds, {y: rad.content_key(r) for y, r in fitted.items()}]
-    fingerprints = {y: stable_hash([model_key, source.fingerprint(y)]) for y in years}
+    # years normalised to the reference year are compared with it for thin clouds and shadows
+    ref_year = {y: card.train_year if cfg.mask_clouds and y in fitted else None for y in years}
+    fingerprints = {y: stable_hash([model_key, source.fingerprint(y)]
+                                   + ([source.fingerprint(ref_year[y])] if ref_year[y] is not None else []))
+                    for y in years}
     manifest = Manifest(out_dir / "manifest.json")
     units, outputs = [], []
     for year in years:
@@ -173,7 +205,7 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
             key = f"{year}/{tile.tile_id}"
             if not overwrite and manifest.done(key, fingerprints[year]) and dest.is_file():
                 continue
-            units.append((year, tile, str(dest), cfg, radiometry.get(year)))
+            units.append((year, tile, str(dest), cfg, radiometry.get(year), ref_year[year]))
     if len(units) < len(outputs):
         log.info("predict: %d of %d units already done", len(outputs) - len(units), len(outputs))
     for year, tile_id in map_units(_predict_unit, units, workers, _init_predict,

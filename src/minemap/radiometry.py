@@ -9,8 +9,9 @@ outliers of a robust fit):
   Right for a uniform shift (calibration, season); wrong for patchy haze, which a single gain cannot undo.
 - ``local``: gain and offset *fields* per band, on cells of ``cell_px`` (32) pixels of the year's grid (grids
   wider than 4096 pixels are read at a coarser step, and cells hold at least 8 x 8 of those reads): in each cell
-  the gain is the ratio of the two years' spreads (inter-quartile ranges) and the offset matches the medians;
-  the fields are smoothed over neighbouring cells and interpolated bilinearly at every pixel. Haze that thins
+  the gain is the ratio of the two years' spreads (inter-quartile ranges of 3 x 3 means, so that sensor noise,
+  which grows with brightness, does not inflate a hazy year's spread) and the offset matches the medians; the
+  fields are smoothed over neighbouring cells and interpolated bilinearly at every pixel. Haze that thins
   from one valley to the next is undone where it is. Interpolation is at absolute pixel positions, so tiles
   agree with one pass over the whole grid.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from affine import Affine
-from scipy.ndimage import gaussian_filter
+from scipy.ndimage import gaussian_filter, uniform_filter
 
 from minemap._io import atomic_path
 from minemap.imagery import Grid, ImagerySource
@@ -91,6 +92,13 @@ def _smooth_fill(field: np.ndarray, fill: float, sigma: float = 1.0) -> np.ndarr
     return out
 
 
+def _box_mean(a: np.ndarray, valid: np.ndarray, size: int = 3) -> np.ndarray:
+    """Mean of each band over a ``size`` x ``size`` window, over valid pixels only (bands, h, w; float64)."""
+    w = uniform_filter(valid.astype(np.float64), size, mode="nearest")
+    out = np.stack([uniform_filter(np.where(valid, b, 0.0).astype(np.float64), size, mode="nearest") for b in a])
+    return out / np.maximum(w, 1e-9)[None]
+
+
 def fit_local(source: ImagerySource, year: int, ref_year: int, cell_px: int = 32,
               max_side: int = 4096) -> dict | None:
     """Gain and offset fields (bands, rows, cols of cells of ``cell_px`` pixels of ``year``'s grid) bringing
@@ -98,7 +106,7 @@ def fit_local(source: ImagerySource, year: int, ref_year: int, cell_px: int = 32
 
     Both years are read on a coarse copy of the year's grid (every ``step``-th pixel, at most ``max_side`` a
     side), pixels that changed are dropped by a global robust fit, then each cell's quartiles give its gain
-    (ratio of inter-quartile ranges) and offset (matched medians)."""
+    (ratio of inter-quartile ranges of 3 x 3 means) and offset (matched medians)."""
     grid = source.grid(year)
     step = max(1, int(np.ceil(max(grid.width, grid.height) / max_side)))
     cell_px = max(cell_px, 8 * step)  # a cell holds at least 8 x 8 coarse pixels
@@ -123,7 +131,9 @@ def fit_local(source: ImagerySource, year: int, ref_year: int, cell_px: int = 32
         a = np.where(stable[None], a, np.nan).reshape(bands, ny, k, nx, k)
         return a.transpose(0, 1, 3, 2, 4).reshape(bands, ny, nx, k * k)
 
-    cx, cy = cells(px.astype(np.float64)), cells(rp.astype(np.float64))
+    # spreads are measured on a 3 x 3 mean of each year: sensor noise grows with brightness, so a hazy year's
+    # raw spread is inflated by its own noise and its gain would come out too low (mines too dark after it)
+    cx, cy = cells(_box_mean(px, both)), cells(_box_mean(rp, both))
     enough = np.isfinite(cx[0]).sum(-1) >= max(16, k * k // 4)
     with warnings.catch_warnings():  # cells without stable pixels are NaN, filled below
         warnings.simplefilter("ignore", RuntimeWarning)

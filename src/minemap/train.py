@@ -32,6 +32,7 @@ import pandas as pd
 import rasterio
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel
 from rasterio.errors import RasterioError
 from rasterio.features import rasterize
 from tqdm.auto import tqdm
@@ -106,7 +107,8 @@ def band_statistics(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, 
 
 
 class _Augment:
-    """Flips, rotations and photometric jitter on raw reflectance (before normalisation).
+    """Random crops (``crop``: side of the square), flips, rotations and photometric jitter on raw reflectance
+    (before normalisation).
 
     - gain: one for the chip and one per band (another sensor calibration or season);
     - haze: a blend towards a grey-white level (path radiance, about equal in every band), with the level drawn
@@ -116,9 +118,10 @@ class _Augment:
     - cloud shadows: soft patches darkened to 40-70 %, labels unchanged (a mine in shadow is still a mine).
     """
 
-    def __init__(self, p99: np.ndarray, seed: int) -> None:
+    def __init__(self, p99: np.ndarray, seed: int, crop: int | None = None) -> None:
         self.haze_level = float(np.median(p99))
         self.gen = torch.Generator().manual_seed(seed)
+        self.crop = crop
 
     def _field(self, h: int, w: int, cells: int = 4) -> torch.Tensor:
         """A smooth random field (h, w) with zero mean and unit spread, from a coarse grid upsampled."""
@@ -135,6 +138,10 @@ class _Augment:
             if torch.rand(1, generator=g) < 0.5:
                 xi, yi = xi.flip(2), yi.flip(1)
             c, h, w = xi.shape
+            if self.crop and self.crop < min(h, w):  # a random square: fewer pixels per step, more positions
+                r0, c0 = (int(torch.randint(0, n - self.crop + 1, (1,), generator=g)) for n in (h, w))
+                xi, yi = xi[:, r0:r0 + self.crop, c0:c0 + self.crop], yi[r0:r0 + self.crop, c0:c0 + self.crop]
+                h = w = self.crop
             gain = 1 + 0.15 * (2 * torch.rand(1, generator=g) - 1) + 0.05 * (2 * torch.rand(c, 1, 1, generator=g) - 1)
             xi = xi * gain
             if torch.rand(1, generator=g) < 0.3:
@@ -150,6 +157,24 @@ class _Augment:
             out_x.append(xi)
             out_y.append(yi)
         return torch.stack(out_x), torch.stack(out_y)
+
+
+def _ema(decay: float):
+    """Moving-average update with the decay ramped up over the first steps, min(decay, (1 + n) / (10 + n)) at the
+    n-th: a short training is not dragged back to its random initial weights."""
+    def update(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+        d = min(decay, (1 + float(n)) / (10 + float(n)))
+        return averaged + (current - averaged) * (1 - d)
+    return update
+
+
+def crop_size(cfg: TrainConfig, chip_size: int) -> int | None:
+    """Side of the random square that training takes from each chip (None: the whole chip)."""
+    if cfg.crop_size is not None:
+        if cfg.crop_size % 32:
+            raise InputError(f"train.crop_size {cfg.crop_size}: must be a multiple of 32")
+        return cfg.crop_size if cfg.crop_size < chip_size else None
+    return chip_size - 64 if chip_size >= 256 else None
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
@@ -241,10 +266,13 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
     )
     model.to(device)
+    # the weights validated and saved: an exponential moving average over steps (Polyak averaging), whose
+    # validation curve is far steadier than the last step's, so early stopping and model choice rest on signal
+    avg = AveragedModel(model, avg_fn=_ema(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
     base_lr = cfg.learning_rate / 3 if init_from is not None else cfg.learning_rate
     opt = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
     warmup = -(-len(tr) // cfg.batch_size) if init_from is None else 0  # one epoch of steps
-    augment = _Augment(p99, cfg.seed)
+    augment = _Augment(p99, cfg.seed, crop_size(cfg, meta["chip_size"]))
     st = {"epoch": -1, "best_f1": -1.0, "best_epoch": None, "lr": base_lr, "bad": 0, "since_cut": 0,
           "curve": [], "step": 0}
     state_path = model_dir / STATE
@@ -262,6 +290,8 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     else:
         try:
             model.load_state_dict(saved["model"])
+            if avg is not None:
+                avg.load_state_dict(saved["average"])
             opt.load_state_dict(saved["optimizer"])
             augment.gen.set_state(saved["augment_rng"])
             torch.set_rng_state(saved["torch_rng"])
@@ -274,6 +304,9 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
 
     xt, yt = torch.as_tensor(x_tr), torch.as_tensor(y_tr.astype(np.int64))
     xv = torch.as_tensor(x_va)
+    if avg is not None and saved is None:
+        avg.update_parameters(model)  # the average starts from the initial (or given) weights
+    judged = avg.module if avg is not None else model
     if init_from is not None and st["best_epoch"] is None:
         # the model to improve on is the one given: a fine-tune that does no better keeps it (epoch 0)
         st["best_f1"] = _best_f1(_chip_logits(model, xv, mean, std, device), y_va)["f1"]
@@ -299,16 +332,18 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if avg is not None:
+                avg.update_parameters(model)
             st["step"] += 1
             losses.append(float(loss.detach()))
-        val = _best_f1(_chip_logits(model, xv, mean, std, device), y_va)
+        val = _best_f1(_chip_logits(judged, xv, mean, std, device), y_va)
         st["curve"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5), "lr": st["lr"],
                             "val_f1": round(val["f1"], 5), "val_iou": round(val["iou"], 5),
                             "val_threshold": val["threshold"]})
         if val["f1"] > st["best_f1"] + MIN_DELTA:
             st.update(best_f1=val["f1"], best_epoch=epoch + 1, bad=0, since_cut=0)
             card.epochs_trained = card.best_epoch = epoch + 1
-            save_model(model, card, model_dir)
+            save_model(judged, card, model_dir)
         else:
             st["bad"] += 1
             st["since_cut"] += 1
@@ -316,7 +351,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
                 st["lr"] /= 2
                 st["since_cut"] = 0
         st["epoch"] = epoch
-        _save_state(state_path, model, opt, augment, st)
+        _save_state(state_path, model, opt, augment, st, avg)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_f1=f"{val['f1']:.3f}", best=f"{st['best_f1']:.3f}")
         log.info("epoch %d: loss %.4f, val F1 %.3f (best %.3f at epoch %s), lr %.2g", epoch + 1, np.mean(losses),
                  val["f1"], st["best_f1"], st["best_epoch"], st["lr"])
@@ -365,8 +400,9 @@ def weak_model_error(card: ModelCard, floor: float, model_dir: Path) -> ModelErr
         "add or check labels, or pass --accept-weak-model to map with it anyway")
 
 
-def _save_state(path: Path, model, opt, augment: _Augment, progress: dict) -> None:
+def _save_state(path: Path, model, opt, augment: _Augment, progress: dict, avg=None) -> None:
     with atomic_path(path) as tmp:
         torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "average": avg.state_dict() if avg is not None else None,
                     "augment_rng": augment.gen.get_state(), "torch_rng": torch.get_rng_state(),
                     "progress": progress}, tmp)
