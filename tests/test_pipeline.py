@@ -150,7 +150,7 @@ def test_cli_bad_inputs(scene, tmp_path):
     _fails_cleanly(_args(scene, out, labels=tmp_path / "far.gpkg"), r"far.gpkg: none of the \d+ labels lies within",
                    out)
     _fails_cleanly(["run", "--labels", str(scene.labels), "--imagery", str(scene.imagery), "--train-year", "2019",
-                    "--years", "2019-2023", "--out", str(out)], r"no imagery folder for year\(s\) 2022, 2023", out)
+                    "--years", "2019-2023", "--out", str(out)], r"no imagery for year\(s\) 2022, 2023", out)
     _fails_cleanly(_args(scene, out, extra=["--bands", "red,green,blue"]), r"has 4 bands but the config names 3", out)
     bad = tmp_path / "imagery"
     shutil.copytree(scene.imagery, bad)
@@ -182,3 +182,51 @@ def test_weak_model_stops_the_run_unless_accepted(tiny_run, tmp_path):
     r = runner.invoke(app, ["run", str(tmp_path / "run.toml"), "--accept-weak-model"])
     assert r.exit_code == 0, r.output
     assert "up to date, not redone: labels, chips, train, hard_negatives, finetune, predict" in r.output
+
+
+def test_map_with_a_trained_model(tiny_run, scene, tmp_path):
+    """``--model DIR``: no labels, chips or training; the same probabilities as the run that trained it; imagery
+    at another pixel size is refused with the figure, and read at the model's pixel size with --resample."""
+    import numpy as np
+    import rasterio
+    from rasterio.enums import Resampling
+
+    cfg, _ = tiny_run
+    model = cfg.out / "model"
+    out = tmp_path / "mapped"
+    args = ["run", "--imagery", str(scene.imagery), "--years", "2020-2021", "--out", str(out), "--model", str(model),
+            "--tile-size", "256", "--min-area-m2", "200", "--accept-weak-model"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert (out / "panel.parquet").is_file() and not (out / "chips").exists() and not (out / "model").exists()
+    for tile in (cfg.out / "probabilities" / "2021").glob("*.tif"):
+        with rasterio.open(tile) as a, rasterio.open(out / "probabilities" / "2021" / tile.name) as b:
+            assert np.array_equal(a.read(), b.read()), tile.name
+    assert json.loads((out / "probabilities" / "imagery.json").read_text())["resampled"] is None
+    assert "up to date, not redone: predict" in runner.invoke(app, args).output
+    # the same ground at twice the pixel size
+    coarse = tmp_path / "coarse"
+    for f in scene.imagery.rglob("*.tif"):
+        dest = coarse / f.relative_to(scene.imagery)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(f) as src:
+            profile = src.profile | {"width": src.width // 2, "height": src.height // 2,
+                                     "transform": src.transform * src.transform.scale(2)}
+            data = src.read(out_shape=(src.count, src.height // 2, src.width // 2), resampling=Resampling.average)
+            with rasterio.open(dest, "w", **profile) as dst:
+                dst.write(data)
+                dst.descriptions = src.descriptions
+    bad = [a if a != str(scene.imagery) else str(coarse) for a in args]
+    bad[bad.index(str(out))] = str(tmp_path / "coarse_out")
+    _fails_cleanly(bad, r"coarse: imagery of 20\d\d has a ground sample distance of 9.\d\d m, the model was trained "
+                        r"at 4.\d\d m .*predict.resample", tmp_path / "coarse_out")
+    r = runner.invoke(app, bad + ["--resample"])
+    assert r.exit_code == 0, r.output
+    record = json.loads((tmp_path / "coarse_out" / "probabilities" / "imagery.json").read_text())
+    assert record["resampled"]["factor"] == pytest.approx(0.5, abs=0.01) and record["resampled"]["method"] == "bilinear"
+    with rasterio.open(next((tmp_path / "coarse_out" / "probabilities" / "2021").glob("*.tif"))) as src:
+        assert src.res[0] == pytest.approx(model_res(model), rel=0.02)
+
+
+def model_res(model_dir):
+    return json.loads((model_dir / "model.json").read_text())["pixel_size"][0]

@@ -260,6 +260,10 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         countries: Optional[Path] = None, workers: Optional[int] = None, device: Optional[str] = None,
         hard_negatives: Annotated[Optional[bool], typer.Option(
             "--hard-negatives/--no-hard-negatives", help="mine hard negatives and fine-tune (default on)")] = None,
+        model_dir: Annotated[Optional[Path], typer.Option(
+            "--model", help="a trained model directory: map with it (no labels, chips or training)")] = None,
+        resample: Annotated[bool, typer.Option(
+            help="read imagery at the model's pixel size where it differs (else refused)")] = False,
         accept_weak_model: Annotated[bool, typer.Option(
             help="map with a model whose validation F1 is below train.min_val_f1")] = False,
         overwrite: Annotated[bool, typer.Option(help="redo finished steps")] = False):
@@ -275,6 +279,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         "vectorize.threshold": threshold, "vectorize.min_area_m2": min_area_m2,
         "postprocess.buffer_m": buffer_m, "postprocess.countries": countries,
         "hard_negatives.enabled": hard_negatives, "accept_weak_model": accept_weak_model or None,
+        "model.path": model_dir, "predict.resample": resample or None,
     })
     _print_result(run_fn(cfg, overwrite=overwrite))
 

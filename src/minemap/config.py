@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -77,6 +77,8 @@ class HardNegativeConfig(_Section):
 
 
 class ModelConfig(_Section):
+    path: Path | None = Field(None, description="a trained model directory (weights.safetensors, model.json): map "
+                                                "with it; no labels, chips or training")
     encoder: Literal["mit-b0", "mit-b1", "mit-b2", "mit-b3", "mit-b4", "mit-b5"] = "mit-b0"
     pretrained: str | None = Field(None, description="local checkpoint (file or directory) for the encoder")
 
@@ -113,6 +115,9 @@ class PredictConfig(_Section):
     normalise_years: Literal["off", "global", "local"] = Field(
         "local", description="bring each year's reflectance to the training year's over pixels that stay the same: "
                            "one gain and offset per band (global) or fields of them (local, for patchy haze)")
+    resample: bool = Field(False, description="imagery at another pixel size than the model's is refused; "
+                                              "true reads it at the model's pixel size (bilinear), recorded in "
+                                              "probabilities/imagery.json")
     batch_size: int = Field(16, ge=1)
     device: str = "auto"
 
@@ -129,10 +134,76 @@ class PostprocessConfig(_Section):
     countries: Path | None = None
 
 
+class LocalImageryConfig(_Section):
+    """GeoTIFF/COG files on disk, one folder per year: ``path/<year>/*.tif``."""
+
+    source: Literal["local"] = "local"
+    path: Path
+
+
+class StacImageryConfig(_Section):
+    """Yearly cloud-masked median composites of a STAC collection with a scene classification band (Sentinel-2
+    L2A by default), cached on disk; see :mod:`minemap.imagery.stac`."""
+
+    source: Literal["stac"] = "stac"
+    url: str = Field(description="root of the STAC API, e.g. https://earth-search.aws.element84.com/v1")
+    collection: str = "sentinel-2-l2a"
+    bbox: tuple[float, float, float, float] = Field(description="the area: west, south, east, north (EPSG:4326)")
+    assets: dict[str, str] = Field({"red": "red", "green": "green", "blue": "blue", "nir": "nir"},
+                                   description="band name -> the collection's asset key, in band order (catalogues "
+                                               "name assets differently, e.g. B04 for red)")
+    scl_asset: str = Field("scl", description="asset of the scene classification (SCL)")
+    mask_classes: list[int] = Field([0, 1, 3, 8, 9, 10], description="SCL classes left out of the composite: no "
+                                                                     "data, saturated, cloud shadow, cloud medium "
+                                                                     "and high probability, thin cirrus")
+    months: list[int] = Field(list(range(1, 13)), description="months whose scenes enter a year's composite, e.g. "
+                                                              "[6, 7, 8, 9, 10, 11] or '6-11'")
+    max_cloud_cover: float | None = Field(None, ge=0, le=100, description="skip scenes cloudier than this (%)")
+    resolution_m: float = Field(10.0, gt=0)
+    crs: str | None = Field(None, description="a projected CRS; default the UTM zone of the area's centre")
+    harmonise: bool = Field(True, description="undo the +1000 offset of processing baseline 04.00 and later, "
+                                              "unless the item says it is removed, so years compare")
+    tile_px: int = Field(512, ge=64, description="side of a cached composite tile in pixels")
+    cache_dir: Path | None = Field(None, description="default: $MINEMAP_CACHE or ~/.cache/minemap")
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(5, ge=0, description="retries with backoff on 429 (honouring Retry-After), 5xx and "
+                                              "time-outs")
+
+    @field_validator("months", mode="before")
+    @classmethod
+    def _months(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = re.fullmatch(r"\s*(\d{1,2})\s*-\s*(\d{1,2})\s*", v)
+            if not m:
+                raise ValueError(f"months {v!r}: expected e.g. '6-11' or a list of months")
+            a, b = int(m.group(1)), int(m.group(2))
+            return list(range(a, b + 1)) if a <= b else list(range(a, 13)) + list(range(1, b + 1))
+        return v
+
+    @field_validator("months")
+    @classmethod
+    def _month_range(cls, v: list[int]) -> list[int]:
+        if not v or any(not 1 <= m <= 12 for m in v):
+            raise ValueError("months must be 1-12")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _area(self) -> StacImageryConfig:
+        w, s, e, n = self.bbox
+        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+            raise ValueError(f"bbox {list(self.bbox)}: expected west < east and south < north, in degrees")
+        return self
+
+
+# one entry per kind of source; ``source`` tells which (a bare path is the local source)
+ImageryConfig = Annotated[LocalImageryConfig | StacImageryConfig, Field(discriminator="source")]
+
+
 class RunConfig(_Section):
-    labels: list[Path]
-    imagery: Path
-    train_year: int
+    labels: list[Path] = Field([], description="training polygons; not needed with model.path")
+    imagery: ImageryConfig
+    train_year: int | None = Field(None, description="year of the imagery the labels were drawn on; not needed "
+                                                     "with model.path")
     years: list[int]
     out: Path
     bands: list[str] | None = None
@@ -156,6 +227,20 @@ class RunConfig(_Section):
     @classmethod
     def _years(cls, v: Any) -> Any:
         return parse_years(v) if isinstance(v, (str, int)) else v
+
+    @field_validator("imagery", mode="before")
+    @classmethod
+    def _bare_path(cls, v: Any) -> Any:
+        return {"source": "local", "path": v} if isinstance(v, (str, Path)) else v
+
+    @model_validator(mode="after")
+    def _labels_or_model(self) -> RunConfig:
+        if self.model.path is None:
+            if not self.labels:
+                raise ValueError("labels are needed to train a model (or give model.path to map with a trained one)")
+            if self.train_year is None:
+                raise ValueError("train_year is needed with labels: the year of the imagery they were drawn on")
+        return self
 
 
 def parse_years(spec: str | int) -> list[int]:
@@ -199,6 +284,9 @@ def load_config(path: Path | None = None, **overrides: Any) -> RunConfig:
         for key in ("imagery", "out", "reference"):
             if isinstance(data.get(key), str):
                 data[key] = str(base / data[key])
+        for table, key in (("imagery", "path"), ("imagery", "cache_dir"), ("model", "path")):
+            if isinstance(data.get(table), dict) and isinstance(data[table].get(key), str):
+                data[table][key] = str(base / data[table][key])
         if isinstance(data.get("labels"), (str, list)):
             labels = [data["labels"]] if isinstance(data["labels"], str) else data["labels"]
             data["labels"] = [str(base / p) for p in labels]

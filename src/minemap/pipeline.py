@@ -17,7 +17,9 @@ Run directory::
     OUT/manifest.json             finished stages and the fingerprint of what they were made from
 
 Training is a first fit, then (``hard_negatives.enabled``) hard-negative mining and a fine-tune on all chips.
-A model whose validation F1 is below ``train.min_val_f1`` stops the run unless ``accept_weak_model``.
+A model whose validation F1 is below ``train.min_val_f1`` stops the run unless ``accept_weak_model``. With
+``model.path`` (``--model DIR``) the run maps with that trained model instead: no labels, chips or training
+(OUT/model/ is not written; the model is used where it lies).
 
 A stage is skipped when the manifest holds it with the same fingerprint (its inputs and settings, chained
 through the stages before it) and its outputs exist; an interrupted training resumes from its last epoch;
@@ -39,10 +41,10 @@ from minemap.chips import hard_negative_chips, make_chips
 from minemap.config import RunConfig, VectorizeConfig
 from minemap.errors import ImageryError, InputError
 from minemap.evaluate import evaluate_stage
-from minemap.imagery import open_imagery
+from minemap.imagery import describe, open_imagery
 from minemap.labels import labels_stage
 from minemap.manifest import Manifest
-from minemap.model import read_card
+from minemap.model import CARD, WEIGHTS, read_card
 from minemap.panel import build_panel, write_panel
 from minemap.postprocess import postprocess_stage
 from minemap.predict import predict
@@ -88,17 +90,24 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     seconds: dict[str, float] = {}
 
     # check every input before any long work starts
+    trained = cfg.model.path is not None  # map with a model trained before: no labels, chips or training
+    if trained:
+        card = read_card(cfg.model.path)
+        if cfg.labels:
+            log.warning("model.path is given: the labels are not used (no training)")
     source = open_imagery(cfg.imagery, cfg.bands)
     have = source.years()
-    missing = [y for y in sorted({cfg.train_year, *cfg.years}) if y not in have]
+    needed = sorted({*cfg.years} | ({cfg.train_year} if not trained else set()))
+    missing = [y for y in needed if y not in have]
     if missing:
-        raise ImageryError(f"{cfg.imagery}: no imagery folder for year(s) {', '.join(map(str, missing))} "
+        raise ImageryError(f"{describe(cfg.imagery)}: no imagery for year(s) {', '.join(map(str, missing))} "
                            f"(years found: {', '.join(map(str, have)) or 'none'})")
-    for y in sorted({cfg.train_year, *cfg.years}):
+    for y in needed:
         source.check_bands(y)
-    label_keys = [_file_key(p) for p in cfg.labels]
     ref_key = _file_key(cfg.reference) if cfg.reference else None
-    imagery_key = _file_key(cfg.imagery)  # names, sizes, mtimes: new imagery redoes chips and prediction
+    # what the pixels depend on: new imagery redoes chips and prediction
+    image_keys = {y: source.fingerprint(y) for y in have if y in needed or (trained and y == card.train_year)}
+    imagery_key = stable_hash([cfg.imagery.model_dump(mode="json", exclude={"path"}), image_keys])
 
     def stage(name: str, key: str, outputs: list[Path]) -> bool:
         """True if the stage must run."""
@@ -114,41 +123,12 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         seconds[name] = round(time.perf_counter() - started[name], 2)
         log.info("%s: done in %.1f s", name, seconds[name])
 
-    labels_path = out / "labels.parquet"
-    k_labels = stable_hash(["labels", label_keys])
-    if stage("labels", k_labels, [labels_path]):
-        labels_stage(cfg.labels, labels_path)
-        finished("labels", k_labels)
-
-    chips_dir = out / "chips"
-    k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands,
-                           cfg.chips.model_dump()])
-    if stage("chips", k_chips, [chips_dir / "index.parquet"]):
-        make_chips(gpd.read_parquet(labels_path), source, cfg.train_year, chips_dir, cfg.chips,
-                   labels_path=cfg.labels[0] if len(cfg.labels) == 1 else None)
-        finished("chips", k_chips)
-
-    model_dir = out / "model"
-    hn = cfg.hard_negatives
-    first_dir = out / "model_initial" if hn.enabled else model_dir
-    k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), _train_settings(cfg), first_dir.name])
-    if stage("train", k_train, [first_dir / "model.json"]):
-        _train_resumable(manifest, "train", k_train, [chips_dir], first_dir, cfg, progress)
-        finished("train", k_train)
-    _check_floor(cfg, first_dir)  # a model that learnt nothing would mine the whole scene as hard negatives
-    if hn.enabled:
-        hn_dir = out / "hard_negatives"
-        k_hn = stable_hash(["hard_negatives", k_train, imagery_key, hn.model_dump(exclude={"epochs", "patience"}),
-                            _predict_settings(cfg, "tile_size", "normalise_years")])
-        if stage("hard_negatives", k_hn, [hn_dir / "chips" / "index.parquet"]):
-            _hard_negatives(cfg, source, labels_path, chips_dir, first_dir, hn_dir, overwrite, progress)
-            finished("hard_negatives", k_hn)
-        k_train = stable_hash(["finetune", k_hn, hn.epochs, hn.patience])
-        if stage("finetune", k_train, [model_dir / "model.json"]):
-            _train_resumable(manifest, "finetune", k_train, [chips_dir, hn_dir / "chips"], model_dir, cfg,
-                             progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience)
-            finished("finetune", k_train)
-    card = _check_floor(cfg, model_dir)
+    if trained:
+        model_dir = Path(cfg.model.path)
+        k_train = stable_hash(["model", file_sha256(model_dir / WEIGHTS), file_sha256(model_dir / CARD)])
+        card = _check_floor(cfg, model_dir)
+    else:
+        model_dir, k_train, card = _fit(cfg, source, manifest, stage, finished, overwrite, progress)
 
     prob_dir = out / "probabilities"
     k_predict = stable_hash(["predict", k_train, imagery_key, _predict_settings(cfg), cfg.years, cfg.bands])
@@ -190,6 +170,50 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         result.metrics = metrics_path
         result.metrics_data = json.loads(metrics_path.read_text())
     return result
+
+
+def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite: bool, progress: bool):
+    """Stages labels, chips, train, hard_negatives and finetune: the model of a run that trains its own.
+    Returns the model directory, the key of its training and its card."""
+    out = Path(cfg.out)
+    # the training year's pixels: new imagery of that year redoes chips and training
+    imagery_key = stable_hash([cfg.imagery.model_dump(mode="json", exclude={"path"}),
+                               source.fingerprint(cfg.train_year)])
+    k_labels = stable_hash(["labels", [_file_key(p) for p in cfg.labels]])
+    labels_path = out / "labels.parquet"
+    if stage("labels", k_labels, [labels_path]):
+        labels_stage(cfg.labels, labels_path)
+        finished("labels", k_labels)
+
+    chips_dir = out / "chips"
+    k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands,
+                           cfg.chips.model_dump()])
+    if stage("chips", k_chips, [chips_dir / "index.parquet"]):
+        make_chips(gpd.read_parquet(labels_path), source, cfg.train_year, chips_dir, cfg.chips,
+                   labels_path=cfg.labels[0] if len(cfg.labels) == 1 else None)
+        finished("chips", k_chips)
+
+    model_dir = out / "model"
+    hn = cfg.hard_negatives
+    first_dir = out / "model_initial" if hn.enabled else model_dir
+    k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), _train_settings(cfg), first_dir.name])
+    if stage("train", k_train, [first_dir / "model.json"]):
+        _train_resumable(manifest, "train", k_train, [chips_dir], first_dir, cfg, progress)
+        finished("train", k_train)
+    _check_floor(cfg, first_dir)  # a model that learnt nothing would mine the whole scene as hard negatives
+    if hn.enabled:
+        hn_dir = out / "hard_negatives"
+        k_hn = stable_hash(["hard_negatives", k_train, imagery_key, hn.model_dump(exclude={"epochs", "patience"}),
+                            _predict_settings(cfg, "tile_size", "normalise_years")])
+        if stage("hard_negatives", k_hn, [hn_dir / "chips" / "index.parquet"]):
+            _hard_negatives(cfg, source, labels_path, chips_dir, first_dir, hn_dir, overwrite, progress)
+            finished("hard_negatives", k_hn)
+        k_train = stable_hash(["finetune", k_hn, hn.epochs, hn.patience])
+        if stage("finetune", k_train, [model_dir / "model.json"]):
+            _train_resumable(manifest, "finetune", k_train, [chips_dir, hn_dir / "chips"], model_dir, cfg,
+                             progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience)
+            finished("finetune", k_train)
+    return model_dir, k_train, _check_floor(cfg, model_dir)
 
 
 def _train_settings(cfg: RunConfig) -> dict:

@@ -30,7 +30,7 @@ from minemap.errors import ImageryError
 from minemap.execution import map_units
 from minemap.geo import ground_sample_distance_m
 from minemap.grid import Tile, make_tiles
-from minemap.imagery import ImagerySource, open_imagery
+from minemap.imagery import ImagerySource, Resampled, describe, open_imagery
 from minemap.manifest import Manifest
 from minemap import radiometry as rad
 from minemap.rasters import NODATA, quantise, write_cog
@@ -50,7 +50,8 @@ def check_compatible(card: ModelCard, source: ImagerySource, year: int, where: s
     gsd = ground_sample_distance_m(g.crs, g.transform, g.width, g.height)
     if abs(gsd - card.gsd_m) > GSD_TOLERANCE * card.gsd_m:
         raise ImageryError(f"{where}imagery of {year} has a ground sample distance of {gsd:.2f} m, the model was "
-                           f"trained at {card.gsd_m:.2f} m (more than {GSD_TOLERANCE:.0%} apart)")
+                           f"trained at {card.gsd_m:.2f} m (more than {GSD_TOLERANCE:.0%} apart; set "
+                           f"predict.resample = true to read it at the model's pixel size)")
 
 
 def blend_weights(size: int) -> np.ndarray:
@@ -140,10 +141,29 @@ def obscured(pixels: np.ndarray, valid: np.ndarray, ref: np.ndarray, ref_valid: 
 _WORKER: dict = {}
 
 
-def _init_predict(model_dir: str, imagery: str, bands: list[str] | None, device: str) -> None:
+def open_for_model(imagery, bands: list[str] | None, card: ModelCard, resample: bool = False,
+                   where: str = "") -> tuple[ImagerySource, float | None]:
+    """The source as the model needs it, and the resampling factor applied (None: none). Imagery at another
+    ground sample distance than the model's is refused unless ``resample``, then read onto a grid of the
+    model's pixel size (bilinear)."""
+    source = open_imagery(imagery, bands)
+    years = source.years()
+    if not resample or not years:
+        return source, None
+    g = source.grid(years[0])
+    gsd = ground_sample_distance_m(g.crs, g.transform, g.width, g.height)
+    if abs(gsd - card.gsd_m) <= 0.02 * card.gsd_m:
+        return source, None
+    factor = card.gsd_m / gsd
+    log.info("%simagery at %.2f m is resampled to the model's %.2f m", where, gsd, card.gsd_m)
+    return Resampled(open_imagery(imagery, bands, resampling="bilinear"), factor), factor
+
+
+def _init_predict(model_dir: str, imagery, bands: list[str] | None, device: str, factor: float | None) -> None:
     dev = resolve_device(device)
     model, card = load_model(Path(model_dir), dev)
-    _WORKER.update(model=model, card=card, device=dev, source=open_imagery(imagery, bands))
+    source = open_imagery(imagery, bands, resampling="bilinear" if factor else "nearest")
+    _WORKER.update(model=model, card=card, device=dev, source=Resampled(source, factor) if factor else source)
 
 
 def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | None]) -> tuple[int, str]:
@@ -169,19 +189,25 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | N
     return year, tile.tile_id
 
 
-def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg: PredictConfig | None = None,
+def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: PredictConfig | None = None,
             bands: list[str] | None = None, workers: int = 1, overwrite: bool = False,
             progress: bool = True) -> list[Path]:
-    """Stage ``predict``: probability COGs for every (tile, year) under ``out_dir/<year>/``."""
+    """Stage ``predict``: probability COGs for every (tile, year) under ``out_dir/<year>/``. ``imagery``: a
+    source description (see :func:`minemap.imagery.open_imagery`) or a local path."""
     cfg = cfg or PredictConfig()
     out_dir = Path(out_dir)
     card = read_card(model_dir)
-    source = open_imagery(imagery, bands)
+    where = f"{describe(imagery)}: "
+    source, factor = open_for_model(imagery, bands, card, cfg.resample, where)
     for year in years:
-        check_compatible(card, source, year, where=f"{imagery}: ")
+        check_compatible(card, source, year, where=where)
+    write_json(out_dir / "imagery.json", {
+        "source": imagery.model_dump(mode="json") if hasattr(imagery, "model_dump") else {"path": str(imagery)},
+        "bands": list(source.band_names),
+        "resampled": None if factor is None else {"factor": factor, "to_gsd_m": card.gsd_m, "method": "bilinear"}})
     radiometry = {}
     if cfg.normalise_years != "off" and card.train_year not in source.years():
-        log.warning("%s: no imagery of the model's training year %s: years are not normalised to it", imagery,
+        log.warning("%sno imagery of the model's training year %s: years are not normalised to it", where,
                     card.train_year)
     fitted = rad.year_radiometry(source, years, card.train_year, cfg.normalise_years)
     for year, r in fitted.items():
@@ -189,7 +215,8 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
     if fitted:
         write_json(out_dir / "radiometry.json", {str(y): rad.summary(r) for y, r in fitted.items()})
     # a unit is done when made by these weights and card (calibration, cloud level), settings and radiometry
-    model_key = [file_sha256(Path(model_dir) / WEIGHTS), file_sha256(Path(model_dir) / CARD), cfg.window_overlap,
+    model_key = [file_sha256(Path(model_dir) / WEIGHTS), file_sha256(Path(model_dir) / CARD), factor,
+                 cfg.window_overlap,
                  cfg.tta, cfg.mask_clouds, {y: rad.content_key(r) for y, r in fitted.items()}]
     # years normalised to the reference year are compared with it for thin clouds and shadows
     ref_year = {y: card.train_year if cfg.mask_clouds and y in fitted else None for y in years}
@@ -209,7 +236,7 @@ def predict(model_dir: Path, imagery: Path, years: list[int], out_dir: Path, cfg
     if len(units) < len(outputs):
         log.info("predict: %d of %d units already done", len(outputs) - len(units), len(outputs))
     for year, tile_id in map_units(_predict_unit, units, workers, _init_predict,
-                                   (str(model_dir), str(imagery), bands, cfg.device), desc="predict",
+                                   (str(model_dir), imagery, bands, cfg.device, factor), desc="predict",
                                    progress=progress):
         manifest.mark(f"{year}/{tile_id}", fingerprints[year])
     _WORKER.clear()

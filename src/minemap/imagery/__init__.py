@@ -4,14 +4,16 @@ A source serves, for each year, a mosaic on its native grid (CRS, pixel size) an
 float32 array ``(bands, rows, cols)`` with a validity mask, without loading the mosaic whole. Sources:
 
 - :mod:`minemap.imagery.local`: a directory with one sub-folder per year of GeoTIFF/COG files
-  (the published study's ``tiff_tiles/<year>/`` layout).
+  (the published study's ``tiff_tiles/<year>/`` layout);
+- :mod:`minemap.imagery.stac`: yearly cloud-masked median composites of Sentinel-2 L2A (or another STAC
+  collection with a scene classification), through a STAC API, cached as COGs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from affine import Affine
@@ -66,11 +68,56 @@ class ImagerySource(Protocol):
         ...
 
 
-def open_imagery(path: Path | str, bands: list[str] | None = None) -> ImagerySource:
-    """Open an imagery source from a path (a local directory of year folders)."""
+def open_imagery(desc: Any, bands: list[str] | None = None, resampling: str = "nearest") -> ImagerySource:
+    """Open the source a description names: an imagery config (``source = "local"``, ...), or a bare path, which
+    is a local directory of year folders. Stages and worker processes receive the description, which pickles,
+    and open the source themselves. ``resampling``: how pixels are read onto a grid other than the source's."""
+    from minemap.config import LocalImageryConfig, StacImageryConfig
     from minemap.imagery.local import LocalImagery
 
-    return LocalImagery(Path(path), bands=bands)
+    if isinstance(desc, (str, Path)):
+        desc = LocalImageryConfig(path=Path(desc))
+    if isinstance(desc, LocalImageryConfig):
+        return LocalImagery(desc.path, bands=bands, resampling=resampling)
+    if isinstance(desc, StacImageryConfig):
+        from minemap.imagery.stac import StacImagery
+
+        return StacImagery(desc, bands=bands)
+    raise TypeError(f"not an imagery description: {desc!r}")
 
 
-__all__ = ["Grid", "ImagerySource", "open_imagery"]
+def describe(desc: Any) -> str:
+    """A short human name of a source description, for messages: the local path or the API's URL."""
+    for attr in ("path", "url"):
+        if getattr(desc, attr, None) is not None:
+            return str(getattr(desc, attr))
+    return str(desc)
+
+
+class Resampled:
+    """A source seen at another pixel size: its grids scaled by ``factor`` (new pixel / old pixel), its pixels
+    read onto them by the source (which resamples any grid it is asked for)."""
+
+    def __init__(self, inner: ImagerySource, factor: float) -> None:
+        self.inner, self.factor = inner, float(factor)
+        self.band_names = inner.band_names
+
+    def years(self) -> list[int]:
+        return self.inner.years()
+
+    def grid(self, year: int) -> Grid:
+        g = self.inner.grid(year)
+        return Grid(g.crs, g.transform @ Affine.scale(self.factor), max(1, round(g.width / self.factor)),
+                    max(1, round(g.height / self.factor)))
+
+    def fingerprint(self, year: int) -> str:
+        return f"{self.inner.fingerprint(year)}@x{self.factor:.6g}"
+
+    def check_bands(self, year: int) -> None:
+        self.inner.check_bands(year)
+
+    def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        return self.inner.read(year, grid)
+
+
+__all__ = ["Grid", "ImagerySource", "Resampled", "describe", "open_imagery"]

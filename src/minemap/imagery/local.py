@@ -48,8 +48,9 @@ class _FileInfo:
 class LocalImagery:
     """Imagery from ``root/<year>/*.tif``."""
 
-    def __init__(self, root: Path, bands: list[str] | None = None) -> None:
+    def __init__(self, root: Path, bands: list[str] | None = None, resampling: str = "nearest") -> None:
         self.root = Path(root)
+        self.resampling = Resampling[resampling]  # nearest: the files' own pixels where the grids agree
         if not self.root.is_dir():
             raise ImageryError(f"{self.root}: imagery directory not found")
         self._bands_cfg = list(bands) if bands else None
@@ -74,18 +75,7 @@ class LocalImagery:
         paths = self._paths(year)
         if not paths:
             raise ImageryError(f"{folder}: no GeoTIFF files for year {year}")
-        infos = []
-        for p in paths:
-            try:
-                with rasterio.open(p) as src:
-                    if src.crs is None:
-                        raise ImageryError(f"{p}: raster has no CRS")
-                    infos.append(
-                        _FileInfo(p, CRS.from_user_input(src.crs), src.count, src.dtypes[0], src.res,
-                                  tuple(src.bounds), tuple(src.descriptions))
-                    )
-            except RasterioError as e:
-                raise ImageryError(f"{p}: not a readable raster ({e})") from None
+        infos = [file_info(p) for p in paths]
         first = infos[0]
         for info in infos[1:]:
             if info.count != first.count:
@@ -142,24 +132,41 @@ class LocalImagery:
         return Grid(first.crs, Affine(xres, 0, left, 0, -yres, top), width, height)
 
     def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-        infos = self._scan(year)
-        n = len(self.band_names)
-        out = np.zeros((n, grid.height, grid.width), dtype=np.float32)
-        valid = np.zeros((grid.height, grid.width), dtype=bool)
-        gl, gb, gr, gt = grid.bounds
-        for info in infos:
-            b = info.bounds if info.crs == grid.crs else transform_bounds(info.crs, grid.crs, *info.bounds)
-            if b[0] >= gr or b[2] <= gl or b[1] >= gt or b[3] <= gb:
-                continue
-            try:
-                with rasterio.open(info.path) as src, WarpedVRT(
-                    src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                    resampling=Resampling.nearest, add_alpha=True,
-                ) as vrt:
-                    data = vrt.read()
-            except RasterioError as e:
-                raise ImageryError(f"{info.path}: cannot read pixels ({e})") from None
-            fill = (data[-1] > 0) & ~valid
-            out[:, fill] = data[:n, fill]
-            valid |= fill
-        return out, valid
+        return read_files(self._scan(year), grid, len(self.band_names), self.resampling)
+
+
+def file_info(path: Path) -> _FileInfo:
+    """What the readers need of a raster file (CRS, bands, resolution, bounds), or an ImageryError naming it."""
+    try:
+        with rasterio.open(path) as src:
+            if src.crs is None:
+                raise ImageryError(f"{path}: raster has no CRS")
+            return _FileInfo(Path(path), CRS.from_user_input(src.crs), src.count, src.dtypes[0], src.res,
+                             tuple(src.bounds), tuple(src.descriptions))
+    except RasterioError as e:
+        raise ImageryError(f"{path}: not a readable raster ({e})") from None
+
+
+def read_files(files: list[_FileInfo], grid: Grid, n: int,
+               resampling: Resampling = Resampling.nearest) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` bands of a mosaic of ``files`` on ``grid`` (float32 ``(n, h, w)``) and where it has data;
+    where files overlap, the first one with data wins. Only the window asked for is read (warped VRTs)."""
+    out = np.zeros((n, grid.height, grid.width), dtype=np.float32)
+    valid = np.zeros((grid.height, grid.width), dtype=bool)
+    gl, gb, gr, gt = grid.bounds
+    for info in files:
+        b = info.bounds if info.crs == grid.crs else transform_bounds(info.crs, grid.crs, *info.bounds)
+        if b[0] >= gr or b[2] <= gl or b[1] >= gt or b[3] <= gb:
+            continue
+        try:
+            with rasterio.open(info.path) as src, WarpedVRT(
+                src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
+                resampling=resampling, add_alpha=True,
+            ) as vrt:
+                data = vrt.read()
+        except RasterioError as e:
+            raise ImageryError(f"{info.path}: cannot read pixels ({e})") from None
+        fill = (data[-1] > 0) & ~valid
+        out[:, fill] = data[:n, fill]
+        valid |= fill
+    return out, valid

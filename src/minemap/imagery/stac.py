@@ -1,0 +1,269 @@
+"""Sentinel-2 L2A (or another STAC collection with a scene classification band) as yearly cloud-masked median
+composites, found through a STAC API (pystac-client) and read with odc-stac.
+
+For a year and a cache tile, the collection's items over the tile whose date falls in ``months`` are loaded onto
+the tile's grid (reflectance bilinear, the classification nearest); pixels whose scene class is in
+``mask_classes`` are dropped; reflectance is harmonised across the processing-baseline change of January 2022
+(baseline 04.00 and later add 1,000 to L2A digital numbers, unless the item says the catalogue removed it); and
+the median of the clear observations is taken per band, with the count of clear observations as a last band.
+Pixels with no clear observation are nodata (0), never a reflectance of zero.
+
+Cache tiles lie on a fixed lattice of the source's CRS (``tile_px`` pixels of ``resolution_m``, from the CRS
+origin), so areas that overlap share them. A composite is a COG at ``cache_dir/<key>/<year>/<tile>.tif`` with a
+JSON record beside it (the items used, clear share); ``key`` hashes everything its pixels depend on (API,
+collection, assets, masked classes, months, resolution, CRS, ...). A cached composite is never fetched again,
+and it is written under a temporary name and renamed when complete, so an interrupted download leaves nothing
+that is used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import warnings
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+import shapely
+from affine import Affine
+from pyproj import CRS
+from rasterio.io import MemoryFile
+from rasterio.warp import transform_bounds
+
+from minemap._io import atomic_path, stable_hash, write_json
+from minemap.config import StacImageryConfig
+from minemap.errors import ImageryError
+from minemap.imagery import Grid
+from minemap.imagery.local import file_info, read_files
+
+log = logging.getLogger(__name__)
+FIRST_YEAR = 2015  # Sentinel-2A's launch
+RETRY_STATUS = (429, 500, 502, 503, 504)
+
+
+def cache_root(cfg: StacImageryConfig) -> Path:
+    if cfg.cache_dir is not None:
+        return Path(cfg.cache_dir)
+    return Path(os.environ.get("MINEMAP_CACHE") or Path.home() / ".cache" / "minemap")
+
+
+def boa_offset(properties: dict) -> int:
+    """What to add to an item's L2A digital numbers to bring them to the scale before baseline 04.00: -1000 for
+    baseline 04.00 and later, unless the item says the offset is already removed; else 0."""
+    applied = properties.get("earthsearch:boa_offset_applied", properties.get("sentinel:boa_offset_applied"))
+    if applied:
+        return 0
+    try:
+        baseline = float(properties.get("s2:processing_baseline", "0"))
+    except (TypeError, ValueError):
+        baseline = 0.0
+    return -1000 if baseline >= 4.0 else 0
+
+
+def utm_crs(lon: float, lat: float) -> CRS:
+    zone = int((lon + 180) // 6) % 60 + 1
+    return CRS.from_epsg((32600 if lat >= 0 else 32700) + zone)
+
+
+class StacImagery:
+    """Yearly composites of a STAC collection over ``cfg.bbox``; see the module docstring."""
+
+    def __init__(self, cfg: StacImageryConfig, bands: list[str] | None = None) -> None:
+        self.cfg = cfg
+        if bands:
+            unknown = [b for b in bands if b not in cfg.assets]
+            if unknown:
+                raise ImageryError(f"{cfg.url}: bands {unknown} are not among the source's ({', '.join(cfg.assets)}); "
+                                   "name them in imagery.assets")
+        self.band_names = list(bands) if bands else list(cfg.assets)
+        w, s, e, n = cfg.bbox
+        self.crs = CRS.from_user_input(cfg.crs) if cfg.crs else utm_crs((w + e) / 2, (s + n) / 2)
+        if self.crs.is_geographic:
+            raise ImageryError(f"imagery.crs {cfg.crs}: composites need a projected CRS (metres), e.g. a UTM zone")
+        self.res = cfg.resolution_m / self.crs.axis_info[0].unit_conversion_factor
+        self.key = stable_hash([cfg.url.rstrip("/"), cfg.collection, [cfg.assets[b] for b in self.band_names],
+                                cfg.scl_asset, sorted(cfg.mask_classes), cfg.months, cfg.max_cloud_cover, self.res,
+                                self.crs.to_wkt(), cfg.harmonise, cfg.tile_px])
+        self.root = cache_root(cfg) / f"stac-{self.key}"
+        self._items: dict[int, list] = {}
+        self.fetched: list[dict] = []  # the composites built by this process (for reports)
+
+    # -- the protocol ----------------------------------------------------------------------------------------
+    def years(self) -> list[int]:
+        return list(range(FIRST_YEAR, dt.date.today().year + 1))
+
+    @cached_property
+    def _grid(self) -> Grid:
+        left, bottom, right, top = transform_bounds("EPSG:4326", self.crs, *self.cfg.bbox, densify_pts=21)
+        r = self.res
+        x0, y1 = np.floor(left / r) * r, np.ceil(top / r) * r
+        width, height = int(np.ceil((right - x0) / r)), int(np.ceil((y1 - bottom) / r))
+        return Grid(self.crs, Affine(r, 0, x0, 0, -r, y1), width, height)
+
+    def grid(self, year: int) -> Grid:
+        return self._grid
+
+    def fingerprint(self, year: int) -> str:
+        return stable_hash([self.key, year])
+
+    def check_bands(self, year: int) -> None:
+        """Raise unless the year has scenes over the area and they carry every asset named."""
+        items = self._search(year)
+        if not items:
+            raise ImageryError(f"{self.cfg.url}: no {self.cfg.collection} scenes for {year} over bbox "
+                               f"{list(self.cfg.bbox)} in months {self._months_text()} (is the collection right?)")
+        wanted = [self.cfg.assets[b] for b in self.band_names] + [self.cfg.scl_asset]
+        missing = [a for a in wanted if a not in items[0].assets]
+        if missing:
+            raise ImageryError(f"{self.cfg.url}: {self.cfg.collection} items have no asset {missing[0]!r} (they "
+                               f"have {', '.join(sorted(items[0].assets))}); set imagery.assets / imagery.scl_asset")
+
+    def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        paths = [self.composite(year, t) for t in self.tiles_over(grid)]
+        return read_files([file_info(p) for p in paths], grid, len(self.band_names),
+                          rasterio.enums.Resampling.bilinear)
+
+    # -- composites ------------------------------------------------------------------------------------------
+    def tiles_over(self, grid: Grid) -> list[tuple[int, int]]:
+        """Lattice tiles (column, row indices from the CRS origin) that ``grid`` touches."""
+        left, bottom, right, top = grid.bounds if grid.crs == self.crs else \
+            transform_bounds(grid.crs, self.crs, *grid.bounds, densify_pts=21)
+        side = self.cfg.tile_px * self.res
+        eps = 1e-6 * side
+        cols = range(int(np.floor(left / side)), int(np.floor((right - eps) / side)) + 1)
+        rows = range(int(np.floor(-top / side)), int(np.floor((-bottom - eps) / side)) + 1)
+        return [(c, r) for r in rows for c in cols]
+
+    def tile_grid(self, tile: tuple[int, int]) -> Grid:
+        c, r = tile
+        side = self.cfg.tile_px * self.res
+        return Grid(self.crs, Affine(self.res, 0, c * side, 0, -self.res, -r * side), self.cfg.tile_px,
+                    self.cfg.tile_px)
+
+    def tile_path(self, year: int, tile: tuple[int, int]) -> Path:
+        c, r = tile
+        return self.root / str(year) / f"x{c}_y{r}.tif"
+
+    def composite(self, year: int, tile: tuple[int, int]) -> Path:
+        """The cached composite of ``tile`` and ``year``, built (and cached) first if need be."""
+        path = self.tile_path(year, tile)
+        if path.is_file():
+            return path
+        grid = self.tile_grid(tile)
+        box = shapely.box(*transform_bounds(self.crs, "EPSG:4326", *grid.bounds, densify_pts=21))
+        items = [it for it in self._search(year) if shapely.intersects(shapely.geometry.shape(it.geometry), box)]
+        data, count = self._median(items, grid)
+        record = {"year": year, "tile": path.stem, "scenes": len(items), "items": [it.id for it in items],
+                  "clear_share": round(float((count > 0).mean()), 4),
+                  "median_clear_observations": float(np.median(count[count > 0])) if (count > 0).any() else 0.0}
+        write_json(path.with_suffix(".json"), record)
+        _write_composite(path, data, count, grid, self.band_names)
+        record["bytes"] = path.stat().st_size
+        self.fetched.append(record)
+        log.info("composite %d %s: %d scenes, %.0f %% clear", year, path.stem, len(items),
+                 100 * record["clear_share"])
+        return path
+
+    def _median(self, items: list, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        """Per-band median of the clear observations (uint16, 0 where none) and their count (h, w)."""
+        import odc.stac
+        from odc.geo.geobox import GeoBox
+
+        bands = [self.cfg.assets[b] for b in self.band_names]
+        h, w = grid.height, grid.width
+        stacks, clear_any = [], np.zeros((h, w), np.int32)
+        groups: dict[int, list] = {}
+        for it in items:
+            groups.setdefault(boa_offset(it.properties) if self.cfg.harmonise else 0, []).append(it)
+        geobox = GeoBox((h, w), grid.transform, grid.crs)
+        odc.stac.configure_rio(cloud_defaults=True, GDAL_HTTP_MAX_RETRY=str(self.cfg.retries),
+                               GDAL_HTTP_RETRY_DELAY="1", GDAL_HTTP_TIMEOUT=str(int(self.cfg.timeout_s)))
+        for offset, group in sorted(groups.items()):
+            try:
+                ds = odc.stac.load(
+                    group, bands=[*bands, self.cfg.scl_asset], geobox=geobox, groupby="solar_day", chunks=None,
+                    resampling={**{b: "bilinear" for b in bands}, self.cfg.scl_asset: "nearest"},
+                    dtype={**{b: "uint16" for b in bands}, self.cfg.scl_asset: "uint8"}, nodata=0,
+                    use_overviews=False)
+            except Exception as e:  # rasterio, GDAL or HTTP errors from deep inside odc-stac
+                raise ImageryError(f"{self.cfg.url}: cannot read {self.cfg.collection} scenes "
+                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            scl = ds[self.cfg.scl_asset].values
+            refl = np.stack([ds[b].values for b in bands])  # (bands, time, h, w)
+            clear = (scl != 0) & ~np.isin(scl, self.cfg.mask_classes) & (refl > 0).all(0)
+            vals = np.maximum(refl.astype(np.float32) + offset, 1.0)
+            vals[:, ~clear] = np.nan
+            stacks.append(vals)
+            clear_any += clear.sum(0)
+        if not stacks:
+            return np.zeros((len(bands), h, w), np.uint16), clear_any
+        with warnings.catch_warnings():  # all-NaN pixels (no clear observation) are nodata below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(np.concatenate(stacks, axis=1), axis=1)
+        out = np.where(clear_any[None] > 0, np.rint(np.nan_to_num(med, nan=0.0)), 0)
+        return np.clip(out, 0, 65535).astype(np.uint16), clear_any
+
+    def _client(self):
+        import pystac_client
+        from pystac_client.stac_api_io import StacApiIO
+        from urllib3 import Retry
+
+        retry = Retry(total=self.cfg.retries, backoff_factor=0.5, status_forcelist=RETRY_STATUS,
+                      allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
+        io = StacApiIO(max_retries=retry, timeout=self.cfg.timeout_s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # catalogues that omit optional links or conformance classes
+            return pystac_client.Client.open(self.cfg.url, stac_io=io)
+
+    def _search(self, year: int) -> list:
+        """The items of ``year`` over the whole area (one search, paged), in the chosen months."""
+        if year in self._items:
+            return self._items[year]
+        import requests
+        from pystac_client.exceptions import APIError
+
+        query = {"eo:cloud_cover": {"lt": self.cfg.max_cloud_cover}} if self.cfg.max_cloud_cover is not None else None
+        try:
+            search = self._client().search(collections=[self.cfg.collection], bbox=list(self.cfg.bbox),
+                                           datetime=f"{year}-01-01/{year}-12-31", query=query)
+            items = [it for it in search.items() if it.datetime is None or it.datetime.month in self.cfg.months]
+        except APIError as e:
+            cause = e.__cause__ or e.__context__
+            if isinstance(cause, requests.RequestException) or "Max retries exceeded" in str(e):
+                raise ImageryError(f"{self.cfg.url}: no answer from the STAC API (connection failed or timed "
+                                   f"out after {self.cfg.retries} retries)") from None
+            status = getattr(e, "status_code", None)
+            detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise ImageryError(f"{self.cfg.url}: the STAC API refused the search"
+                               f"{f' (HTTP {status})' if status else ''}: {detail}") from None
+        except requests.RequestException as e:
+            raise ImageryError(f"{self.cfg.url}: no answer from the STAC API ({type(e).__name__})") from None
+        items.sort(key=lambda it: (it.datetime or dt.datetime.min.replace(tzinfo=dt.timezone.utc), it.id))
+        self._items[year] = items
+        return items
+
+    def _months_text(self) -> str:
+        m = self.cfg.months
+        return "all" if len(m) == 12 else ",".join(map(str, m))
+
+
+def _write_composite(dest: Path, data: np.ndarray, count: np.ndarray, grid: Grid, names: list[str]) -> None:
+    """Bands then the clear-observation count, uint16, nodata 0, as a COG written atomically."""
+    stack = np.concatenate([data, np.minimum(count, 65535).astype(np.uint16)[None]])
+    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=len(stack), dtype="uint16",
+                   crs=grid.crs, transform=grid.transform, nodata=0)
+    with atomic_path(dest) as tmp, MemoryFile() as mem:
+        with mem.open(**profile) as ds:
+            ds.write(stack)
+            ds.descriptions = (*names, "clear_observations")
+            rasterio.shutil.copy(ds, tmp, driver="COG", compress="DEFLATE", blocksize=256,
+                                 overview_resampling="average")
+
+
+def read_record(path: Path) -> dict:
+    return json.loads(Path(path).with_suffix(".json").read_text())
