@@ -116,7 +116,9 @@ def test_second_run_fetches_nothing(stac, tmp_path):
     a, _ = first.read(2019, grid)
     n = len(stac.requests)
     assert any(r.startswith("GET /data/") for r in stac.requests)
-    b, _ = open_imagery(cfg).read(2019, grid)
+    again = open_imagery(cfg)
+    again.check_bands(2019)
+    b, _ = again.read(2019, grid)
     assert len(stac.requests) == n and np.array_equal(a, b)
     assert not [p for p in (tmp_path / "cache").rglob("*") if ".tmp" in p.name]
     # another month selection is another composite
@@ -175,4 +177,26 @@ def test_run_maps_with_a_stac_source(stac, tmp_path, tiny_run):
     n = len(stac.requests)
     r = CliRunner().invoke(app, ["run", str(tmp_path / "run.toml"), "--overwrite"])
     assert r.exit_code == 0, r.output
-    assert not [q for q in stac.requests[n:] if q.startswith("GET /data/")]  # composites come from the cache
+    assert stac.requests[n:] == []  # composites come from the cache: no search, no download
+
+
+def test_cli_fetch_fills_the_cache_and_reports(stac, tmp_path):
+    from typer.testing import CliRunner
+
+    from minemap.cli import app
+
+    cfg = _cfg(stac, tmp_path)
+    args = ["imagery", "fetch", "--years", "2019,2022", "--url", stac.url, "--collection", "sentinel-2-l2a",
+            "--aoi", ",".join(map(str, cfg.bbox)), "--months", "1-9", "--cache", str(tmp_path / "cache")]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "fetched" in r.output and "100.0%" in r.output
+    n = len(list((tmp_path / "cache").rglob("*.tif")))
+    assert n >= 2 and f"{n} composites ({n} fetched, 0 already cached)" in r.output.replace("\n", " ")
+    again = CliRunner().invoke(app, args)
+    assert f"({0} fetched, {n} already cached)" in again.output.replace("\n", " ")
+    bad = CliRunner().invoke(app, args[:-2] + ["--aoi", "west"])
+    assert bad.exit_code == 2 and "--aoi 'west'" in bad.output
+    none = CliRunner().invoke(app, ["imagery", "fetch", "--years", "2018", "--url", stac.url, "--aoi",
+                                    ",".join(map(str, cfg.bbox)), "--cache", str(tmp_path / "cache")])
+    assert none.exit_code == 2 and "no sentinel-2-l2a scenes for 2018" in none.output

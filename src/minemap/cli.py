@@ -284,6 +284,69 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
     _print_result(run_fn(cfg, overwrite=overwrite))
 
 
+imagery_app = typer.Typer(no_args_is_help=True, help="Imagery sources: fill a remote source's cache ahead of a run.")
+app.add_typer(imagery_app, name="imagery")
+
+
+@imagery_app.command("fetch")
+@_stage
+def imagery_fetch(
+        config: Annotated[Optional[Path], typer.Argument(help="TOML config whose [imagery] table names the source")] = None,
+        years: Annotated[str, typer.Option(help="years, e.g. 2019-2021")] = "",
+        source: Annotated[Optional[str], typer.Option(help="stac (the source that fetches)")] = None,
+        url: Annotated[Optional[str], typer.Option(help="STAC API root")] = None,
+        collection: Annotated[Optional[str], typer.Option(help="STAC collection, e.g. sentinel-2-l2a")] = None,
+        aoi: Annotated[Optional[str], typer.Option(help="area as west,south,east,north in degrees")] = None,
+        months: Annotated[Optional[str], typer.Option(help="months of each year's composite, e.g. 6-11")] = None,
+        cache: Annotated[Optional[Path], typer.Option(help="cache folder (default $MINEMAP_CACHE or "
+                                                           "~/.cache/minemap)")] = None):
+    """Build and cache a remote source's yearly composites for an area; report scenes found, the cloud-free
+    share per tile and year, and bytes written."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from minemap.config import StacImageryConfig, _flatten_error, parse_years
+    from minemap.errors import InputError
+    from minemap.imagery import open_imagery
+
+    table: dict = {}
+    if config is not None:
+        try:
+            table = dict(tomllib.loads(config.read_text()).get("imagery", {}))
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{config}: not a readable TOML config ({e})") from None
+        if isinstance(table.get("cache_dir"), str):
+            table["cache_dir"] = str(config.parent / table["cache_dir"])
+    if not years:
+        raise InputError("--years: give the years to fetch, e.g. 2019-2021")
+    if aoi is not None:
+        try:
+            table["bbox"] = [float(v) for v in aoi.split(",")]
+        except ValueError:
+            raise InputError(f"--aoi {aoi!r}: expected west,south,east,north in degrees") from None
+    overrides = {"source": source, "url": url, "collection": collection, "months": months,
+                 "cache_dir": str(cache) if cache else None}
+    table.update({k: v for k, v in overrides.items() if v is not None})
+    table.setdefault("source", "stac")
+    if table["source"] != "stac":
+        raise InputError(f"--source {table['source']!r}: only remote sources (stac) have a cache to fill")
+    try:
+        desc = StacImageryConfig.model_validate(table)
+    except ValidationError as e:
+        raise InputError(f"imagery: {_flatten_error(e)}") from None
+    src = open_imagery(desc)
+    records = src.fetch(parse_years(years))
+    table_out = Table("year", "tile", "scenes", "clear share", "bytes", "")
+    for r in records:
+        table_out.add_row(str(r["year"]), r["tile"], str(r["scenes"]), f"{r['clear_share']:.1%}",
+                          f"{r['bytes']:,}", "cached" if r["cached"] else "fetched")
+    out.print(table_out)
+    new = [r for r in records if not r["cached"]]
+    out.print(f"{len(records)} composites ({len(new)} fetched, {len(records) - len(new)} already cached), "
+              f"{sum(r['bytes'] for r in new):,} bytes written to {src.root}")
+
+
 @app.command()
 @_stage
 def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the scene and the run")] = Path("demo-out"),

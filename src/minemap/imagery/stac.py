@@ -112,7 +112,10 @@ class StacImagery:
         return stable_hash([self.key, year])
 
     def check_bands(self, year: int) -> None:
-        """Raise unless the year has scenes over the area and they carry every asset named."""
+        """Raise unless the year has scenes over the area and they carry every asset named (nothing to check, and
+        no request, where the year's composites of the whole area are cached)."""
+        if all(self.tile_path(year, t).is_file() for t in self.tiles_over(self._grid)):
+            return
         items = self._search(year)
         if not items:
             raise ImageryError(f"{self.cfg.url}: no {self.cfg.collection} scenes for {year} over bbox "
@@ -127,6 +130,23 @@ class StacImagery:
         paths = [self.composite(year, t) for t in self.tiles_over(grid)]
         return read_files([file_info(p) for p in paths], grid, len(self.band_names),
                           rasterio.enums.Resampling.bilinear)
+
+    def fetch(self, years: list[int], progress: bool = True) -> list[dict]:
+        """Fill the cache for ``years`` over the whole area ahead of a run: one record per tile and year (scenes,
+        clear share, bytes, and whether it was already cached)."""
+        from tqdm.auto import tqdm
+
+        for year in years:
+            self.check_bands(year)
+        tiles = self.tiles_over(self._grid)
+        records = []
+        for year, tile in tqdm([(y, t) for y in years for t in tiles], desc="composites", unit="tile",
+                               disable=not progress):
+            path = self.tile_path(year, tile)
+            cached = path.is_file()
+            self.composite(year, tile)
+            records.append({**read_record(path), "bytes": path.stat().st_size, "cached": cached})
+        return records
 
     # -- composites ------------------------------------------------------------------------------------------
     def tiles_over(self, grid: Grid) -> list[tuple[int, int]]:
@@ -158,9 +178,10 @@ class StacImagery:
         box = shapely.box(*transform_bounds(self.crs, "EPSG:4326", *grid.bounds, densify_pts=21))
         items = [it for it in self._search(year) if shapely.intersects(shapely.geometry.shape(it.geometry), box)]
         data, count = self._median(items, grid)
+        inside = count[self._area_window(grid)]  # the tile's part within the area
         record = {"year": year, "tile": path.stem, "scenes": len(items), "items": [it.id for it in items],
-                  "clear_share": round(float((count > 0).mean()), 4),
-                  "median_clear_observations": float(np.median(count[count > 0])) if (count > 0).any() else 0.0}
+                  "clear_share": round(float((inside > 0).mean()), 4) if inside.size else 0.0,
+                  "median_clear_observations": float(np.median(inside[inside > 0])) if (inside > 0).any() else 0.0}
         write_json(path.with_suffix(".json"), record)
         _write_composite(path, data, count, grid, self.band_names)
         record["bytes"] = path.stat().st_size
@@ -168,6 +189,14 @@ class StacImagery:
         log.info("composite %d %s: %d scenes, %.0f %% clear", year, path.stem, len(items),
                  100 * record["clear_share"])
         return path
+
+    def _area_window(self, grid: Grid) -> tuple[slice, slice]:
+        """Rows and columns of ``grid`` (a tile, on the same lattice) inside the area's grid."""
+        area = self._grid
+        c0 = int(round((area.transform.c - grid.transform.c) / self.res))
+        r0 = int(round((grid.transform.f - area.transform.f) / self.res))
+        return (slice(max(r0, 0), max(min(r0 + area.height, grid.height), 0)),
+                slice(max(c0, 0), max(min(c0 + area.width, grid.width), 0)))
 
     def _median(self, items: list, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         """Per-band median of the clear observations (uint16, 0 where none) and their count (h, w)."""
