@@ -227,3 +227,36 @@ def test_every_split_gets_a_labelled_block_when_there_are_enough():
     assert sorted(assign_splits(three, [], ChipConfig()).values()) == ["test", "train", "val"]
     two = {(0, 0): 100.0, (1, 0): 50.0}
     assert "train" in assign_splits(two, [], ChipConfig()).values()
+
+
+def test_a_field_touching_a_mine_is_judged_on_its_own(tmp_path):
+    """A detection that runs from a labelled mine into a field: sure on the mine, unsure on the field. Judged on its
+    part beyond the buffer (from the probability tiles), the field is a false alarm to teach, not a missed mine."""
+    from minemap.chips import hard_negative_chips
+    from minemap.config import HardNegativeConfig
+    from minemap.rasters import quantise, write_cog
+
+    src = _scene(tmp_path, size=512)
+    lab = gpd.GeoDataFrame(geometry=[_label_px(x, y, x + 20, y + 20) for x, y in
+                                     [(20, 20), (150, 30), (300, 40), (40, 300), (200, 200), (420, 420)]],
+                           crs="EPSG:3857")
+    cfg = ChipConfig(chip_size=32, block_size=128, background_per_positive=0, seed=3, ignore_border_m=0)
+    make_chips(lab, src, 2019, tmp_path / "chips", cfg)
+    prob = np.zeros((512, 512), np.float32)
+    prob[200:220, 200:220] = 0.99  # the labelled mine
+    prob[200:220, 220:280] = 0.5  # a field beside it, 60 px long
+    grid = src.grid(2019)
+    write_cog(tmp_path / "p" / "t.tif", quantise(prob), grid)
+    whole = float(prob[200:220, 200:280].mean())
+    det = gpd.GeoDataFrame({"mean_probability": [whole]}, geometry=[_label_px(200, 200, 280, 220)],
+                           crs="EPSG:3857").to_crs("EPSG:4326")
+    hn = HardNegativeConfig(buffer_m=40.0, per_positive=1.0, max_probability=0.6)
+    assert whole >= 0.6  # as a whole, as sure as the labelled mines
+    hard_negative_chips(det, lab.to_crs("EPSG:4326"), src, tmp_path / "chips", tmp_path / "without", cfg, hn)
+    meta = json.loads((tmp_path / "without" / "meta.json").read_text())["hard_negatives"]
+    assert meta["ignored_as_possible_missed_mines"] == 1 and meta["false_alarms"] == 0
+    hard_negative_chips(det, lab.to_crs("EPSG:4326"), src, tmp_path / "chips", tmp_path / "with", cfg, hn,
+                        prob_paths=[tmp_path / "p" / "t.tif"])
+    meta = json.loads((tmp_path / "with" / "meta.json").read_text())["hard_negatives"]
+    assert meta["ignored_as_possible_missed_mines"] == 0 and meta["false_alarms"] == 1
+    assert "judged on its part beyond" in meta["rule"]

@@ -53,6 +53,7 @@ from minemap.config import ChipConfig, HardNegativeConfig
 from minemap.errors import InputError
 from minemap.geo import WGS84, ground_sample_distance_m, units_per_metre
 from minemap.imagery import Grid, ImagerySource
+from minemap.rasters import zonal_mean
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -379,7 +380,7 @@ def read_meta(chips_dir: Path) -> dict:
 
 def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, source: ImagerySource,
                         chips_dir: Path, dest: Path, cfg: ChipConfig, hn: HardNegativeConfig,
-                        level: float | None = None) -> gpd.GeoDataFrame:
+                        level: float | None = None, prob_paths: list[Path] | None = None) -> gpd.GeoDataFrame:
     """Chips where a first model fires away from the labels, written to ``dest`` like a chips folder.
 
     ``detections``: that model's polygons of the training year (EPSG:4326, column ``mean_probability``), cut at
@@ -412,9 +413,17 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     on_label[shapely.STRtree(geoms).query(dgeoms, predicate="intersects")[0]] = True
     sure_level = min(hn.max_probability, float(np.median(prob[on_label]))) if on_label.any() \
         else hn.max_probability
-    sure = prob >= sure_level
+    # a detection that reaches a label is judged on its part away from the labels: the labelled mine's
+    # confidence must not vouch for a field that touches it
+    judged = prob.copy()
+    joined = np.flatnonzero(on_label & keep)
+    if prob_paths and len(joined):
+        part = zonal_mean(prob_paths, false[joined], grid.crs)
+        judged[joined] = np.where(np.isfinite(part), part, prob[joined])
+    sure = judged >= sure_level
     taught = false[keep & ~sure]
-    ignored = np.concatenate([dgeoms[keep & sure], shapely.intersection(dgeoms[~sure], near)])
+    missed_geoms = np.where(on_label, false, dgeoms)[keep & sure]  # a labelled mine is taught as such already
+    ignored = np.concatenate([missed_geoms, shapely.intersection(dgeoms[~sure], near)])
     ignored = ignored[~shapely.is_empty(ignored)]
     n_max = int(round(hn.per_positive * (index.kind == "positive").sum()))
     stats = {"detections": int(len(dgeoms)), "false_alarms": int(len(taught)),
@@ -422,9 +431,10 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     policy = {"buffer_m": hn.buffer_m, "search_level": level, "sure_level": round(sure_level, 4), "rule": (
         f"false alarms are the first model's detections{'' if level is None else f' at probability {level:g}'} further than {hn.buffer_m:g} m from every label and "
         f"less sure than {sure_level:.2f} (the median of its mean probability on labelled mines, capped at "
-        f"{hn.max_probability:g}); surer detections away from labels may be mines the labels miss: their pixels "
-        f"are ignored (255) in every chip, as is the part of any detection within {hn.buffer_m:g} m of a label")}
-    missed = gpd.GeoDataFrame({"mean_probability": prob[keep & sure]}, geometry=dgeoms[keep & sure],
+        f"{hn.max_probability:g}; a detection that reaches a label is judged on its part beyond that distance); "
+        f"surer detections away from labels may be mines the labels miss: their pixels are ignored (255) in "
+        f"every chip, as is the part of any detection within {hn.buffer_m:g} m of a label")}
+    missed = gpd.GeoDataFrame({"mean_probability": judged[keep & sure]}, geometry=missed_geoms,
                               crs=grid.crs).to_crs(WGS84)
     pos, blk = chip_positions(grid, cfg, block)
     boxes = _chip_boxes(grid, pos, cfg.chip_size)

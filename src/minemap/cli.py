@@ -284,6 +284,33 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
     _print_result(run_fn(cfg, overwrite=overwrite))
 
 
+model_app = typer.Typer(no_args_is_help=True, help="Model directories: import the published study's model.")
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("import-mmseg")
+@_stage
+def model_import_mmseg(
+        checkpoint: Annotated[Path, typer.Argument(help="MMSegmentation SegFormer checkpoint (.pth)")],
+        out_dir: Annotated[Path, typer.Option("--out", help="minemap model directory to write")],
+        bands: Annotated[str, typer.Option(help="bands the model was trained on, in order")] = "red,green,blue",
+        mean: Annotated[str, typer.Option(help="per-band mean of its normalisation (data_preprocessor)")]
+        = "123.675,116.28,103.53",
+        std: Annotated[str, typer.Option(help="per-band std of its normalisation")] = "58.395,57.12,57.375",
+        gsd_m: Annotated[float, typer.Option(help="ground sample distance of its imagery, metres")] = 4.77,
+        chip_size: Annotated[int, typer.Option(help="window side it was trained on, pixels")] = 512):
+    """Import an MMSegmentation SegFormer (mit-b0..b5, e.g. the study's two-class model) as a minemap model."""
+    from minemap.errors import InputError
+    from minemap.mmseg import import_mmseg
+
+    try:
+        mean_v, std_v = [float(v) for v in mean.split(",")], [float(v) for v in std.split(",")]
+    except ValueError:
+        raise InputError("--mean/--std: expected numbers separated by commas") from None
+    card = import_mmseg(checkpoint, out_dir, _bands(bands), mean_v, std_v, gsd_m, chip_size)
+    out.print(f"{card.encoder} with MMSegmentation's head, bands {', '.join(card.bands)} -> {out_dir}")
+
+
 imagery_app = typer.Typer(no_args_is_help=True, help="Imagery sources: fill a remote source's cache ahead of a run.")
 app.add_typer(imagery_app, name="imagery")
 

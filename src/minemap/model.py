@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -54,6 +55,7 @@ class ModelCard(BaseModel):
     format_version: int = 1
     architecture: str = "segformer"
     encoder: str
+    head: Literal["segformer", "mmseg"] = "segformer"  # mmseg: stage projections with a ReLU (imported models)
     bands: list[str]
     band_mean: list[float]
     band_std: list[float]
@@ -105,9 +107,17 @@ def segformer_config(encoder: str, num_channels: int) -> SegformerConfig:
     return SegformerConfig(num_channels=num_channels, num_labels=1, **ENCODERS[encoder])
 
 
-def build_model(encoder: str, num_channels: int) -> SegformerForSemanticSegmentation:
-    """A freshly initialised SegFormer with one output logit."""
-    return SegformerForSemanticSegmentation(segformer_config(encoder, num_channels))
+def build_model(encoder: str, num_channels: int, head: str = "segformer") -> SegformerForSemanticSegmentation:
+    """A freshly initialised SegFormer with one output logit. ``head="mmseg"``: MMSegmentation's head, whose
+    stage projections end in a ReLU (their batch norms folded into the linear layers; see minemap.mmseg)."""
+    model = SegformerForSemanticSegmentation(segformer_config(encoder, num_channels))
+    if head == "mmseg":
+        heads = getattr(model.decode_head, "linear_projections", None) or model.decode_head.linear_c
+        for mlp in heads:
+            mlp.proj = torch.nn.Sequential(mlp.proj, torch.nn.ReLU())
+    elif head != "segformer":
+        raise ModelError(f"unknown decode head {head!r}")
+    return model
 
 
 def save_model(model: torch.nn.Module, card: ModelCard, dest: Path) -> Path:
@@ -146,7 +156,7 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[Seg
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{path}: corrupt weights file ({e})") from None
-    model = build_model(card.encoder, len(card.bands))
+    model = build_model(card.encoder, len(card.bands), card.head)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

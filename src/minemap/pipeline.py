@@ -252,10 +252,10 @@ def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, 
     predict(first_dir, cfg.imagery, [year], prob_dir, cfg.predict, cfg.bands, cfg.workers, overwrite=overwrite,
             progress=progress)
     level = min(cfg.hard_negatives.search_level, read_card(first_dir).threshold)
-    detections = vectorize_year(sorted((prob_dir / str(year)).glob("*.tif")), year, level,
-                                VectorizeConfig(min_area_m2=0.0))
+    tiles = sorted((prob_dir / str(year)).glob("*.tif"))
+    detections = vectorize_year(tiles, year, level, VectorizeConfig(min_area_m2=0.0))
     hard_negative_chips(detections, gpd.read_parquet(labels_path), source, chips_dir, hn_dir / "chips",
-                        cfg.chips, cfg.hard_negatives, level)
+                        cfg.chips, cfg.hard_negatives, level, tiles)
 
 
 DEMO_YEARS = (2019, 2020, 2021)

@@ -46,3 +46,26 @@ def read_probability(path: Path) -> tuple[np.ndarray, Grid]:
     prob = q.astype(np.float32) / LEVELS
     prob[q == NODATA] = np.nan
     return prob, grid
+
+
+def zonal_mean(paths: list[Path], geoms: np.ndarray, crs) -> np.ndarray:
+    """Mean probability over each polygon of ``geoms`` (in ``crs``) across the probability tiles ``paths``, pixel
+    centres inside; NaN where a polygon covers no pixel with data."""
+    import geopandas as gpd
+    from rasterio.features import rasterize
+
+    n = len(geoms)
+    sums, counts = np.zeros(n), np.zeros(n)
+    for path in paths:
+        with rasterio.open(path) as src:
+            q, transform, tile_crs = src.read(1), src.transform, src.crs
+        local = gpd.GeoSeries(list(geoms), crs=crs).to_crs(tile_crs).values
+        shapes = [(g, i + 1) for i, g in enumerate(local) if g is not None and not g.is_empty]
+        if not shapes:
+            continue
+        ids = rasterize(shapes, out_shape=q.shape, transform=transform, dtype="int32")
+        hit = (ids > 0) & (q != NODATA)
+        sums += np.bincount(ids[hit], weights=q[hit], minlength=n + 1)[1:]
+        counts += np.bincount(ids[hit], minlength=n + 1)[1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sums / counts / LEVELS

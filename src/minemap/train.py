@@ -390,8 +390,11 @@ def _calibrate_and_test(model, card: ModelCard, val: tuple[np.ndarray, np.ndarra
 
 
 def weak_model_error(card: ModelCard, floor: float, model_dir: Path) -> ModelError | None:
-    """The error that stops a run whose model is below the validation floor, or None."""
-    f1 = float(card.val_metrics.get("f1", 0.0))
+    """The error that stops a run whose model is below the validation floor, or None (also for a model without
+    validation figures, such as an imported one: nothing to judge it by)."""
+    if "f1" not in card.val_metrics:
+        return None
+    f1 = float(card.val_metrics["f1"])
     if f1 >= floor:
         return None
     return ModelError(

@@ -1,0 +1,234 @@
+"""MMSegmentation SegFormer checkpoints (the published study's model) to and from minemap model directories.
+
+MMSegmentation 1.x names a SegFormer ``backbone.layers.<stage>.{0: patch embedding, 1.<block>: blocks, 2: norm}``
+and its head ``decode_head.{convs.<i>, fusion_conv, conv_seg}``; transformers names the same weights
+``segformer...`` and ``decode_head...``. Two things differ beyond names:
+
+- MMSegmentation's head projects each stage with a 1 x 1 convolution, batch norm and ReLU; transformers' with a
+  linear layer alone. An imported model keeps MMSegmentation's head (``ModelCard.head = "mmseg"``): the batch
+  norm is folded into the linear layer (exact in evaluation) and a ReLU follows it. Its fusion layer also takes
+  the stages in the other order (1..4, not 4..1): its input channels are permuted.
+- The study's model has two classes (background, mining) under a softmax. P(mining) = softmax(z)[1] =
+  sigmoid(z1 - z0), so minemap's one logit is z1 - z0: the classifier's rows are subtracted. (The study's own
+  prediction script took a sigmoid of z1 alone, which is not the probability the model was trained to give.)
+
+The attention's packed input projection (``attn.attn.in_proj_weight``: query, key, value stacked) is split.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from minemap.errors import ModelError
+
+EPS = 1e-5  # BatchNorm's default epsilon in both libraries
+
+
+def _hf_names(model) -> dict[str, str]:
+    """Templates of the installed transformers' SegFormer key names (they changed across versions)."""
+    keys = set(model.state_dict())
+    if "segformer.stages.0.patch_embeddings.proj.weight" in keys:  # transformers 5.x
+        return {"patch": "segformer.stages.{i}.patch_embeddings.proj", "patch_norm":
+                "segformer.stages.{i}.patch_embeddings.layer_norm", "block": "segformer.stages.{i}.blocks.{j}",
+                "norm1": "layernorm_before", "norm2": "layernorm_after", "q": "attention.q_proj",
+                "k": "attention.k_proj", "v": "attention.v_proj", "o": "attention.o_proj",
+                "sr": "attention.sequence_reduction.sequence_reduction",
+                "sr_norm": "attention.sequence_reduction.layer_norm", "fc1": "mlp.fc1", "dw": "mlp.dwconv.dwconv",
+                "fc2": "mlp.fc2", "stage_norm": "segformer.stages.{i}.layer_norm",
+                "proj": "decode_head.linear_projections.{i}.proj"}
+    if "segformer.encoder.patch_embeddings.0.proj.weight" in keys:  # transformers 4.x
+        return {"patch": "segformer.encoder.patch_embeddings.{i}.proj", "patch_norm":
+                "segformer.encoder.patch_embeddings.{i}.layer_norm", "block": "segformer.encoder.block.{i}.{j}",
+                "norm1": "layer_norm_1", "norm2": "layer_norm_2", "q": "attention.self.query",
+                "k": "attention.self.key", "v": "attention.self.value", "o": "attention.output.dense",
+                "sr": "attention.self.sr", "sr_norm": "attention.self.layer_norm", "fc1": "mlp.dense1",
+                "dw": "mlp.dwconv.dwconv", "fc2": "mlp.dense2", "stage_norm": "segformer.encoder.layer_norm.{i}",
+                "proj": "decode_head.linear_c.{i}.proj"}
+    raise ModelError("this transformers version names SegFormer's weights in a way minemap does not know")
+
+
+def _shape(state: dict[str, torch.Tensor]) -> tuple[list[int], list[int], int, int, int]:
+    """Depths, hidden sizes, input bands, classes and decoder channels of an MMSegmentation SegFormer."""
+    stages = sorted({int(m.group(1)) for k in state if (m := re.match(r"backbone\.layers\.(\d+)\.", k))})
+    if not stages or "decode_head.conv_seg.weight" not in state:
+        raise ModelError("not an MMSegmentation SegFormer checkpoint (no backbone.layers.* or decode_head.conv_seg)")
+    depths = [len({int(m.group(1)) for k in state if (m := re.match(rf"backbone\.layers\.{i}\.1\.(\d+)\.", k))})
+              for i in stages]
+    hidden = [int(state[f"backbone.layers.{i}.0.projection.weight"].shape[0]) for i in stages]
+    bands = int(state["backbone.layers.0.0.projection.weight"].shape[1])
+    classes, channels = (int(n) for n in state["decode_head.conv_seg.weight"].shape[:2])
+    return depths, hidden, bands, classes, channels
+
+
+def encoder_of(state: dict[str, torch.Tensor]) -> tuple[str, int]:
+    """The minemap encoder name (mit-b0..b5) and band count of an MMSegmentation SegFormer state dict."""
+    from minemap.model import ENCODERS
+
+    depths, hidden, bands, _, _ = _shape(state)
+    for name, spec in ENCODERS.items():
+        if list(spec["depths"]) == depths and list(spec["hidden_sizes"]) == hidden:
+            return name, bands
+    raise ModelError(f"an MMSegmentation SegFormer of depths {depths} and widths {hidden}: not one of mit-b0..b5")
+
+
+def from_mmseg(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """The weights of ``model`` (a minemap SegFormer with ``head="mmseg"``) from an MMSegmentation state dict."""
+    depths, hidden, _, classes, _ = _shape(state)
+    names = _hf_names(model)
+    out: dict[str, torch.Tensor] = {}
+
+    def take(key: str) -> torch.Tensor:
+        if key not in state:
+            raise ModelError(f"MMSegmentation checkpoint lacks {key}")
+        return state[key].float()
+
+    for i, depth in enumerate(depths):
+        src = f"backbone.layers.{i}"
+        for part, name in (("weight", "weight"), ("bias", "bias")):
+            out[f"{names['patch'].format(i=i)}.{name}"] = take(f"{src}.0.projection.{part}")
+            out[f"{names['patch_norm'].format(i=i)}.{name}"] = take(f"{src}.0.norm.{part}")
+            out[f"{names['stage_norm'].format(i=i)}.{name}"] = take(f"{src}.2.{part}")
+        for j in range(depth):
+            b, dst = f"{src}.1.{j}", names["block"].format(i=i, j=j)
+            q, k, v = take(f"{b}.attn.attn.in_proj_weight").chunk(3)
+            qb, kb, vb = take(f"{b}.attn.attn.in_proj_bias").chunk(3)
+            pairs = {"q": (q, qb), "k": (k, kb), "v": (v, vb),
+                     "o": (take(f"{b}.attn.attn.out_proj.weight"), take(f"{b}.attn.attn.out_proj.bias")),
+                     "norm1": (take(f"{b}.norm1.weight"), take(f"{b}.norm1.bias")),
+                     "norm2": (take(f"{b}.norm2.weight"), take(f"{b}.norm2.bias")),
+                     "fc1": (take(f"{b}.ffn.layers.0.weight")[:, :, 0, 0], take(f"{b}.ffn.layers.0.bias")),
+                     "dw": (take(f"{b}.ffn.layers.1.weight"), take(f"{b}.ffn.layers.1.bias")),
+                     "fc2": (take(f"{b}.ffn.layers.4.weight")[:, :, 0, 0], take(f"{b}.ffn.layers.4.bias"))}
+            if f"{b}.attn.sr.weight" in state:
+                pairs["sr"] = (take(f"{b}.attn.sr.weight"), take(f"{b}.attn.sr.bias"))
+                pairs["sr_norm"] = (take(f"{b}.attn.norm.weight"), take(f"{b}.attn.norm.bias"))
+            for part, (w, bias) in pairs.items():
+                out[f"{dst}.{names[part]}.weight"], out[f"{dst}.{names[part]}.bias"] = w, bias
+    # the head: per-stage 1 x 1 conv + batch norm (folded into one linear layer; the ReLU is the model's)
+    for i in range(len(depths)):
+        c = f"decode_head.convs.{i}"
+        w, bias = _fold(take(f"{c}.conv.weight")[:, :, 0, 0], state.get(f"{c}.conv.bias"), state, f"{c}.bn")
+        out[f"{names['proj'].format(i=i)}.0.weight"], out[f"{names['proj'].format(i=i)}.0.bias"] = w, bias
+    n = len(depths)
+    fuse = take("decode_head.fusion_conv.conv.weight")
+    ch = fuse.shape[1] // n
+    out["decode_head.linear_fuse.weight"] = torch.cat([fuse[:, s * ch:(s + 1) * ch] for s in reversed(range(n))], 1)
+    for part in ("weight", "bias", "running_mean", "running_var"):
+        out[f"decode_head.batch_norm.{part}"] = take(f"decode_head.fusion_conv.bn.{part}")
+    out["decode_head.batch_norm.num_batches_tracked"] = torch.tensor(0)
+    cls_w, cls_b = take("decode_head.conv_seg.weight"), take("decode_head.conv_seg.bias")
+    if classes == 2:  # softmax over (background, mining) -> one logit, z1 - z0
+        cls_w, cls_b = (cls_w[1] - cls_w[0])[None], (cls_b[1] - cls_b[0])[None]
+    elif classes != 1:
+        raise ModelError(f"an MMSegmentation model of {classes} classes: minemap needs 1 (mining) or 2 "
+                         "(background, mining)")
+    out["decode_head.classifier.weight"], out["decode_head.classifier.bias"] = cls_w, cls_b
+    return out
+
+
+def to_mmseg(model) -> dict[str, torch.Tensor]:
+    """An MMSegmentation 1.x state dict (two classes, background and mining) of a minemap SegFormer with
+    ``head="mmseg"``: the inverse of :func:`from_mmseg` (batch norms of the stage projections are identities)."""
+    state = {k: v.detach().float() for k, v in model.state_dict().items()}
+    names = _hf_names(model)
+    cfg = model.config
+    out: dict[str, torch.Tensor] = {}
+    for i, depth in enumerate(cfg.depths):
+        dst = f"backbone.layers.{i}"
+        for part in ("weight", "bias"):
+            out[f"{dst}.0.projection.{part}"] = state[f"{names['patch'].format(i=i)}.{part}"]
+            out[f"{dst}.0.norm.{part}"] = state[f"{names['patch_norm'].format(i=i)}.{part}"]
+            out[f"{dst}.2.{part}"] = state[f"{names['stage_norm'].format(i=i)}.{part}"]
+        for j in range(depth):
+            b, src = f"{dst}.1.{j}", names["block"].format(i=i, j=j)
+
+            def g(part: str, what: str = "weight") -> torch.Tensor:
+                return state[f"{src}.{names[part]}.{what}"]
+
+            out[f"{b}.attn.attn.in_proj_weight"] = torch.cat([g("q"), g("k"), g("v")])
+            out[f"{b}.attn.attn.in_proj_bias"] = torch.cat([g("q", "bias"), g("k", "bias"), g("v", "bias")])
+            out[f"{b}.attn.attn.out_proj.weight"], out[f"{b}.attn.attn.out_proj.bias"] = g("o"), g("o", "bias")
+            for mm, hf in (("norm1", "norm1"), ("norm2", "norm2")):
+                out[f"{b}.{mm}.weight"], out[f"{b}.{mm}.bias"] = g(hf), g(hf, "bias")
+            out[f"{b}.ffn.layers.0.weight"], out[f"{b}.ffn.layers.0.bias"] = g("fc1")[:, :, None, None], g("fc1", "bias")
+            out[f"{b}.ffn.layers.1.weight"], out[f"{b}.ffn.layers.1.bias"] = g("dw"), g("dw", "bias")
+            out[f"{b}.ffn.layers.4.weight"], out[f"{b}.ffn.layers.4.bias"] = g("fc2")[:, :, None, None], g("fc2", "bias")
+            if f"{src}.{names['sr']}.weight" in state:
+                out[f"{b}.attn.sr.weight"], out[f"{b}.attn.sr.bias"] = g("sr"), g("sr", "bias")
+                out[f"{b}.attn.norm.weight"], out[f"{b}.attn.norm.bias"] = g("sr_norm"), g("sr_norm", "bias")
+    n = len(cfg.depths)
+    for i in range(n):
+        p, c = names["proj"].format(i=i), f"decode_head.convs.{i}"
+        if f"{p}.0.weight" not in state:
+            raise ModelError("only a model with MMSegmentation's head (head = 'mmseg') can be written as one")
+        out[f"{c}.conv.weight"] = state[f"{p}.0.weight"][:, :, None, None]
+        width = out[f"{c}.conv.weight"].shape[0]
+        out[f"{c}.bn.weight"], out[f"{c}.bn.bias"] = torch.ones(width), state[f"{p}.0.bias"]
+        out[f"{c}.bn.running_mean"], out[f"{c}.bn.running_var"] = torch.zeros(width), torch.full((width,), 1 - EPS)
+    fuse = state["decode_head.linear_fuse.weight"]
+    ch = fuse.shape[1] // n
+    out["decode_head.fusion_conv.conv.weight"] = torch.cat([fuse[:, s * ch:(s + 1) * ch] for s in reversed(range(n))], 1)
+    for part in ("weight", "bias", "running_mean", "running_var"):
+        out[f"decode_head.fusion_conv.bn.{part}"] = state[f"decode_head.batch_norm.{part}"]
+    w, b = state["decode_head.classifier.weight"], state["decode_head.classifier.bias"]
+    out["decode_head.conv_seg.weight"] = torch.cat([torch.zeros_like(w), w])
+    out["decode_head.conv_seg.bias"] = torch.cat([torch.zeros_like(b), b])
+    return out
+
+
+def _fold(weight: torch.Tensor, bias: torch.Tensor | None, state: dict, bn: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear layer followed by an evaluation-mode batch norm, as one linear layer."""
+    gamma, beta = state[f"{bn}.weight"].float(), state[f"{bn}.bias"].float()
+    mean, var = state[f"{bn}.running_mean"].float(), state[f"{bn}.running_var"].float()
+    scale = gamma / torch.sqrt(var + EPS)
+    b = bias.float() if bias is not None else torch.zeros_like(mean)
+    return weight * scale[:, None], (b - mean) * scale + beta
+
+
+def read_mmseg(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of an MMSegmentation checkpoint file (.pth with ``state_dict``, or a bare state dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: checkpoint not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickles of other programs, truncated files
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelError(f"{path}: holds no state dict")
+    try:
+        _shape(obj)
+    except ModelError as e:
+        raise ModelError(f"{path}: {e}") from None
+    return obj
+
+
+def import_mmseg(checkpoint: Path, dest: Path, bands: list[str], band_mean: list[float], band_std: list[float],
+                 gsd_m: float, chip_size: int = 512, crs: str = "EPSG:3857", threshold: float = 0.5):
+    """Write a minemap model directory from an MMSegmentation SegFormer checkpoint. ``bands``, ``band_mean`` and
+    ``band_std``: the bands the model was trained on, in order, and the normalisation its pipeline applied to
+    them (MMSegmentation's ``data_preprocessor`` mean and std, in the units of the imagery minemap will read);
+    ``gsd_m``: the ground sample distance of its training imagery."""
+    from minemap.model import ModelCard, build_model, save_model
+
+    state = read_mmseg(checkpoint)
+    encoder, n = encoder_of(state)
+    for what, values in (("bands", bands), ("band means", band_mean), ("band stds", band_std)):
+        if len(values) != n:
+            raise ModelError(f"{checkpoint}: the model takes {n} bands; {len(values)} {what} given")
+    model = build_model(encoder, n, "mmseg")
+    try:
+        model.load_state_dict(from_mmseg(state, model))
+    except RuntimeError as e:
+        raise ModelError(f"{checkpoint}: weights do not fit a {encoder} ({str(e).splitlines()[-1].strip()})") from None
+    card = ModelCard(encoder=encoder, head="mmseg", bands=list(bands), band_mean=list(band_mean),
+                     band_std=list(band_std), gsd_m=gsd_m, pixel_size=[gsd_m, gsd_m], crs=crs, chip_size=chip_size,
+                     threshold=threshold, pretrained=str(checkpoint),
+                     stopped=f"imported from the MMSegmentation checkpoint {Path(checkpoint).name}")
+    save_model(model.eval(), card, dest)
+    return card

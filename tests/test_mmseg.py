@@ -1,0 +1,88 @@
+"""MMSegmentation SegFormer checkpoints: export a model to MMSegmentation's key names, import it back, and get
+the same logits; two classes become one logit; bad checkpoints fail in one line."""
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from minemap.cli import app
+from minemap.errors import ModelError
+from minemap.mmseg import from_mmseg, import_mmseg, to_mmseg
+from minemap.model import build_model, forward_logits, load_model
+
+
+def _random_mmseg_model(seed=0):
+    torch.manual_seed(seed)
+    model = build_model("mit-b0", 3, head="mmseg").eval()
+    with torch.no_grad():  # batch norm statistics away from their defaults, so that folding them matters
+        bn = model.decode_head.batch_norm
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def test_export_then_import_gives_the_same_logits(tmp_path):
+    model = _random_mmseg_model()
+    state = to_mmseg(model)
+    assert "backbone.layers.0.1.0.attn.attn.in_proj_weight" in state and state["decode_head.conv_seg.weight"].shape[0] == 2
+    # an equivalent checkpoint whose stage projections carry a real batch norm: scale each conv's output channels
+    # by k and let the batch norm undo it, as a trained MMSegmentation model would hold them
+    g = torch.Generator().manual_seed(1)
+    for i in range(4):
+        c = f"decode_head.convs.{i}"
+        k = 0.5 + torch.rand(state[f"{c}.conv.weight"].shape[0], generator=g)
+        shift = torch.randn(k.shape, generator=g)
+        state[f"{c}.conv.weight"] = state[f"{c}.conv.weight"] * k[:, None, None, None]
+        state[f"{c}.bn.running_mean"] = shift * k
+        state[f"{c}.bn.running_var"] = k ** 2 * 1.0 - 1e-5
+        state[f"{c}.bn.bias"] = state[f"{c}.bn.bias"] + shift
+    torch.save({"meta": {"mmseg_version": "1.2.2"}, "state_dict": state}, tmp_path / "segformer.pth")
+    card = import_mmseg(tmp_path / "segformer.pth", tmp_path / "model", ["red", "green", "blue"], [0.0] * 3, [1.0] * 3,
+                        gsd_m=4.77)
+    assert card.encoder == "mit-b0" and card.head == "mmseg"
+    back, _ = load_model(tmp_path / "model")
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(forward_logits(model, x), forward_logits(back, x), atol=1e-4)
+
+
+def test_two_classes_become_one_logit():
+    """softmax(z)[1] == sigmoid(z1 - z0): the imported logit gives the two-class model's P(mining)."""
+    model = _random_mmseg_model(3)
+    state = to_mmseg(model)
+    g = torch.Generator().manual_seed(2)
+    state["decode_head.conv_seg.weight"] = torch.randn(state["decode_head.conv_seg.weight"].shape, generator=g)
+    state["decode_head.conv_seg.bias"] = torch.randn(2, generator=g)
+    one = build_model("mit-b0", 3, head="mmseg").eval()
+    one.load_state_dict(from_mmseg(state, one))
+    two = build_model("mit-b0", 3, head="mmseg").eval()
+    two.config.num_labels = 2
+    two.decode_head.classifier = torch.nn.Conv2d(256, 2, 1)
+    weights = from_mmseg(state, one)
+    weights["decode_head.classifier.weight"] = state["decode_head.conv_seg.weight"]
+    weights["decode_head.classifier.bias"] = state["decode_head.conv_seg.bias"]
+    two.load_state_dict(weights)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        p_two = torch.softmax(two(pixel_values=x).logits, 1)[:, 1]
+        p_one = torch.sigmoid(one(pixel_values=x).logits[:, 0])
+    assert torch.allclose(p_one, p_two, atol=1e-5)
+
+
+def test_bad_checkpoints_fail_in_one_line(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match="junk.pth: not a readable PyTorch checkpoint"):
+        import_mmseg(tmp_path / "junk.pth", tmp_path / "m", ["r"], [0], [1], 4.77)
+    torch.save({"state_dict": {"conv.weight": torch.zeros(1)}}, tmp_path / "other.pth")
+    with pytest.raises(ModelError, match="other.pth: not an MMSegmentation SegFormer checkpoint"):
+        import_mmseg(tmp_path / "other.pth", tmp_path / "m", ["r"], [0], [1], 4.77)
+    torch.save({"state_dict": to_mmseg(_random_mmseg_model())}, tmp_path / "ok.pth")
+    with pytest.raises(ModelError, match="the model takes 3 bands; 4 bands given"):
+        import_mmseg(tmp_path / "ok.pth", tmp_path / "m", ["r", "g", "b", "n"], [0] * 4, [1] * 4, 4.77)
+    r = CliRunner().invoke(app, ["model", "import-mmseg", str(tmp_path / "junk.pth"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "not a readable PyTorch checkpoint" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["model", "import-mmseg", str(tmp_path / "ok.pth"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m" / "model.json").is_file() and not (tmp_path / "m" / "train_state.pt").exists()
