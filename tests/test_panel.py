@@ -47,3 +47,37 @@ def test_exports(tmp_path):
     assert list(summary.n_mines) == [1, 1] and list(summary.n_polygons) == [1, 1]
     assert summary.area_km2.iloc[1] == pytest.approx(2 * summary.area_km2.iloc[0], rel=1e-3)
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_the_published_study_files_become_a_panel(tmp_path):
+    """The study's per-year GeoPackages (id, iso_a3, country_name, year, area; a multipolygon, Natural Earth's -99)
+    get mine identities across years and a summary, without imagery; the _buffer variants are left out."""
+    from shapely.geometry import MultiPolygon
+    from typer.testing import CliRunner
+
+    from minemap.cli import app
+
+    folder = tmp_path / "gpkg"
+    folder.mkdir()
+    rows = {2019: [box(-1.0, 6.0, -0.99, 6.01), MultiPolygon([box(-52.0, 4.0, -51.99, 4.01),
+                                                              box(-51.98, 4.0, -51.97, 4.01)])],
+            2020: [box(-0.995, 6.0, -0.985, 6.01)]}
+    for year, geoms in rows.items():
+        gdf = gpd.GeoDataFrame({"id": range(len(geoms)), "iso_a3": ["GHA", "-99"][:len(geoms)],
+                                "country_name": ["Ghana", "France"][:len(geoms)], "year": year,
+                                "area": [1.0] * len(geoms)}, geometry=geoms, crs="EPSG:4326")
+        gdf.to_file(folder / f"global_mining_polygons_predicted_{year}_postprocessed.gpkg")
+        gdf.to_file(folder / f"global_mining_polygons_predicted_{year}_postprocessed_buffer.gpkg")
+    r = CliRunner().invoke(app, ["panel", str(folder), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    panel = gpd.read_parquet(tmp_path / "out" / "panel.parquet")
+    ghana = panel[panel.iso3 == "GHA"]
+    assert len(ghana) == 2 and ghana.mine_id.nunique() == 1  # the same mine in 2019 and 2020
+    guiana = panel[panel.country == "France"]
+    assert len(guiana) == 2 and guiana.iso3.isna().all() and guiana.mine_id.nunique() == 2  # two parts, no code
+    summary = pd.read_csv(tmp_path / "out" / "summary.csv")
+    assert set(summary.year) == {2019, 2020}
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    bad = CliRunner().invoke(app, ["panel", str(empty), "--out", str(tmp_path / "o2")])
+    assert bad.exit_code == 2 and "no global_mining_polygons_predicted_<year>_postprocessed.gpkg" in bad.output

@@ -195,13 +195,16 @@ def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.
 
 @app.command()
 @_stage
-def panel(postprocessed: Annotated[Path, typer.Argument(help="post-processed GeoParquet")],
+def panel(postprocessed: Annotated[list[Path], typer.Argument(
+              help="post-processed GeoParquet, or the published study's per-year GeoPackages (files or a folder)")],
           out_dir: Annotated[Path, typer.Option("--out", help="folder for panel.parquet, panel.gpkg, summary.csv")]):
     """Track mines across years (mine_id) and write the panel and its summary."""
     from minemap.labels import read_vector
-    from minemap.panel import build_panel, write_panel
+    from minemap.panel import STUDY_PATTERN, build_panel, read_study_polygons, write_panel
 
-    p = build_panel(read_vector(postprocessed))
+    study = len(postprocessed) > 1 or postprocessed[0].is_dir() or STUDY_PATTERN.search(postprocessed[0].name)
+    polygons = read_study_polygons(postprocessed) if study else read_vector(postprocessed[0])
+    p = build_panel(polygons)
     paths = write_panel(p, out_dir)
     out.print(f"{p.mine_id.nunique()} mines, {len(p)} mine-years -> {paths['parquet']}")
 

@@ -13,6 +13,7 @@ n_mines, n_polygons, area_km2).
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import geopandas as gpd
@@ -23,6 +24,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from minemap._io import atomic_path
+from minemap.errors import InputError
 from minemap.geo import WGS84, area_km2
 from minemap.labels import write_geoparquet
 
@@ -76,6 +78,48 @@ def assign_mine_ids(polygons: gpd.GeoDataFrame) -> np.ndarray:
         unique.append(g if seen[g] == 1 else f"{g}-{seen[g]}")
     comp_to_id = dict(zip(first.comp.to_numpy(), unique))
     return np.array([comp_to_id[c] for c in comp], dtype=object)
+
+
+STUDY_PATTERN = re.compile(r"global_mining_polygons_predicted_((?:19|20)\d{2})_postprocessed\.gpkg$")
+
+
+def read_study_polygons(paths: list[Path]) -> gpd.GeoDataFrame:
+    """The published study's per-year polygons (``global_mining_polygons_predicted_<year>_postprocessed.gpkg``:
+    id, iso_a3, country_name, year, area; EPSG:4326) as post-processed polygons (year, iso3, country,
+    geometry), so that its data gets mine identities and a summary without any imagery. ``paths``: such files,
+    or folders holding them (the ``_buffer`` variants are left out of a folder; name them to use them)."""
+    from minemap.labels import read_vector
+
+    files: list[tuple[Path, int | None]] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if STUDY_PATTERN.search(f.name))
+            if not found:
+                raise InputError(f"{p}: no global_mining_polygons_predicted_<year>_postprocessed.gpkg files")
+            files += [(f, int(STUDY_PATTERN.search(f.name).group(1))) for f in found]
+        else:
+            m = re.search(r"predicted_((?:19|20)\d{2})_", p.name)
+            files.append((p, int(m.group(1)) if m else None))
+    frames = []
+    for path, year in files:
+        gdf = read_vector(path)
+        if "year" in gdf.columns:
+            years = gdf["year"]
+        elif year is not None:
+            years = pd.Series(year, index=gdf.index)
+        else:
+            raise InputError(f"{path}: no 'year' column and no year in the file name")
+        iso = gdf["iso_a3"] if "iso_a3" in gdf.columns else pd.Series(None, index=gdf.index, dtype=object)
+        name = gdf["country_name"] if "country_name" in gdf.columns else pd.Series(None, index=gdf.index, dtype=object)
+        frames.append(gpd.GeoDataFrame({"year": years.astype(int).to_numpy(),
+                                        "iso3": iso.where(iso.astype(str) != "-99").to_numpy(),
+                                        "country": name.to_numpy()},
+                                       geometry=gdf.to_crs(WGS84).geometry.values, crs=WGS84))
+    gdf = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=WGS84)
+    gdf["geometry"] = shapely.make_valid(np.asarray(gdf.geometry.values))
+    gdf = gdf.explode(index_parts=False).reset_index(drop=True)
+    polys = gdf.geometry.geom_type == "Polygon"
+    return gdf[polys & ~gdf.geometry.is_empty].reset_index(drop=True)
 
 
 def build_panel(polygons: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
