@@ -1,6 +1,8 @@
 """MMSegmentation SegFormer checkpoints: export a model to MMSegmentation's key names, import it back, and get
 the same logits; two classes become one logit; bad checkpoints fail in one line."""
 
+import json
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -86,3 +88,44 @@ def test_bad_checkpoints_fail_in_one_line(tmp_path):
     r = CliRunner().invoke(app, ["model", "import-mmseg", str(tmp_path / "ok.pth"), "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m" / "model.json").is_file() and not (tmp_path / "m" / "train_state.pt").exists()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the test's own PNGs
+def test_chips_round_trip_through_the_study_layout(scene, tmp_path):
+    """`chips --format mmseg` writes img_dir/ann_dir per split; `train` reads that layout (here: the study's own
+    kind, 8-bit RGB PNGs with 0/1/255 masks, too) as chips."""
+    import numpy as np
+    import rasterio
+
+    args = ["chips", "--labels", str(scene.labels), "--imagery", str(scene.imagery), "--year", "2019", "--out",
+            str(tmp_path / "chips"), "--chip-size", "64", "--stride", "32", "--block-size", "128", "--format", "mmseg"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    year = tmp_path / "chips" / "mmseg" / "2019"
+    imgs = {p.stem for p in (year / "img_dir").rglob("*.tif")}
+    anns = {p.stem for p in (year / "ann_dir").rglob("*.png")}
+    assert imgs and imgs == anns and {p.name for p in (year / "img_dir").iterdir()} == {"train", "val", "test"}
+    with rasterio.open(next((year / "ann_dir" / "train").glob("*.png"))) as m:
+        assert set(np.unique(m.read(1))) <= {0, 1, 255}
+    # the study's chips: RGB PNGs
+    study = tmp_path / "segmentation" / "2019"
+    for p in (year / "img_dir").rglob("*.tif"):
+        split = p.parent.name
+        with rasterio.open(p) as src:
+            rgb = np.clip(src.read([1, 2, 3]) / 10, 0, 255).astype(np.uint8)
+        dest = study / "img_dir" / split / f"{p.stem}.png"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with rasterio.open(dest, "w", driver="PNG", width=rgb.shape[2], height=rgb.shape[1], count=3,
+                           dtype="uint8") as dst:
+            dst.write(rgb)
+        (study / "ann_dir" / split).mkdir(parents=True, exist_ok=True)
+        (study / "ann_dir" / split / f"{p.stem}.png").write_bytes((year / "ann_dir" / split / f"{p.stem}.png").read_bytes())
+    r = CliRunner().invoke(app, ["train", str(study), "--out", str(tmp_path / "model"), "--epochs", "1",
+                                 "--bands", "red,green,blue", "--accept-weak-model"])
+    assert r.exit_code == 0, r.output
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["bands"] == ["red", "green", "blue"] and card["chip_size"] == 64 and card["train_year"] == 2019
+    assert card["splits"]["train"]["chips"] == len(list((study / "img_dir" / "train").glob("*.png")))
+    (study / "ann_dir" / "val" / next((study / "ann_dir" / "val").glob("*.png")).name).unlink()
+    r = CliRunner().invoke(app, ["train", str(study), "--out", str(tmp_path / "model2"), "--epochs", "1"])
+    assert r.exit_code == 2 and "no mask ann_dir/val/" in r.output

@@ -93,18 +93,28 @@ def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file
           year: Annotated[int, typer.Option(help="year of the imagery the labels were drawn on")],
           out_dir: Annotated[Path, typer.Option("--out", help="chips folder to write")],
           chip_size: int = 256, stride: Optional[int] = None, block_size: Optional[int] = None,
-          background_per_positive: float = 0.5, seed: int = 0, bands: BandsOpt = None):
+          background_per_positive: float = 0.5, seed: int = 0, bands: BandsOpt = None,
+          fmt: Annotated[str, typer.Option("--format", help="minemap, or mmseg: also the MMSegmentation layout "
+                                                            "(OUT/mmseg/<year>/img_dir|ann_dir/<split>/)")] = "minemap"):
     """Cut training chips (images, masks, spatial train/val/test splits) at native resolution."""
     from minemap.chips import make_chips
     from minemap.config import ChipConfig
+    from minemap.errors import InputError
     from minemap.imagery import open_imagery
     from minemap.labels import read_labels
 
+    if fmt not in ("minemap", "mmseg"):
+        raise InputError(f"--format {fmt!r}: choose minemap or mmseg")
     cfg = _settings(ChipConfig, chip_size=chip_size, stride=stride, block_size=block_size,
                     background_per_positive=background_per_positive, seed=seed)
     gdf, _ = read_labels([labels_path])
     index = make_chips(gdf, open_imagery(imagery, _bands(bands)), year, out_dir, cfg, labels_path=labels_path)
     out.print(f"{len(index)} chips -> {out_dir} ({index.split.value_counts().to_dict()})")
+    if fmt == "mmseg":
+        from minemap.mmseg import write_layout
+
+        n = write_layout(out_dir, out_dir / "mmseg")
+        out.print(f"{n} chips in the MMSegmentation layout -> {out_dir / 'mmseg' / str(year)}")
 
 
 @app.command()
@@ -116,11 +126,23 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
           resume: Annotated[bool, typer.Option(help="continue from out/train_state.pt")] = False,
           device: str = "auto", seed: int = 0, patience: int = 5,
           min_val_f1: Annotated[float, typer.Option(help="validation F1 below this is an error")] = 0.5,
-          accept_weak_model: Annotated[bool, typer.Option(help="keep a model below --min-val-f1 without error")] = False):
-    """Train a SegFormer on chips until validation F1 stalls; keeps the best epoch, calibrated."""
+          accept_weak_model: Annotated[bool, typer.Option(help="keep a model below --min-val-f1 without error")] = False,
+          bands: Annotated[Optional[str], typer.Option(help="MMSegmentation layout: the chips' bands")] = None,
+          gsd_m: Annotated[float, typer.Option(help="MMSegmentation layout: the chips' pixel size, metres")] = 4.77):
+    """Train a SegFormer on chips until validation F1 stalls; keeps the best epoch, calibrated. The chips folder
+    may be the published study's MMSegmentation layout (<year>/img_dir|ann_dir/<split>/): it is indexed into
+    OUT-chips/ first."""
     from minemap.config import ModelConfig, TrainConfig
     from minemap.train import train as train_fn
     from minemap.train import weak_model_error
+
+    if (chips_dir / "img_dir").is_dir():
+        from minemap.mmseg import read_layout
+
+        index_dir = out_dir.with_name(f"{out_dir.name}-chips")
+        n = read_layout(chips_dir, index_dir, _bands(bands), gsd_m)
+        out.print(f"{n} chips of the MMSegmentation layout {chips_dir} indexed -> {index_dir}")
+        chips_dir = index_dir
 
     mcfg = _settings(ModelConfig, encoder=encoder, pretrained=pretrained)
     tcfg = _settings(TrainConfig, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, device=device,

@@ -18,9 +18,11 @@ The attention's packed input projection (``attn.attn.in_proj_weight``: query, ke
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
+from rasterio.errors import NotGeoreferencedWarning
 
 from minemap.errors import ModelError
 
@@ -232,3 +234,112 @@ def import_mmseg(checkpoint: Path, dest: Path, bands: list[str], band_mean: list
                      stopped=f"imported from the MMSegmentation checkpoint {Path(checkpoint).name}")
     save_model(model.eval(), card, dest)
     return card
+
+
+# -- the dataset layout ---------------------------------------------------------------------------------------
+SPLITS = ("train", "val", "test")
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg")
+
+
+def write_layout(chips_dir: Path, dest: Path) -> int:
+    """Our chips in MMSegmentation's layout, as the study's scripts expect it:
+    ``dest/<year>/img_dir/<split>/<chip_id>.tif`` (every band, reflectance as cut: load them with MMSegmentation's
+    ``imdecode_backend='tifffile'``) and ``dest/<year>/ann_dir/<split>/<chip_id>.png`` (0 background, 1 mining,
+    255 ignored: MMSegmentation's default ``ignore_index``). Returns the chips written."""
+    import shutil
+
+    import rasterio
+
+    from minemap._io import atomic_path
+    from minemap.chips import read_meta
+    from minemap.train import read_index
+
+    meta = read_meta(chips_dir)
+    index = read_index([Path(chips_dir)])
+    year = str(meta["year"])
+    with atomic_path(Path(dest) / year) as tmp:
+        for row in index.itertuples():
+            img = tmp / "img_dir" / row.split / f"{row.chip_id}.tif"
+            ann = tmp / "ann_dir" / row.split / f"{row.chip_id}.png"
+            img.parent.mkdir(parents=True, exist_ok=True)
+            ann.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(row.root) / row.image, img)
+            with rasterio.open(Path(row.root) / row.mask) as src:
+                mask = src.read(1)
+            with warnings.catch_warnings():  # a PNG has no place on Earth, as MMSegmentation expects
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                with rasterio.open(ann, "w", driver="PNG", width=mask.shape[1], height=mask.shape[0], count=1,
+                                   dtype="uint8") as dst:
+                    dst.write(mask, 1)
+    return len(index)
+
+
+def read_layout(year_dir: Path, dest: Path, bands: list[str] | None = None, gsd_m: float = 4.77) -> int:
+    """A chips folder (``index.parquet``, ``meta.json``) over the study's layout ``<year>/img_dir/<split>/<id>.*``
+    with masks ``<year>/ann_dir/<split>/<id>.png`` (0 background, 1 mining, 255 ignored), so that ``train``
+    reads it. The images stay where they are (the index points at them). Such chips have no place on Earth:
+    ``gsd_m`` and ``bands`` say what they are. Returns the chips found."""
+    import geopandas as gpd
+    import numpy as np
+    import rasterio
+    from rasterio.errors import RasterioError
+
+    from minemap._io import atomic_path, stable_hash, write_json
+    from minemap.errors import InputError
+
+    year_dir = Path(year_dir).resolve()
+    rows, size, count = [], None, None
+    for split in SPLITS:
+        folder = year_dir / "img_dir" / split
+        if not folder.is_dir():
+            continue
+        for img in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            ann = year_dir / "ann_dir" / split / f"{img.stem}.png"
+            if not ann.is_file():
+                raise InputError(f"{img}: no mask {ann.relative_to(year_dir)}")
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                    with rasterio.open(img) as src:
+                        shape, n = (src.height, src.width), src.count
+                    with rasterio.open(ann) as src:
+                        mask = src.read(1)
+            except RasterioError as e:
+                raise InputError(f"{img.parent}: unreadable chip ({e})") from None
+            if mask.shape != shape:
+                raise InputError(f"{ann}: mask is {mask.shape[1]} x {mask.shape[0]}, image {shape[1]} x {shape[0]}")
+            if not set(np.unique(mask)) <= {0, 1, 255}:
+                raise InputError(f"{ann}: mask values {sorted(np.unique(mask))[:6]} (expected 0 background, "
+                                 "1 mining, 255 ignored)")
+            size, count = size or shape, count or n
+            if shape != size or n != count:
+                raise InputError(f"{img}: {shape[1]} x {shape[0]} px, {n} bands, unlike the first chip "
+                                 f"({size[1]} x {size[0]}, {count} bands)")
+            pos = int((mask == 1).sum())
+            rows.append({"chip_id": img.stem, "split": split, "kind": "positive" if pos else "background",
+                         "year": _year_of(year_dir), "image": str(img), "mask": str(ann), "block": split,
+                         "positive_fraction": pos / mask.size, "valid_fraction": float((mask != 255).mean()),
+                         "positive_pixels": pos})
+    if not rows:
+        raise InputError(f"{year_dir}: no chips in img_dir/{{train,val,test}} (the MMSegmentation layout)")
+    if size[0] != size[1]:
+        raise InputError(f"{year_dir}: chips of {size[1]} x {size[0]} px; minemap trains on square chips")
+    names = list(bands) if bands else ["red", "green", "blue", "nir"][:count] if count <= 4 else \
+        [f"b{i + 1}" for i in range(count)]
+    if len(names) != count:
+        raise InputError(f"{year_dir}: chips have {count} bands, {len(names)} named ({', '.join(names)})")
+    index = gpd.GeoDataFrame(rows, geometry=[None] * len(rows), crs="EPSG:4326")
+    meta = {"year": _year_of(year_dir), "bands": names, "crs": "EPSG:3857", "pixel_size": [gsd_m, gsd_m],
+            "gsd_m": gsd_m, "chip_size": int(size[0]), "block_size": int(size[0]), "block_size_from": "mmseg layout",
+            "labels_fingerprint": stable_hash(sorted((r["image"], r["positive_pixels"]) for r in rows)),
+            "source": {"mmseg_layout": str(year_dir)}}
+    with atomic_path(Path(dest)) as tmp:
+        tmp.mkdir(parents=True)
+        index.to_parquet(tmp / "index.parquet")
+        write_json(tmp / "meta.json", meta)
+    return len(rows)
+
+
+def _year_of(year_dir: Path) -> int | None:
+    name = Path(year_dir).name
+    return int(name) if name.isdigit() else None

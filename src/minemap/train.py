@@ -24,6 +24,7 @@ early-stopping counters) so that ``resume=True`` carries on after a crash.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import geopandas as gpd
@@ -33,7 +34,7 @@ import rasterio
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.features import rasterize
 from tqdm.auto import tqdm
 
@@ -78,23 +79,25 @@ def possible_missed_mines(chips_dirs: list[Path]) -> gpd.GeoDataFrame | None:
 def _read_chips(index: pd.DataFrame, ignore: gpd.GeoDataFrame | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Images and masks of the chips; background pixels under ``ignore`` polygons become 255 (and are counted)."""
     images, masks, ignored = [], [], 0
-    for row in index.itertuples():
-        root = Path(row.root)
-        try:
-            with rasterio.open(root / row.image) as src:
-                images.append(src.read().astype(np.float32))
-                transform, crs, shape, bounds = src.transform, src.crs, (src.height, src.width), src.bounds
-            with rasterio.open(root / row.mask) as src:
-                masks.append(src.read(1))
-        except RasterioError as e:
-            raise InputError(f"{root / row.image}: cannot read chip ({e})") from None
-        if ignore is not None:
-            near = ignore.to_crs(crs).cx[bounds.left:bounds.right, bounds.bottom:bounds.top]
-            if len(near):
-                off = rasterize(((g, 1) for g in near.geometry), out_shape=shape, transform=transform, dtype=np.uint8)
-                hit = (off > 0) & (masks[-1] == 0)
-                masks[-1][hit] = 255
-                ignored += int(hit.sum())
+    with warnings.catch_warnings():  # chips of the MMSegmentation layout may be PNGs, with no place on Earth
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        for row in index.itertuples():
+            root = Path(row.root)
+            try:
+                with rasterio.open(root / row.image) as src:
+                    images.append(src.read().astype(np.float32))
+                    transform, crs, shape, bounds = src.transform, src.crs, (src.height, src.width), src.bounds
+                with rasterio.open(root / row.mask) as src:
+                    masks.append(src.read(1))
+            except RasterioError as e:
+                raise InputError(f"{root / row.image}: cannot read chip ({e})") from None
+            if ignore is not None:
+                near = ignore.to_crs(crs).cx[bounds.left:bounds.right, bounds.bottom:bounds.top]
+                if len(near):
+                    off = rasterize(((g, 1) for g in near.geometry), out_shape=shape, transform=transform, dtype=np.uint8)
+                    hit = (off > 0) & (masks[-1] == 0)
+                    masks[-1][hit] = 255
+                    ignored += int(hit.sum())
     return np.stack(images), np.stack(masks), ignored
 
 
