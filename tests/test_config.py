@@ -33,7 +33,7 @@ def test_imagery_table_and_a_trained_model(tmp_path):
     assert cfg.imagery.path == tmp_path / "tiles" and cfg.model.path == tmp_path / "models" / "ghana"
     assert cfg.labels == [] and cfg.train_year is None
     assert load_config(tmp_path / "map.toml", imagery="other").imagery.path.name == "other"
-    with pytest.raises(InputError, match="imagery: Input tag 'ftp' found using 'source' does not match any of the expected tags: 'local', 'stac'"):
+    with pytest.raises(InputError, match="imagery: Input tag 'ftp' found using 'source' does not match any of the expected tags: 'local', 'stac', 'planet'"):
         load_config(None, imagery={"source": "ftp", "path": "x"}, years="2019", out="o", **{"model.path": "m"})
     with pytest.raises(InputError, match="imagery.local.cloud: Extra inputs"):
         load_config(None, imagery={"source": "local", "path": "x", "cloud": 1}, years="2019", out="o",

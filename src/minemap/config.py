@@ -195,8 +195,33 @@ class StacImageryConfig(_Section):
         return self
 
 
+class PlanetImageryConfig(_Section):
+    """Planet basemap quads (the API the NICFI mosaics were served from), the least cloudy of a year's mosaics
+    per quad, cached on disk; the key comes from ``PL_API_KEY`` only. See :mod:`minemap.imagery.planet`."""
+
+    source: Literal["planet"] = "planet"
+    api_url: str = "https://api.planet.com/basemaps/v1"
+    bbox: tuple[float, float, float, float] = Field(description="the area: west, south, east, north (EPSG:4326)")
+    mosaics: dict[int, list[str]] = Field({}, description="per year, the mosaics to choose from, e.g. {2021 = "
+                                                          "['planet_medres_normalized_analytic_2021-11_mosaic']}")
+    mosaic_template: str = Field("planet_medres_normalized_analytic_{year}-{month:02d}_mosaic",
+                                 description="names of a year's monthly mosaics, for years not in ``mosaics``")
+    months: list[int] = Field([6, 7, 8, 9, 10, 11], description="months of the template's mosaics")
+    bands: list[str] = Field(["red", "green", "blue", "nir"], description="the quads' bands, in order")
+    cache_dir: Path | None = Field(None, description="default: $MINEMAP_CACHE or ~/.cache/minemap")
+    timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(5, ge=0)
+
+    @model_validator(mode="after")
+    def _area(self) -> PlanetImageryConfig:
+        w, s, e, n = self.bbox
+        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+            raise ValueError(f"bbox {list(self.bbox)}: expected west < east and south < north, in degrees")
+        return self
+
+
 # one entry per kind of source; ``source`` tells which (a bare path is the local source)
-ImageryConfig = Annotated[LocalImageryConfig | StacImageryConfig, Field(discriminator="source")]
+ImageryConfig = Annotated[LocalImageryConfig | StacImageryConfig | PlanetImageryConfig, Field(discriminator="source")]
 
 
 class RunConfig(_Section):

@@ -6,7 +6,8 @@ float32 array ``(bands, rows, cols)`` with a validity mask, without loading the 
 - :mod:`minemap.imagery.local`: a directory with one sub-folder per year of GeoTIFF/COG files
   (the published study's ``tiff_tiles/<year>/`` layout);
 - :mod:`minemap.imagery.stac`: yearly cloud-masked median composites of Sentinel-2 L2A (or another STAC
-  collection with a scene classification), through a STAC API, cached as COGs.
+  collection with a scene classification), through a STAC API, cached as COGs;
+- :mod:`minemap.imagery.planet`: Planet basemap quads (NICFI's API), the least cloudy mosaic per quad and year.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ def open_imagery(desc: Any, bands: list[str] | None = None, resampling: str = "n
     """Open the source a description names: an imagery config (``source = "local"``, ...), or a bare path, which
     is a local directory of year folders. Stages and worker processes receive the description, which pickles,
     and open the source themselves. ``resampling``: how pixels are read onto a grid other than the source's."""
-    from minemap.config import LocalImageryConfig, StacImageryConfig
+    from minemap.config import LocalImageryConfig, PlanetImageryConfig, StacImageryConfig
     from minemap.imagery.local import LocalImagery
 
     if isinstance(desc, (str, Path)):
@@ -83,12 +84,16 @@ def open_imagery(desc: Any, bands: list[str] | None = None, resampling: str = "n
         from minemap.imagery.stac import StacImagery
 
         return StacImagery(desc, bands=bands)
+    if isinstance(desc, PlanetImageryConfig):
+        from minemap.imagery.planet import PlanetImagery
+
+        return PlanetImagery(desc, bands=bands)
     raise TypeError(f"not an imagery description: {desc!r}")
 
 
 def describe(desc: Any) -> str:
     """A short human name of a source description, for messages: the local path or the API's URL."""
-    for attr in ("path", "url"):
+    for attr in ("path", "url", "api_url"):
         if getattr(desc, attr, None) is not None:
             return str(getattr(desc, attr))
     return str(desc)

@@ -1,0 +1,326 @@
+"""Planet basemaps (the API the NICFI mosaics were served from): per year and quad, the least cloudy of the
+year's mosaics, downloaded once and cached.
+
+For a year, the candidate mosaics are ``mosaics[year]`` or the monthly names of ``mosaic_template``. Per quad
+(Planet's fixed 4096 x 4096 px tiles of EPSG:3857), the mosaic chosen is the one whose contributing scenes are
+least cloudy by their metadata (mean of ``cloud_percent`` and ``heavy_haze_percent``, as the study did), where the
+API gives it; else the one whose own pixels look least cloudy (share of pixels bright in every visible band, or
+without data). The choice is recorded per quad and year beside the cached quad (``<quad>.json``).
+
+The API key comes from the environment (``PL_API_KEY``) only and travels in the Authorization header: it never
+appears in a stored URL, a log line, an error message or an output (links the API returns are stripped of any
+``api_key`` parameter before use). Downloads resume where they stopped (HTTP range requests on a ``.part``
+file); a quad is checked, rewritten as a 4-band COG (nodata 0 where the quad's alpha is 0) and renamed into the
+cache only when complete. Requests are retried with backoff on 429 (honouring Retry-After), 5xx, dropped
+connections and time-outs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from functools import cached_property
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+import shapely
+from affine import Affine
+from pyproj import CRS
+from rasterio.io import MemoryFile
+from rasterio.warp import transform_bounds
+
+from minemap._io import atomic_path, stable_hash, write_json
+from minemap.config import PlanetImageryConfig
+from minemap.errors import ImageryError
+from minemap.imagery import Grid
+from minemap.imagery.local import file_info, read_files
+from minemap.imagery.stac import cache_root
+
+log = logging.getLogger(__name__)
+KEY_ENV = "PL_API_KEY"
+RETRY_STATUS = (429, 500, 502, 503, 504)
+CHUNK = 1 << 16
+CLOUD_LEVEL = 2500  # a quad pixel brighter than this in every visible band (reflectance x 10,000) looks cloudy
+
+
+def strip_key(url: str) -> str:
+    """``url`` without an ``api_key`` query parameter."""
+    u = urlparse(url)
+    query = [(k, v) for k, v in parse_qsl(u.query, keep_blank_values=True) if k.lower() != "api_key"]
+    return urlunparse(u._replace(query=urlencode(query)))
+
+
+class PlanetImagery:
+    """Quads of Planet basemaps over ``cfg.bbox``; see the module docstring."""
+
+    def __init__(self, cfg: PlanetImageryConfig, bands: list[str] | None = None) -> None:
+        self.cfg = cfg
+        if bands and list(bands) != list(cfg.bands):
+            raise ImageryError(f"{cfg.api_url}: basemap quads hold bands {cfg.bands}; {list(bands)} were asked for")
+        self.band_names = list(cfg.bands)
+        self.key = stable_hash([cfg.api_url.rstrip("/"), {str(k): v for k, v in sorted(cfg.mosaics.items())},
+                                cfg.mosaic_template, cfg.months, cfg.bands])
+        self.root = cache_root(cfg) / f"planet-{self.key}"
+        self._mosaics: dict[str, dict] = {}
+        self._quads: dict[str, dict[str, dict]] = {}
+        self.fetched: list[dict] = []
+
+    # -- the protocol ----------------------------------------------------------------------------------------
+    def years(self) -> list[int]:
+        return sorted(set(self.cfg.mosaics) | set(range(2015, 2031)))
+
+    def names(self, year: int) -> list[str]:
+        if year in self.cfg.mosaics:
+            return list(self.cfg.mosaics[year])
+        return [self.cfg.mosaic_template.format(year=year, month=m) for m in self.cfg.months]
+
+    @cached_property
+    def _grid(self) -> Grid:
+        crs = CRS.from_epsg(3857)
+        res = 40075016.685578488 / (256 * 2 ** 15)  # a zoom-15 basemap pixel, ~4.777 m
+        left, bottom, right, top = transform_bounds("EPSG:4326", crs, *self.cfg.bbox, densify_pts=21)
+        x0, y1 = np.floor(left / res) * res, np.ceil(top / res) * res
+        return Grid(crs, Affine(res, 0, x0, 0, -res, y1), int(np.ceil((right - x0) / res)),
+                    int(np.ceil((y1 - bottom) / res)))
+
+    def grid(self, year: int) -> Grid:
+        return self._grid
+
+    def fingerprint(self, year: int) -> str:
+        return stable_hash([self.key, year])
+
+    def check_bands(self, year: int) -> None:
+        """Raise unless at least one of the year's mosaics exists and has quads over the area."""
+        if self._all_cached(year):
+            return
+        found = [name for name in self.names(year) if self._mosaic(name, required=False)]
+        if not found:
+            raise ImageryError(f"{self.cfg.api_url}: none of the mosaics of {year} exists "
+                               f"({', '.join(self.names(year)[:3])}{', ...' if len(self.names(year)) > 3 else ''})")
+        if not any(self._quad_list(name) for name in found):
+            raise ImageryError(f"{self.cfg.api_url}: the mosaics of {year} have no quads over bbox "
+                               f"{list(self.cfg.bbox)}")
+
+    def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        box = shapely.box(*transform_bounds(grid.crs, "EPSG:4326", *grid.bounds, densify_pts=21))
+        paths = [self.quad(year, q) for q in self.quads_over(year, box)]
+        return read_files([file_info(p) for p in paths], grid, len(self.band_names))
+
+    # -- quads -----------------------------------------------------------------------------------------------
+    def _all_cached(self, year: int) -> bool:
+        record = self.root / str(year) / "quads.json"
+        if not record.is_file():
+            return False
+        ids = json.loads(record.read_text())
+        return all((self.root / str(year) / f"{q}.tif").is_file() for q in ids)
+
+    def quads_over(self, year: int, box: shapely.Geometry) -> list[str]:
+        """Ids of the year's quads (in any of its mosaics) that touch ``box`` (EPSG:4326)."""
+        record = self.root / str(year) / "quads.json"
+        if record.is_file():
+            ids = json.loads(record.read_text())
+            bboxes = {q: json.loads((self.root / str(year) / f"{q}.json").read_text())["bbox"]
+                      for q in ids if (self.root / str(year) / f"{q}.json").is_file()}
+            if len(bboxes) == len(ids):
+                return [q for q, b in bboxes.items() if shapely.intersects(shapely.box(*b), box)]
+        quads: dict[str, list] = {}
+        for name in self.names(year):
+            if self._mosaic(name, required=False):
+                for q in self._quad_list(name).values():
+                    quads[q["id"]] = q["bbox"]
+        write_json(record, sorted(quads))
+        return [q for q, b in quads.items() if shapely.intersects(shapely.box(*b), box)]
+
+    def quad(self, year: int, quad_id: str) -> Path:
+        """The cached quad of ``year`` (the least cloudy of its mosaics), downloaded first if need be."""
+        path = self.root / str(year) / f"{quad_id}.tif"
+        if path.is_file():
+            return path
+        candidates = [(name, self._quad_list(name)[quad_id]) for name in self.names(year)
+                      if self._mosaic(name, required=False) and quad_id in self._quad_list(name)]
+        if not candidates:
+            raise ImageryError(f"{self.cfg.api_url}: no mosaic of {year} has quad {quad_id}")
+        scored = [(self._metadata_cloud(name, q), name, q) for name, q in candidates]
+        if all(s is not None for s, _, _ in scored):
+            how = "scene metadata (mean of cloud and heavy haze percent)"
+            score, name, q = min(scored, key=lambda t: t[0])
+            part = self._download(name, q, path.with_suffix(".part"))
+        else:
+            how = "the quad's pixels (share bright in every visible band or without data)"
+            best = None
+            for _, name, q in scored:
+                part = self._download(name, q, self.root / str(year) / f".{quad_id}.{name}.part")
+                s = _pixel_cloud(part)
+                if best is None or s < best[0]:
+                    if best is not None:
+                        best[3].unlink(missing_ok=True)
+                    best = (s, name, q, part)
+                else:
+                    part.unlink(missing_ok=True)
+            score, name, q, part = best
+        record = {"year": year, "quad": quad_id, "mosaic": name, "cloud_score": round(float(score), 3),
+                  "chosen_by": how, "candidates": [n for n, _ in candidates], "bbox": q["bbox"]}
+        write_json(path.with_suffix(".json"), record)
+        _write_quad(part, path, len(self.band_names))
+        part.unlink(missing_ok=True)
+        record["bytes"] = path.stat().st_size
+        self.fetched.append(record)
+        return path
+
+    # -- the API ---------------------------------------------------------------------------------------------
+    @cached_property
+    def _session(self):
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3 import Retry
+
+        key = os.environ.get(KEY_ENV, "").strip()
+        if not key:
+            raise ImageryError(f"{KEY_ENV} is not set: Planet basemaps need an API key in the environment "
+                               f"(export {KEY_ENV}=...)")
+        s = requests.Session()
+        s.headers["Authorization"] = f"api-key {key}"
+        s.trust_env = True
+        retry = Retry(total=self.cfg.retries, backoff_factor=0.5, status_forcelist=RETRY_STATUS,
+                      allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
+        s.mount("http://", HTTPAdapter(max_retries=retry))
+        s.mount("https://", HTTPAdapter(max_retries=retry))
+        return s
+
+    def _get(self, url: str, **kw):
+        import requests
+
+        try:
+            r = self._session.get(strip_key(url), timeout=self.cfg.timeout_s, **kw)
+        except requests.RequestException as e:
+            raise ImageryError(f"{self.cfg.api_url}: no answer from the Planet API ({type(e).__name__})") from None
+        if r.status_code in (401, 403):
+            raise ImageryError(f"{self.cfg.api_url}: the Planet API refused the key (HTTP {r.status_code}): set "
+                               f"{KEY_ENV} to a key with access to these basemaps")
+        return r
+
+    def _json(self, url: str, **params) -> dict:
+        r = self._get(url, params=params or None)
+        if r.status_code != 200:
+            raise ImageryError(f"{self.cfg.api_url}: the Planet API answered HTTP {r.status_code} to "
+                               f"{urlparse(strip_key(r.url)).path}")
+        try:
+            return r.json()
+        except ValueError:
+            raise ImageryError(f"{self.cfg.api_url}: the Planet API answered with something other than JSON") from None
+
+    def _mosaic(self, name: str, required: bool = True) -> dict | None:
+        if name not in self._mosaics:
+            found = self._json(f"{self.cfg.api_url.rstrip('/')}/mosaics", name__is=name).get("mosaics", [])
+            self._mosaics[name] = found[0] if found else {}
+        if not self._mosaics[name] and required:
+            raise ImageryError(f"{self.cfg.api_url}: no mosaic named {name}")
+        return self._mosaics[name] or None
+
+    def _quad_list(self, name: str) -> dict[str, dict]:
+        """The mosaic's quads over the area, by id (paged)."""
+        if name not in self._quads:
+            mosaic = self._mosaic(name)
+            url = f"{self.cfg.api_url.rstrip('/')}/mosaics/{mosaic['id']}/quads"
+            page = self._json(url, bbox=",".join(map(str, self.cfg.bbox)), minimal="true")
+            quads = {}
+            while True:
+                for q in page.get("items", []):
+                    quads[q["id"]] = q
+                nxt = page.get("_links", {}).get("_next")
+                if not nxt:
+                    break
+                page = self._json(nxt)
+            self._quads[name] = quads
+        return self._quads[name]
+
+    def _metadata_cloud(self, name: str, quad: dict) -> float | None:
+        """Mean cloud and heavy-haze percent of the quad's contributing scenes, or None if the API gives none."""
+        link = quad.get("_links", {}).get("items")
+        if not link:
+            return None
+        r = self._get(link)
+        if r.status_code != 200:
+            return None
+        values = []
+        for item in r.json().get("items", []):
+            props = item.get("properties", item)
+            cp, hp = props.get("cloud_percent"), props.get("heavy_haze_percent")
+            if cp is not None:
+                values.append((float(cp) + float(hp or 0)) / 2)
+        return float(np.mean(values)) if values else None
+
+    def _download(self, name: str, quad: dict, part: Path) -> Path:
+        """The quad's GeoTIFF into ``part``, resuming a partial one; retried on dropped connections."""
+        import requests
+
+        link = quad.get("_links", {}).get("download")
+        if not link:
+            raise ImageryError(f"{self.cfg.api_url}: quad {quad['id']} of {name} has no download link")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        for attempt in range(self.cfg.retries + 1):
+            have = part.stat().st_size if part.exists() else 0
+            try:
+                r = self._session.get(strip_key(link), headers={"Range": f"bytes={have}-"} if have else {},
+                                      stream=True, timeout=self.cfg.timeout_s)
+                with r:
+                    if r.status_code in (401, 403):
+                        raise ImageryError(f"{self.cfg.api_url}: the Planet API refused the key (HTTP "
+                                           f"{r.status_code}): set {KEY_ENV} to a key with access to these basemaps")
+                    if r.status_code == 416:  # nothing left to fetch
+                        return part
+                    if r.status_code not in (200, 206):
+                        raise ImageryError(f"{self.cfg.api_url}: quad {quad['id']} of {name}: HTTP {r.status_code}")
+                    total = (r.headers.get("Content-Range", "").rpartition("/")[2] if r.status_code == 206
+                             else r.headers.get("Content-Length", ""))
+                    with open(part, "ab" if r.status_code == 206 else "wb") as f:
+                        for chunk in r.iter_content(CHUNK):
+                            f.write(chunk)
+                if total.isdigit() and part.stat().st_size < int(total):
+                    raise requests.ConnectionError("the connection closed before the end")
+                return part
+            except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError, requests.Timeout):
+                if attempt == self.cfg.retries:
+                    raise ImageryError(f"{self.cfg.api_url}: the download of quad {quad['id']} of {name} kept "
+                                       f"failing ({self.cfg.retries + 1} tries); rerun to resume it") from None
+                log.info("quad %s of %s: connection lost at %d bytes, resuming", quad["id"], name,
+                         part.stat().st_size if part.exists() else 0)
+                time.sleep(min(0.5 * 2 ** attempt, 10))
+        return part
+
+
+def _pixel_cloud(path: Path) -> float:
+    """Share of a quad's pixels that look cloudy (bright in every visible band) or have no data."""
+    with rasterio.open(path) as src:
+        step = max(1, src.width // 512)
+        data = src.read(out_shape=(src.count, src.height // step, src.width // step))
+    valid = data[4] > 0 if data.shape[0] >= 5 else (data[:4] > 0).any(0)
+    bright = (data[:3] >= CLOUD_LEVEL).all(0)
+    return float((bright | ~valid).mean())
+
+
+def _write_quad(part: Path, dest: Path, n: int) -> None:
+    """A downloaded quad as an ``n``-band uint16 COG, nodata 0 where its alpha (band n + 1) is 0."""
+    try:
+        with rasterio.open(part) as src:
+            data = src.read()
+            profile = dict(driver="GTiff", width=src.width, height=src.height, count=n, dtype="uint16",
+                           crs=src.crs, transform=src.transform, nodata=0)
+    except rasterio.errors.RasterioError as e:
+        raise ImageryError(f"{dest.name}: the downloaded quad is not a readable GeoTIFF ({e}); rerun to fetch "
+                           "it again") from None
+    if data.shape[0] < n:
+        raise ImageryError(f"{dest.name}: the quad has {data.shape[0]} bands, {n} expected")
+    bands = np.maximum(data[:n].astype(np.uint16), 1)
+    valid = data[n] > 0 if data.shape[0] > n else (data[:n] > 0).any(0)
+    bands[:, ~valid] = 0
+    with atomic_path(dest) as tmp, MemoryFile() as mem:
+        with mem.open(**profile) as ds:
+            ds.write(bands)
+            rasterio.shutil.copy(ds, tmp, driver="COG", compress="DEFLATE", blocksize=512,
+                                 overview_resampling="average")

@@ -1,0 +1,144 @@
+"""Planet basemaps against an imitation of the API on the loopback interface: the least cloudy mosaic per quad,
+the key only in the environment and a header, resumable downloads, retries, and errors in one line."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from rasterio.warp import transform_bounds
+
+from minemap.config import PlanetImageryConfig
+from minemap.errors import ImageryError
+from minemap.imagery import open_imagery
+from minemap.imagery.planet import strip_key
+
+from planet_server import RES, Mosaic, PlanetServer
+
+KEY = "pl-secret-0123456789"
+SIZE = 128
+X0, Y0 = round(-217000 / RES) * RES, round(703000 / RES) * RES
+QUADS = ("L15-0000E-0000N", "L15-0001E-0000N")
+
+
+def _quad(value, cloudy=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    data = np.zeros((5, SIZE, SIZE), np.uint16)
+    for b in range(4):
+        data[b] = value + 100 * b
+    data[4] = 255
+    if cloudy:
+        cloud = rng.random((SIZE, SIZE)) < cloudy
+        data[:4, cloud] = 6000
+    data[:, :, :8] = 0  # a strip without data: alpha 0
+    return data
+
+
+@pytest.fixture
+def planet(tmp_path, monkeypatch):
+    monkeypatch.setenv("PL_API_KEY", KEY)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    server = PlanetServer(tmp_path / "quads", KEY, (X0, Y0))
+    yield server
+    server.close()
+
+
+def _cfg(planet, tmp_path, **over):
+    bbox = transform_bounds("EPSG:3857", "EPSG:4326", X0 + 10, Y0 - SIZE * RES + 10, X0 + 2 * SIZE * RES - 10, Y0 - 10)
+    data = {"source": "planet", "api_url": planet.url, "bbox": bbox, "cache_dir": tmp_path / "cache",
+            "mosaics": {2021: ["nicfi_2021-06", "nicfi_2021-11"]}, "retries": 3, "timeout_s": 10} | over
+    return PlanetImageryConfig.model_validate(data)
+
+
+def test_least_cloudy_mosaic_by_scene_metadata(planet, tmp_path):
+    planet.add(Mosaic("nicfi_2021-06", {q: _quad(1000) for q in QUADS}, cloud=40.0))
+    planet.add(Mosaic("nicfi_2021-11", {q: _quad(2000) for q in QUADS}, cloud=5.0))
+    src = open_imagery(_cfg(planet, tmp_path))
+    src.check_bands(2021)
+    grid = src.grid(2021)
+    assert grid.crs.to_epsg() == 3857 and grid.res[0] == pytest.approx(RES)
+    px, valid = src.read(2021, grid)
+    assert valid.mean() > 0.9 and not valid.all()  # the quads' strips without data stay nodata
+    assert np.array_equal(px[:, valid][0], np.full(valid.sum(), 2000.0))  # November: the less cloudy
+    record = json.loads((src.root / "2021" / f"{QUADS[0]}.json").read_text())
+    assert record["mosaic"] == "nicfi_2021-11" and "metadata" in record["chosen_by"]
+    assert record["candidates"] == ["nicfi_2021-06", "nicfi_2021-11"]
+    n = len(planet.requests)
+    again = open_imagery(_cfg(planet, tmp_path))
+    again.check_bands(2021)
+    again.read(2021, grid)
+    assert len(planet.requests) == n  # a rerun reads the cache: no request at all
+
+
+def test_least_cloudy_by_pixels_without_metadata(planet, tmp_path):
+    planet.add(Mosaic("nicfi_2021-06", {q: _quad(1500) for q in QUADS}))
+    planet.add(Mosaic("nicfi_2021-11", {q: _quad(2000, cloudy=0.3) for q in QUADS}))
+    src = open_imagery(_cfg(planet, tmp_path))
+    px, valid = src.read(2021, src.grid(2021))
+    assert np.all(px[0][valid] == 1500)
+    record = json.loads((src.root / "2021" / f"{QUADS[1]}.json").read_text())
+    assert record["mosaic"] == "nicfi_2021-06" and "pixels" in record["chosen_by"]
+    assert not list((src.root / "2021").glob("*.part"))
+
+
+def test_the_key_never_leaks(planet, tmp_path, caplog):
+    planet.add(Mosaic("nicfi_2021-06", {q: _quad(1000) for q in QUADS}, cloud=10.0))
+    with caplog.at_level(logging.DEBUG):
+        src = open_imagery(_cfg(planet, tmp_path, mosaics={2021: ["nicfi_2021-06"]}))
+        src.read(2021, src.grid(2021))
+    assert all(KEY not in r for r in planet.requests)  # links carrying api_key were stripped before use
+    assert all(h.get("Authorization") == f"api-key {KEY}" for h in planet.headers_seen)
+    assert KEY not in caplog.text
+    for f in (tmp_path / "cache").rglob("*"):
+        if f.is_file():
+            assert KEY.encode() not in f.read_bytes(), f
+    assert strip_key(f"https://x/q?a=1&api_key={KEY}") == "https://x/q?a=1"
+
+
+def test_downloads_resume_after_a_dropped_connection_and_a_429(planet, tmp_path):
+    planet.add(Mosaic("nicfi_2021-06", {q: _quad(1000) for q in QUADS}, cloud=10.0))
+    planet.throttle_next = 1
+    planet.drop_next_download = True
+    src = open_imagery(_cfg(planet, tmp_path, mosaics={2021: ["nicfi_2021-06"]}))
+    px, valid = src.read(2021, src.grid(2021))
+    assert np.all(px[0][valid] == 1000)
+    downloads = [r for r in planet.requests if r.endswith("/full") or "/full?" in r]
+    assert len(downloads) == 3  # one dropped halfway, resumed with a range request; one whole
+    assert any("Range" in h for h in planet.headers_seen)
+
+
+def test_bad_keys_and_missing_mosaics_fail_in_one_line(planet, tmp_path, monkeypatch):
+    planet.add(Mosaic("nicfi_2021-06", {q: _quad(1000) for q in QUADS}, cloud=10.0))
+    with pytest.raises(ImageryError, match="none of the mosaics of 2019 exists"):
+        open_imagery(_cfg(planet, tmp_path)).check_bands(2019)
+    monkeypatch.setenv("PL_API_KEY", "wrong-key")
+    with pytest.raises(ImageryError, match=r"refused the key \(HTTP 401\): set PL_API_KEY") as e:
+        open_imagery(_cfg(planet, tmp_path)).check_bands(2021)
+    assert "wrong-key" not in str(e.value) and "\n" not in str(e.value)
+    monkeypatch.delenv("PL_API_KEY")
+    with pytest.raises(ImageryError, match="PL_API_KEY is not set"):
+        open_imagery(_cfg(planet, tmp_path)).check_bands(2021)
+    monkeypatch.setenv("PL_API_KEY", KEY)
+    with pytest.raises(ImageryError, match="no answer from the Planet API"):
+        open_imagery(_cfg(planet, tmp_path, api_url="http://127.0.0.1:9/basemaps/v1", retries=0)).check_bands(2021)
+
+
+def test_run_maps_with_planet_basemaps(planet, tmp_path, tiny_run):
+    import tomli_w
+    from typer.testing import CliRunner
+
+    from minemap.cli import app
+
+    for year, value in ((2019, 900), (2021, 1100)):
+        planet.add(Mosaic(f"nicfi_{year}-11", {q: _quad(value, seed=year) for q in QUADS}, cloud=5.0))
+    imagery = _cfg(planet, tmp_path, mosaics={2019: ["nicfi_2019-11"], 2021: ["nicfi_2021-11"]})
+    (tmp_path / "run.toml").write_text(tomli_w.dumps({
+        "years": "2019,2021", "out": "out", "imagery": imagery.model_dump(mode="json", exclude_none=True),
+        "model": {"path": str(tiny_run[0].out / "model")}, "accept_weak_model": True,
+        "predict": {"tile_size": 128}}))
+    r = CliRunner().invoke(app, ["run", str(tmp_path / "run.toml")])
+    assert r.exit_code == 0, r.output
+    for year in (2019, 2021):
+        assert list((tmp_path / "out" / "probabilities" / str(year)).glob("*.tif"))
+    record = (tmp_path / "out" / "probabilities" / "imagery.json").read_text()
+    assert '"source": "planet"' in record and KEY not in record
