@@ -142,3 +142,25 @@ def test_run_maps_with_planet_basemaps(planet, tmp_path, tiny_run):
         assert list((tmp_path / "out" / "probabilities" / str(year)).glob("*.tif"))
     record = (tmp_path / "out" / "probabilities" / "imagery.json").read_text()
     assert '"source": "planet"' in record and KEY not in record
+
+
+def test_cli_fetch_fills_the_planet_cache(planet, tmp_path):
+    from typer.testing import CliRunner
+
+    from minemap.cli import app
+
+    planet.add(Mosaic("nicfi_2021-06", {q: _quad(1000) for q in QUADS}, cloud=30.0))
+    planet.add(Mosaic("nicfi_2021-11", {q: _quad(2000) for q in QUADS}, cloud=5.0))
+    cfg = _cfg(planet, tmp_path)
+    args = ["imagery", "fetch", "--source", "planet", "--url", planet.url, "--aoi", ",".join(map(str, cfg.bbox)),
+            "--years", "2021", "--cache", str(tmp_path / "cache")]
+    r = CliRunner().invoke(app, args + ["--months", "6-11"])
+    assert r.exit_code == 2 and "none of the mosaics of 2021 exists" in r.output  # the template's names
+    import tomli_w
+
+    (tmp_path / "p.toml").write_text(tomli_w.dumps({"imagery": cfg.model_dump(mode="json", exclude_none=True)}))
+    r = CliRunner().invoke(app, ["imagery", "fetch", str(tmp_path / "p.toml"), "--years", "2021"])
+    assert r.exit_code == 0, r.output
+    assert "2 composites (2 fetched" in r.output.replace("\n", " ") and KEY not in r.output
+    records = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("L15-*.json")]
+    assert len(records) == 2 and {r["mosaic"] for r in records} == {"nicfi_2021-11"}

@@ -200,3 +200,21 @@ def test_cli_fetch_fills_the_cache_and_reports(stac, tmp_path):
     none = CliRunner().invoke(app, ["imagery", "fetch", "--years", "2018", "--url", stac.url, "--aoi",
                                     ",".join(map(str, cfg.bbox)), "--cache", str(tmp_path / "cache")])
     assert none.exit_code == 2 and "no sentinel-2-l2a scenes for 2018" in none.output
+
+
+def test_a_server_that_never_answers_times_out(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # accepts connections, never answers
+    try:
+        cfg = StacImageryConfig(url=f"http://127.0.0.1:{silent.getsockname()[1]}", bbox=(-3.0, 6.0, -2.9, 6.1),
+                                timeout_s=1, retries=0, cache_dir=tmp_path / "cache")
+        t0 = time.perf_counter()
+        with pytest.raises(ImageryError, match="no answer from the STAC API"):
+            open_imagery(cfg).check_bands(2019)
+        assert time.perf_counter() - t0 < 10
+    finally:
+        silent.close()

@@ -345,8 +345,8 @@ app.add_typer(imagery_app, name="imagery")
 def imagery_fetch(
         config: Annotated[Optional[Path], typer.Argument(help="TOML config whose [imagery] table names the source")] = None,
         years: Annotated[str, typer.Option(help="years, e.g. 2019-2021")] = "",
-        source: Annotated[Optional[str], typer.Option(help="stac (the source that fetches)")] = None,
-        url: Annotated[Optional[str], typer.Option(help="STAC API root")] = None,
+        source: Annotated[Optional[str], typer.Option(help="stac or planet (the sources that fetch)")] = None,
+        url: Annotated[Optional[str], typer.Option(help="API root (STAC, or Planet basemaps)")] = None,
         collection: Annotated[Optional[str], typer.Option(help="STAC collection, e.g. sentinel-2-l2a")] = None,
         aoi: Annotated[Optional[str], typer.Option(help="area as west,south,east,north in degrees")] = None,
         months: Annotated[Optional[str], typer.Option(help="months of each year's composite, e.g. 6-11")] = None,
@@ -358,7 +358,7 @@ def imagery_fetch(
 
     from pydantic import ValidationError
 
-    from minemap.config import StacImageryConfig, _flatten_error, parse_years
+    from minemap.config import PlanetImageryConfig, StacImageryConfig, _flatten_error, parse_years
     from minemap.errors import InputError
     from minemap.imagery import open_imagery
 
@@ -381,18 +381,29 @@ def imagery_fetch(
                  "cache_dir": str(cache) if cache else None}
     table.update({k: v for k, v in overrides.items() if v is not None})
     table.setdefault("source", "stac")
-    if table["source"] != "stac":
-        raise InputError(f"--source {table['source']!r}: only remote sources (stac) have a cache to fill")
+    kinds = {"stac": StacImageryConfig, "planet": PlanetImageryConfig}
+    if table["source"] not in kinds:
+        raise InputError(f"--source {table['source']!r}: only remote sources (stac, planet) have a cache to fill")
+    if table["source"] == "planet":
+        if "url" in table:
+            table["api_url"] = table.pop("url")
+        table.pop("collection", None)
     try:
-        desc = StacImageryConfig.model_validate(table)
+        desc = kinds[table["source"]].model_validate(table)
     except ValidationError as e:
         raise InputError(f"imagery: {_flatten_error(e)}") from None
     src = open_imagery(desc)
     records = src.fetch(parse_years(years))
-    table_out = Table("year", "tile", "scenes", "clear share", "bytes", "")
-    for r in records:
-        table_out.add_row(str(r["year"]), r["tile"], str(r["scenes"]), f"{r['clear_share']:.1%}",
-                          f"{r['bytes']:,}", "cached" if r["cached"] else "fetched")
+    if table["source"] == "stac":
+        table_out = Table("year", "tile", "scenes", "clear share", "bytes", "")
+        for r in records:
+            table_out.add_row(str(r["year"]), r["tile"], str(r["scenes"]), f"{r['clear_share']:.1%}",
+                              f"{r['bytes']:,}", "cached" if r["cached"] else "fetched")
+    else:
+        table_out = Table("year", "quad", "mosaic chosen", "cloud score", "chosen by", "bytes", "")
+        for r in records:
+            table_out.add_row(str(r["year"]), r["quad"], r["mosaic"], f"{r['cloud_score']:.2f}",
+                              r["chosen_by"].split(" (")[0], f"{r['bytes']:,}", "cached" if r["cached"] else "fetched")
     out.print(table_out)
     new = [r for r in records if not r["cached"]]
     out.print(f"{len(records)} composites ({len(new)} fetched, {len(records) - len(new)} already cached), "

@@ -141,6 +141,23 @@ class LocalImageryConfig(_Section):
     path: Path
 
 
+def _month_spec(v: Any) -> Any:
+    """'6-11' (or '11-2', across the new year) -> a list of months; lists pass."""
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d{1,2})\s*-\s*(\d{1,2})\s*", v)
+        if not m:
+            raise ValueError(f"months {v!r}: expected e.g. '6-11' or a list of months")
+        a, b = int(m.group(1)), int(m.group(2))
+        return list(range(a, b + 1)) if a <= b else list(range(a, 13)) + list(range(1, b + 1))
+    return v
+
+
+def _month_list(v: list[int]) -> list[int]:
+    if not v or any(not 1 <= m <= 12 for m in v):
+        raise ValueError("months must be 1-12")
+    return sorted(set(v))
+
+
 class StacImageryConfig(_Section):
     """Yearly cloud-masked median composites of a STAC collection with a scene classification band (Sentinel-2
     L2A by default), cached on disk; see :mod:`minemap.imagery.stac`."""
@@ -169,23 +186,8 @@ class StacImageryConfig(_Section):
     retries: int = Field(5, ge=0, description="retries with backoff on 429 (honouring Retry-After), 5xx and "
                                               "time-outs")
 
-    @field_validator("months", mode="before")
-    @classmethod
-    def _months(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            m = re.fullmatch(r"\s*(\d{1,2})\s*-\s*(\d{1,2})\s*", v)
-            if not m:
-                raise ValueError(f"months {v!r}: expected e.g. '6-11' or a list of months")
-            a, b = int(m.group(1)), int(m.group(2))
-            return list(range(a, b + 1)) if a <= b else list(range(a, 13)) + list(range(1, b + 1))
-        return v
-
-    @field_validator("months")
-    @classmethod
-    def _month_range(cls, v: list[int]) -> list[int]:
-        if not v or any(not 1 <= m <= 12 for m in v):
-            raise ValueError("months must be 1-12")
-        return sorted(set(v))
+    _months = field_validator("months", mode="before")(classmethod(lambda cls, v: _month_spec(v)))
+    _month_range = field_validator("months")(classmethod(lambda cls, v: _month_list(v)))
 
     @model_validator(mode="after")
     def _area(self) -> StacImageryConfig:
@@ -206,11 +208,14 @@ class PlanetImageryConfig(_Section):
                                                           "['planet_medres_normalized_analytic_2021-11_mosaic']}")
     mosaic_template: str = Field("planet_medres_normalized_analytic_{year}-{month:02d}_mosaic",
                                  description="names of a year's monthly mosaics, for years not in ``mosaics``")
-    months: list[int] = Field([6, 7, 8, 9, 10, 11], description="months of the template's mosaics")
+    months: list[int] = Field([6, 7, 8, 9, 10, 11], description="months of the template's mosaics, e.g. '6-11'")
     bands: list[str] = Field(["red", "green", "blue", "nir"], description="the quads' bands, in order")
     cache_dir: Path | None = Field(None, description="default: $MINEMAP_CACHE or ~/.cache/minemap")
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(5, ge=0)
+
+    _months = field_validator("months", mode="before")(classmethod(lambda cls, v: _month_spec(v)))
+    _month_range = field_validator("months")(classmethod(lambda cls, v: _month_list(v)))
 
     @model_validator(mode="after")
     def _area(self) -> PlanetImageryConfig:

@@ -111,6 +111,24 @@ class PlanetImagery:
         paths = [self.quad(year, q) for q in self.quads_over(year, box)]
         return read_files([file_info(p) for p in paths], grid, len(self.band_names))
 
+    def fetch(self, years: list[int], progress: bool = True) -> list[dict]:
+        """Fill the cache for ``years`` over the whole area ahead of a run: one record per quad and year (the
+        mosaic chosen, its cloud score, bytes, and whether it was already cached)."""
+        from tqdm.auto import tqdm
+
+        for year in years:
+            self.check_bands(year)
+        box = shapely.box(*self.cfg.bbox)
+        todo = [(y, q) for y in years for q in self.quads_over(y, box)]
+        records = []
+        for year, q in tqdm(todo, desc="quads", unit="quad", disable=not progress):
+            path = self.root / str(year) / f"{q}.tif"
+            cached = path.is_file()
+            self.quad(year, q)
+            records.append({**json.loads(path.with_suffix(".json").read_text()), "bytes": path.stat().st_size,
+                            "cached": cached})
+        return records
+
     # -- quads -----------------------------------------------------------------------------------------------
     def _all_cached(self, year: int) -> bool:
         record = self.root / str(year) / "quads.json"

@@ -247,7 +247,7 @@ class StacImagery:
         io = StacApiIO(max_retries=retry, timeout=self.cfg.timeout_s)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # catalogues that omit optional links or conformance classes
-            return pystac_client.Client.open(self.cfg.url, stac_io=io)
+            return pystac_client.Client.open(self.cfg.url, stac_io=io, timeout=self.cfg.timeout_s)
 
     def _search(self, year: int) -> list:
         """The items of ``year`` over the whole area (one search, paged), in the chosen months."""
