@@ -129,3 +129,26 @@ def test_chips_round_trip_through_the_study_layout(scene, tmp_path):
     (study / "ann_dir" / "val" / next((study / "ann_dir" / "val").glob("*.png")).name).unlink()
     r = CliRunner().invoke(app, ["train", str(study), "--out", str(tmp_path / "model2"), "--epochs", "1"])
     assert r.exit_code == 2 and "no mask ann_dir/val/" in r.output
+
+
+class HistoryBuffer:  # stands for mmengine's logging objects, pickled beside the weights in its checkpoints
+    def __init__(self):
+        self.values = [1.0, 2.0]
+
+
+def test_mmengine_checkpoints_and_wide_heads_import(tmp_path):
+    """A training checkpoint of mmengine carries its own classes (read inertly, never run), and MMSegmentation's
+    mit-b2..b5 keep a 256-channel head (transformers' default is 768): both import, with equal logits."""
+    torch.manual_seed(4)
+    model = build_model("mit-b2", 3, head="mmseg", decoder_channels=256).eval()
+    torch.save({"meta": {"mmseg_version": "1.2.2"}, "message_hub": {"log": HistoryBuffer()},
+                "state_dict": to_mmseg(model)}, tmp_path / "iter_160000.pth")
+    with pytest.raises(Exception):
+        torch.load(tmp_path / "iter_160000.pth", weights_only=True)  # what a plain weights-only load makes of it
+    card = import_mmseg(tmp_path / "iter_160000.pth", tmp_path / "m", ["red", "green", "blue"], [0.0] * 3,
+                        [1.0] * 3, gsd_m=4.77)
+    assert card.encoder == "mit-b2" and card.decoder_channels == 256
+    back, _ = load_model(tmp_path / "m")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(forward_logits(model, x), forward_logits(back, x), atol=1e-4)

@@ -273,3 +273,21 @@ def test_thin_clouds_and_shadows_are_found_against_the_reference_year():
     assert hidden[outside].mean() < 0.001
     # where the reference year has no imagery, nothing is judged
     assert not obscured(year, valid, ref, np.zeros_like(valid)).any()
+
+
+def test_another_tiling_leaves_no_stale_tiles(scene, tmp_path):
+    """Tiles are named by position: predicting again with another tile size redoes the tiles whose names both
+    tilings share and removes the first tiling's others, so vectorising never mixes two tilings."""
+    from conftest import tiny_config
+    from minemap.pipeline import run
+
+    cfg = tiny_config(scene, tmp_path / "out", years=[2019], train={"epochs": 1, "batch_size": 8},
+                      hard_negatives={"enabled": False}, predict={"tile_size": 128})
+    run(cfg, progress=False)
+    folder = cfg.out / "probabilities" / "2019"
+    assert len(list(folder.glob("*.tif"))) == 9
+    run(cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tile_size": 256})}), progress=False)
+    assert sorted(p.name for p in folder.glob("*.tif")) == ["r000_c000.tif", "r000_c001.tif", "r001_c000.tif",
+                                                            "r001_c001.tif"]
+    with rasterio.open(folder / "r000_c000.tif") as src:
+        assert src.width == 256

@@ -365,9 +365,13 @@ def imagery_fetch(
     table: dict = {}
     if config is not None:
         try:
-            table = dict(tomllib.loads(config.read_text()).get("imagery", {}))
+            table = tomllib.loads(config.read_text()).get("imagery", {})
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{config}: not a readable TOML config ({e})") from None
+        if not isinstance(table, dict):
+            raise InputError(f"{config}: imagery is a local folder ({table}); only remote sources have a cache "
+                             "to fill")
+        table = dict(table)
         if isinstance(table.get("cache_dir"), str):
             table["cache_dir"] = str(config.parent / table["cache_dir"])
     if not years:

@@ -209,7 +209,9 @@ class PlanetImageryConfig(_Section):
     mosaic_template: str = Field("planet_medres_normalized_analytic_{year}-{month:02d}_mosaic",
                                  description="names of a year's monthly mosaics, for years not in ``mosaics``")
     months: list[int] = Field([6, 7, 8, 9, 10, 11], description="months of the template's mosaics, e.g. '6-11'")
-    bands: list[str] = Field(["red", "green", "blue", "nir"], description="the quads' bands, in order")
+    bands: list[str] = Field(["blue", "green", "red", "nir"], description="the quads' bands, in file order "
+                                                                        "(PlanetScope analytic: B, G, R, NIR, "
+                                                                        "then alpha)")
     cache_dir: Path | None = Field(None, description="default: $MINEMAP_CACHE or ~/.cache/minemap")
     timeout_s: float = Field(120.0, gt=0)
     retries: int = Field(5, ge=0)

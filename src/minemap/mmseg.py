@@ -17,6 +17,7 @@ The attention's packed input projection (``attn.attn.in_proj_weight``: query, ke
 
 from __future__ import annotations
 
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -190,6 +191,36 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor | None, state: dict, bn: str)
     return weight * scale[:, None], (b - mean) * scale + beta
 
 
+class _Inert:
+    """Stands for any class a checkpoint pickles outside torch: takes whatever it is given, runs nothing."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+
+class _InertUnpickler(pickle.Unpickler):
+    """Unpickles tensors and plain containers; every other class becomes :class:`_Inert`, so that reading a
+    checkpoint never runs code from it (mmengine training checkpoints carry logging objects beside the weights)."""
+
+    PLAIN = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
+             ("builtins", "slice"), ("builtins", "complex")}
+
+    def find_class(self, module: str, name: str):
+        if (module == "torch" or module.startswith("torch.")) and not module.startswith("torch.nn") \
+                or (module, name) in self.PLAIN:
+            return super().find_class(module, name)
+        return _Inert
+
+
+class _inert_pickle:  # noqa: N801 - a stand-in for the pickle module, as torch.load expects one
+    Unpickler = _InertUnpickler
+    load = pickle.load
+    __name__ = "pickle"
+
+
 def read_mmseg(path: Path) -> dict[str, torch.Tensor]:
     """The state dict of an MMSegmentation checkpoint file (.pth with ``state_dict``, or a bare state dict)."""
     path = Path(path)
@@ -197,8 +228,11 @@ def read_mmseg(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: checkpoint not found")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickles of other programs, truncated files
-        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+    except Exception:  # mmengine's checkpoints pickle its own classes (message_hub): read them inertly
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle)
+        except Exception as e:  # pickles of other programs, truncated files
+            raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -218,17 +252,21 @@ def import_mmseg(checkpoint: Path, dest: Path, bands: list[str], band_mean: list
     ``gsd_m``: the ground sample distance of its training imagery."""
     from minemap.model import ModelCard, build_model, save_model
 
+    from minemap.model import ENCODERS
+
     state = read_mmseg(checkpoint)
     encoder, n = encoder_of(state)
     for what, values in (("bands", bands), ("band means", band_mean), ("band stds", band_std)):
         if len(values) != n:
             raise ModelError(f"{checkpoint}: the model takes {n} bands; {len(values)} {what} given")
-    model = build_model(encoder, n, "mmseg")
+    channels = _shape(state)[4]
+    decoder = channels if channels != ENCODERS[encoder]["decoder_hidden_size"] else None
+    model = build_model(encoder, n, "mmseg", decoder)
     try:
         model.load_state_dict(from_mmseg(state, model))
     except RuntimeError as e:
         raise ModelError(f"{checkpoint}: weights do not fit a {encoder} ({str(e).splitlines()[-1].strip()})") from None
-    card = ModelCard(encoder=encoder, head="mmseg", bands=list(bands), band_mean=list(band_mean),
+    card = ModelCard(encoder=encoder, head="mmseg", decoder_channels=decoder, bands=list(bands), band_mean=list(band_mean),
                      band_std=list(band_std), gsd_m=gsd_m, pixel_size=[gsd_m, gsd_m], crs=crs, chip_size=chip_size,
                      threshold=threshold, pretrained=str(checkpoint),
                      stopped=f"imported from the MMSegmentation checkpoint {Path(checkpoint).name}")

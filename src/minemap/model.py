@@ -56,6 +56,7 @@ class ModelCard(BaseModel):
     architecture: str = "segformer"
     encoder: str
     head: Literal["segformer", "mmseg"] = "segformer"  # mmseg: stage projections with a ReLU (imported models)
+    decoder_channels: int | None = None  # the head's width, where not the encoder's usual one
     bands: list[str]
     band_mean: list[float]
     band_std: list[float]
@@ -101,16 +102,22 @@ def forward_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
-def segformer_config(encoder: str, num_channels: int) -> SegformerConfig:
+def segformer_config(encoder: str, num_channels: int, decoder_channels: int | None = None) -> SegformerConfig:
     if encoder not in ENCODERS:
         raise ModelError(f"unknown encoder {encoder!r}; choose one of {', '.join(ENCODERS)}")
-    return SegformerConfig(num_channels=num_channels, num_labels=1, **ENCODERS[encoder])
+    spec = dict(ENCODERS[encoder])
+    if decoder_channels:
+        spec["decoder_hidden_size"] = decoder_channels
+    return SegformerConfig(num_channels=num_channels, num_labels=1, **spec)
 
 
-def build_model(encoder: str, num_channels: int, head: str = "segformer") -> SegformerForSemanticSegmentation:
+def build_model(encoder: str, num_channels: int, head: str = "segformer",
+                decoder_channels: int | None = None) -> SegformerForSemanticSegmentation:
     """A freshly initialised SegFormer with one output logit. ``head="mmseg"``: MMSegmentation's head, whose
-    stage projections end in a ReLU (their batch norms folded into the linear layers; see minemap.mmseg)."""
-    model = SegformerForSemanticSegmentation(segformer_config(encoder, num_channels))
+    stage projections end in a ReLU (their batch norms folded into the linear layers; see minemap.mmseg);
+    ``decoder_channels``: the head's width where it differs from the encoder's usual one (MMSegmentation's
+    mit-b2..b5 keep 256)."""
+    model = SegformerForSemanticSegmentation(segformer_config(encoder, num_channels, decoder_channels))
     if head == "mmseg":
         heads = getattr(model.decode_head, "linear_projections", None) or model.decode_head.linear_c
         for mlp in heads:
@@ -156,7 +163,7 @@ def load_model(model_dir: Path, device: str | torch.device = "cpu") -> tuple[Seg
         state = load_file(str(path), device="cpu")
     except (SafetensorError, OSError) as e:
         raise ModelError(f"{path}: corrupt weights file ({e})") from None
-    model = build_model(card.encoder, len(card.bands), card.head)
+    model = build_model(card.encoder, len(card.bands), card.head, card.decoder_channels)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -39,7 +39,7 @@ import geopandas as gpd
 from minemap._io import file_sha256, stable_hash
 from minemap.chips import hard_negative_chips, make_chips
 from minemap.config import RunConfig, VectorizeConfig
-from minemap.errors import ImageryError, InputError
+from minemap.errors import ImageryError, InputError, ModelError
 from minemap.evaluate import evaluate_stage
 from minemap.imagery import describe, open_imagery
 from minemap.labels import labels_stage
@@ -93,6 +93,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     trained = cfg.model.path is not None  # map with a model trained before: no labels, chips or training
     if trained:
         card = read_card(cfg.model.path)
+        if not (Path(cfg.model.path) / WEIGHTS).is_file():
+            raise ModelError(f"{Path(cfg.model.path) / WEIGHTS}: weights missing")
         if cfg.labels:
             log.warning("model.path is given: the labels are not used (no training)")
     source = open_imagery(cfg.imagery, cfg.bands)
@@ -107,7 +109,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     ref_key = _file_key(cfg.reference) if cfg.reference else None
     # what the pixels depend on: new imagery redoes chips and prediction
     image_keys = {y: source.fingerprint(y) for y in have if y in needed or (trained and y == card.train_year)}
-    imagery_key = stable_hash([cfg.imagery.model_dump(mode="json", exclude={"path"}), image_keys])
+    imagery_key = stable_hash([_imagery_settings(cfg), image_keys])
 
     def stage(name: str, key: str, outputs: list[Path]) -> bool:
         """True if the stage must run."""
@@ -177,8 +179,7 @@ def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite:
     Returns the model directory, the key of its training and its card."""
     out = Path(cfg.out)
     # the training year's pixels: new imagery of that year redoes chips and training
-    imagery_key = stable_hash([cfg.imagery.model_dump(mode="json", exclude={"path"}),
-                               source.fingerprint(cfg.train_year)])
+    imagery_key = stable_hash([_imagery_settings(cfg), source.fingerprint(cfg.train_year)])
     k_labels = stable_hash(["labels", [_file_key(p) for p in cfg.labels]])
     labels_path = out / "labels.parquet"
     if stage("labels", k_labels, [labels_path]):
@@ -214,6 +215,12 @@ def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite:
                              progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience)
             finished("finetune", k_train)
     return model_dir, k_train, _check_floor(cfg, model_dir)
+
+
+def _imagery_settings(cfg: RunConfig) -> dict:
+    """The source's settings that change pixels (not where it lives, its cache, time-outs or retries); the
+    source's fingerprints carry the rest."""
+    return cfg.imagery.model_dump(mode="json", exclude={"path", "cache_dir", "timeout_s", "retries"})
 
 
 def _train_settings(cfg: RunConfig) -> dict:

@@ -141,22 +141,29 @@ def obscured(pixels: np.ndarray, valid: np.ndarray, ref: np.ndarray, ref_valid: 
 _WORKER: dict = {}
 
 
-def open_for_model(imagery, bands: list[str] | None, card: ModelCard, resample: bool = False,
-                   where: str = "") -> tuple[ImagerySource, float | None]:
-    """The source as the model needs it, and the resampling factor applied (None: none). Imagery at another
-    ground sample distance than the model's is refused unless ``resample``, then read onto a grid of the
-    model's pixel size (bilinear)."""
+def open_for_model(imagery, bands: list[str] | None, card: ModelCard, resample: bool = False, where: str = "",
+                   years: list[int] | None = None) -> tuple[ImagerySource, float | None, list[str] | None]:
+    """The source as the model needs it, the resampling factor applied (None: none) and the bands asked of it.
+
+    A remote source whose bands include the model's, under their names, gives those, in the model's order. Imagery
+    at another ground sample distance than the model's is refused unless ``resample``, then read onto a grid of
+    the model's pixel size (bilinear)."""
     source = open_imagery(imagery, bands)
-    years = source.years()
+    remote = getattr(imagery, "source", "local") != "local"
+    if remote and bands is None and list(source.band_names) != list(card.bands) \
+            and set(card.bands) <= set(source.band_names):
+        bands = list(card.bands)
+        source = open_imagery(imagery, bands)
+    years = [y for y in (years or source.years()) if y in source.years()]
     if not resample or not years:
-        return source, None
+        return source, None, bands
     g = source.grid(years[0])
     gsd = ground_sample_distance_m(g.crs, g.transform, g.width, g.height)
     if abs(gsd - card.gsd_m) <= 0.02 * card.gsd_m:
-        return source, None
+        return source, None, bands
     factor = card.gsd_m / gsd
     log.info("%simagery at %.2f m is resampled to the model's %.2f m", where, gsd, card.gsd_m)
-    return Resampled(open_imagery(imagery, bands, resampling="bilinear"), factor), factor
+    return Resampled(open_imagery(imagery, bands, resampling="bilinear"), factor), factor, bands
 
 
 def _init_predict(model_dir: str, imagery, bands: list[str] | None, device: str, factor: float | None) -> None:
@@ -180,7 +187,9 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | N
     if cfg.mask_clouds:  # after normalising: the cloud level is in the training year's units
         valid &= ~cloud_mask(pixels, card)
         if ref_year is not None:  # thin clouds and shadows, by comparison with the reference year
-            valid &= ~obscured(pixels, valid, *source.read(ref_year, grid))
+            ref, ref_valid = source.read(ref_year, grid)
+            ref_valid &= ~cloud_mask(ref, card)  # the reference's own clouds are no yardstick
+            valid &= ~obscured(pixels, valid, ref, ref_valid)
     prob = predict_array(model, card, pixels, valid, cfg.window_overlap, cfg.batch_size, _WORKER["device"], cfg.tta)
     inner = (slice(halo, halo + tile.height), slice(halo, halo + tile.width))
     out = quantise(prob[inner])
@@ -198,7 +207,7 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     out_dir = Path(out_dir)
     card = read_card(model_dir)
     where = f"{describe(imagery)}: "
-    source, factor = open_for_model(imagery, bands, card, cfg.resample, where)
+    source, factor, bands = open_for_model(imagery, bands, card, cfg.resample, where, years)
     for year in years:
         check_compatible(card, source, year, where=where)
     write_json(out_dir / "imagery.json", {
@@ -220,13 +229,22 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
                  cfg.tta, cfg.mask_clouds, {y: rad.content_key(r) for y, r in fitted.items()}]
     # years normalised to the reference year are compared with it for thin clouds and shadows
     ref_year = {y: card.train_year if cfg.mask_clouds and y in fitted else None for y in years}
-    fingerprints = {y: stable_hash([model_key, source.fingerprint(y)]
+    def grid_key(g) -> list:  # tiles are named by position: a new grid or tile size is another tiling
+        return [g.crs.to_wkt(), list(g.transform)[:6], g.width, g.height, cfg.tile_size]
+
+    fingerprints = {y: stable_hash([model_key, source.fingerprint(y), grid_key(source.grid(y))]
                                    + ([source.fingerprint(ref_year[y])] if ref_year[y] is not None else []))
                     for y in years}
     manifest = Manifest(out_dir / "manifest.json")
     units, outputs = [], []
     for year in years:
-        for tile in make_tiles(source.grid(year), cfg.tile_size):
+        tiles = make_tiles(source.grid(year), cfg.tile_size)
+        names = {f"{t.tile_id}.tif" for t in tiles}
+        folder = out_dir / str(year)
+        for stale in (folder.glob("*.tif") if folder.is_dir() else []):
+            if stale.name not in names:  # a tile of another tiling would be vectorised with these
+                stale.unlink()
+        for tile in tiles:
             dest = out_dir / str(year) / f"{tile.tile_id}.tif"
             outputs.append(dest)
             key = f"{year}/{tile.tile_id}"

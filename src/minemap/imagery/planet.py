@@ -60,9 +60,11 @@ class PlanetImagery:
 
     def __init__(self, cfg: PlanetImageryConfig, bands: list[str] | None = None) -> None:
         self.cfg = cfg
-        if bands and list(bands) != list(cfg.bands):
-            raise ImageryError(f"{cfg.api_url}: basemap quads hold bands {cfg.bands}; {list(bands)} were asked for")
-        self.band_names = list(cfg.bands)
+        unknown = [b for b in bands or [] if b not in cfg.bands]
+        if unknown:
+            raise ImageryError(f"{cfg.api_url}: basemap quads hold bands {cfg.bands}; {unknown} are not among them")
+        self.band_names = list(bands) if bands else list(cfg.bands)  # any of the quads' bands, in any order
+        self._order = [cfg.bands.index(b) for b in self.band_names]
         self.key = stable_hash([cfg.api_url.rstrip("/"), {str(k): v for k, v in sorted(cfg.mosaics.items())},
                                 cfg.mosaic_template, cfg.months, cfg.bands])
         self.root = cache_root(cfg) / f"planet-{self.key}"
@@ -109,7 +111,8 @@ class PlanetImagery:
     def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         box = shapely.box(*transform_bounds(grid.crs, "EPSG:4326", *grid.bounds, densify_pts=21))
         paths = [self.quad(year, q) for q in self.quads_over(year, box)]
-        return read_files([file_info(p) for p in paths], grid, len(self.band_names))
+        pixels, valid = read_files([file_info(p) for p in paths], grid, len(self.cfg.bands))
+        return pixels[self._order], valid
 
     def fetch(self, years: list[int], progress: bool = True) -> list[dict]:
         """Fill the cache for ``years`` over the whole area ahead of a run: one record per quad and year (the
@@ -130,8 +133,12 @@ class PlanetImagery:
         return records
 
     # -- quads -----------------------------------------------------------------------------------------------
+    def _quads_record(self, year: int) -> Path:
+        """The list of the year's quads over this area (areas share the quads, not the list)."""
+        return self.root / str(year) / f"quads-{stable_hash([round(v, 7) for v in self.cfg.bbox])}.json"
+
     def _all_cached(self, year: int) -> bool:
-        record = self.root / str(year) / "quads.json"
+        record = self._quads_record(year)
         if not record.is_file():
             return False
         ids = json.loads(record.read_text())
@@ -139,7 +146,7 @@ class PlanetImagery:
 
     def quads_over(self, year: int, box: shapely.Geometry) -> list[str]:
         """Ids of the year's quads (in any of its mosaics) that touch ``box`` (EPSG:4326)."""
-        record = self.root / str(year) / "quads.json"
+        record = self._quads_record(year)
         if record.is_file():
             ids = json.loads(record.read_text())
             bboxes = {q: json.loads((self.root / str(year) / f"{q}.json").read_text())["bbox"]
@@ -167,13 +174,13 @@ class PlanetImagery:
         if all(s is not None for s, _, _ in scored):
             how = "scene metadata (mean of cloud and heavy haze percent)"
             score, name, q = min(scored, key=lambda t: t[0])
-            part = self._download(name, q, path.with_suffix(".part"))
+            part = self._download(name, q, path.with_name(f".{quad_id}.{os.getpid()}.part"))
         else:
             how = "the quad's pixels (share bright in every visible band or without data)"
             best = None
             for _, name, q in scored:
-                part = self._download(name, q, self.root / str(year) / f".{quad_id}.{name}.part")
-                s = _pixel_cloud(part)
+                part = self._download(name, q, self.root / str(year) / f".{quad_id}.{name}.{os.getpid()}.part")
+                s = _pixel_cloud(part, self.cfg.bands)
                 if best is None or s < best[0]:
                     if best is not None:
                         best[3].unlink(missing_ok=True)
@@ -184,7 +191,7 @@ class PlanetImagery:
         record = {"year": year, "quad": quad_id, "mosaic": name, "cloud_score": round(float(score), 3),
                   "chosen_by": how, "candidates": [n for n, _ in candidates], "bbox": q["bbox"]}
         write_json(path.with_suffix(".json"), record)
-        _write_quad(part, path, len(self.band_names))
+        _write_quad(part, path, len(self.cfg.bands))
         part.unlink(missing_ok=True)
         record["bytes"] = path.stat().st_size
         self.fetched.append(record)
@@ -263,10 +270,14 @@ class PlanetImagery:
         if not link:
             return None
         r = self._get(link)
-        if r.status_code != 200:
+        try:
+            items = r.json().get("items", []) if r.status_code == 200 else None
+        except ValueError:
+            items = None
+        if items is None:
             return None
         values = []
-        for item in r.json().get("items", []):
+        for item in items:
             props = item.get("properties", item)
             cp, hp = props.get("cloud_percent"), props.get("heavy_haze_percent")
             if cp is not None:
@@ -290,8 +301,9 @@ class PlanetImagery:
                     if r.status_code in (401, 403):
                         raise ImageryError(f"{self.cfg.api_url}: the Planet API refused the key (HTTP "
                                            f"{r.status_code}): set {KEY_ENV} to a key with access to these basemaps")
-                    if r.status_code == 416:  # nothing left to fetch
-                        return part
+                    if r.status_code == 416:  # the part is not a prefix of this file: start again
+                        part.unlink(missing_ok=True)
+                        raise requests.ConnectionError("range not satisfiable")
                     if r.status_code not in (200, 206):
                         raise ImageryError(f"{self.cfg.api_url}: quad {quad['id']} of {name}: HTTP {r.status_code}")
                     total = (r.headers.get("Content-Range", "").rpartition("/")[2] if r.status_code == 206
@@ -312,13 +324,20 @@ class PlanetImagery:
         return part
 
 
-def _pixel_cloud(path: Path) -> float:
+def _pixel_cloud(path: Path, bands: list[str]) -> float:
     """Share of a quad's pixels that look cloudy (bright in every visible band) or have no data."""
-    with rasterio.open(path) as src:
-        step = max(1, src.width // 512)
-        data = src.read(out_shape=(src.count, src.height // step, src.width // step))
-    valid = data[4] > 0 if data.shape[0] >= 5 else (data[:4] > 0).any(0)
-    bright = (data[:3] >= CLOUD_LEVEL).all(0)
+    try:
+        with rasterio.open(path) as src:
+            step = max(1, src.width // 512)
+            data = src.read(out_shape=(src.count, src.height // step, src.width // step))
+    except rasterio.errors.RasterioError as e:
+        path.unlink(missing_ok=True)
+        raise ImageryError(f"{path.name}: the downloaded quad is not a readable GeoTIFF ({e}); rerun to fetch it "
+                           "again") from None
+    n = len(bands)
+    valid = data[-1] > 0 if data.shape[0] > n else (data[:n] > 0).any(0)
+    visible = [i for i, b in enumerate(bands) if b in ("red", "green", "blue")] or list(range(min(3, n)))
+    bright = (data[visible] >= CLOUD_LEVEL).all(0)
     return float((bright | ~valid).mean())
 
 
@@ -330,12 +349,13 @@ def _write_quad(part: Path, dest: Path, n: int) -> None:
             profile = dict(driver="GTiff", width=src.width, height=src.height, count=n, dtype="uint16",
                            crs=src.crs, transform=src.transform, nodata=0)
     except rasterio.errors.RasterioError as e:
+        part.unlink(missing_ok=True)  # a rerun fetches it whole again
         raise ImageryError(f"{dest.name}: the downloaded quad is not a readable GeoTIFF ({e}); rerun to fetch "
                            "it again") from None
     if data.shape[0] < n:
         raise ImageryError(f"{dest.name}: the quad has {data.shape[0]} bands, {n} expected")
     bands = np.maximum(data[:n].astype(np.uint16), 1)
-    valid = data[n] > 0 if data.shape[0] > n else (data[:n] > 0).any(0)
+    valid = data[-1] > 0 if data.shape[0] > n else (data[:n] > 0).any(0)  # the alpha band comes last
     bands[:, ~valid] = 0
     with atomic_path(dest) as tmp, MemoryFile() as mem:
         with mem.open(**profile) as ds:

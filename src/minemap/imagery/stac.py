@@ -90,7 +90,7 @@ class StacImagery:
                                 cfg.scl_asset, sorted(cfg.mask_classes), cfg.months, cfg.max_cloud_cover, self.res,
                                 self.crs.to_wkt(), cfg.harmonise, cfg.tile_px])
         self.root = cache_root(cfg) / f"stac-{self.key}"
-        self._items: dict[int, list] = {}
+        self._items: dict[tuple, list] = {}
         self.fetched: list[dict] = []  # the composites built by this process (for reports)
 
     # -- the protocol ----------------------------------------------------------------------------------------
@@ -109,7 +109,14 @@ class StacImagery:
         return self._grid
 
     def fingerprint(self, year: int) -> str:
-        return stable_hash([self.key, year])
+        return stable_hash([self.key, self._year_dir(year)])
+
+    def _year_dir(self, year: int) -> str:
+        """A year's cache folder: the year once its months are over; before that, a composite as of today,
+        rebuilt the next day (scenes keep arriving)."""
+        today = dt.date.today()
+        over = year < today.year or (year == today.year and max(self.cfg.months) < today.month)
+        return str(year) if over else f"{year}-asof-{today.isoformat()}"
 
     def check_bands(self, year: int) -> None:
         """Raise unless the year has scenes over the area and they carry every asset named (nothing to check, and
@@ -167,7 +174,7 @@ class StacImagery:
 
     def tile_path(self, year: int, tile: tuple[int, int]) -> Path:
         c, r = tile
-        return self.root / str(year) / f"x{c}_y{r}.tif"
+        return self.root / self._year_dir(year) / f"x{c}_y{r}.tif"
 
     def composite(self, year: int, tile: tuple[int, int]) -> Path:
         """The cached composite of ``tile`` and ``year``, built (and cached) first if need be."""
@@ -175,8 +182,11 @@ class StacImagery:
         if path.is_file():
             return path
         grid = self.tile_grid(tile)
-        box = shapely.box(*transform_bounds(self.crs, "EPSG:4326", *grid.bounds, densify_pts=21))
-        items = [it for it in self._search(year) if shapely.intersects(shapely.geometry.shape(it.geometry), box)]
+        # the scenes over the whole tile, not only over this area: areas that overlap share cached tiles
+        bounds = transform_bounds(self.crs, "EPSG:4326", *grid.bounds, densify_pts=21)
+        box = shapely.box(*bounds)
+        items = [it for it in self._search(year, bounds)
+                 if shapely.intersects(shapely.geometry.shape(it.geometry), box)]
         data, count = self._median(items, grid)
         inside = count[self._area_window(grid)]  # the tile's part within the area
         record = {"year": year, "tile": path.stem, "scenes": len(items), "items": [it.id for it in items],
@@ -249,16 +259,17 @@ class StacImagery:
             warnings.simplefilter("ignore")  # catalogues that omit optional links or conformance classes
             return pystac_client.Client.open(self.cfg.url, stac_io=io, timeout=self.cfg.timeout_s)
 
-    def _search(self, year: int) -> list:
-        """The items of ``year`` over the whole area (one search, paged), in the chosen months."""
-        if year in self._items:
-            return self._items[year]
+    def _search(self, year: int, bbox: tuple[float, ...] | None = None) -> list:
+        """The items of ``year`` over ``bbox`` (default the area; one search, paged), in the chosen months."""
+        bbox = tuple(self.cfg.bbox if bbox is None else bbox)
+        if (year, bbox) in self._items:
+            return self._items[(year, bbox)]
         import requests
         from pystac_client.exceptions import APIError
 
         query = {"eo:cloud_cover": {"lt": self.cfg.max_cloud_cover}} if self.cfg.max_cloud_cover is not None else None
         try:
-            search = self._client().search(collections=[self.cfg.collection], bbox=list(self.cfg.bbox),
+            search = self._client().search(collections=[self.cfg.collection], bbox=list(bbox),
                                            datetime=f"{year}-01-01/{year}-12-31", query=query)
             items = [it for it in search.items() if it.datetime is None or it.datetime.month in self.cfg.months]
         except APIError as e:
@@ -272,8 +283,11 @@ class StacImagery:
                                f"{f' (HTTP {status})' if status else ''}: {detail}") from None
         except requests.RequestException as e:
             raise ImageryError(f"{self.cfg.url}: no answer from the STAC API ({type(e).__name__})") from None
+        except (ValueError, KeyError, TypeError) as e:  # not JSON, or not STAC
+            raise ImageryError(f"{self.cfg.url}: not a STAC API answer ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
         items.sort(key=lambda it: (it.datetime or dt.datetime.min.replace(tzinfo=dt.timezone.utc), it.id))
-        self._items[year] = items
+        self._items[(year, bbox)] = items
         return items
 
     def _months_text(self) -> str:
