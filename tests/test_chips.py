@@ -185,16 +185,22 @@ def test_chip_larger_than_block_is_refused(tmp_path):
         make_chips(lab, src, 2019, tmp_path / "chips", ChipConfig(chip_size=64, block_size=64))
 
 
-def test_hard_negatives_teach_false_alarms_and_spare_likely_mines(tmp_path):
-    from minemap.chips import hard_negative_chips
-    from minemap.config import HardNegativeConfig
-
+def _six_mines_chipped(tmp_path):
+    """A 512 px scene with six 20 px labels, chipped into 128 px blocks: source, labels and chip settings."""
     src = _scene(tmp_path, size=512)
     lab = gpd.GeoDataFrame(geometry=[_label_px(x, y, x + 20, y + 20) for x, y in
                                      [(20, 20), (150, 30), (300, 40), (40, 300), (200, 200), (420, 420)]],
                            crs="EPSG:3857")
     cfg = ChipConfig(chip_size=32, block_size=128, background_per_positive=0, seed=3, ignore_border_m=0)
     make_chips(lab, src, 2019, tmp_path / "chips", cfg)
+    return src, lab, cfg
+
+
+def test_hard_negatives_teach_false_alarms_and_spare_likely_mines(tmp_path):
+    from minemap.chips import hard_negative_chips
+    from minemap.config import HardNegativeConfig
+
+    src, lab, cfg = _six_mines_chipped(tmp_path)
     det = gpd.GeoDataFrame({"mean_probability": [0.6, 0.97, 0.9]}, geometry=[
         _label_px(100, 400, 110, 410),  # far from every label, unsure: a false alarm to learn from
         _label_px(400, 100, 412, 112),  # far, as sure as on labelled mines: maybe a mine the labels miss
@@ -236,12 +242,7 @@ def test_a_field_touching_a_mine_is_judged_on_its_own(tmp_path):
     from minemap.config import HardNegativeConfig
     from minemap.rasters import quantise, write_cog
 
-    src = _scene(tmp_path, size=512)
-    lab = gpd.GeoDataFrame(geometry=[_label_px(x, y, x + 20, y + 20) for x, y in
-                                     [(20, 20), (150, 30), (300, 40), (40, 300), (200, 200), (420, 420)]],
-                           crs="EPSG:3857")
-    cfg = ChipConfig(chip_size=32, block_size=128, background_per_positive=0, seed=3, ignore_border_m=0)
-    make_chips(lab, src, 2019, tmp_path / "chips", cfg)
+    src, lab, cfg = _six_mines_chipped(tmp_path)
     prob = np.zeros((512, 512), np.float32)
     prob[200:220, 200:220] = 0.99  # the labelled mine
     prob[200:220, 220:280] = 0.5  # a field beside it, 60 px long

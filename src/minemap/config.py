@@ -152,6 +152,13 @@ def _month_spec(v: Any) -> Any:
     return v
 
 
+def _bbox(v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    w, s, e, n = v
+    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+        raise ValueError(f"bbox {list(v)}: expected west < east and south < north, in degrees")
+    return v
+
+
 def _month_list(v: list[int]) -> list[int]:
     if not v or any(not 1 <= m <= 12 for m in v):
         raise ValueError("months must be 1-12")
@@ -189,12 +196,7 @@ class StacImageryConfig(_Section):
     _months = field_validator("months", mode="before")(classmethod(lambda cls, v: _month_spec(v)))
     _month_range = field_validator("months")(classmethod(lambda cls, v: _month_list(v)))
 
-    @model_validator(mode="after")
-    def _area(self) -> StacImageryConfig:
-        w, s, e, n = self.bbox
-        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-            raise ValueError(f"bbox {list(self.bbox)}: expected west < east and south < north, in degrees")
-        return self
+    _area = field_validator("bbox")(classmethod(lambda cls, v: _bbox(v)))
 
 
 class PlanetImageryConfig(_Section):
@@ -219,12 +221,7 @@ class PlanetImageryConfig(_Section):
     _months = field_validator("months", mode="before")(classmethod(lambda cls, v: _month_spec(v)))
     _month_range = field_validator("months")(classmethod(lambda cls, v: _month_list(v)))
 
-    @model_validator(mode="after")
-    def _area(self) -> PlanetImageryConfig:
-        w, s, e, n = self.bbox
-        if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-            raise ValueError(f"bbox {list(self.bbox)}: expected west < east and south < north, in degrees")
-        return self
+    _area = field_validator("bbox")(classmethod(lambda cls, v: _bbox(v)))
 
 
 # one entry per kind of source; ``source`` tells which (a bare path is the local source)
