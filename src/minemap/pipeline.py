@@ -10,6 +10,7 @@ Run directory::
                                   from the labels (probabilities/, chips/)
     OUT/model/                    weights.safetensors, model.json (+ train_state.pt): the model used
     OUT/probabilities/<year>/     probability COGs per tile (+ manifest.json of finished tiles)
+    OUT/threshold.json            the threshold vectorised with: best F1 on the training year's validation blocks
     OUT/polygons/<year>.parquet   vectorised polygons
     OUT/postprocessed.parquet     temporal filter, countries, areas
     OUT/panel.parquet, panel.gpkg, summary.csv
@@ -36,7 +37,7 @@ from pathlib import Path
 
 import geopandas as gpd
 
-from minemap._io import file_sha256, stable_hash
+from minemap._io import file_sha256, stable_hash, write_json
 from minemap.chips import hard_negative_chips, make_chips
 from minemap.config import RunConfig, VectorizeConfig
 from minemap.errors import ImageryError, InputError, ModelError
@@ -140,6 +141,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         finished("predict", k_predict)
 
     threshold = cfg.vectorize.threshold or card.threshold
+    if not trained and cfg.vectorize.threshold is None and cfg.train_year in cfg.years:
+        threshold = _block_threshold(cfg, source, prob_dir, out, card.threshold)
     poly_dir = out / "polygons"
     poly_paths = {y: poly_dir / f"{y}.parquet" for y in cfg.years}
     k_vec = stable_hash(["vectorize", k_predict, threshold, cfg.vectorize.model_dump()])
@@ -215,6 +218,26 @@ def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite:
                              progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience)
             finished("finetune", k_train)
     return model_dir, k_train, _check_floor(cfg, model_dir)
+
+
+def _block_threshold(cfg: RunConfig, source, prob_dir: Path, out: Path, card_threshold: float) -> float:
+    """The threshold of best F1 on the validation blocks of the training year, mapped wall to wall (see
+    minemap.threshold), recorded in ``threshold.json``; the card's (validation chips') where they hold too few
+    labelled pixels."""
+    from minemap.threshold import block_threshold
+    from minemap.train import possible_missed_mines
+
+    chips_dirs = [out / "chips"] + ([out / "hard_negatives" / "chips"] if cfg.hard_negatives.enabled else [])
+    found = block_threshold(sorted((prob_dir / str(cfg.train_year)).glob("*.tif")), source.grid(cfg.train_year),
+                            out / "chips", gpd.read_parquet(out / "labels.parquet"),
+                            possible_missed_mines([d for d in chips_dirs if d.is_dir()]))
+    record = {"threshold": found["threshold"] if found else card_threshold, "validation_chips": card_threshold,
+              "validation_blocks": found,
+              "rule": "the threshold of best F1 over the validation blocks of the training year, mapped wall to "
+                      "wall (outline band and possible missed mines left out); the validation chips' where the "
+                      "blocks hold too few labelled pixels"}
+    write_json(out / "threshold.json", record)
+    return record["threshold"]
 
 
 def _imagery_settings(cfg: RunConfig) -> dict:

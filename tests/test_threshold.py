@@ -1,0 +1,45 @@
+"""The operating threshold chosen on the validation blocks of the training year, mapped wall to wall."""
+
+import json
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+from affine import Affine
+from pyproj import CRS
+from shapely.geometry import box
+
+from minemap.imagery import Grid
+from minemap.rasters import quantise, write_cog
+from minemap.threshold import block_threshold
+
+
+def test_threshold_comes_from_the_validation_blocks_only(tmp_path):
+    """Block (0, 0) is validation: a mine at 0.6 on ground at 0. The training blocks hold ground at 0.55, which
+    would push the threshold to 0.6 if they counted; a possible missed mine at 0.9 in the validation block is
+    left out, else it would be a false alarm."""
+    grid = Grid(CRS.from_epsg(3857), Affine(5.0, 0, 0, 0, -5.0, 640.0), 128, 128)
+    chips = tmp_path / "chips"
+    chips.mkdir()
+    (chips / "meta.json").write_text(json.dumps({"block_size": 64, "ignore_border_m": 0}))
+    gpd.GeoDataFrame({"chip_id": []}, geometry=[], crs="EPSG:4326").to_parquet(chips / "index.parquet")
+    pd.DataFrame({"bx": [0, 1, 0, 1], "by": [0, 0, 1, 1], "split": ["val", "train", "train", "test"],
+                  "label_pixels": [1.0, 0, 0, 0]}).to_parquet(chips / "blocks.parquet")
+    prob = np.full((128, 128), 0.55, np.float32)
+    prob[:64, :64] = 0.0
+    prob[16:48, 16:48] = 0.6  # the labelled mine, in the validation block
+    prob[50:60, 50:60] = 0.9  # a mine the labels miss
+    write_cog(tmp_path / "p" / "t.tif", quantise(prob), grid)
+
+    def px(c0, r0, c1, r1):  # pixel box -> EPSG:3857 polygon
+        return box(c0 * 5.0, 640 - r1 * 5.0, c1 * 5.0, 640 - r0 * 5.0)
+
+    labels = gpd.GeoDataFrame(geometry=[px(16, 16, 48, 48)], crs="EPSG:3857")
+    missed = gpd.GeoDataFrame(geometry=[px(50, 50, 60, 60)], crs="EPSG:3857")
+    found = block_threshold([tmp_path / "p" / "t.tif"], grid, chips, labels, missed)
+    assert found["f1"] == 1.0 and found["threshold"] <= 0.55
+    assert found["positive_pixels"] == 32 * 32 and found["pixels"] == 64 * 64 - 100
+    with_missed = block_threshold([tmp_path / "p" / "t.tif"], grid, chips, labels, None)
+    assert with_missed["f1"] < 1.0
+    pd.DataFrame({"bx": [0], "by": [0], "split": ["train"], "label_pixels": [1.0]}).to_parquet(chips / "blocks.parquet")
+    assert block_threshold([tmp_path / "p" / "t.tif"], grid, chips, labels, missed) is None  # no validation block
