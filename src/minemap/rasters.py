@@ -26,14 +26,20 @@ def quantise(prob: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(prob * LEVELS), 0, LEVELS).astype(np.uint8)
 
 
-def write_cog(dest: Path, data: np.ndarray, grid: Grid, nodata: int | None = NODATA, blocksize: int = 256) -> None:
-    """Write a single-band uint8 array as a tiled, deflate-compressed Cloud-Optimised GeoTIFF, atomically."""
-    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=1, dtype="uint8",
+def write_cog(dest: Path, data: np.ndarray, grid: Grid, nodata: int | None = NODATA, blocksize: int = 256,
+              descriptions: tuple[str, ...] | None = None) -> None:
+    """Write ``data`` (h, w), or (bands, h, w), as a tiled, deflate-compressed Cloud-Optimised GeoTIFF of its
+    dtype, atomically. A single uint8 band without ``descriptions`` is a probability raster and is named so."""
+    stack = data[None] if data.ndim == 2 else data
+    if descriptions is None and data.ndim == 2 and data.dtype == np.uint8:
+        descriptions = ("P(mining) x 250",)
+    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=len(stack), dtype=stack.dtype.name,
                    crs=grid.crs, transform=grid.transform, nodata=nodata)
     with atomic_path(dest) as tmp, MemoryFile() as mem:
         with mem.open(**profile) as ds:
-            ds.write(data, 1)
-            ds.set_band_description(1, "P(mining) x 250")
+            ds.write(stack)
+            if descriptions:
+                ds.descriptions = tuple(descriptions)
             rasterio.shutil.copy(ds, tmp, driver="COG", compress="DEFLATE", blocksize=blocksize,
                                  overview_resampling="average")
 

@@ -99,6 +99,17 @@ def describe(desc: Any) -> str:
     return str(desc)
 
 
+def area_grid(bbox: tuple[float, float, float, float], crs: CRS, res: float) -> Grid:
+    """The grid of ``res`` pixels in ``crs`` covering ``bbox`` (EPSG:4326), snapped to multiples of ``res`` from
+    the CRS origin, so that grids of overlapping areas share their pixels."""
+    from rasterio.warp import transform_bounds
+
+    left, bottom, right, top = transform_bounds("EPSG:4326", crs, *bbox, densify_pts=21)
+    x0, y1 = np.floor(left / res) * res, np.ceil(top / res) * res
+    return Grid(crs, Affine(res, 0, x0, 0, -res, y1), int(np.ceil((right - x0) / res)),
+                int(np.ceil((y1 - bottom) / res)))
+
+
 class Resampled:
     """A source seen at another pixel size: its grids scaled by ``factor`` (new pixel / old pixel), its pixels
     read onto them by the source (which resamples any grid it is asked for)."""
@@ -125,4 +136,4 @@ class Resampled:
         return self.inner.read(year, grid)
 
 
-__all__ = ["Grid", "ImagerySource", "Resampled", "describe", "open_imagery"]
+__all__ = ["Grid", "ImagerySource", "Resampled", "area_grid", "describe", "open_imagery"]

@@ -27,24 +27,23 @@ from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import numpy as np
 import rasterio
-import rasterio.shutil
 import shapely
-from affine import Affine
 from pyproj import CRS
-from rasterio.io import MemoryFile
 from rasterio.warp import transform_bounds
 
-from minemap._io import atomic_path, stable_hash, write_json
+from minemap._io import stable_hash, write_json
 from minemap.config import PlanetImageryConfig
 from minemap.errors import ImageryError
-from minemap.imagery import Grid
+from minemap.imagery import Grid, area_grid
 from minemap.imagery.local import file_info, read_files
 from minemap.imagery.stac import cache_root
+from minemap.rasters import write_cog
 
 log = logging.getLogger(__name__)
 KEY_ENV = "PL_API_KEY"
 RETRY_STATUS = (429, 500, 502, 503, 504)
 CHUNK = 1 << 16
+QUAD_RES = 40075016.685578488 / (256 * 2 ** 15)  # a zoom-15 basemap pixel, ~4.777 m
 CLOUD_LEVEL = 2500  # a quad pixel brighter than this in every visible band (reflectance x 10,000) looks cloudy
 
 
@@ -83,12 +82,7 @@ class PlanetImagery:
 
     @cached_property
     def _grid(self) -> Grid:
-        crs = CRS.from_epsg(3857)
-        res = 40075016.685578488 / (256 * 2 ** 15)  # a zoom-15 basemap pixel, ~4.777 m
-        left, bottom, right, top = transform_bounds("EPSG:4326", crs, *self.cfg.bbox, densify_pts=21)
-        x0, y1 = np.floor(left / res) * res, np.ceil(top / res) * res
-        return Grid(crs, Affine(res, 0, x0, 0, -res, y1), int(np.ceil((right - x0) / res)),
-                    int(np.ceil((y1 - bottom) / res)))
+        return area_grid(self.cfg.bbox, CRS.from_epsg(3857), QUAD_RES)
 
     def grid(self, year: int) -> Grid:
         return self._grid
@@ -346,8 +340,7 @@ def _write_quad(part: Path, dest: Path, n: int) -> None:
     try:
         with rasterio.open(part) as src:
             data = src.read()
-            profile = dict(driver="GTiff", width=src.width, height=src.height, count=n, dtype="uint16",
-                           crs=src.crs, transform=src.transform, nodata=0)
+            grid = Grid(src.crs, src.transform, src.width, src.height)
     except rasterio.errors.RasterioError as e:
         part.unlink(missing_ok=True)  # a rerun fetches it whole again
         raise ImageryError(f"{dest.name}: the downloaded quad is not a readable GeoTIFF ({e}); rerun to fetch "
@@ -357,8 +350,4 @@ def _write_quad(part: Path, dest: Path, n: int) -> None:
     bands = np.maximum(data[:n].astype(np.uint16), 1)
     valid = data[-1] > 0 if data.shape[0] > n else (data[:n] > 0).any(0)  # the alpha band comes last
     bands[:, ~valid] = 0
-    with atomic_path(dest) as tmp, MemoryFile() as mem:
-        with mem.open(**profile) as ds:
-            ds.write(bands)
-            rasterio.shutil.copy(ds, tmp, driver="COG", compress="DEFLATE", blocksize=512,
-                                 overview_resampling="average")
+    write_cog(dest, bands, grid, nodata=0, blocksize=512)

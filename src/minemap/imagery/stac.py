@@ -28,18 +28,17 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-import rasterio.shutil
 import shapely
 from affine import Affine
 from pyproj import CRS
-from rasterio.io import MemoryFile
 from rasterio.warp import transform_bounds
 
-from minemap._io import atomic_path, stable_hash, write_json
+from minemap._io import stable_hash, write_json
 from minemap.config import StacImageryConfig
 from minemap.errors import ImageryError
-from minemap.imagery import Grid
+from minemap.imagery import Grid, area_grid
 from minemap.imagery.local import file_info, read_files
+from minemap.rasters import write_cog
 
 log = logging.getLogger(__name__)
 FIRST_YEAR = 2015  # Sentinel-2A's launch
@@ -99,11 +98,7 @@ class StacImagery:
 
     @cached_property
     def _grid(self) -> Grid:
-        left, bottom, right, top = transform_bounds("EPSG:4326", self.crs, *self.cfg.bbox, densify_pts=21)
-        r = self.res
-        x0, y1 = np.floor(left / r) * r, np.ceil(top / r) * r
-        width, height = int(np.ceil((right - x0) / r)), int(np.ceil((y1 - bottom) / r))
-        return Grid(self.crs, Affine(r, 0, x0, 0, -r, y1), width, height)
+        return area_grid(self.cfg.bbox, self.crs, self.res)
 
     def grid(self, year: int) -> Grid:
         return self._grid
@@ -193,7 +188,8 @@ class StacImagery:
                   "clear_share": round(float((inside > 0).mean()), 4) if inside.size else 0.0,
                   "median_clear_observations": float(np.median(inside[inside > 0])) if (inside > 0).any() else 0.0}
         write_json(path.with_suffix(".json"), record)
-        _write_composite(path, data, count, grid, self.band_names)
+        write_cog(path, np.concatenate([data, np.minimum(count, 65535).astype(np.uint16)[None]]), grid, nodata=0,
+                  descriptions=(*self.band_names, "clear_observations"))
         record["bytes"] = path.stat().st_size
         self.fetched.append(record)
         log.info("composite %d %s: %d scenes, %.0f %% clear", year, path.stem, len(items),
@@ -293,19 +289,6 @@ class StacImagery:
     def _months_text(self) -> str:
         m = self.cfg.months
         return "all" if len(m) == 12 else ",".join(map(str, m))
-
-
-def _write_composite(dest: Path, data: np.ndarray, count: np.ndarray, grid: Grid, names: list[str]) -> None:
-    """Bands then the clear-observation count, uint16, nodata 0, as a COG written atomically."""
-    stack = np.concatenate([data, np.minimum(count, 65535).astype(np.uint16)[None]])
-    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=len(stack), dtype="uint16",
-                   crs=grid.crs, transform=grid.transform, nodata=0)
-    with atomic_path(dest) as tmp, MemoryFile() as mem:
-        with mem.open(**profile) as ds:
-            ds.write(stack)
-            ds.descriptions = (*names, "clear_observations")
-            rasterio.shutil.copy(ds, tmp, driver="COG", compress="DEFLATE", blocksize=256,
-                                 overview_resampling="average")
 
 
 def read_record(path: Path) -> dict:
