@@ -31,8 +31,13 @@ def test_run_outputs_and_schemas(tiny_run):
     summary = pd.read_csv(out / "summary.csv")
     assert summary.area_km2.sum() == pytest.approx(panel.area_km2.sum(), abs=1e-5 * len(summary))
     assert (out / "model" / "weights.safetensors").is_file() and (out / "model" / "model.json").is_file()
-    for y in YEARS:
-        assert len(list((out / "probabilities" / str(y)).glob("*.tif"))) == 4
+    from minemap.grid import make_tiles
+    from minemap.imagery import open_imagery
+
+    for y in YEARS:  # the tiles of the global grid over the scene (not 2 x 2 from its corner)
+        tiles = make_tiles(open_imagery(cfg.imagery).grid(y), cfg.predict.tile_size)
+        assert sorted(p.stem for p in (out / "probabilities" / str(y)).glob("*.tif")) == \
+            sorted(t.tile_id for t in tiles)
         assert (out / "polygons" / f"{y}.parquet").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["years"]) == {str(y) for y in YEARS}

@@ -51,28 +51,41 @@ def _pixel_model_dir(scene, tmp_path):
     return save_model(build_model("mit-b0", 4), card, tmp_path / "model")
 
 
+def _mosaic(folder, grid, tile_size):
+    """The tiles of ``folder`` put back together on ``grid`` (255 where none)."""
+    from minemap.grid import make_tiles
+
+    full = np.full((grid.height, grid.width), 255, np.uint8)
+    for t in make_tiles(grid, tile_size):
+        with rasterio.open(folder / f"{t.tile_id}.tif") as src:
+            assert (src.width, src.height) == (t.width, t.height)
+            assert src.transform.c == pytest.approx(t.grid(grid).transform.c)
+            full[t.row_off:t.row_off + t.height, t.col_off:t.col_off + t.width] = src.read(1)
+    return full
+
+
 def test_predict_tiles_are_cogs_and_resume(scene, tmp_path, monkeypatch):
+    from minemap.grid import make_tiles
+    from minemap.imagery import open_imagery
+
     model_dir = _pixel_model_dir(scene, tmp_path)
     real_load = load_model
     monkeypatch.setattr("minemap.predict.load_model", lambda d, dev: (PixelModel(), real_load(d, dev)[1]))
     cfg = PredictConfig(tile_size=200)
+    grid = open_imagery(scene.imagery).grid(2019)
+    tiles = make_tiles(grid, 200)
     outs = predict(model_dir, scene.imagery, [2019, 2020], tmp_path / "probs", cfg, progress=False)
-    assert len(outs) == 2 * 4 and all(p.is_file() for p in outs)  # 384 px in tiles of 200: 2 x 2 per year
+    assert len(outs) == 2 * len(tiles) >= 2 * 4 and all(p.is_file() for p in outs)
     with rasterio.open(outs[0]) as src:
         assert src.dtypes[0] == "uint8" and src.nodata == NODATA and src.profile["tiled"]
         assert src.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
-        q = src.read(1)
-        assert q.max() <= 250
-    with rasterio.open(outs[1]) as right:
-        assert right.width == 184 and right.transform.c == pytest.approx(src.transform.c + 200 * src.res[0])
-    # tiles agree with a single-tile prediction of the whole scene (no seams between tiles)
-    whole = predict(model_dir, scene.imagery, [2019], tmp_path / "whole", PredictConfig(tile_size=512),
-                    progress=False)[0]
-    with rasterio.open(whole) as w:
-        full = w.read(1)
-    with rasterio.open(outs[3]) as t:
-        diff = np.abs(t.read(1).astype(int) - full[200:, 200:].astype(int))
-        assert diff.max() <= 1 and diff.mean() < 0.01  # equal up to rounding at a half level
+        assert src.read(1).max() <= 250
+    # tiles agree with a prediction of the whole scene in larger tiles (no seams between tiles)
+    predict(model_dir, scene.imagery, [2019], tmp_path / "whole", PredictConfig(tile_size=4096), progress=False)
+    tiled = _mosaic(tmp_path / "probs" / "2019", grid, 200)
+    whole = _mosaic(tmp_path / "whole" / "2019", grid, 4096)
+    diff = np.abs(tiled.astype(int) - whole.astype(int))
+    assert diff.max() <= 1 and diff.mean() < 0.01  # equal up to rounding at a half level
     stamp = {p: os.stat(p).st_mtime_ns for p in outs}
     predict(model_dir, scene.imagery, [2019, 2020], tmp_path / "probs", cfg, progress=False)
     assert all(os.stat(p).st_mtime_ns == stamp[p] for p in outs)  # resumed: nothing redone
@@ -276,18 +289,22 @@ def test_thin_clouds_and_shadows_are_found_against_the_reference_year():
 
 
 def test_another_tiling_leaves_no_stale_tiles(scene, tmp_path):
-    """Tiles are named by position: predicting again with another tile size redoes the tiles whose names both
-    tilings share and removes the first tiling's others, so vectorising never mixes two tilings."""
+    """Tiles are named by place on the global lattice: predicting again with another tile size redoes the tiles
+    whose names both tilings share and removes the first tiling's others, so vectorising never mixes two
+    tilings."""
     from conftest import tiny_config
+    from minemap.grid import make_tiles
+    from minemap.imagery import open_imagery
     from minemap.pipeline import run
 
     cfg = tiny_config(scene, tmp_path / "out", years=[2019], train={"epochs": 1, "batch_size": 8},
                       hard_negatives={"enabled": False}, predict={"tile_size": 128})
     run(cfg, progress=False)
+    grid = open_imagery(cfg.imagery).grid(2019)
     folder = cfg.out / "probabilities" / "2019"
-    assert len(list(folder.glob("*.tif"))) == 9
+    assert sorted(p.stem for p in folder.glob("*.tif")) == sorted(t.tile_id for t in make_tiles(grid, 128))
     run(cfg.model_copy(update={"predict": cfg.predict.model_copy(update={"tile_size": 256})}), progress=False)
-    assert sorted(p.name for p in folder.glob("*.tif")) == ["r000_c000.tif", "r000_c001.tif", "r001_c000.tif",
-                                                            "r001_c001.tif"]
-    with rasterio.open(folder / "r000_c000.tif") as src:
-        assert src.width == 256
+    tiles = make_tiles(grid, 256)
+    assert sorted(p.stem for p in folder.glob("*.tif")) == sorted(t.tile_id for t in tiles)
+    with rasterio.open(folder / f"{tiles[0].tile_id}.tif") as src:
+        assert (src.width, src.height) == (tiles[0].width, tiles[0].height)

@@ -162,14 +162,18 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
             years: Annotated[str, typer.Option(help="e.g. 2019-2021 or 2016,2019")],
             out_dir: Annotated[Path, typer.Option("--out", help="folder of probability COGs")],
             tile_size: int = 2048, window_overlap: float = 0.5, batch_size: int = 16, workers: int = 1,
-            device: str = "auto", bands: BandsOpt = None, overwrite: bool = False):
+            device: str = "auto", bands: BandsOpt = None, overwrite: bool = False,
+            aoi: Annotated[Optional[str], typer.Option(help="where to map: west,south,east,north | ISO3 codes (GHA,CIV) | tropics | labels:<metres> | a vector file")] = None):
     """Probability COGs per tile and year (uint8, P x 250, nodata 255); resumes unfinished tiles."""
+    from minemap.aoi import parse_aoi
     from minemap.config import PredictConfig
     from minemap.predict import predict as predict_fn
 
     cfg = _settings(PredictConfig, tile_size=tile_size, window_overlap=window_overlap, batch_size=batch_size,
                     device=device)
-    paths = predict_fn(model_dir, imagery, _years(years), out_dir, cfg, _bands(bands), workers, overwrite)
+    area = parse_aoi(aoi) if aoi is not None else None
+    paths = predict_fn(model_dir, imagery, _years(years), out_dir, cfg, _bands(bands), workers, overwrite,
+                       aoi=area)
     out.print(f"{len(paths)} probability rasters -> {out_dir}")
 
 
@@ -278,6 +282,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         years: Annotated[Optional[str], typer.Option(help="years to map, e.g. 2019-2021")] = None,
         out_dir: Annotated[Optional[Path], typer.Option("--out", help="run directory")] = None,
         reference: Annotated[Optional[Path], typer.Option(help="reference polygons for metrics.json")] = None,
+        aoi: Annotated[Optional[str], typer.Option(help="where to map: west,south,east,north | ISO3 codes (GHA,CIV) | tropics | labels:<metres> | a vector file")] = None,
         bands: BandsOpt = None,
         encoder: Optional[str] = None, epochs: Optional[int] = None, chip_size: Optional[int] = None,
         tile_size: Optional[int] = None, threshold: Optional[float] = None,
@@ -299,6 +304,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
     cfg = load_config(config, **{
         "labels": [str(p) for p in labels_paths] if labels_paths else None, "imagery": imagery,
         "train_year": train_year, "years": years, "out": out_dir, "reference": reference, "bands": _bands(bands),
+        "aoi": aoi,
         "workers": workers, "model.encoder": encoder, "train.epochs": epochs, "train.device": device,
         "predict.device": device, "chips.chip_size": chip_size, "predict.tile_size": tile_size,
         "vectorize.threshold": threshold, "vectorize.min_area_m2": min_area_m2,

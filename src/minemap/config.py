@@ -236,6 +236,10 @@ class RunConfig(_Section):
     years: list[int]
     out: Path
     bands: list[str] | None = None
+    aoi: str | list[float] | None = Field(None, description="where to map (default: all the imagery): a bbox "
+                                                            "'west,south,east,north', ISO3 codes 'GHA,CIV', "
+                                                            "'tropics', 'labels:<metres>' or a vector file; see "
+                                                            "minemap.aoi")
     reference: Path | None = None
     workers: int = Field(1, ge=1)
     accept_weak_model: bool = False
@@ -316,6 +320,8 @@ def load_config(path: Path | None = None, **overrides: Any) -> RunConfig:
         for table, key in (("imagery", "path"), ("imagery", "cache_dir"), ("model", "path")):
             if isinstance(data.get(table), dict) and isinstance(data[table].get(key), str):
                 data[table][key] = str(base / data[table][key])
+        if isinstance(data.get("aoi"), str) and (base / data["aoi"]).is_file():  # a vector file beside the config
+            data["aoi"] = str(base / data["aoi"])
         if isinstance(data.get("labels"), (str, list)):
             labels = [data["labels"]] if isinstance(data["labels"], str) else data["labels"]
             data["labels"] = [str(base / p) for p in labels]

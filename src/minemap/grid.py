@@ -1,16 +1,22 @@
-"""Fixed tiles over an imagery grid: the unit of work of prediction is (tile, year).
+"""Tiles of a fixed global grid: the unit of work of prediction is (tile, year).
 
-Tiles are named ``r<row>_c<col>`` by their position in the grid, so that names are stable across years and
-reruns; a tile may be cut short at the grid's right and bottom edges.
+Tiles lie on a lattice of the imagery's CRS anchored at the CRS's origin: tile ``x{i}_y{j}`` holds the pixels whose
+centres fall in ``i * side <= x < (i + 1) * side`` and ``j * side <= -y < (j + 1) * side``, with ``side`` =
+``tile_size`` pixels of the grid's pixel size (``j`` counts southwards, like rows). A tile's id therefore names
+the same ground in every year, in every rerun and for any imagery on that CRS and pixel size, whatever the
+imagery's extent: in Web Mercator the lattice is a quadtree-like grid of squares, in a UTM zone tiles of the
+zone. The same naming as the STAC source's cache tiles. A tile is cut short where the imagery ends.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import shapely
 
+from minemap.errors import ImageryError
 from minemap.imagery import Grid
 
 
@@ -27,13 +33,32 @@ class Tile:
         return parent.window(self.col_off - halo, self.row_off - halo, self.width + 2 * halo, self.height + 2 * halo)
 
 
+def _cells(origin: float, step: float, side: float, n: int) -> list[tuple[int, int, int]]:
+    """Lattice cells of size ``side`` crossed by ``n`` pixels of size ``step`` starting at ``origin`` (all in the
+    axis' own direction): (cell index, first pixel, pixel count), by pixel centres."""
+    def cell(k: float) -> int:  # the cell of pixel k's centre
+        return math.floor((origin + (k + 0.5) * step) / side + 1e-9)
+
+    out = []
+    first, last = cell(0), cell(n - 1)
+    for i in range(first, last + 1):
+        start = max(0, math.ceil((i * side - origin) / step - 0.5 - 1e-9))
+        stop = min(n, math.ceil(((i + 1) * side - origin) / step - 0.5 - 1e-9))
+        if stop > start:
+            out.append((i, start, stop - start))
+    return out
+
+
 def make_tiles(grid: Grid, tile_size: int, aoi: shapely.Geometry | None = None) -> list[Tile]:
-    """Tiles of ``tile_size`` pixels covering ``grid``; with ``aoi`` (in the grid's CRS), only those touching it."""
-    tiles = []
-    for r, row_off in enumerate(range(0, grid.height, tile_size)):
-        for c, col_off in enumerate(range(0, grid.width, tile_size)):
-            tiles.append(Tile(f"r{r:03d}_c{c:03d}", col_off, row_off,
-                              min(tile_size, grid.width - col_off), min(tile_size, grid.height - row_off)))
+    """Tiles of the global lattice (``tile_size`` pixels a side) that hold pixels of ``grid``; with ``aoi`` (in
+    the grid's CRS), only those whose pixels touch it."""
+    t = grid.transform
+    if t.b or t.d or t.a <= 0 or t.e >= 0:
+        raise ImageryError(f"imagery grid {tuple(t)[:6]}: tiles need a north-up grid (rotated or flipped rasters "
+                           "are not supported; warp them first)")
+    cols = _cells(t.c, t.a, tile_size * t.a, grid.width)
+    rows = _cells(-t.f, -t.e, tile_size * -t.e, grid.height)  # southwards: -y grows with the row
+    tiles = [Tile(f"x{i}_y{j}", c0, r0, w, h) for j, r0, h in rows for i, c0, w in cols]
     if aoi is not None:
         boxes = np.array([shapely.box(*t.grid(grid).bounds) for t in tiles], dtype=object)
         tiles = [t for t, hit in zip(tiles, shapely.intersects(boxes, aoi)) if hit]

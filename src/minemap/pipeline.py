@@ -9,13 +9,13 @@ Run directory::
     OUT/hard_negatives/           the training year mapped by the first fit, and chips where it fired away
                                   from the labels (probabilities/, chips/)
     OUT/model/                    weights.safetensors, model.json (+ train_state.pt): the model used
-    OUT/probabilities/<year>/     probability COGs per tile (+ manifest.json of finished tiles)
+    OUT/probabilities/<year>/     probability COGs per tile (+ manifest.jsonl of finished tiles)
     OUT/threshold.json            the threshold vectorised with: best F1 on the training year's validation blocks
     OUT/polygons/<year>.parquet   vectorised polygons
     OUT/postprocessed.parquet     temporal filter, countries, areas
     OUT/panel.parquet, panel.gpkg, summary.csv
     OUT/metrics.json              with a reference
-    OUT/manifest.json             finished stages and the fingerprint of what they were made from
+    OUT/manifest.jsonl            finished stages and the fingerprint of what they were made from
 
 Training is a first fit, then (``hard_negatives.enabled``) hard-negative mining and a fine-tune on all chips.
 A model whose validation F1 is below ``train.min_val_f1`` stops the run unless ``accept_weak_model``. With
@@ -36,14 +36,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import geopandas as gpd
+import shapely
 
 from minemap._io import file_sha256, stable_hash, write_json
+from minemap.aoi import parse_aoi
 from minemap.chips import hard_negative_chips, make_chips
 from minemap.config import RunConfig, VectorizeConfig
 from minemap.errors import ImageryError, InputError, ModelError
 from minemap.evaluate import evaluate_stage
 from minemap.imagery import describe, open_imagery
-from minemap.labels import labels_stage
+from minemap.labels import labels_stage, read_labels
 from minemap.manifest import Manifest
 from minemap.model import CARD, WEIGHTS, read_card
 from minemap.panel import build_panel, write_panel
@@ -83,7 +85,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output path exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out / "manifest.json")
+    manifest = Manifest(out / "manifest.jsonl")
     if overwrite:
         manifest.forget()
     skipped: list[str] = []
@@ -107,6 +109,11 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
                            f"(years found: {', '.join(map(str, have)) or 'none'})")
     for y in needed:
         source.check_bands(y)
+    around_labels = isinstance(cfg.aoi, str) and cfg.aoi.strip().startswith("labels:")
+    if around_labels and not cfg.labels:
+        raise InputError(f"aoi {cfg.aoi!r}: needs labels (give labels, or another kind of AOI)")
+    aoi = parse_aoi(cfg.aoi, countries=cfg.postprocess.countries) if cfg.aoi is not None and not around_labels \
+        else None
     ref_key = _file_key(cfg.reference) if cfg.reference else None
     # what the pixels depend on: new imagery redoes chips and prediction
     image_keys = {y: source.fingerprint(y) for y in have if y in needed or (trained and y == card.train_year)}
@@ -132,12 +139,16 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         card = _check_floor(cfg, model_dir)
     else:
         model_dir, k_train, card = _fit(cfg, source, manifest, stage, finished, overwrite, progress)
+    if around_labels:  # the labels, cleaned by the labels stage (or read now, with a trained model)
+        labels = gpd.read_parquet(out / "labels.parquet") if not trained else read_labels(cfg.labels)[0]
+        aoi = parse_aoi(cfg.aoi, labels=labels)
 
     prob_dir = out / "probabilities"
-    k_predict = stable_hash(["predict", k_train, imagery_key, _predict_settings(cfg), cfg.years, cfg.bands])
+    k_predict = stable_hash(["predict", k_train, imagery_key, _predict_settings(cfg), cfg.years, cfg.bands,
+                             None if aoi is None else shapely.to_wkb(aoi, hex=True)])
     if stage("predict", k_predict, [prob_dir / str(y) for y in cfg.years]):
         predict(model_dir, cfg.imagery, cfg.years, prob_dir, cfg.predict, cfg.bands, cfg.workers,
-                overwrite=overwrite, progress=progress)
+                overwrite=overwrite, progress=progress, aoi=aoi)
         finished("predict", k_predict)
 
     threshold = cfg.vectorize.threshold or card.threshold

@@ -6,7 +6,7 @@ seams. Output per unit::
 
     probabilities/<year>/<tile_id>.tif   COG, uint8 = round(P(mining) x 250), nodata 255 where no imagery
 
-A manifest (``probabilities/manifest.json``) records finished units with the model's fingerprint; a rerun
+A manifest (``probabilities/manifest.jsonl``) records finished units with the model's fingerprint; a rerun
 skips them unless ``overwrite``. Imagery whose bands or ground sample distance differ from the model card's
 is refused before anything is written. With ``normalise_years``, each year other than the model's training
 year is first brought to that year's reflectance (:mod:`minemap.radiometry`, ``probabilities/radiometry/``).
@@ -21,10 +21,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import shapely
 import torch
 from scipy.ndimage import binary_dilation
 
 from minemap._io import file_sha256, stable_hash, write_json
+from minemap.aoi import aoi_in
 from minemap.config import PredictConfig
 from minemap.errors import ImageryError
 from minemap.execution import map_units
@@ -38,6 +40,7 @@ from minemap.model import CARD, WEIGHTS, ModelCard, forward_logits, load_model, 
 
 log = logging.getLogger(__name__)
 GSD_TOLERANCE = 0.25
+EMPTY = ":no-imagery"  # appended to a unit's fingerprint in the manifest: done, and nothing to write
 
 
 def check_compatible(card: ModelCard, source: ImagerySource, year: int, where: str = "") -> None:
@@ -173,7 +176,7 @@ def _init_predict(model_dir: str, imagery, bands: list[str] | None, device: str,
     _WORKER.update(model=model, card=card, device=dev, source=Resampled(source, factor) if factor else source)
 
 
-def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | None]) -> tuple[int, str]:
+def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | None]) -> tuple[int, str, bool]:
     year, tile, dest, cfg, radiometry, ref_year = unit
     model, card, source = _WORKER["model"], _WORKER["card"], _WORKER["source"]
     parent = source.grid(year)
@@ -190,19 +193,25 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | N
             ref, ref_valid = source.read(ref_year, grid)
             ref_valid &= ~cloud_mask(ref, card)  # the reference's own clouds are no yardstick
             valid &= ~obscured(pixels, valid, ref, ref_valid)
-    prob = predict_array(model, card, pixels, valid, cfg.window_overlap, cfg.batch_size, _WORKER["device"], cfg.tta)
     inner = (slice(halo, halo + tile.height), slice(halo, halo + tile.width))
+    if not valid[inner].any():  # no imagery (or only cloud) over the tile: nothing to write or vectorise
+        Path(dest).unlink(missing_ok=True)
+        return year, tile.tile_id, False
+    prob = predict_array(model, card, pixels, valid, cfg.window_overlap, cfg.batch_size, _WORKER["device"], cfg.tta)
     out = quantise(prob[inner])
     out[~valid[inner]] = NODATA
     write_cog(Path(dest), out, tile.grid(parent))
-    return year, tile.tile_id
+    return year, tile.tile_id, True
 
 
 def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: PredictConfig | None = None,
             bands: list[str] | None = None, workers: int = 1, overwrite: bool = False,
-            progress: bool = True) -> list[Path]:
+            progress: bool = True, aoi: shapely.Geometry | None = None) -> list[Path]:
     """Stage ``predict``: probability COGs for every (tile, year) under ``out_dir/<year>/``. ``imagery``: a
-    source description (see :func:`minemap.imagery.open_imagery`) or a local path."""
+    source description (see :func:`minemap.imagery.open_imagery`) or a local path. ``aoi`` (EPSG:4326, see
+    :mod:`minemap.aoi`): only the tiles of the global grid that touch it. Tiles with no valid imagery are
+    skipped (no file); ``out_dir/tiles.json`` counts, per year, the tiles in the area, predicted and skipped.
+    Returns the probability COGs written or already there."""
     cfg = cfg or PredictConfig()
     out_dir = Path(out_dir)
     card = read_card(model_dir)
@@ -235,27 +244,53 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     fingerprints = {y: stable_hash([model_key, source.fingerprint(y), grid_key(source.grid(y))]
                                    + ([source.fingerprint(ref_year[y])] if ref_year[y] is not None else []))
                     for y in years}
-    manifest = Manifest(out_dir / "manifest.json")
-    units, outputs = [], []
+    manifest = Manifest(out_dir / "manifest.jsonl")
+    units, outputs, counts = [], {}, {}
     for year in years:
-        tiles = make_tiles(source.grid(year), cfg.tile_size)
+        grid = source.grid(year)
+        area = None
+        if aoi is not None:
+            area = aoi_in(aoi, grid.crs, grid.bounds)
+            if area is None:
+                log.warning("%sthe area of interest misses the imagery of %s", where, year)
+        tiles = make_tiles(grid, cfg.tile_size, area) if aoi is None or area is not None else []
+        counts[year] = {"tiles": len(tiles), "predicted": 0, "no_imagery": 0}
         names = {f"{t.tile_id}.tif" for t in tiles}
         folder = out_dir / str(year)
         for stale in (folder.glob("*.tif") if folder.is_dir() else []):
-            if stale.name not in names:  # a tile of another tiling would be vectorised with these
+            if stale.name not in names:  # a tile of another tiling or area would be vectorised with these
                 stale.unlink()
         for tile in tiles:
             dest = out_dir / str(year) / f"{tile.tile_id}.tif"
-            outputs.append(dest)
             key = f"{year}/{tile.tile_id}"
             if not overwrite and manifest.done(key, fingerprints[year]) and dest.is_file():
-                continue
-            units.append((year, tile, str(dest), cfg, radiometry.get(year), ref_year[year]))
-    if len(units) < len(outputs):
-        log.info("predict: %d of %d units already done", len(outputs) - len(units), len(outputs))
-    for year, tile_id in map_units(_predict_unit, units, workers, _init_predict,
-                                   (str(model_dir), imagery, bands, cfg.device, factor), desc="predict",
-                                   progress=progress):
-        manifest.mark(f"{year}/{tile_id}", fingerprints[year])
+                outputs[key] = dest
+                counts[year]["predicted"] += 1
+            elif not overwrite and manifest.done(key, fingerprints[year] + EMPTY):
+                counts[year]["no_imagery"] += 1
+            else:
+                units.append((year, tile, str(dest), cfg, radiometry.get(year), ref_year[year]))
+    if aoi is not None and not any(c["tiles"] for c in counts.values()):
+        raise ImageryError(f"{where}the area of interest {_describe_area(aoi)} misses the imagery of every year "
+                           f"({', '.join(map(str, years))})")
+    total = sum(c["tiles"] for c in counts.values())
+    if units and len(units) < total:
+        log.info("predict: %d of %d units already done", total - len(units), total)
+    for year, tile_id, wrote in map_units(_predict_unit, units, workers, _init_predict,
+                                          (str(model_dir), imagery, bands, cfg.device, factor), desc="predict",
+                                          progress=progress):
+        manifest.mark(f"{year}/{tile_id}", fingerprints[year] + ("" if wrote else EMPTY))
+        if wrote:
+            outputs[f"{year}/{tile_id}"] = out_dir / str(year) / f"{tile_id}.tif"
+        counts[year]["predicted" if wrote else "no_imagery"] += 1
     _WORKER.clear()
-    return outputs
+    write_json(out_dir / "tiles.json", {str(y): c for y, c in counts.items()})
+    for y, c in counts.items():
+        if c["no_imagery"]:
+            log.info("predict %s: %d of %d tiles have no valid imagery, skipped", y, c["no_imagery"], c["tiles"])
+    return sorted(outputs.values())
+
+
+def _describe_area(aoi: shapely.Geometry) -> str:
+    w, s, e, n = aoi.bounds
+    return f"({w:.3f}, {s:.3f}, {e:.3f}, {n:.3f})"

@@ -244,10 +244,12 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         va = tr
     missed = possible_missed_mines(dirs)
     x_tr, y_tr, cleaned = _read_chips(tr, missed)
-    x_va, y_va, _ = _read_chips(va, missed)
-    # a fine-tune whose training chips are those of the given model, unchanged, has nothing new to learn: it only
-    # recalibrates on the (cleaned) validation chips
-    news = (tr.kind == "hard_negative").any() or cleaned > 0
+    x_va, y_va, cleaned_va = _read_chips(va, missed)
+    # a fine-tune whose training and validation chips are those of the given model, unchanged, has nothing new to
+    # learn from nor a new judge: it only recalibrates. A possible missed mine in the validation chips is news:
+    # the first fit was chosen by a validation that counted it as a false alarm (a model that learnt to see it
+    # lost to an earlier, undertrained one), so training goes on, judged without it
+    news = (tr.kind == "hard_negative").any() or cleaned > 0 or cleaned_va > 0
     mean_np, std_np, p99, p999 = band_statistics(x_tr, y_tr)
     if init_from is not None:
         model, base = load_model(init_from, "cpu")
