@@ -107,7 +107,7 @@ def test_tiles_without_imagery_are_skipped_and_counted(scene, tmp_path, monkeypa
     assert counts["no_imagery"] >= 4 and len(outs) == counts["predicted"]
     # recorded as done: a rerun reads nothing again
     m = Manifest(tmp_path / "probs" / "manifest.jsonl")
-    assert sum(v.endswith(EMPTY) for v in m._data.values()) == counts["no_imagery"]
+    assert sum(v.endswith(EMPTY) for _, v in m.items()) == counts["no_imagery"]
     monkeypatch.setattr("minemap.predict._predict_unit", lambda u: pytest.fail("a finished unit was redone"))
     again = predict(model_dir, imagery, [2019], tmp_path / "probs", cfg, progress=False)
     assert again == outs

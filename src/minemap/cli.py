@@ -163,7 +163,8 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
             out_dir: Annotated[Path, typer.Option("--out", help="folder of probability COGs")],
             tile_size: int = 2048, window_overlap: float = 0.5, batch_size: int = 16, workers: int = 1,
             device: str = "auto", bands: BandsOpt = None, overwrite: bool = False,
-            aoi: Annotated[Optional[str], typer.Option(help="where to map: west,south,east,north | ISO3 codes (GHA,CIV) | tropics | labels:<metres> | a vector file")] = None):
+            aoi: Annotated[Optional[str], typer.Option(help="where to map: west,south,east,north | ISO3 codes (GHA,CIV) | tropics | labels:<metres> | a vector file")] = None,
+            scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address, e.g. tcp://host:8786")] = None):
     """Probability COGs per tile and year (uint8, P x 250, nodata 255); resumes unfinished tiles."""
     from minemap.aoi import parse_aoi
     from minemap.config import PredictConfig
@@ -173,7 +174,7 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
                     device=device)
     area = parse_aoi(aoi) if aoi is not None else None
     paths = predict_fn(model_dir, imagery, _years(years), out_dir, cfg, _bands(bands), workers, overwrite,
-                       aoi=area)
+                       aoi=area, scheduler=scheduler)
     out.print(f"{len(paths)} probability rasters -> {out_dir}")
 
 
@@ -288,6 +289,8 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         tile_size: Optional[int] = None, threshold: Optional[float] = None,
         min_area_m2: Optional[float] = None, buffer_m: Optional[float] = None,
         countries: Optional[Path] = None, workers: Optional[int] = None, device: Optional[str] = None,
+        scheduler: Annotated[Optional[str], typer.Option(
+            help="Dask scheduler address, e.g. tcp://host:8786: prediction runs on that cluster")] = None,
         hard_negatives: Annotated[Optional[bool], typer.Option(
             "--hard-negatives/--no-hard-negatives", help="mine hard negatives and fine-tune (default on)")] = None,
         model_dir: Annotated[Optional[Path], typer.Option(
@@ -305,7 +308,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         "labels": [str(p) for p in labels_paths] if labels_paths else None, "imagery": imagery,
         "train_year": train_year, "years": years, "out": out_dir, "reference": reference, "bands": _bands(bands),
         "aoi": aoi,
-        "workers": workers, "model.encoder": encoder, "train.epochs": epochs, "train.device": device,
+        "workers": workers, "scheduler": scheduler, "model.encoder": encoder, "train.epochs": epochs, "train.device": device,
         "predict.device": device, "chips.chip_size": chip_size, "predict.tile_size": tile_size,
         "vectorize.threshold": threshold, "vectorize.min_area_m2": min_area_m2,
         "postprocess.buffer_m": buffer_m, "postprocess.countries": countries,

@@ -241,7 +241,9 @@ class RunConfig(_Section):
                                                             "'tropics', 'labels:<metres>' or a vector file; see "
                                                             "minemap.aoi")
     reference: Path | None = None
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, description="local processes that predict (tile, year) units")
+    scheduler: str | None = Field(None, description="address of an existing Dask cluster's scheduler, e.g. "
+                                                    "tcp://host:8786: prediction units run on its workers")
     accept_weak_model: bool = False
     chips: ChipConfig = ChipConfig()
     hard_negatives: HardNegativeConfig = HardNegativeConfig()

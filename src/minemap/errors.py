@@ -22,3 +22,7 @@ class ImageryError(MinemapError):
 
 class ModelError(MinemapError):
     """A model directory, checkpoint or model card is missing, corrupt or incompatible."""
+
+
+class ExecutionError(MinemapError):
+    """A cluster that cannot be reached, or a unit of work whose workers kept dying."""

@@ -1,43 +1,75 @@
-"""Runs per-unit tasks (a unit is a (tile, year)) serially or in local worker processes.
+"""Runs per-unit tasks (a unit is a (tile, year)) serially, in local worker processes, or on a Dask cluster.
 
-Each worker process runs ``initializer(*initargs)`` once (e.g. to load the model) and then many units; results
-come back in completion order with a progress bar.
+- serial (default): in this process, ``initializer(*initargs)`` once, then every unit;
+- ``workers=N``: N local processes, each running the initializer once (e.g. to load the model) and then many
+  units, with the cores shared between them;
+- ``scheduler="tcp://host:8786"``: an existing dask.distributed cluster (started by the user: ``dask scheduler``
+  and ``dask worker`` by hand, dask-jobqueue on SLURM, Kubernetes). Each worker process runs the initializer
+  once per set of ``initargs`` (the model is loaded once per worker, whatever the number of units it runs);
+  ``func``, the initializer and the units travel by pickle, so they must be importable functions and plain data
+  (an imagery source travels as its description and is opened on the worker). A unit whose worker dies is
+  run again elsewhere, up to ``retries`` times; after that the run stops with :class:`ExecutionError`.
+
+Results come back in completion order, with a progress bar: units done, and with ``sizes`` (e.g. km2 per unit)
+the rate and the time left in those units.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
+from minemap._io import stable_hash
+from minemap.errors import ExecutionError, MinemapError
+
 U = TypeVar("U")
+CONNECT_TIMEOUT_S = 20
 
 
 def map_units(func: Callable[[U], Any], units: Iterable[U], workers: int = 1,
               initializer: Callable[..., None] | None = None, initargs: tuple = (),
-              desc: str = "", progress: bool = True) -> Iterator[Any]:
-    """Yield ``func(unit)`` for every unit; ``workers > 1`` uses that many local processes."""
+              desc: str = "", progress: bool = True, scheduler: str | None = None, retries: int = 2,
+              sizes: Sequence[float] | None = None, size_unit: str = "unit") -> Iterator[Any]:
+    """Yield ``func(unit)`` for every unit; see the module docstring for ``workers`` and ``scheduler``.
+    ``sizes``: how much each unit weighs for the progress bar (rate and ETA in ``size_unit``)."""
     units = list(units)
     if not units:
         return
-    bar = tqdm(total=len(units), desc=desc, unit="unit", disable=not progress, leave=False)
-    if workers <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        for u in units:
-            yield func(u)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                 initargs=(workers, initializer, initargs)) as pool:
-            futures = [pool.submit(func, u) for u in units]
-            for f in as_completed(futures):
-                yield f.result()
-                bar.update()
-    bar.close()
+    weight = list(sizes) if sizes is not None else [1.0] * len(units)
+    bar = tqdm(total=round(sum(weight), 3), desc=desc, unit=size_unit if sizes is not None else "unit",
+               disable=not progress, leave=False, dynamic_ncols=True)
+    done = 0
+
+    def tick(i: int) -> None:
+        nonlocal done
+        done += 1
+        bar.update(round(weight[i], 3))
+        if sizes is not None:
+            bar.set_postfix_str(f"{done}/{len(units)} tiles", refresh=False)
+
+    try:
+        if scheduler:
+            yield from _on_cluster(func, units, initializer, initargs, scheduler, retries, tick)
+        elif workers <= 1:
+            if initializer is not None:
+                initializer(*initargs)
+            for i, u in enumerate(units):
+                yield func(u)
+                tick(i)
+        else:
+            with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
+                                     initargs=(workers, initializer, initargs)) as pool:
+                futures = {pool.submit(func, u): i for i, u in enumerate(units)}
+                for f in as_completed(futures):
+                    yield f.result()
+                    tick(futures[f])
+    finally:
+        bar.close()
 
 
 def _init_worker(workers: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
@@ -47,3 +79,73 @@ def _init_worker(workers: int, initializer: Callable[..., None] | None, initargs
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     if initializer is not None:
         initializer(*initargs)
+
+
+def connect(scheduler: str):
+    """A client of the Dask cluster at ``scheduler``; :class:`ExecutionError` in one line if it cannot be
+    reached."""
+    try:
+        from distributed import Client
+    except ImportError:  # pragma: no cover - a dependency; only a broken install lacks it
+        raise ExecutionError("--scheduler needs dask.distributed: pip install distributed") from None
+    try:
+        return Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s", set_as_default=False)
+    except (OSError, TimeoutError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExecutionError(f"scheduler {scheduler}: cannot be reached ({msg}); is the cluster running and the "
+                             "address right (e.g. tcp://host:8786)?") from None
+
+
+# -- on a worker: the initializer runs once per process and set of initargs --------------------------------
+_READY: set[str] = set()
+_READY_LOCK = threading.Lock()
+
+
+def _run_on_worker(func: Callable, initializer: Callable | None, initargs: tuple, key: str, unit: Any) -> Any:
+    if initializer is not None and key not in _READY:
+        with _READY_LOCK:  # a worker may run several units at once in threads: load once
+            if key not in _READY:
+                initializer(*initargs)
+                _READY.add(key)
+    return func(unit)
+
+
+def _on_cluster(func, units: list, initializer, initargs: tuple, scheduler: str, retries: int, tick):
+    from distributed import as_completed as dask_completed
+    from distributed.client import FutureCancelledError
+
+    try:
+        from distributed.scheduler import KilledWorker
+    except ImportError:  # pragma: no cover - moved between versions
+        from distributed import KilledWorker
+
+    client = connect(scheduler)
+    key = stable_hash([getattr(func, "__qualname__", str(func)), repr(initargs)])
+    try:
+        futures = {}
+        for i, u in enumerate(units):
+            f = client.submit(_run_on_worker, func, initializer, initargs, key, u, pure=False, retries=retries,
+                              key=f"minemap-{key[:12]}-{i}")
+            futures[f] = i
+        with client.as_current():  # as_completed looks for the current client
+            completed = dask_completed(list(futures))
+        for f in completed:
+            i = futures[f]
+            try:
+                result = f.result()
+            except MinemapError:
+                raise
+            except (KilledWorker, FutureCancelledError) as e:
+                raise ExecutionError(f"unit {_name(units[i])}: its workers died on every try ({e.__class__.__name__}"
+                                     f"; retries {retries}): see the workers' logs (memory, time limits)") from None
+            yield result
+            tick(i)
+    finally:
+        client.close()
+
+
+def _name(unit: Any) -> str:
+    """A readable name for a unit such as (year, Tile, ...)."""
+    if isinstance(unit, tuple) and len(unit) >= 2 and hasattr(unit[1], "tile_id"):
+        return f"{unit[0]}/{unit[1].tile_id}"
+    return repr(unit)[:80]

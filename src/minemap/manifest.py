@@ -52,6 +52,10 @@ class Manifest:
     def __len__(self) -> int:
         return len(self._data)
 
+    def items(self) -> list[tuple[str, str]]:
+        """(key, fingerprint) of every finished unit."""
+        return list(self._data.items())
+
     def done(self, key: str, fingerprint: str) -> bool:
         return self._data.get(key) == fingerprint
 

@@ -114,6 +114,10 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         raise InputError(f"aoi {cfg.aoi!r}: needs labels (give labels, or another kind of AOI)")
     aoi = parse_aoi(cfg.aoi, countries=cfg.postprocess.countries) if cfg.aoi is not None and not around_labels \
         else None
+    if cfg.scheduler:  # an unreachable cluster is an error before any long work, not after training
+        from minemap.execution import connect
+
+        connect(cfg.scheduler).close()
     ref_key = _file_key(cfg.reference) if cfg.reference else None
     # what the pixels depend on: new imagery redoes chips and prediction
     image_keys = {y: source.fingerprint(y) for y in have if y in needed or (trained and y == card.train_year)}
@@ -148,7 +152,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
                              None if aoi is None else shapely.to_wkb(aoi, hex=True)])
     if stage("predict", k_predict, [prob_dir / str(y) for y in cfg.years]):
         predict(model_dir, cfg.imagery, cfg.years, prob_dir, cfg.predict, cfg.bands, cfg.workers,
-                overwrite=overwrite, progress=progress, aoi=aoi)
+                overwrite=overwrite, progress=progress, aoi=aoi, scheduler=cfg.scheduler)
         finished("predict", k_predict)
 
     threshold = cfg.vectorize.threshold or card.threshold
@@ -291,7 +295,7 @@ def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, 
     year = cfg.train_year
     prob_dir = hn_dir / "probabilities"
     predict(first_dir, cfg.imagery, [year], prob_dir, cfg.predict, cfg.bands, cfg.workers, overwrite=overwrite,
-            progress=progress)
+            progress=progress, scheduler=cfg.scheduler)
     level = min(cfg.hard_negatives.search_level, read_card(first_dir).threshold)
     tiles = sorted((prob_dir / str(year)).glob("*.tif"))
     detections = vectorize_year(tiles, year, level, VectorizeConfig(min_area_m2=0.0))

@@ -206,10 +206,11 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | N
 
 def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: PredictConfig | None = None,
             bands: list[str] | None = None, workers: int = 1, overwrite: bool = False,
-            progress: bool = True, aoi: shapely.Geometry | None = None) -> list[Path]:
+            progress: bool = True, aoi: shapely.Geometry | None = None, scheduler: str | None = None) -> list[Path]:
     """Stage ``predict``: probability COGs for every (tile, year) under ``out_dir/<year>/``. ``imagery``: a
     source description (see :func:`minemap.imagery.open_imagery`) or a local path. ``aoi`` (EPSG:4326, see
-    :mod:`minemap.aoi`): only the tiles of the global grid that touch it. Tiles with no valid imagery are
+    :mod:`minemap.aoi`): only the tiles of the global grid that touch it. ``workers`` local processes or a Dask
+    ``scheduler`` address run the units (see :mod:`minemap.execution`). Tiles with no valid imagery are
     skipped (no file); ``out_dir/tiles.json`` counts, per year, the tiles in the area, predicted and skipped.
     Returns the probability COGs written or already there."""
     cfg = cfg or PredictConfig()
@@ -276,9 +277,13 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     total = sum(c["tiles"] for c in counts.values())
     if units and len(units) < total:
         log.info("predict: %d of %d units already done", total - len(units), total)
+    km2 = {y: ground_sample_distance_m(g.crs, g.transform, g.width, g.height) ** 2 / 1e6
+           for y, g in ((y, source.grid(y)) for y in years)}
+    sizes = [u[1].width * u[1].height * km2[u[0]] for u in units]
     for year, tile_id, wrote in map_units(_predict_unit, units, workers, _init_predict,
-                                          (str(model_dir), imagery, bands, cfg.device, factor), desc="predict",
-                                          progress=progress):
+                                          (str(Path(model_dir).resolve()), imagery, bands, cfg.device, factor),
+                                          desc="predict", progress=progress, scheduler=scheduler, sizes=sizes,
+                                          size_unit="km²"):
         manifest.mark(f"{year}/{tile_id}", fingerprints[year] + ("" if wrote else EMPTY))
         if wrote:
             outputs[f"{year}/{tile_id}"] = out_dir / str(year) / f"{tile_id}.tif"
