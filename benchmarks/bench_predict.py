@@ -1,52 +1,185 @@
-"""Prediction throughput and memory: pixels per second for one (tile, year), and peak RSS.
+"""Prediction against its floor, memory as the area grows, and throughput per core.
 
-Prints the figures; writes nothing outside a temporary folder. Run: `make bench` or
-`.venv/bin/python benchmarks/bench_predict.py [--size 1024] [--tile 512]`.
+Prints, from one run (figures as ratios, since machines are noisy):
+
+1. floor: the predict stage's time on a scene against the bare forward pass of the model over the area once
+   (non-overlapping windows of the training chip: no reading, blending or writing) and over the very windows the
+   stage runs; for the default window layout and for the earlier one (chip-sized windows, half overlapping);
+2. memory: peak RSS of a process predicting an area 16 times a base case's (each in a fresh process); goal <= 1.2;
+3. throughput: km2 per second per core for mit-b0 and mit-b2 at 4.8 m and at 10 m pixels (the same pixels per
+   second; the ground they cover differs), on the GPU too where one is at hand.
+
+Run: `make bench` or `.venv/bin/python benchmarks/bench_predict.py [--size 1536] [--threads 2]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import rasterio
 import torch
+from affine import Affine
 
 from minemap.config import PredictConfig
+from minemap.grid import make_tiles
 from minemap.imagery import open_imagery
-from minemap.model import ModelCard, build_model, save_model
-from minemap.predict import predict
-from minemap.synthetic import make_scene
+from minemap.model import ModelCard, build_model, forward_logits, save_model
+from minemap.predict import predict, window_layout, window_origins, _lattice_offset
+
+CHIP = 256
+MEM_TILE = 1024  # the memory case: tiles of this side, the base case one tile, the larger 16 of them
+GSD = 4.77
+
+
+def write_scene(folder: Path, size: int, seed: int = 0, origin_px: tuple[int, int] = (-41000, -146000)) -> Path:
+    """A 4-band uint16 scene of ``size`` px a side in EPSG:3857 at about 4.8 m, its top-left pixel at
+    ``origin_px`` whole pixels from the CRS origin (columns east, rows south), written in strips."""
+    path = folder / "imagery" / "2020" / "scene.tif"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    transform = Affine(GSD, 0, origin_px[0] * GSD, 0, -GSD, -origin_px[1] * GSD)
+    with rasterio.open(path, "w", driver="GTiff", width=size, height=size, count=4, dtype="uint16",
+                       crs="EPSG:3857", transform=transform, tiled=True, blockxsize=256, blockysize=256) as dst:
+        for r in range(0, size, 512):
+            h = min(512, size - r)
+            block = rng.integers(300, 3000, size=(4, h, size), dtype=np.uint16)
+            dst.write(block, window=rasterio.windows.Window(0, r, size, h))
+        dst.descriptions = ("red", "green", "blue", "nir")
+    return folder / "imagery"
+
+
+def model_dir(folder: Path, encoder: str, imagery: Path) -> Path:
+    g = open_imagery(imagery).grid(2020)
+    card = ModelCard(encoder=encoder, bands=["red", "green", "blue", "nir"], band_mean=[1000.0] * 4,
+                     band_std=[800.0] * 4, gsd_m=GSD, pixel_size=list(g.res), crs="EPSG:3857", chip_size=CHIP)
+    return save_model(build_model(encoder, 4), card, folder / f"model-{encoder}")
+
+
+@torch.no_grad()
+def forward_seconds(model, n_windows: int, window: int, batch: int, device: str) -> float:
+    """Time of the bare forward pass over ``n_windows`` windows (random input: the cost does not depend on it)."""
+    x = torch.randn(min(batch, n_windows), 4, window, window, device=device)
+    forward_logits(model, x)  # warm-up
+    t0 = time.perf_counter()
+    done = 0
+    while done < n_windows:
+        b = min(batch, n_windows - done)
+        forward_logits(model, x[:b])
+        done += b
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def stage_windows(imagery: Path, cfg: PredictConfig, card: ModelCard, tiles) -> tuple[int, int]:
+    """(windows the stage runs over ``tiles``, their side)."""
+    grid = open_imagery(imagery).grid(2020)
+    window, stride = window_layout(card, cfg)
+    gx, gy = _lattice_offset(grid)
+    n = sum(len(window_origins(gy + t.row_off, t.height, window, stride)) *
+            len(window_origins(gx + t.col_off, t.width, window, stride)) for t in tiles)
+    return n, window
+
+
+def floor_figures(tmp: Path, tile: int, device: str) -> None:
+    """One interior tile of the global grid (imagery all round it, as in a large area), predicted alone through
+    an AOI, against the forward pass over its area once."""
+    margin = 1024
+    k = 10  # the tile x10_y(k) of the lattice; the scene reaches ``margin`` px past it on every side
+    imagery = write_scene(tmp / "floor", tile + 2 * margin, origin_px=(k * tile - margin, k * tile - margin))
+    mdir = model_dir(tmp, "mit-b0", imagery)
+    from minemap.aoi import parse_aoi
+    from minemap.model import load_model
+    from pyproj import Transformer
+
+    model, card = load_model(mdir, device)
+    grid = open_imagery(imagery).grid(2020)
+    inner = [t for t in make_tiles(grid, tile) if t.width == tile and t.height == tile]
+    assert len(inner) == 1, inner
+    left, bottom, right, top = inner[0].grid(grid).bounds
+    pad = 20 * GSD
+    w, s, e, n = Transformer.from_crs("EPSG:3857", "EPSG:4326", always_xy=True).transform_bounds(
+        left + pad, bottom + pad, right - pad, top - pad)
+    aoi = parse_aoi([w, s, e, n])
+    area_once = (tile // CHIP) ** 2
+    t_floor = forward_seconds(model, area_once, CHIP, 16, device)
+    print(f"floor: mit-b0 forward over one {tile}x{tile} px tile once, in {CHIP} px windows: {t_floor:.2f} s")
+    layouts = {"default (384 px windows, 32 px overlap)": PredictConfig(device=device, tile_size=tile),
+               "earlier (chip-sized windows, half overlap)": PredictConfig(device=device, tile_size=tile,
+                                                                            window_size=CHIP, window_overlap=0.5)}
+    for name, cfg in layouts.items():
+        nw, window = stage_windows(imagery, cfg, card, inner)
+        t_windows = forward_seconds(model, nw, window, max(1, 16 * CHIP * CHIP // (window * window)), device)
+        t0 = time.perf_counter()
+        written = predict(mdir, imagery, [2020], tmp / f"probs-{window}", cfg, progress=False, aoi=aoi)
+        t_stage = time.perf_counter() - t0
+        assert len(written) == 1
+        print(f"  {name}: stage {t_stage:.2f} s; {nw} windows of {window} px ({nw * window * window / tile ** 2:.2f}"
+              f" x the area); floor / stage = {t_floor / t_stage:.2f} (goal >= 0.6); forward over the same "
+              f"windows / stage = {t_windows / t_stage:.2f}")
+
+
+def _child_peak(size: int, tmp: Path, device: str) -> None:
+    """In a fresh process: predict a scene of ``size`` px and print the peak RSS (MiB)."""
+    imagery = write_scene(tmp / f"mem-{size}", size)
+    mdir = model_dir(tmp / f"mem-{size}", "mit-b0", imagery)
+    predict(mdir, imagery, [2020], tmp / f"mem-{size}" / "probs", PredictConfig(device=device, tile_size=MEM_TILE),
+            progress=False)
+    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory_figures(tmp: Path, base: int, device: str, threads: int) -> None:
+    peaks = {}
+    for size in (base, 4 * base):
+        out = subprocess.run([sys.executable, __file__, "--child", str(size), "--tmp", str(tmp), "--device", device,
+                              "--threads", str(threads)], capture_output=True, text=True, check=True)
+        peaks[size] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
+    print(f"memory (tiles of {MEM_TILE} px): peak RSS {peaks[base]:.0f} MiB at {base}x{base} px, {peaks[4 * base]:.0f} MiB at "
+          f"{4 * base}x{4 * base} px (16 x the area): ratio {peaks[4 * base] / peaks[base]:.2f} (goal <= 1.2)")
+
+
+def throughput_figures(tmp: Path, size: int, device: str, threads: int) -> None:
+    imagery = write_scene(tmp / "speed", size)
+    for encoder in ("mit-b0", "mit-b2"):
+        mdir = model_dir(tmp / "speed", encoder, imagery)
+        t0 = time.perf_counter()
+        predict(mdir, imagery, [2020], tmp / "speed" / f"probs-{encoder}", PredictConfig(device=device),
+                progress=False)
+        px_s = size * size / (time.perf_counter() - t0)
+        per = f"per core ({threads} threads)" if device == "cpu" else "on the GPU"
+        print(f"throughput {encoder} on {device}: {px_s / 1e6:.2f} Mpx/s; km2/s {per}: "
+              f"{px_s * GSD ** 2 / 1e6 / (threads if device == 'cpu' else 1):.2f} at 4.8 m, "
+              f"{px_s * 100 / 1e6 / (threads if device == 'cpu' else 1):.2f} at 10 m")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--size", type=int, default=1024)
-    ap.add_argument("--tile", type=int, default=512)
-    ap.add_argument("--chip", type=int, default=128)
-    ap.add_argument("--encoder", default="mit-b0")
+    ap.add_argument("--size", type=int, default=4096, help="tile side for the floor (the default tile_size), "
+                                                           "scene side for the throughput")
+    ap.add_argument("--memory-base", type=int, default=MEM_TILE, help="side of the memory base case (x4 side = "
+                                                                       "x16 area)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--tmp", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
+    torch.set_num_threads(args.threads)
+    if args.child:
+        _child_peak(args.child, args.tmp, args.device)
+        return
+    with tempfile.TemporaryDirectory(prefix="minemap-bench-") as tmp:
         tmp = Path(tmp)
-        scene = make_scene(tmp / "scene", years=(2020,), size=args.size)
-        src = open_imagery(scene.imagery)
-        g = src.grid(2020)
-        card = ModelCard(encoder=args.encoder, bands=src.band_names, band_mean=[1000.0] * 4, band_std=[800.0] * 4,
-                         gsd_m=4.75, pixel_size=list(g.res), crs="EPSG:3857", chip_size=args.chip)
-        save_model(build_model(args.encoder, 4), card, tmp / "model")
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        t0 = time.perf_counter()
-        predict(tmp / "model", scene.imagery, [2020], tmp / "probs",
-                PredictConfig(tile_size=args.tile, device=device), progress=False)
-        dt = time.perf_counter() - t0
-        px = args.size * args.size
-        km2 = px * 4.75 ** 2 / 1e6
-        print(f"predict {args.encoder} chip {args.chip} tile {args.tile} on {device}, torch threads "
-              f"{torch.get_num_threads()}: {px / dt / 1e6:.2f} Mpx/s, {km2 / dt:.1f} km2/s at 4.75 m "
-              f"({dt:.1f} s for {args.size}x{args.size} px)")
-        print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        floor_figures(tmp, args.size, args.device)
+        memory_figures(tmp, args.memory_base, args.device, args.threads)
+        throughput_figures(tmp, args.size, args.device, args.threads)
 
 
 if __name__ == "__main__":

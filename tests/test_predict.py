@@ -9,7 +9,7 @@ import torch
 from minemap.config import PredictConfig
 from minemap.errors import ImageryError
 from minemap.model import load_model, read_card, save_model
-from minemap.predict import blend_weights, check_compatible, predict, predict_array
+from minemap.predict import blend_weights, check_compatible, predict, predict_array, window_origins
 from minemap.rasters import NODATA
 from minemap.imagery import open_imagery
 
@@ -21,13 +21,24 @@ class PixelModel(torch.nn.Module):
         return SimpleNamespace(logits=pixel_values[:, :1] * 2.0 - pixel_values[:, 3:4])
 
 
-def test_blend_weights_sum_to_one_under_half_overlap():
-    w = blend_weights(64)
-    total = np.zeros((64 * 3, 64 * 3))
-    for r in range(0, 64 * 2 + 1, 32):
-        for c in range(0, 64 * 2 + 1, 32):
-            total[r:r + 64, c:c + 64] += w
-    assert np.allclose(total[32:-32, 32:-32], 1.0)
+@pytest.mark.parametrize("window, stride", [(64, 32), (64, 56), (512, 480)])
+def test_blend_weights_sum_to_one_where_ramps_meet(window, stride):
+    w = blend_weights(window, window - stride)
+    n = 4
+    total = np.zeros((window + stride * n, window + stride * n))
+    for r in range(0, stride * n + 1, stride):
+        for c in range(0, stride * n + 1, stride):
+            total[r:r + window, c:c + window] += w
+    assert np.allclose(total[window:-window, window:-window], 1.0)
+
+
+def test_window_origins_lie_on_one_lattice():
+    # the windows over [100, 300) with 64 px windows every 48 px: every window overlapping it, and no other
+    assert window_origins(100, 200, 64, 48) == [48, 96, 144, 192, 240, 288]
+    # two tilings of the same span run the same windows over each pixel
+    left, right = window_origins(100, 100, 64, 48), window_origins(200, 100, 64, 48)
+    assert sorted(set(left) | set(right)) == window_origins(100, 200, 64, 48)
+    assert window_origins(-100, 50, 64, 48) == [-144, -96]
 
 
 def test_sliding_windows_have_no_seams():
@@ -308,3 +319,20 @@ def test_another_tiling_leaves_no_stale_tiles(scene, tmp_path):
     assert sorted(p.stem for p in folder.glob("*.tif")) == sorted(t.tile_id for t in tiles)
     with rasterio.open(folder / f"{tiles[0].tile_id}.tif") as src:
         assert (src.width, src.height) == (tiles[0].width, tiles[0].height)
+
+
+def test_tiles_equal_one_pass_over_their_union_with_a_real_model(scene, tmp_path):
+    """A real (untrained) SegFormer looks at context, so windows placed differently would disagree: on the global
+    window lattice, an area cut into tiles gives the same probabilities as one pass over it."""
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    grid = open_imagery(scene.imagery).grid(2020)
+    small = PredictConfig(tile_size=160, window_size=128, window_overlap=0.25)
+    predict(model_dir, scene.imagery, [2020], tmp_path / "tiles", small, progress=False)
+    predict(model_dir, scene.imagery, [2020], tmp_path / "one", small.model_copy(update={"tile_size": 4096}),
+            progress=False)
+    from minemap.grid import make_tiles
+
+    assert len(make_tiles(grid, 160)) >= 4 and len(make_tiles(grid, 4096)) <= 2
+    tiled, whole = _mosaic(tmp_path / "tiles" / "2020", grid, 160), _mosaic(tmp_path / "one" / "2020", grid, 4096)
+    assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1  # within 1/250 (equal but for rounding)
+    assert (tiled == whole).mean() > 0.999

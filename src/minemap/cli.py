@@ -161,7 +161,8 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
             imagery: Annotated[Path, typer.Option(help="imagery directory with one folder per year")],
             years: Annotated[str, typer.Option(help="e.g. 2019-2021 or 2016,2019")],
             out_dir: Annotated[Path, typer.Option("--out", help="folder of probability COGs")],
-            tile_size: int = 2048, window_overlap: float = 0.5, batch_size: int = 16, workers: int = 1,
+            tile_size: int = 4096, window_overlap: Optional[float] = None, batch_size: int = 16,
+            workers: int = 1,
             device: str = "auto", bands: BandsOpt = None, overwrite: bool = False,
             aoi: Annotated[Optional[str], typer.Option(help="where to map: west,south,east,north | ISO3 codes (GHA,CIV) | tropics | labels:<metres> | a vector file")] = None,
             scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address, e.g. tcp://host:8786")] = None):

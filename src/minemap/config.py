@@ -104,8 +104,14 @@ class TrainConfig(_Section):
 
 
 class PredictConfig(_Section):
-    tile_size: int = Field(2048, ge=64, description="tile side in pixels; the unit of work with a year")
-    window_overlap: float = Field(0.5, ge=0, lt=1)
+    tile_size: int = Field(4096, ge=64, description="tile side in pixels; the unit of work with a year (windows "
+                                                      "that straddle a tile's edge run in both tiles: larger tiles "
+                                                      "waste less, smaller ones need less memory)")
+    window_size: int | None = Field(None, ge=32, description="side of the inference windows in pixels; default "
+                                                             "384 (or the training chip, if larger)")
+    window_overlap: float | None = Field(None, ge=0, lt=1, description="share of a window that its neighbours "
+                                                                     "overlap, blended with linear ramps; default "
+                                                                     "32 px")
     tta: bool = Field(False, description="average the four flips of every window (test-time augmentation; four "
                                          "times the work)")
     mask_clouds: bool = Field(True, description="opaque clouds (brighter in every band than anything in the "
@@ -118,7 +124,8 @@ class PredictConfig(_Section):
     resample: bool = Field(False, description="imagery at another pixel size than the model's is refused; "
                                               "true reads it at the model's pixel size (bilinear), recorded in "
                                               "probabilities/imagery.json")
-    batch_size: int = Field(16, ge=1)
+    batch_size: int = Field(16, ge=1, description="windows per forward pass, counted in training chips (a "
+                                                  "512 px window of a model trained on 256 px chips counts 4)")
     device: str = "auto"
 
 

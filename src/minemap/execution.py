@@ -41,14 +41,16 @@ def map_units(func: Callable[[U], Any], units: Iterable[U], workers: int = 1,
     if not units:
         return
     weight = list(sizes) if sizes is not None else [1.0] * len(units)
-    bar = tqdm(total=round(sum(weight), 3), desc=desc, unit=size_unit if sizes is not None else "unit",
+    fmt = None if sizes is None else ("{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} {unit} "
+                                      "[{elapsed}<{remaining}, {rate_fmt}{postfix}]")
+    bar = tqdm(total=sum(weight), desc=desc, unit=size_unit if sizes is not None else "unit", bar_format=fmt,
                disable=not progress, leave=False, dynamic_ncols=True)
     done = 0
 
     def tick(i: int) -> None:
         nonlocal done
         done += 1
-        bar.update(round(weight[i], 3))
+        bar.update(weight[i])
         if sizes is not None:
             bar.set_postfix_str(f"{done}/{len(units)} tiles", refresh=False)
 

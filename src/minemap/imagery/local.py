@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.windows
 from affine import Affine
 from pyproj import CRS
 from rasterio.enums import Resampling
@@ -159,14 +160,49 @@ def read_files(files: list[_FileInfo], grid: Grid, n: int,
         if b[0] >= gr or b[2] <= gl or b[1] >= gt or b[3] <= gb:
             continue
         try:
-            with rasterio.open(info.path) as src, WarpedVRT(
-                src, crs=grid.crs, transform=grid.transform, width=grid.width, height=grid.height,
-                resampling=resampling, add_alpha=True,
-            ) as vrt:
-                data = vrt.read()
+            with rasterio.open(info.path) as src:
+                offset = _pixel_offset(src, grid) if info.crs == grid.crs else None
+                if offset is not None:  # the grid is on the file's own pixel lattice: a plain windowed read
+                    _read_aligned(src, grid, offset, n, out, valid)
+                    continue
+                with WarpedVRT(src, crs=grid.crs, transform=grid.transform, width=grid.width,
+                               height=grid.height, resampling=resampling, add_alpha=True) as vrt:
+                    data = vrt.read()
         except RasterioError as e:
             raise ImageryError(f"{info.path}: cannot read pixels ({e})") from None
         fill = (data[-1] > 0) & ~valid
         out[:, fill] = data[:n, fill]
         valid |= fill
     return out, valid
+
+
+def _pixel_offset(src, grid: Grid) -> tuple[int, int] | None:
+    """(column, row) of the grid's first pixel in the file's pixels, if the grid lies on the file's pixel
+    lattice (same CRS assumed, same pixel size, whole-pixel offset, no rotation); else None."""
+    a, g = src.transform, grid.transform
+    if a.b or a.d or g.b or g.d or abs(a.a - g.a) > 1e-9 * abs(a.a) or abs(a.e - g.e) > 1e-9 * abs(a.e):
+        return None
+    col, row = (g.c - a.c) / a.a, (g.f - a.f) / a.e
+    if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+        return None
+    return int(round(col)), int(round(row))
+
+
+def _read_aligned(src, grid: Grid, offset: tuple[int, int], n: int, out: np.ndarray, valid: np.ndarray) -> None:
+    """Read the part of ``src`` under ``grid`` into ``out``/``valid`` where nothing is yet (first file wins)."""
+    col, row = offset
+    c0, r0 = max(col, 0), max(row, 0)
+    c1, r1 = min(col + grid.width, src.width), min(row + grid.height, src.height)
+    if c1 <= c0 or r1 <= r0:
+        return
+    win = rasterio.windows.Window(c0, r0, c1 - c0, r1 - r0)
+    data = src.read(list(range(1, n + 1)), window=win)
+    mask = src.dataset_mask(window=win) > 0
+    rows, cols = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
+    fill = mask & ~valid[rows, cols]
+    if fill.all():
+        out[:, rows, cols] = data
+    else:
+        sub = out[:, rows, cols]
+        sub[:, fill] = data[:, fill]
+    valid[rows, cols] |= fill
