@@ -142,7 +142,8 @@ def memory_figures(tmp: Path, base: int, device: str, threads: int) -> None:
         out = subprocess.run([sys.executable, __file__, "--child", str(size), "--tmp", str(tmp), "--device", device,
                               "--threads", str(threads)], capture_output=True, text=True, check=True)
         peaks[size] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
-    print(f"memory (tiles of {MEM_TILE} px): peak RSS {peaks[base]:.0f} MiB at {base}x{base} px, {peaks[4 * base]:.0f} MiB at "
+    print(f"memory (tiles of {MEM_TILE} px): peak RSS {peaks[base]:.0f} MiB at {base}x{base} px, "
+          f"{peaks[4 * base]:.0f} MiB at "
           f"{4 * base}x{4 * base} px (16 x the area): ratio {peaks[4 * base] / peaks[base]:.2f} (goal <= 1.2)")
 
 

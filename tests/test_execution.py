@@ -92,3 +92,35 @@ def test_cli_unreachable_scheduler_exits_2(scene, tmp_path, monkeypatch):
                                    "--scheduler", "tcp://127.0.0.1:9"])
     assert res.exit_code == 2 and "cannot be reached" in res.output
     assert not (tmp_path / "o" / "chips").exists()  # refused before any work
+
+
+def test_every_run_option_has_help():
+    import typer
+    from minemap.cli import app
+
+    run = typer.main.get_command(app).commands["run"]
+    missing = [p.name for p in run.params if not getattr(p, "help", None)]
+    assert not missing, missing
+
+
+def test_vectorize_threshold_out_of_range_names_the_value(tmp_path):
+    from typer.testing import CliRunner
+    from minemap.cli import app
+
+    res = CliRunner().invoke(app, ["vectorize", str(tmp_path), "--years", "2019", "--out", str(tmp_path / "p"),
+                                   "--threshold", "1.5"])
+    assert res.exit_code == 2 and "--threshold 1.5" in res.output and "between 0 and 1" in res.output
+
+
+def test_corrupt_weights_stop_prediction_before_any_unit(scene, tmp_path, monkeypatch):
+    from test_predict import _pixel_model_dir
+    from minemap.errors import ModelError
+    from minemap.predict import predict
+
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    weights = model_dir / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    monkeypatch.setattr("minemap.predict.map_units", lambda *a, **k: pytest.fail("units were sent"))
+    with pytest.raises(ModelError, match="corrupt weights"):
+        predict(model_dir, scene.imagery, [2019], tmp_path / "probs", progress=False, scheduler="tcp://127.0.0.1:9")
+    assert not (tmp_path / "probs" / "manifest.jsonl").exists()

@@ -69,6 +69,8 @@ def _bands(spec: Optional[str]) -> Optional[list[str]]:
     return [b.strip().lower() for b in spec.split(",")] if spec else None
 
 
+AOI_HELP = ("where to map: west,south,east,north | ISO3 codes (GHA,CIV) | tropics | labels:<metres> | a vector "
+            "file")
 BandsOpt = Annotated[Optional[str], typer.Option(help="band names in file order, e.g. red,green,blue,nir "
                                                       "(default: the files' band descriptions)")]
 
@@ -164,8 +166,9 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
             tile_size: int = 4096, window_overlap: Optional[float] = None, batch_size: int = 16,
             workers: int = 1,
             device: str = "auto", bands: BandsOpt = None, overwrite: bool = False,
-            aoi: Annotated[Optional[str], typer.Option(help="where to map: west,south,east,north | ISO3 codes (GHA,CIV) | tropics | labels:<metres> | a vector file")] = None,
-            scheduler: Annotated[Optional[str], typer.Option(help="Dask scheduler address, e.g. tcp://host:8786")] = None):
+            aoi: Annotated[Optional[str], typer.Option(help=AOI_HELP)] = None,
+            scheduler: Annotated[Optional[str], typer.Option(
+                help="Dask scheduler address, e.g. tcp://host:8786")] = None):
     """Probability COGs per tile and year (uint8, P x 250, nodata 255); resumes unfinished tiles."""
     from minemap.aoi import parse_aoi
     from minemap.config import PredictConfig
@@ -197,6 +200,8 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
         if model_dir is None:
             raise InputError("give --threshold or --model (whose card holds the validated threshold)")
         threshold = read_card(model_dir).threshold
+    if not 0 < threshold < 1:
+        raise InputError(f"--threshold {threshold:g}: a probability threshold lies between 0 and 1 (e.g. 0.5)")
     paths = vectorize_fn(prob_dir, _years(years), out_dir, threshold,
                          VectorizeConfig(min_area_m2=min_area_m2, simplify_m=simplify_m))
     out.print(f"{len(paths)} polygon files -> {out_dir} (threshold {threshold:.2f})")
@@ -284,12 +289,24 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         years: Annotated[Optional[str], typer.Option(help="years to map, e.g. 2019-2021")] = None,
         out_dir: Annotated[Optional[Path], typer.Option("--out", help="run directory")] = None,
         reference: Annotated[Optional[Path], typer.Option(help="reference polygons for metrics.json")] = None,
-        aoi: Annotated[Optional[str], typer.Option(help="where to map: west,south,east,north | ISO3 codes (GHA,CIV) | tropics | labels:<metres> | a vector file")] = None,
+        aoi: Annotated[Optional[str], typer.Option(help=AOI_HELP)] = None,
         bands: BandsOpt = None,
-        encoder: Optional[str] = None, epochs: Optional[int] = None, chip_size: Optional[int] = None,
-        tile_size: Optional[int] = None, threshold: Optional[float] = None,
-        min_area_m2: Optional[float] = None, buffer_m: Optional[float] = None,
-        countries: Optional[Path] = None, workers: Optional[int] = None, device: Optional[str] = None,
+        encoder: Annotated[Optional[str], typer.Option(help="mit-b0 ... mit-b5 (default mit-b0)")] = None,
+        epochs: Annotated[Optional[int], typer.Option(help="most training epochs (stops earlier when validation "
+                                                           "stalls)")] = None,
+        chip_size: Annotated[Optional[int], typer.Option(help="training chip side in pixels (default 256)")] = None,
+        tile_size: Annotated[Optional[int], typer.Option(help="prediction tile side in pixels, on the global grid "
+                                                              "(default 4096)")] = None,
+        threshold: Annotated[Optional[float], typer.Option(help="probability threshold of the polygons (default: "
+                                                                "validated on the training year)")] = None,
+        min_area_m2: Annotated[Optional[float], typer.Option(help="drop polygons smaller than this, m2 (default "
+                                                                  "1000)")] = None,
+        buffer_m: Annotated[Optional[float], typer.Option(help="temporal rule: a polygon is kept if one of an "
+                                                               "adjacent year lies within this distance, m")] = None,
+        countries: Annotated[Optional[Path], typer.Option(help="country polygons with iso3 and country columns "
+                                                               "(default: embedded Natural Earth 1:110m)")] = None,
+        workers: Annotated[Optional[int], typer.Option(help="local processes that predict")] = None,
+        device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps")] = None,
         scheduler: Annotated[Optional[str], typer.Option(
             help="Dask scheduler address, e.g. tcp://host:8786: prediction runs on that cluster")] = None,
         hard_negatives: Annotated[Optional[bool], typer.Option(
@@ -309,7 +326,8 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         "labels": [str(p) for p in labels_paths] if labels_paths else None, "imagery": imagery,
         "train_year": train_year, "years": years, "out": out_dir, "reference": reference, "bands": _bands(bands),
         "aoi": aoi,
-        "workers": workers, "scheduler": scheduler, "model.encoder": encoder, "train.epochs": epochs, "train.device": device,
+        "workers": workers, "scheduler": scheduler, "model.encoder": encoder, "train.epochs": epochs,
+        "train.device": device,
         "predict.device": device, "chips.chip_size": chip_size, "predict.tile_size": tile_size,
         "vectorize.threshold": threshold, "vectorize.min_area_m2": min_area_m2,
         "postprocess.buffer_m": buffer_m, "postprocess.countries": countries,

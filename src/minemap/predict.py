@@ -279,6 +279,7 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     cfg = cfg or PredictConfig()
     out_dir = Path(out_dir)
     card = read_card(model_dir)
+    load_model(model_dir, "cpu")  # corrupt or mismatched weights: one error here, before any unit is sent anywhere
     where = f"{describe(imagery)}: "
     source, factor, bands = open_for_model(imagery, bands, card, cfg.resample, where, years)
     for year in years:
