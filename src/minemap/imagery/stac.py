@@ -129,7 +129,11 @@ class StacImagery:
                                f"have {', '.join(sorted(items[0].assets))}); set imagery.assets / imagery.scl_asset")
 
     def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
-        paths = [self.composite(year, t) for t in self.tiles_over(grid)]
+        inside = set(self.tiles_over(self._grid))  # the area's tiles only: never download past its bbox
+        paths = [self.composite(year, t) for t in self.tiles_over(grid) if t in inside]
+        if not paths:
+            return (np.zeros((len(self.band_names), grid.height, grid.width), np.float32),
+                    np.zeros((grid.height, grid.width), bool))
         return read_files([file_info(p) for p in paths], grid, len(self.band_names),
                           rasterio.enums.Resampling.bilinear)
 
