@@ -76,8 +76,11 @@ def test_predict_on_a_cluster_equals_serial(cluster, scene, tmp_path):
     assert len(serial) >= 4
     assert [p.relative_to(tmp_path / "serial") for p in serial] == [p.relative_to(tmp_path / "dask") for p in remote]
     for a, b in zip(serial, remote):
+        # the same windows and weights; workers run torch on another number of threads (dask sets one), which
+        # sums in another order, so a value may round to the neighbouring level of 1/250
         with rasterio.open(a) as x, rasterio.open(b) as y:
-            assert np.array_equal(x.read(), y.read()) and x.transform == y.transform
+            p, q = x.read().astype(int), y.read().astype(int)
+            assert x.transform == y.transform and np.abs(p - q).max() <= 1 and (p == q).mean() > 0.99
     assert json.loads((tmp_path / "dask" / "tiles.json").read_text()) == \
         json.loads((tmp_path / "serial" / "tiles.json").read_text())
 
