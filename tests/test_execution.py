@@ -127,3 +127,19 @@ def test_corrupt_weights_stop_prediction_before_any_unit(scene, tmp_path, monkey
     with pytest.raises(ModelError, match="corrupt weights"):
         predict(model_dir, scene.imagery, [2019], tmp_path / "probs", progress=False, scheduler="tcp://127.0.0.1:9")
     assert not (tmp_path / "probs" / "manifest.jsonl").exists()
+
+
+def test_vectorize_tiles_on_a_cluster_equal_serial(cluster, tmp_path):
+    from test_vectorize import _tiles
+    from minemap.rasters import NODATA
+    from minemap.vectorize import vectorize_year
+
+    q = np.zeros((64, 64), np.uint8)
+    q[10:40, 20:50] = 200  # a mine across the seam of the two tiles
+    q[45:60, 2:12] = 180
+    q[55:60, 55:60] = NODATA
+    paths = _tiles(tmp_path, q)
+    serial = vectorize_year(paths, 2020, 0.5)
+    remote = vectorize_year(paths, 2020, 0.5, scheduler=cluster)
+    assert len(serial) == 2 and serial.geometry.geom_equals_exact(remote.geometry, 1e-9).all()
+    assert serial.drop(columns="geometry").equals(remote.drop(columns="geometry"))

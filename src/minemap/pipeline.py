@@ -162,7 +162,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     poly_paths = {y: poly_dir / f"{y}.parquet" for y in cfg.years}
     k_vec = stable_hash(["vectorize", k_predict, threshold, cfg.vectorize.model_dump()])
     if stage("vectorize", k_vec, list(poly_paths.values())):
-        vectorize(prob_dir, cfg.years, poly_dir, threshold, cfg.vectorize)
+        vectorize(prob_dir, cfg.years, poly_dir, threshold, cfg.vectorize, cfg.workers, cfg.scheduler, progress)
         finished("vectorize", k_vec)
 
     pp_path = out / "postprocessed.parquet"

@@ -24,6 +24,7 @@ from scipy.sparse.csgraph import connected_components
 
 from minemap.config import VectorizeConfig
 from minemap.errors import InputError
+from minemap.execution import map_units
 from minemap.geo import WGS84, area_km2, units_per_metre
 from minemap.labels import write_geoparquet
 from minemap.rasters import LEVELS, NODATA
@@ -72,13 +73,24 @@ def merge_across_seams(geoms: np.ndarray, weights: np.ndarray, tolerance: float)
     return np.array(merged, dtype=object), np.array(w)
 
 
-def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: VectorizeConfig | None = None) -> gpd.GeoDataFrame:
-    """Polygons of one year from its probability tiles."""
+def _tile_unit(unit: tuple[int, str, int]) -> tuple[int, tuple[list, list, object, float]]:
+    i, path, cut = unit
+    return i, _tile_polygons(Path(path), cut)
+
+
+def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: VectorizeConfig | None = None,
+                   workers: int = 1, scheduler: str | None = None, progress: bool = False) -> gpd.GeoDataFrame:
+    """Polygons of one year from its probability tiles. The per-tile part (thresholding and polygonising a tile)
+    is a (tile, year) unit: serial, in ``workers`` local processes or on a Dask ``scheduler``'s workers (which
+    must see the tiles' paths, e.g. on shared storage); the seams are merged here."""
     cfg = cfg or VectorizeConfig()
     cut = int(np.ceil(threshold * LEVELS - 1e-9))
+    units = [(i, str(p), cut) for i, p in enumerate(paths)]
+    by_tile = dict(map_units(_tile_unit, units, workers, desc=f"vectorize {year}", progress=progress,
+                             scheduler=scheduler))
     geoms, weights, crs, pixel = [], [], None, None
-    for p in paths:
-        g, w, c, px = _tile_polygons(p, cut)
+    for i in range(len(paths)):  # in the tiles' order, whatever order they finished in
+        g, w, c, px = by_tile[i]
         geoms += g
         weights += w
         crs, pixel = crs or c, pixel or px
@@ -105,15 +117,17 @@ def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: Vectoriz
 
 
 def vectorize(prob_dir: Path, years: list[int], out_dir: Path, threshold: float,
-              cfg: VectorizeConfig | None = None) -> dict[int, Path]:
-    """Stage ``vectorize``: ``out_dir/<year>.parquet`` from ``prob_dir/<year>/*.tif``."""
+              cfg: VectorizeConfig | None = None, workers: int = 1, scheduler: str | None = None,
+              progress: bool = False) -> dict[int, Path]:
+    """Stage ``vectorize``: ``out_dir/<year>.parquet`` from ``prob_dir/<year>/*.tif`` (see
+    :func:`vectorize_year` for ``workers`` and ``scheduler``)."""
     out = {}
     for year in years:
         folder = Path(prob_dir) / str(year)
         paths = sorted(folder.glob("*.tif")) if folder.is_dir() else []
         if not paths:
             raise InputError(f"{folder}: no probability rasters for year {year} (run predict first)")
-        gdf = vectorize_year(paths, year, threshold, cfg)
+        gdf = vectorize_year(paths, year, threshold, cfg, workers, scheduler, progress)
         out[year] = write_geoparquet(gdf, Path(out_dir) / f"{year}.parquet")
         log.info("vectorize %d: %d polygons, %.3f km2", year, len(gdf), gdf.area_km2.sum())
     return out
