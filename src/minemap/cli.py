@@ -189,7 +189,10 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
               out_dir: Annotated[Path, typer.Option("--out", help="folder of <year>.parquet")],
               threshold: Annotated[Optional[float], typer.Option(help="default: the model card's")] = None,
               model_dir: Annotated[Optional[Path], typer.Option("--model", help="model whose threshold to use")] = None,
-              min_area_m2: float = 1000.0, simplify_m: float = 0.0):
+              min_area_m2: float = 1000.0, simplify_m: float = 0.0,
+              workers: Annotated[int, typer.Option(help="local processes that polygonise tiles")] = 1,
+              scheduler: Annotated[Optional[str], typer.Option(
+                  help="Dask scheduler address (its workers must see the tiles' paths)")] = None):
     """Threshold probabilities into valid polygons (EPSG:4326), one GeoParquet a year."""
     from minemap.config import VectorizeConfig
     from minemap.errors import InputError
@@ -203,7 +206,8 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
     if not 0 < threshold < 1:
         raise InputError(f"--threshold {threshold:g}: a probability threshold lies between 0 and 1 (e.g. 0.5)")
     paths = vectorize_fn(prob_dir, _years(years), out_dir, threshold,
-                         VectorizeConfig(min_area_m2=min_area_m2, simplify_m=simplify_m))
+                         VectorizeConfig(min_area_m2=min_area_m2, simplify_m=simplify_m), workers, scheduler,
+                         progress=True)
     out.print(f"{len(paths)} polygon files -> {out_dir} (threshold {threshold:.2f})")
 
 
