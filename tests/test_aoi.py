@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import geopandas as gpd
@@ -101,7 +102,7 @@ def test_tiles_without_imagery_are_skipped_and_counted(scene, tmp_path, monkeypa
     quads[0].unlink()  # a quarter of the scene has no imagery
     cfg = PredictConfig(tile_size=64)
     outs = predict(model_dir, imagery, [2019], tmp_path / "probs", cfg, progress=False)
-    counts = __import__("json").loads((tmp_path / "probs" / "tiles.json").read_text())["2019"]
+    counts = json.loads((tmp_path / "probs" / "tiles.json").read_text())["2019"]
     grid = open_imagery(imagery).grid(2019)
     assert counts["tiles"] == len(make_tiles(grid, 64)) == counts["predicted"] + counts["no_imagery"]
     assert counts["no_imagery"] >= 4 and len(outs) == counts["predicted"]
