@@ -84,8 +84,7 @@ def window_origins(start: int, length: int, window: int, stride: int) -> list[in
 
 def window_layout(card: ModelCard, cfg: PredictConfig) -> tuple[int, int]:
     """(window side, stride) of inference: ``cfg.window_size`` or the default, at least the training chip."""
-    window = cfg.window_size or max(card.chip_size, DEFAULT_WINDOW)
-    window = max(window, card.chip_size)
+    window = max(cfg.window_size or DEFAULT_WINDOW, card.chip_size)
     overlap = DEFAULT_OVERLAP if cfg.window_overlap is None else int(round(window * cfg.window_overlap))
     return window, max(1, window - overlap)
 
@@ -138,7 +137,7 @@ def blend_windows(model, card: ModelCard, pixels: np.ndarray, valid: np.ndarray,
     x = pixels.astype(np.float32, copy=True)  # normalised in place: one copy of a large read, not three
     x -= mean
     x /= std
-    x *= valid[None]
+    np.copyto(x, 0.0, where=~valid[None])  # no data is 0 after normalising, whatever the source filled it with
     weight = blend_weights(window, ramp if ramp > 0 else None)
     acc = np.zeros((h, w), np.float32)
     wsum = np.zeros((h, w), np.float32)
@@ -299,7 +298,7 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
         write_json(out_dir / "radiometry.json", {str(y): rad.summary(r) for y, r in fitted.items()})
     # a unit is done when made by these weights and card (calibration, cloud level), settings and radiometry
     model_key = [file_sha256(Path(model_dir) / WEIGHTS), file_sha256(Path(model_dir) / CARD), factor,
-                 cfg.window_size, cfg.window_overlap,
+                 window_layout(card, cfg),  # the layout in effect (defaults included), not the raw settings
                  cfg.tta, cfg.mask_clouds, {y: rad.content_key(r) for y, r in fitted.items()}]
     # years normalised to the reference year are compared with it for thin clouds and shadows
     ref_year = {y: card.train_year if cfg.mask_clouds and y in fitted else None for y in years}
