@@ -261,3 +261,85 @@ def test_a_field_touching_a_mine_is_judged_on_its_own(tmp_path):
     meta = json.loads((tmp_path / "with" / "meta.json").read_text())["hard_negatives"]
     assert meta["ignored_as_possible_missed_mines"] == 0 and meta["false_alarms"] == 1
     assert "judged on its part beyond" in meta["rule"]
+
+
+def _rare_surface_cover(n_side=4, rare=((0, 0), (1, 3), (2, 3), (3, 3))):
+    """Land cover of n_side x n_side blocks: every block mostly forest (group 0), a few with a rare field surface
+    (group 1, 30 of its 256 samples), all blocks holding about as many labelled pixels."""
+    cover, weights = {}, {}
+    rng = np.random.default_rng(3)
+    for bx in range(n_side):
+        for by in range(n_side):
+            field = 30.0 if (bx, by) in rare else 0.0
+            cover[(bx, by)] = np.array([256.0 - field, field])
+            weights[(bx, by)] = float(rng.uniform(800, 1200))
+    return cover, weights
+
+
+def test_cover_balance_gives_train_its_share_of_every_surface():
+    """A surface found in four blocks of sixteen: split by labelled pixels alone, train gets it by chance (for some
+    seeds hardly any); balanced by cover, train holds most of it for every seed, and the labelled-pixel shares
+    stay near their targets, train the largest, val and test each with a block."""
+    from minemap.chips import assign_splits
+
+    cover, weights = _rare_surface_cover()
+    field_total = sum(h[1] for h in cover.values())
+    plain, balanced = [], []
+    for seed in range(30):
+        cfg = ChipConfig(seed=seed)
+        for store, cov in ((plain, None), (balanced, cover)):
+            splits = assign_splits(weights, [], cfg, cov)
+            field = {s: sum(cover[b][1] for b in splits if splits[b] == s) / field_total for s in ("train", "val", "test")}
+            pos = {s: sum(w for b, w in weights.items() if splits[b] == s) / sum(weights.values())
+                   for s in ("train", "val", "test")}
+            store.append(field["train"])
+            if cov is not None:
+                assert 0.6 <= pos["train"] <= 0.8 and pos["train"] > max(pos["val"], pos["test"]), (seed, pos)
+                assert min(pos.values()) > 0, (seed, pos)
+    assert min(plain) <= 0.25  # the check can fail: without cover some seed leaves train a quarter or less
+    assert min(balanced) >= 0.5, balanced
+
+
+def test_cover_places_unlabelled_blocks_where_surfaces_are_missing():
+    """Blocks without labels go to the split whose surfaces they bring nearest the targets: a rare surface found
+    only in unlabelled blocks is shared out, not left to the draw of a coin."""
+    from minemap.chips import assign_splits
+
+    cover, weights = _rare_surface_cover(rare=())
+    extra = {(4, y): np.array([200.0, 56.0]) for y in range(10)}  # ten unlabelled blocks with the field surface
+    cover.update(extra)
+    for seed in range(10):
+        splits = assign_splits(weights, sorted(extra), ChipConfig(seed=seed), cover)
+        got = [splits[b] for b in sorted(extra)]
+        assert got.count("train") == 7 and got.count("val") + got.count("test") == 3, (seed, got)
+
+
+def test_block_cover_groups_surfaces_from_the_imagery(tmp_path):
+    """block_cover reads each block at low resolution and groups its pixels by spectra: a bright field in one
+    block is a group of its own, found there only; make_chips records the shares per split."""
+    from minemap.chips import block_cover
+
+    size = 256
+    data = np.full((4, size, size), 1000, np.uint16)
+    data[:, :, :] = np.array([350, 600, 380, 3000], np.uint16)[:, None, None]  # forest
+    data[:, 10:50, 140:200] = np.array([2000, 1700, 1200, 2500], np.uint16)[:, None, None]  # a field, block (2, 0)
+    write_raster(tmp_path / "img" / "2019" / "a.tif", data, T, descriptions=("red", "green", "blue", "nir"))
+    src = open_imagery(tmp_path / "img")
+    grid = src.grid(2019)
+    blocks = [(bx, by) for bx in range(4) for by in range(4)]
+    cover = block_cover(src, 2019, grid, blocks, 64, 4, np.random.default_rng(0))
+    assert sorted(cover) == blocks
+    assert all(h.sum() == 256 for h in cover.values())  # 16 x 16 samples a block
+    groups_in_field_block = set(np.flatnonzero(cover[(2, 0)]))
+    groups_elsewhere = set().union(*(set(np.flatnonzero(h)) for b, h in cover.items() if b not in {(2, 0), (3, 0)}))
+    field = groups_in_field_block - groups_elsewhere
+    assert len(field) == 1
+    (g,) = field
+    assert 0.45 < cover[(2, 0)][g] / 256 < 0.57  # rows 10-50 and columns 140-192 of the block: 40 x 52 of 64 x 64 px
+
+    lab = gpd.GeoDataFrame(geometry=[_label_px(x, y, x + 12, y + 12) for x in (20, 84, 148, 212)
+                                     for y in (70, 140, 200)], crs="EPSG:3857")
+    make_chips(lab, src, 2019, tmp_path / "chips", ChipConfig(chip_size=32, block_size=64, seed=1))
+    shares = json.loads((tmp_path / "chips" / "meta.json").read_text())["land_cover_shares"]
+    assert set(shares) == {"train", "val", "test"}
+    assert all(sum(v[i] for v in shares.values()) == pytest.approx(1, abs=0.01) for i in range(len(shares["train"])))

@@ -1,10 +1,16 @@
 import geopandas as gpd
 import pandas as pd
-import pyogrio
 import pytest
 from shapely.geometry import box
 
-from minemap.panel import build_panel, geohash, write_panel
+import numpy as np
+import shapely
+
+from minemap.config import PanelConfig
+from minemap.errors import InputError
+from minemap.geo import area_km2
+from minemap.panel import (CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, build_panel, change_statistics, geohash,
+                           lineage_table, write_panel)
 
 
 def _pp(rows):
@@ -16,36 +22,169 @@ def test_geohash_known_value():
     assert geohash(-5.6, 42.6, 5) == "ezs42"  # the example of geohash.org's documentation
 
 
-def test_mine_ids_follow_overlaps_and_are_stable():
-    mine_a = [(2019, box(0, 0, 0.01, 0.01)), (2020, box(0.005, 0, 0.02, 0.01)),
-              (2020, box(0.0, 0.0, 0.004, 0.004)),  # mine A splits in two in 2020
-              (2022, box(0.01, 0, 0.02, 0.01))]  # pauses in 2021, returns overlapping 2020
+def _ids(panel, year, x):
+    """mine_id of the outline of ``year`` whose west edge is at ``x``."""
+    rows = panel[(panel.year == year) & (panel.geometry.bounds.minx.round(6) == round(x, 6))]
+    assert len(rows) == 1, rows
+    return rows.mine_id.iloc[0]
+
+
+def test_mine_ids_are_anchored_and_stable():
+    mine_a = [(2019, box(0, 0, 0.01, 0.01)), (2020, box(0.0, 0, 0.02, 0.01)), (2021, box(0.0, 0, 0.02, 0.01))]
     mine_b = [(2020, box(1, 1, 1.01, 1.01)), (2021, box(1, 1, 1.01, 1.01))]
-    panel = build_panel(_pp(mine_a + mine_b))
-    assert panel.mine_id.nunique() == 2
-    a_id = panel[panel.year == 2019].mine_id.iloc[0]
-    a = panel[panel.mine_id == a_id].set_index("year")
-    assert list(a.index) == [2019, 2020, 2022]
-    assert a.loc[2020, "n_polygons"] == 2  # dissolved into one row per mine and year
-    assert list(panel.columns) == ["mine_id", "year", "iso3", "country", "area_km2", "n_polygons", "geometry"]
-    # adding a third mine elsewhere does not change the others' ids
-    more = build_panel(_pp(mine_a + mine_b + [(2019, box(5, 5, 5.01, 5.01))]))
+    panel, events = build_panel(_pp(mine_a + mine_b))
+    assert list(panel.columns) == ["mine_id", "district_id", "year", "iso3", "country", "first_year", "area_km2",
+                                   "mean_probability", "geometry"]
+    assert panel.mine_id.nunique() == 2 and panel.groupby(["mine_id", "year"]).size().max() == 1
+    a = panel[panel.mine_id == geohash(0.005, 0.005)]  # anchored inside its first outline
+    assert list(a.year) == [2019, 2020, 2021] and set(a.first_year) == {2019}
+    # adding a mine elsewhere does not change the others' ids
+    more, _ = build_panel(_pp(mine_a + mine_b + [(2019, box(5, 5, 5.01, 5.01))]))
     assert set(panel.mine_id) < set(more.mine_id)
     # touching at an edge only is not an overlap
-    touching = build_panel(_pp([(2019, box(0, 0, 1, 1)), (2020, box(1, 0, 2, 1))]))
-    assert touching.mine_id.nunique() == 2
+    touching, _ = build_panel(_pp([(2019, box(0, 0, 1, 1)), (2020, box(1, 0, 2, 1))]))
+    assert touching.mine_id.nunique() == 2 and touching.district_id.nunique() == 2
+    assert list(events.kind) == ["appeared", "appeared"]
 
 
-def test_exports(tmp_path):
-    panel = build_panel(_pp([(2019, box(0, 0, 0.01, 0.01)), (2020, box(0, 0, 0.01, 0.02))]))
-    paths = write_panel(panel, tmp_path)
+def test_a_merge_continues_the_larger_overlap_and_ends_the_other():
+    rows = [(2019, box(0, 0, 2, 1)), (2019, box(3, 0, 4, 1)),  # A (large), B
+            (2020, box(0, 0, 4, 1))]  # one pit over both: overlaps A by 2, B by 1
+    panel, events = build_panel(_pp(rows))
+    a, b = _ids(panel, 2019, 0), _ids(panel, 2019, 3)
+    assert _ids(panel, 2020, 0) == a
+    merged = events[events.kind == "merged"].iloc[0]
+    assert (merged.year, merged.mine_id, merged.parent_ids, merged.child_ids) == (2020, a, f"{a};{b}", a)
+    assert not (events.kind == "disappeared").any()  # B ended by the merge, not vanished
+    lineage = lineage_table(panel, events).set_index("mine_id")
+    assert lineage.loc[b, "last_year"] == 2019 and lineage.loc[a, "years"] == "2019;2020"
+
+
+def test_a_split_starts_a_new_mine_from_its_parent():
+    rows = [(2019, box(0, 0, 3, 1)),
+            (2020, box(0, 0, 2, 1)), (2020, box(2.5, 0, 3, 1))]  # the larger part carries the mine on
+    panel, events = build_panel(_pp(rows))
+    a = _ids(panel, 2019, 0)
+    assert _ids(panel, 2020, 0) == a
+    child = _ids(panel, 2020, 2.5)
+    assert child != a
+    split = events[events.kind == "split"].iloc[0]
+    assert (split.year, split.mine_id, split.parent_ids, split.child_ids) == (2020, a, a, f"{a};{child}")
+    lineage = lineage_table(panel, events).set_index("mine_id")
+    assert lineage.loc[child, "split_from"] == a and lineage.loc[child, "first_year"] == 2020
+    assert panel.district_id.nunique() == 1
+
+
+def test_a_gap_year_keeps_the_identity_up_to_max_gap():
+    rows = [(2019, box(0, 0, 1, 1)), (2021, box(0, 0, 1, 1)),  # unseen in 2020
+            (2019, box(5, 5, 6, 6)), (2020, box(5, 5, 6, 6)), (2021, box(5, 5, 6, 6)),  # keeps 2020 processed
+            (2019, box(9, 9, 10, 10)), (2022, box(9, 9, 10, 10))]  # unseen two years
+    rows += [(2022, box(5, 5, 6, 6))]
+    panel, events = build_panel(_pp(rows))
+    assert _ids(panel, 2021, 0) == _ids(panel, 2019, 0)
+    assert _ids(panel, 2022, 9) != _ids(panel, 2019, 9)  # a gap of two years: a new mine
+    back = events[events.kind == "reappeared"]
+    assert list(zip(back.year, back.mine_id)) == [(2021, _ids(panel, 2019, 0))]
+    gone = events[events.kind == "disappeared"]
+    assert set(zip(gone.year, gone.mine_id)) == {(2020, _ids(panel, 2019, 0)), (2020, _ids(panel, 2019, 9)),
+                                                 (2022, _ids(panel, 2019, 0))}
+    strict, _ = build_panel(_pp(rows), PanelConfig(max_gap=0))
+    assert _ids(strict, 2021, 0) != _ids(strict, 2019, 0)
+    wider, _ = build_panel(_pp(rows), PanelConfig(max_gap=2))
+    assert _ids(wider, 2022, 9) == _ids(wider, 2019, 9)
+
+
+def test_a_district_growing_together_stays_many_mines():
+    """Ten pits, each growing a little every year until neighbours touch and fuse: connected components would
+    make one 'mine' of them all; lineage keeps most pits as mines, with merge events, in one district."""
+    rows = []
+    for year in range(2016, 2025):
+        grow = 0.06 * (year - 2016)  # gaps of 0.4 close in 2020
+        pits = [box(i - grow, 0, i + 0.6 + grow, 1) for i in range(10)]
+        rows += [(year, g) for g in shapely.get_parts(shapely.union_all(pits))]
+    panel, events = build_panel(_pp(rows))
+    assert panel.district_id.nunique() == 1
+    assert panel[panel.year == 2016].mine_id.nunique() == 10 and (panel.year == 2020).sum() == 1
+    assert panel.groupby(["mine_id", "year"]).size().max() == 1
+    merged = events[events.kind == "merged"]
+    assert len(merged) == 1 and merged.year.iloc[0] == 2020 and len(merged.parent_ids.iloc[0].split(";")) == 10
+    assert len(panel[panel.year == 2024]) == 1
+    # the fused outline carries one of the pits on; the others merged into it
+    assert panel[panel.year == 2024].mine_id.iloc[0] in set(panel[panel.year == 2016].mine_id)
+
+
+def test_buffer_links_polygons_a_little_apart():
+    rows = [(2019, box(0, 0, 0.01, 0.01)), (2020, box(0.0101, 0, 0.02, 0.01))]  # ~11 m apart at the equator
+    apart, _ = build_panel(_pp(rows))
+    assert apart.mine_id.nunique() == 2
+    near, _ = build_panel(_pp(rows), PanelConfig(buffer_m=20))
+    assert near.mine_id.nunique() == 1
+
+
+def test_change_statistics_on_known_areas():
+    """Squares in degrees near the equator, areas measured by the same km2 as area_km2."""
+    rows = [(2019, box(0, 0, 0.1, 0.1)), (2019, box(1, 0, 1.1, 0.1)),  # P grows, Q is abandoned
+            (2020, box(0, 0, 0.1, 0.15)),  # P + 50 %
+            (2020, box(2, 0, 2.1, 0.1)),  # R is new
+            (2021, box(0, 0, 0.1, 0.05)),  # P shrinks to a third
+            (2021, box(2, 0, 2.1, 0.1))]
+    rows_other = [(2019, box(30, 0, 30.1, 0.1)), (2020, box(30, 0, 30.1, 0.1)), (2021, box(30, 0, 30.1, 0.1))]
+    polys = _pp(rows + rows_other)
+    polys.loc[len(rows):, ["iso3", "country"]] = ["GAB", "Gabon"]
+    panel, _ = build_panel(polys)
+    ch = change_statistics(panel).set_index(["iso3", "year"])
+    sq = area_km2(np.array([box(0, 0, 0.1, 0.1)]))[0]  # ~123 km2
+    gha20, gha21 = ch.loc[("GHA", 2020)], ch.loc[("GHA", 2021)]
+    assert gha20.new_km2 == pytest.approx(sq, rel=1e-3)
+    assert gha20.expanded_km2 == pytest.approx(sq / 2, rel=1e-3)
+    assert gha20.abandoned_km2 == pytest.approx(sq, rel=1e-3) and gha20.shrunk_km2 == 0
+    assert gha21.shrunk_km2 == pytest.approx(sq, rel=1e-3)  # 0.15 -> 0.05 degrees: one square lost
+    assert gha21.new_km2 == 0 and gha21.expanded_km2 == 0 and gha21.abandoned_km2 == 0
+    assert gha21.area_km2 == pytest.approx(1.5 * sq, rel=1e-3) and gha21.n_mines == 2
+    # the books balance: area(t) = area(t-1) + new + expanded - shrunk - abandoned
+    for (iso, year), row in ch.iterrows():
+        if year > 2019:
+            prev = ch.loc[(iso, year - 1), "area_km2"]
+            assert row.area_km2 == pytest.approx(prev + row.new_km2 + row.expanded_km2 - row.shrunk_km2
+                                                 - row.abandoned_km2, rel=1e-6)
+    gab = ch.loc["GAB"]
+    assert np.isnan(gab.loc[2019, "new_km2"]) and (gab.loc[[2020, 2021], ["new_km2", "abandoned_km2"]] == 0).all().all()
+
+
+def test_panel_refuses_bad_polygons(tmp_path):
+    from typer.testing import CliRunner
+
+    from minemap.cli import app
+
+    with pytest.raises(InputError, match="missing column"):
+        build_panel(_pp([(2019, box(0, 0, 1, 1))]).drop(columns="iso3"))
+    with pytest.raises(InputError, match="EPSG:4326"):
+        build_panel(_pp([(2019, box(0, 0, 1, 1))]).set_crs("EPSG:3857", allow_override=True))
+    bad = tmp_path / "bad.parquet"
+    _pp([(2019, box(0, 0, 1, 1))]).drop(columns="year").to_parquet(bad)
+    r = CliRunner().invoke(app, ["panel", str(bad), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "missing column(s) year" in r.output and str(bad) in r.output
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+def test_panel_files(tmp_path):
+    panel, events = build_panel(_pp([(2019, box(0, 0, 0.01, 0.01)), (2020, box(0, 0, 0.01, 0.02))]))
+    paths = write_panel(panel, events, tmp_path)
     back = gpd.read_parquet(paths["parquet"])
     assert back.crs.to_epsg() == 4326 and len(back) == 2
-    assert [layer for layer, _ in pyogrio.list_layers(paths["gpkg"])] == ["mines_2019", "mines_2020"]
+    assert "gpkg" not in paths  # other formats are exports (test_export.py)
     summary = pd.read_csv(paths["summary"])
-    assert list(summary.columns) == ["iso3", "country", "year", "n_mines", "n_polygons", "area_km2"]
-    assert list(summary.n_mines) == [1, 1] and list(summary.n_polygons) == [1, 1]
+    assert list(summary.columns) == ["iso3", "country", "year", "n_mines", "n_districts", "area_km2"]
+    assert list(summary.n_mines) == [1, 1]
     assert summary.area_km2.iloc[1] == pytest.approx(2 * summary.area_km2.iloc[0], rel=1e-3)
+    mines = pd.read_csv(paths["mines_csv"])
+    assert list(mines.columns) == LINEAGE_COLUMNS and mines.years_seen.tolist() == [2]
+    assert pd.read_parquet(paths["mines"]).equals(lineage_table(panel, events))
+    ev = pd.read_csv(paths["events_csv"], keep_default_na=False)
+    assert list(ev.columns) == EVENT_COLUMNS and list(ev.kind) == ["appeared"]
+    changes = pd.read_parquet(paths["changes"])
+    assert list(changes.columns) == CHANGE_COLUMNS
+    assert changes.expanded_km2.iloc[1] == pytest.approx(summary.area_km2.iloc[0], rel=1e-3)
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 

@@ -25,8 +25,16 @@ def test_run_outputs_and_schemas(tiny_run):
     cfg, res = tiny_run
     out = cfg.out
     panel = gpd.read_parquet(out / "panel.parquet")
-    assert list(panel.columns) == ["mine_id", "year", "iso3", "country", "area_km2", "n_polygons", "geometry"]
+    from minemap.panel import CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, PANEL_COLUMNS
+
+    assert list(panel.columns) == PANEL_COLUMNS
     assert panel.crs.to_epsg() == 4326 and panel.geometry.is_valid.all()
+    assert panel.groupby(["mine_id", "year"]).size().max() == 1
+    mines = pd.read_parquet(out / "mines.parquet")
+    assert list(mines.columns) == LINEAGE_COLUMNS and set(mines.mine_id) == set(panel.mine_id)
+    assert list(pd.read_csv(out / "events.csv").columns) == EVENT_COLUMNS
+    changes = pd.read_csv(out / "changes.csv")
+    assert list(changes.columns) == CHANGE_COLUMNS and set(changes.year) == set(panel.year)
     assert set(panel.iso3.dropna()) <= {"GHA"}
     summary = pd.read_csv(out / "summary.csv")
     assert summary.area_km2.sum() == pytest.approx(panel.area_km2.sum(), abs=1e-5 * len(summary))
@@ -50,7 +58,7 @@ def test_rerun_skips_finished_stages_and_overwrite_redoes(tiny_run):
     stamp = os.stat(cfg.out / "panel.parquet").st_mtime_ns
     res = run(cfg, progress=False)
     assert res.skipped == ["labels", "chips", "train", "hard_negatives", "finetune", "predict", "vectorize",
-                           "postprocess", "panel", "evaluate"]
+                           "postprocess", "panel", "evaluate", "export"]
     assert os.stat(cfg.out / "panel.parquet").st_mtime_ns == stamp
     # a changed setting redoes that stage and those after it, not those before
     res = run(cfg.model_copy(update={"vectorize": cfg.vectorize.model_copy(update={"min_area_m2": 5000})}),
@@ -120,7 +128,10 @@ def test_cli_stages_one_by_one(tiny_run, tmp_path):
                             "--out", str(tmp_path / "pp.parquet")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, ["panel", str(tmp_path / "pp.parquet"), "--out", str(tmp_path / "panel")])
-    assert r.exit_code == 0 and (tmp_path / "panel" / "panel.gpkg").is_file()
+    assert r.exit_code == 0 and (tmp_path / "panel" / "mines.csv").is_file()
+    r = runner.invoke(app, ["export", str(tmp_path / "panel"), "--out", str(tmp_path / "export"), "--formats",
+                            "gpkg,card"])
+    assert r.exit_code == 0 and (tmp_path / "export" / "panel.gpkg").is_file(), r.output
     r = runner.invoke(app, ["evaluate", str(tmp_path / "panel" / "panel.parquet"), "--reference", str(cfg.reference),
                             "--probabilities", str(out / "probabilities"), "--out", str(tmp_path / "m.json")])
     assert r.exit_code == 0 and json.loads((tmp_path / "m.json").read_text())["years"]

@@ -7,8 +7,13 @@ inside one block with a one-pixel margin, so no chip of one split overlaps or to
   that gives at least ``min_positive_blocks`` blocks holding labels, none with more than a quarter of all labelled
   pixels: a district with a dozen mines gets small blocks, a continent large ones.
 - Splits: blocks holding labels are shared out to reach the target shares of *labelled pixels* (largest blocks
-  first, each to the split furthest below its target), so the train split always gets the largest share;
-  blocks without labels go to splits at random in the same proportions.
+  first, each to the split furthest below its target), so the train split always gets the largest share.
+  The scene's surfaces are balanced too (``balance_cover``): every block's land cover is sampled at low
+  resolution and grouped by spectra (k-means); labelled blocks are then moved or swapped between splits while
+  that brings each group's shares nearer the targets (labelled-pixel shares kept within a tolerance), and
+  blocks without labels go each to the split whose surfaces it brings nearest the targets. A surface that
+  only validation holds (a few fields, a sand bar) would be one the model never learns as background, and
+  one that fools every epoch after the first on validation.
 - Chips intersecting a label are positives; background chips are drawn from the rest of each split's blocks
   (so that validation and test measure false alarms too) so that they cover the scene's variety: candidates
   are grouped by their coarse spectra (k-means) and drawn evenly from each group.
@@ -111,13 +116,20 @@ def _split_targets(cfg: ChipConfig) -> dict[str, float]:
 
 
 def assign_splits(weights: dict[tuple[int, int], float], other_blocks: list[tuple[int, int]],
-                  cfg: ChipConfig) -> dict[tuple[int, int], str]:
+                  cfg: ChipConfig, cover: dict[tuple[int, int], np.ndarray] | None = None
+                  ) -> dict[tuple[int, int], str]:
     """Map each block to a split.
 
     Blocks holding labels (``weights``: labelled pixels per block) are taken largest first, each to the split
     furthest below its target share of labelled pixels; a little seeded noise in the order lets seeds differ
     without moving the shares. The largest block goes to train, so train always gets the largest share.
-    Blocks without labels (``other_blocks``) go to splits at random in the target proportions.
+
+    ``cover`` (:func:`block_cover`: per block, its sampled pixels in each land-cover group) balances the
+    scene's surfaces too: labelled blocks are then moved or swapped between splits while that brings every
+    group's shares nearer the targets without taking the labelled-pixel shares further than
+    ``COVER_TOLERANCE`` from theirs, and blocks without labels go, in random order, each to the split whose
+    surfaces it brings nearest the targets. Without it, blocks without labels go to splits at random in the
+    target proportions. A surface that only validation sees is one the model never learnt as background.
     """
     rng = np.random.default_rng(cfg.seed)
     targets = _split_targets(cfg)
@@ -139,9 +151,175 @@ def assign_splits(weights: dict[tuple[int, int], float], other_blocks: list[tupl
             spare = sorted((b for b, v in out.items() if v == "train"), key=lambda b: weights[b])
             if len(spare) > 1:
                 out[spare[0]] = split
-    for b, u in zip(sorted(other_blocks), draws):
+    if cover:
+        _balance_cover(out, weights, cover, targets, rng)
+    free = [b for b in sorted(other_blocks) if not cover or b not in cover]
+    for b, u in zip(free, draws):
         out[b] = "val" if u < cfg.val_fraction else "test" if u < cfg.val_fraction + cfg.test_fraction else "train"
+    if cover:
+        _place_by_cover(out, [b for b in sorted(other_blocks) if b in cover], cover, targets, rng)
     return out
+
+
+COVER_TOLERANCE = 0.03  # cover balancing keeps each split's labelled-pixel share this near its target
+MIN_GROUP_SHARE = 0.005  # land-cover groups smaller than this share of the sampled pixels are not balanced
+
+
+def _cover_shares(cover: dict | None, splits: dict) -> dict[str, list[float]] | None:
+    """Per split, its share of each land-cover group's sampled pixels (for meta.json)."""
+    if not cover:
+        return None
+    every = np.stack(list(cover.values())).sum(0)
+    out = {}
+    for s in SPLITS:
+        held = sum((h for b, h in cover.items() if splits.get(b) == s), np.zeros_like(every))
+        out[s] = np.round(held / np.maximum(every, 1e-9), 3).tolist()
+    return out
+
+
+def _cover_cost(held: np.ndarray, totals: np.ndarray, t: np.ndarray) -> float:
+    """Mean squared gap between each split's share of each land-cover group and its target share."""
+    return float((((held / totals) - t[:, None]) ** 2).mean())
+
+
+def _balance_cover(out: dict, weights: dict, cover: dict, targets: dict, rng: np.random.Generator) -> None:
+    """Move or swap labelled blocks between splits (in place) while that lowers the cover cost and keeps the
+    labelled-pixel shares within tolerance (train the largest, no split with a target left without a block)."""
+    splits = [s for s in SPLITS if targets[s] > 0 or s == "train"]
+    t = np.array([targets[s] for s in splits])
+    blocks = [b for b in sorted(out) if b in weights and b in cover]
+    if len(blocks) < 2:
+        return
+    w = np.array([weights[b] for b in blocks])
+    h = np.stack([cover[b] for b in blocks]).astype(np.float64)
+    every = np.stack(list(cover.values())).sum(0)
+    groups = h.sum(0) >= MIN_GROUP_SHARE * every.sum()
+    if not groups.any():
+        return
+    h = h[:, groups]
+    a = np.array([splits.index(out[b]) for b in blocks])
+    S = len(splits)
+    # only the labelled blocks' surfaces here: the unlabelled blocks are placed afterwards to fill the gaps
+    totals = np.maximum(h.sum(0), 1e-9)
+    held = np.zeros((S, h.shape[1]))
+    np.add.at(held, a, h)
+    pos = np.bincount(a, weights=w, minlength=S) / w.sum()
+    count = np.bincount(a, minlength=S)
+    room = np.maximum(COVER_TOLERANCE, np.abs(pos - t))  # no labelled-pixel share strays further than this
+    cost = _cover_cost(held, totals, t)
+    share = w / w.sum()
+    for _ in range(20):
+        improved = False
+        for i in rng.permutation(len(blocks)):
+            best = None
+            # moves of block i to another split, and swaps with a sample of blocks elsewhere
+            for j in [-1, *rng.permutation(len(blocks))[:40]]:
+                for s in (range(S) if j < 0 else [a[j]]):
+                    if s == a[i]:
+                        continue
+                    dh = h[i] - (h[j] if j >= 0 else 0)
+                    dw = share[i] - (share[j] if j >= 0 else 0)
+                    held[a[i]] -= dh
+                    held[s] += dh
+                    c = _cover_cost(held, totals, t)
+                    held[a[i]] += dh
+                    held[s] -= dh
+                    if c >= cost - 1e-12 or (best is not None and c >= best[0]):
+                        continue
+                    p2 = pos.copy()
+                    p2[a[i]] -= dw
+                    p2[s] += dw
+                    n2 = count.copy()
+                    if j < 0:
+                        n2[a[i]] -= 1
+                        n2[s] += 1
+                    if np.all(np.abs(p2 - t) <= room + 1e-12) and p2[0] >= p2.max() and np.all(n2[t > 0] > 0):
+                        best = (c, s, j, dh, p2, n2)
+            if best is not None:
+                cost, s, j, dh, pos, count = best
+                held[a[i]] -= dh
+                held[s] += dh
+                if j >= 0:
+                    a[j] = a[i]
+                a[i] = s
+                improved = True
+        if not improved:
+            break
+    for b, k in zip(blocks, a):
+        out[b] = splits[k]
+
+
+def _place_by_cover(out: dict, others: list, cover: dict, targets: dict, rng: np.random.Generator) -> None:
+    """Send each unlabelled block (in random order) to the split whose land-cover shares it brings nearest the
+    targets, counting the blocks already placed (in place)."""
+    if not others:
+        return
+    splits = [s for s in SPLITS if targets[s] > 0 or s == "train"]
+    t = np.array([targets[s] for s in splits])
+    every = np.stack(list(cover.values())).sum(0).astype(np.float64)
+    groups = every >= MIN_GROUP_SHARE * every.sum()
+    totals = np.maximum(every[groups], 1e-9)
+    held = np.zeros((len(splits), int(groups.sum())))
+    for b, s in out.items():
+        if b in cover and s in splits:
+            held[splits.index(s)] += cover[b][groups]
+    for k in rng.permutation(len(others)):
+        b = others[k]
+        h = cover[b][groups]
+        costs = []
+        for s in range(len(splits)):
+            held[s] += h
+            costs.append(_cover_cost(held, totals, t))
+            held[s] -= h
+        s = int(np.argmin(costs))
+        held[s] += h
+        out[b] = splits[s]
+
+
+MAX_COVER_BLOCKS = 4000  # blocks whose land cover is sampled (the labelled ones first)
+COVER_SAMPLES = 16  # a block's land cover is read on a COVER_SAMPLES x COVER_SAMPLES grid of pixels
+
+
+def block_cover(source: ImagerySource, year: int, grid: Grid, blocks: list[tuple[int, int]], block: int,
+                groups: int, rng: np.random.Generator, first: list[tuple[int, int]] | None = None
+                ) -> dict[tuple[int, int], np.ndarray]:
+    """The land cover of each block: how many of its sampled pixels fall in each of ``groups`` groups of
+    similar spectra (k-means over the log band values of every block's sample; ``COVER_SAMPLES`` squared
+    pixels a block, read at low resolution). ``first`` (the labelled blocks) are always sampled; of the rest, at
+    most ``MAX_COVER_BLOCKS`` in all. Blocks with no valid pixel are left out."""
+    first = [b for b in (first or []) if b in set(blocks)]
+    rest = sorted(set(blocks) - set(first))
+    room = max(0, MAX_COVER_BLOCKS - len(first))
+    if len(rest) > room:
+        rest = [rest[i] for i in np.sort(rng.choice(len(rest), room, replace=False))]
+    todo = sorted(first) + rest
+    samples, owners, sampled = [], [], []
+    for bx, by in todo:
+        c0, r0 = bx * block, by * block
+        w, h = min(block, grid.width - c0), min(block, grid.height - r0)
+        step = max(1, max(w, h) // COVER_SAMPLES)
+        nw, nh = max(1, w // step), max(1, h // step)
+        g = grid.window(int(c0), int(r0), nw * step, nh * step)
+        px, valid = source.read(year, Grid(g.crs, g.transform @ Affine.scale(step), nw, nh))
+        v = px[:, valid].T
+        if len(v):
+            samples.append(np.log1p(np.abs(v.astype(np.float64))))
+            owners.append(np.full(len(v), len(owners)))
+            sampled.append((bx, by))
+    if not samples:
+        return {}
+    x = np.concatenate(samples)
+    owner = np.concatenate(owners)
+    k = max(1, int(min(groups, len(np.unique(x.round(4), axis=0)))))
+    label = np.zeros(len(x), np.int64)
+    if k > 1:
+        z = (x - x.mean(0)) / np.maximum(x.std(0), 1e-9)
+        with warnings.catch_warnings():  # a group left empty by k-means only means fewer groups
+            warnings.simplefilter("ignore")
+            _, label = kmeans2(z, k, minit="++", seed=rng, iter=20)
+    hist = np.zeros((len(owners), k))
+    np.add.at(hist, (owner, label), 1)
+    return {b: hist[i] for i, b in enumerate(sampled)}
 
 
 def chip_positions(grid: Grid, cfg: ChipConfig, block: int) -> tuple[np.ndarray, np.ndarray]:
@@ -315,7 +493,9 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
         raise InputError(f"the {year} imagery ({grid.width} x {grid.height} px) is smaller than one chip ({chip} px)")
     targets = _split_targets(cfg)
     all_blocks = {tuple(b) for b in map(tuple, blk)}
-    splits = assign_splits(weights, sorted(all_blocks - set(weights)), cfg)
+    cover = block_cover(source, year, grid, sorted(all_blocks), block, cfg.background_groups,
+                        np.random.default_rng(cfg.seed + 2), first=sorted(weights)) if cfg.balance_cover else None
+    splits = assign_splits(weights, sorted(all_blocks - set(weights)), cfg, cover)
     empty = [x for x in SPLITS if targets[x] > 0 and x not in {splits[b] for b in weights}]
     if empty:
         gsd = ground_sample_distance_m(grid.crs, grid.transform, grid.width, grid.height)
@@ -362,6 +542,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
             "chip_size": chip, "block_size": block, "block_size_from": "config" if cfg.block_size else "labels",
             "blocks_with_labels": len(weights), "labels_fingerprint": labels_fingerprint(labels),
             "ignore_border_m": cfg.ignore_border_m, "splits": summary,
+            "land_cover_shares": _cover_shares(cover, splits),
         })
     total = sum(v["positive_pixels"] for v in summary.values()) or 1
     log.info("chips: block %d px, %s; positive pixel shares %s", block, {s: v["chips"] for s, v in summary.items()},

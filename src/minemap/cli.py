@@ -234,16 +234,41 @@ def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.
 @_stage
 def panel(postprocessed: Annotated[list[Path], typer.Argument(
               help="post-processed GeoParquet, or the published study's per-year GeoPackages (files or a folder)")],
-          out_dir: Annotated[Path, typer.Option("--out", help="folder for panel.parquet, panel.gpkg, summary.csv")]):
-    """Track mines across years (mine_id) and write the panel and its summary."""
+          out_dir: Annotated[Path, typer.Option("--out", help="folder for the panel, its lineage and change tables")],
+          max_gap: Annotated[int, typer.Option(min=0, help="years a mine may go unseen and keep its identity")] = 1,
+          buffer_m: Annotated[float, typer.Option(min=0.0, help="polygons of different years within this distance "
+                                                               "count as overlapping")] = 0.0):
+    """Track mines across years (mine_id, lineage events, district_id) and write the panel, its summary, the
+    lineage tables and the change statistics."""
+    from minemap.config import PanelConfig
     from minemap.labels import read_vector
     from minemap.panel import STUDY_PATTERN, build_panel, read_study_polygons, write_panel
 
     study = len(postprocessed) > 1 or postprocessed[0].is_dir() or STUDY_PATTERN.search(postprocessed[0].name)
     polygons = read_study_polygons(postprocessed) if study else read_vector(postprocessed[0])
-    p = build_panel(polygons)
-    paths = write_panel(p, out_dir)
+    p, events = build_panel(polygons, PanelConfig(max_gap=max_gap, buffer_m=buffer_m),
+                            where=", ".join(map(str, postprocessed)))
+    paths = write_panel(p, events, out_dir)
     out.print(f"{p.mine_id.nunique()} mines, {len(p)} mine-years -> {paths['parquet']}")
+
+
+@app.command("export")
+@_stage
+def export_cmd(panel_path: Annotated[Path, typer.Argument(help="panel.parquet, or the run folder holding it")],
+               out_dir: Annotated[Path, typer.Option("--out", help="folder for the exports")],
+               formats: Annotated[str, typer.Option("--formats", help="comma-separated: gpkg (a layer a year), fgb "
+                                                                     "(FlatGeobuf), csv (no geometry), study (the "
+                                                                     "published study's per-year GeoPackages), card "
+                                                                     "(DATASET.md)")] = "gpkg,fgb,csv,study,card",
+               run_dir: Annotated[Optional[Path], typer.Option("--run", help="run folder the dataset card cites "
+                                                                         "(default: the panel's folder)")] = None,
+               licence: Annotated[str, typer.Option(help="licence of the polygons and tables, for the card")]
+               = "CC-BY-4.0"):
+    """Export a panel: GeoPackage, FlatGeobuf, CSV, the published study's layout, and a dataset card."""
+    from minemap.export import export
+
+    paths = export(panel_path, out_dir, [f.strip() for f in formats.split(",") if f.strip()], run_dir, licence)
+    out.print(f"{len(paths)} exports -> {out_dir}: {', '.join(p.name for p in paths.values())}")
 
 
 @app.command()

@@ -42,6 +42,9 @@ class ChipConfig(_Section):
     background_per_positive: float = Field(0.5, ge=0, description="background chips per positive chip")
     background_groups: int = Field(8, ge=1, description="background chips are drawn evenly from this many "
                                                         "groups of similar coarse spectra")
+    balance_cover: bool = Field(True, description="share the scene's surfaces (land-cover groups of the training "
+                                                  "year, sampled per block) among the splits in their target "
+                                                  "proportions too, not only the labelled pixels")
     max_background_pool: int = Field(4000, ge=10, description="candidates whose spectra are compared")
     ignore_border_m: float = Field(5.0, ge=0, description="width of the band along label outlines left out of "
                                                           "the loss (digitised outlines are metres off)")
@@ -139,6 +142,25 @@ class PostprocessConfig(_Section):
     temporal_filter: bool = True
     buffer_m: float = Field(0.0, ge=0)
     countries: Path | None = None
+
+
+class PanelConfig(_Section):
+    """Mine identities across years: a polygon continues the mine it overlaps most in the previous year."""
+
+    max_gap: int = Field(1, ge=0, description="years a mine may go unseen and keep its identity when it returns "
+                                              "(a polygon with no overlap in the previous year looks this many "
+                                              "years further back)")
+    buffer_m: float = Field(0.0, ge=0, description="polygons of different years within this distance count as "
+                                                   "overlapping (0: their interiors must meet)")
+
+
+class ExportConfig(_Section):
+    """What ``run`` writes beside panel.parquet (``minemap export`` writes any of them later)."""
+
+    formats: list[Literal["gpkg", "fgb", "csv", "study", "card"]] = Field(
+        ["gpkg", "csv", "card"], description="gpkg (a layer a year), fgb (FlatGeobuf), csv (no geometry), study "
+                                             "(the published study's per-year GeoPackages), card (DATASET.md)")
+    licence: str = Field("CC-BY-4.0", description="the licence the dataset card gives the polygons and tables")
 
 
 class LocalImageryConfig(_Section):
@@ -259,6 +281,8 @@ class RunConfig(_Section):
     predict: PredictConfig = PredictConfig()
     vectorize: VectorizeConfig = VectorizeConfig()
     postprocess: PostprocessConfig = PostprocessConfig()
+    panel: PanelConfig = PanelConfig()
+    export: ExportConfig = ExportConfig()
 
     @field_validator("labels", mode="before")
     @classmethod

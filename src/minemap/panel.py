@@ -1,19 +1,23 @@
-"""Panel: mine identities across years, panel assembly and exports.
+"""Panel: mine identities and lineage across years, change statistics, panel files.
 
-Polygons of different years that overlap belong to one mine (connected components of the overlap graph, so a
-mine that pauses a year keeps its identity). A mine's ``mine_id`` is the geohash (precision 9, ~5 m) of a point
-inside its first-year outline, so it does not change when other mines are added or removed elsewhere. The panel
-has one row per mine and year (its polygons of that year dissolved).
+Identities are local in time (:func:`track_mines`): a polygon continues the mine it overlaps most in the
+previous processed year (or up to ``panel.max_gap`` years back); merges and splits are events, so dense districts
+that grow together do not fuse into one giant "mine". A mine has one outline a year; its ``mine_id`` is the
+geohash (precision 9, ~5 m) of a point inside its first outline, so it does not change when data elsewhere
+change. ``district_id`` keeps the connected component of overlaps across all years.
 
-Writes ``panel.parquet`` (GeoParquet, EPSG:4326: mine_id, year, iso3, country, area_km2, n_polygons,
-geometry), ``panel.gpkg`` (one layer per year, ``mines_<year>``) and ``summary.csv`` (iso3, country, year,
-n_mines, n_polygons, area_km2).
+Writes ``panel.parquet`` (GeoParquet, EPSG:4326, :data:`PANEL_COLUMNS`; other formats: :mod:`minemap.export`),
+``summary.csv`` (mines, districts and km2 per country and year), and as Parquet and CSV the
+lineage tables ``mines`` (:data:`LINEAGE_COLUMNS`) and ``events`` (:data:`EVENT_COLUMNS`) and the change table
+``changes`` (:data:`CHANGE_COLUMNS`).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import geopandas as gpd
@@ -24,60 +28,220 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from minemap._io import atomic_path
+from minemap.config import PanelConfig
 from minemap.errors import InputError
-from minemap.geo import WGS84, area_km2
+from minemap.geo import WGS84, area_km2, units_per_metre
 from minemap.labels import write_geoparquet
 
 log = logging.getLogger(__name__)
-PANEL_COLUMNS = ["mine_id", "year", "iso3", "country", "area_km2", "n_polygons", "geometry"]
+PANEL_COLUMNS = ["mine_id", "district_id", "year", "iso3", "country", "first_year", "area_km2", "mean_probability",
+                 "geometry"]
+LINEAGE_COLUMNS = ["mine_id", "district_id", "first_year", "last_year", "years_seen", "years", "max_area_km2",
+                   "iso3", "country", "split_from"]
+CHANGE_COLUMNS = ["iso3", "country", "year", "n_mines", "area_km2", "new_km2", "expanded_km2", "shrunk_km2",
+                  "abandoned_km2"]
 _BASE32 = "0123456789bcdefghjkmnpqrstuvwxyz"
 
 
 def geohash(lon: float, lat: float, precision: int = 9) -> str:
     """Standard geohash of a point."""
-    lo, hi = [-180.0, -90.0], [180.0, 90.0]
-    bits, out, even = [], [], True
-    while len(out) < precision:
-        axis, v = (0, lon) if even else (1, lat)
-        mid = (lo[axis] + hi[axis]) / 2
-        if v >= mid:
-            bits.append(1)
-            lo[axis] = mid
-        else:
-            bits.append(0)
-            hi[axis] = mid
-        even = not even
-        if len(bits) == 5:
-            out.append(_BASE32[int("".join(map(str, bits)), 2)])
-            bits = []
-    return "".join(out)
+    return str(geohashes(np.array([lon]), np.array([lat]), precision)[0])
 
 
-def assign_mine_ids(polygons: gpd.GeoDataFrame) -> np.ndarray:
-    """A ``mine_id`` per polygon: polygons of different years that overlap share one."""
+def geohashes(lon: np.ndarray, lat: np.ndarray, precision: int = 9) -> np.ndarray:
+    """Standard geohashes of points, vectorised: the bits of longitude and latitude interleaved (longitude
+    first), five to a base-32 character."""
+    n_bits = 5 * precision
+    lon_bits, lat_bits = (n_bits + 1) // 2, n_bits // 2
+    # the cell index along each axis: the binary search of the geohash, done at once
+    x = np.clip(np.floor((np.asarray(lon, float) + 180) / 360 * 2.0 ** lon_bits), 0, 2 ** lon_bits - 1).astype(np.int64)
+    y = np.clip(np.floor((np.asarray(lat, float) + 90) / 180 * 2.0 ** lat_bits), 0, 2 ** lat_bits - 1).astype(np.int64)
+    code = np.zeros(len(x), np.int64)
+    for i in range(n_bits):  # bit i (from the most significant): longitude on even i, latitude on odd
+        axis, k = (x, lon_bits - 1 - i // 2) if i % 2 == 0 else (y, lat_bits - 1 - i // 2)
+        code = (code << 1) | ((axis >> k) & 1)
+    chars = np.array(list(_BASE32))
+    digits = [(code >> (5 * (precision - 1 - j))) & 31 for j in range(precision)]
+    return np.array(["".join(t) for t in zip(*(chars[d] for d in digits))], dtype=object) if len(x) else \
+        np.array([], dtype=object)
+
+
+def _anchor_ids(geoms: np.ndarray) -> np.ndarray:
+    """Geohash ids of a point inside each geometry; two anchored in one ~5 m cell get suffixes -2, -3, ..."""
+    if len(geoms) == 0:
+        return np.array([], dtype=object)
+    anchor = shapely.point_on_surface(geoms)
+    ids = pd.Series(geohashes(shapely.get_x(anchor), shapely.get_y(anchor)))
+    rank = ids.groupby(ids).cumcount().to_numpy() + 1
+    return np.where(rank == 1, ids.to_numpy(), ids.to_numpy() + "-" + rank.astype(str)).astype(object)
+
+
+def _threads(func, *arrays: np.ndarray, chunk: int = 20_000) -> np.ndarray:
+    """``func`` over aligned arrays in chunks on every core (shapely's vectorised functions release the GIL)."""
+    n = len(arrays[0])
+    workers = min(os.cpu_count() or 1, -(-n // chunk))
+    if workers <= 1:
+        return func(*arrays)
+    bounds = list(range(0, n, chunk)) + [n]
+    with ThreadPoolExecutor(workers) as pool:
+        parts = pool.map(lambda ij: func(*(x[ij[0]:ij[1]] for x in arrays)), zip(bounds[:-1], bounds[1:]))
+        return np.concatenate(list(parts))
+
+
+def _buffered(geoms: np.ndarray, buffer_m: float) -> np.ndarray:
+    c = shapely.centroid(geoms)
+    return shapely.buffer(geoms, buffer_m * units_per_metre(WGS84, shapely.get_x(c), shapely.get_y(c)))
+
+
+def _links(geoms: np.ndarray, year_idx: np.ndarray, buffer_m: float, max_span: int | None
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (later, earlier) of polygons of different years, at most ``max_span`` processed years apart (None:
+    any), whose interiors meet (a shared edge or corner is not an overlap), or that lie within ``buffer_m``.
+    Candidates come from the index's boxes; the exact test runs only on pairs of years in span, on every core."""
+    probe = _buffered(geoms, buffer_m) if buffer_m > 0 else geoms
+    a, b = shapely.STRtree(geoms).query(probe)
+    keep = year_idx[b] < year_idx[a]
+    if max_span is not None:
+        keep &= year_idx[a] - year_idx[b] <= max_span
+    a, b = a[keep], b[keep]
+    if len(a) == 0:
+        return a, b
+    if buffer_m > 0:
+        meet = _threads(shapely.intersects, probe[a], geoms[b])
+    else:  # interiors meet: they intersect, and not only along their edges
+        meet = _threads(lambda p, q: shapely.intersects(p, q) & ~shapely.touches(p, q), geoms[a], geoms[b])
+    return a[meet], b[meet]
+
+
+def _overlap(geoms: np.ndarray, a: np.ndarray, b: np.ndarray, buffer_m: float) -> np.ndarray:
+    """How much polygons a and b overlap (their intersection's area in square degrees; within a buffer, the
+    shared area of a's buffer): only compared between pairs at one place, so degrees do."""
+    ga = _buffered(geoms[a], buffer_m) if buffer_m > 0 else geoms[a]
+    return _threads(lambda p, q: shapely.area(shapely.intersection(p, q)), ga, geoms[b])
+
+
+EVENT_COLUMNS = ["year", "kind", "mine_id", "parent_ids", "child_ids"]
+EVENT_KINDS = ("appeared", "reappeared", "split", "merged", "disappeared")
+
+
+def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 0.0
+                ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+    """Mine identities across years, kept local in time. Returns per polygon its ``mine_id`` and
+    ``district_id``, and the lineage events (:data:`EVENT_COLUMNS`; ids joined with ``;``).
+
+    Years are the processed years, in order. A polygon continues the mine it overlaps most among the
+    polygons of the previous year; with none there, it looks up to ``max_gap`` years further back (the mine
+    *disappeared* in the first year it was missing and *reappeared*); with none at all, a mine *appeared*.
+    A polygon overlapping several mines continues the one it overlaps most; the others end there unless another
+    polygon continues them (*merged*: the parents, the child). Several polygons continuing one mine: the one overlapping it most carries it on and the others start
+    mines of their own (*split*: the parent, the children), so a mine has one polygon a year and never grows
+    into a chain of fused pits. A mine that is not continued *disappeared* in the next processed year, unless it
+    merged. ``mine_id``: the geohash of a point inside the mine's first polygon, so it does not change when
+    data elsewhere change. ``district_id``: the connected component of overlaps between years (at most
+    ``max_gap`` + 1 apart; what ``mine_id`` meant before lineage), anchored the same way in its earliest,
+    largest polygon.
+    """
     n = len(polygons)
     if n == 0:
-        return np.array([], dtype=object)
+        empty = np.array([], dtype=object)
+        return empty, empty, pd.DataFrame({c: [] for c in EVENT_COLUMNS})
     geoms = np.asarray(polygons.geometry.values)
-    year = polygons["year"].to_numpy()
-    a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    keep = (year[a] != year[b]) & (a < b)
-    # overlap, not just a shared edge or corner
-    inter = shapely.area(shapely.intersection(geoms[a[keep]], geoms[b[keep]])) > 0
-    a, b = a[keep][inter], b[keep][inter]
-    graph = coo_matrix((np.ones(len(a)), (a, b)), shape=(n, n))
-    _, comp = connected_components(graph, directed=False)
-    df = pd.DataFrame({"comp": comp, "year": year, "area": shapely.area(geoms), "i": np.arange(n)})
-    first = df.sort_values(["comp", "year", "area"], ascending=[True, True, False]).drop_duplicates("comp")
-    anchor = shapely.point_on_surface(geoms[first.i.to_numpy()])
-    ids = [geohash(x, y) for x, y in zip(shapely.get_x(anchor), shapely.get_y(anchor))]
-    seen: dict[str, int] = {}
-    unique = []
-    for g in ids:  # two mines anchored in one ~5 m cell: suffix the later ones
-        seen[g] = seen.get(g, 0) + 1
-        unique.append(g if seen[g] == 1 else f"{g}-{seen[g]}")
-    comp_to_id = dict(zip(first.comp.to_numpy(), unique))
-    return np.array([comp_to_id[c] for c in comp], dtype=object)
+    years = np.sort(polygons["year"].unique())
+    yi = np.searchsorted(years, polygons["year"].to_numpy())
+    la, lb = _links(geoms, yi, buffer_m, max_gap + 1)
+
+    # districts: connected components of the overlaps between years (those the identities are built from)
+    _, comp = connected_components(coo_matrix((np.ones(len(la)), (la, lb)), shape=(n, n)), directed=False)
+    first = pd.DataFrame({"comp": comp, "yi": yi, "area": -shapely.area(geoms), "i": np.arange(n)}).sort_values(
+        ["comp", "yi", "area", "i"]).drop_duplicates("comp")
+    district_of = np.empty(comp.max() + 1, dtype=object)
+    district_of[first.comp.to_numpy()] = _anchor_ids(geoms[first.i.to_numpy()])
+
+    # mines, year by year: each polygon picks a parent mine in the nearest earlier year it overlaps
+    links = pd.DataFrame({"c": la, "p": lb, "dy": yi[la] - yi[lb]})
+    links = links[links.dy == links.groupby("c").dy.transform("min")]
+    links["t"] = yi[links.c.to_numpy()]
+    mine = np.full(n, -1, np.int64)
+    last_t = np.full(n, -1, np.int64)  # per mine number, the last year it was seen so far
+    n_mines = 0
+    ev: list[pd.DataFrame] = []  # columns t, kind, m, parents (list of mine numbers), kids (list)
+    for t in range(len(years)):
+        lk = links[links.t == t]
+        lk = lk.assign(m=mine[lk.p.to_numpy()])
+        per = lk.groupby(["c", "m"], as_index=False).agg(dy=("dy", "first"))
+        per["kids"] = per.groupby("m").c.transform("size")
+        per["mines"] = per.groupby("c").m.transform("size")
+        per["ov"] = 0.0
+        # overlap areas only where a choice is to be made: a child meeting several mines, a mine met by several
+        need = ((per.kids > 1) | (per.mines > 1)).to_numpy()
+        if need.any():
+            sub = lk.merge(per.loc[need, ["c", "m"]], on=["c", "m"])
+            sub["ov"] = _overlap(geoms, sub.c.to_numpy(), sub.p.to_numpy(), buffer_m)
+            per.loc[need, "ov"] = sub.groupby(["c", "m"]).ov.sum().reindex(
+                pd.MultiIndex.from_frame(per.loc[need, ["c", "m"]])).to_numpy()
+        per = per.sort_values(["c", "ov", "m"], ascending=[True, False, True])
+        claims = per.drop_duplicates("c")
+        merges = per[per.mines > 1].groupby("c").m.agg(list)
+        if len(merges):
+            ev.append(pd.DataFrame({"t": t, "kind": "merged", "c": merges.index.to_numpy(),
+                                    "parents": merges.to_numpy()}))
+        # each mine goes on with the child overlapping it most; the other children split off as new mines
+        claims = claims.sort_values(["m", "ov", "c"], ascending=[True, False, True])
+        carry = claims.drop_duplicates("m")
+        mine[carry.c.to_numpy()] = carry.m.to_numpy()
+        back = carry.m.to_numpy()[last_t[carry.m.to_numpy()] < t - 1]
+        if len(back):  # unseen since a year before the last: gone in the year after it was last seen, and back
+            ev.append(pd.DataFrame({"t": last_t[back] + 1, "kind": "disappeared", "m": back}))
+            ev.append(pd.DataFrame({"t": t, "kind": "reappeared", "m": back}))
+        last_t[carry.m.to_numpy()] = t
+        this = np.flatnonzero(yi == t)
+        new = np.setdiff1d(this, carry.c.to_numpy())
+        mine[new] = np.arange(n_mines, n_mines + len(new))
+        last_t[mine[new]] = t
+        n_mines += len(new)
+        split = claims[claims.duplicated("m")]
+        appeared = np.setdiff1d(new, split.c.to_numpy())
+        ev.append(pd.DataFrame({"t": t, "kind": "appeared", "m": mine[appeared]}))
+        if len(split):
+            kids = split.assign(k=mine[split.c.to_numpy()]).groupby("m").k.agg(list)
+            ev.append(pd.DataFrame({"t": t, "kind": "split", "m": kids.index.to_numpy(),
+                                    "kids": [[m, *k] for m, k in zip(kids.index, kids)]}))
+    # the mine each merging child carries on, known once the year's claims are settled
+    ev = pd.concat(ev, ignore_index=True)
+    if "c" in ev:
+        merged = ev.kind == "merged"
+        ev.loc[merged, "m"] = mine[ev.loc[merged, "c"].to_numpy().astype(np.int64)]
+    ev["m"] = ev["m"].astype(np.int64)
+    # disappeared: last seen before the last year, and not ended by a merge in the year after
+    last = np.full(n_mines, -1)
+    np.maximum.at(last, mine, yi)
+    gone = np.flatnonzero(last < len(years) - 1)
+    if (ev.kind == "merged").any():
+        mp = ev.loc[ev.kind == "merged", ["t", "m", "parents"]].explode("parents")
+        p, tm = mp.parents.to_numpy().astype(np.int64), mp.t.to_numpy().astype(np.int64)
+        ended = p[(p != mp.m.to_numpy()) & (tm > last[p])]
+        gone = np.setdiff1d(gone, ended)
+    ev = pd.concat([ev, pd.DataFrame({"t": last[gone] + 1, "kind": "disappeared", "m": gone})], ignore_index=True)
+
+    order = np.lexsort((yi, mine))
+    firsts = order[np.r_[True, mine[order][1:] != mine[order][:-1]]]
+    ids = np.empty(n_mines, dtype=object)
+    ids[mine[firsts]] = _anchor_ids(geoms[firsts])
+
+    def joined(col: str, default) -> list[str]:
+        vals = ev[col] if col in ev else pd.Series([None] * len(ev))
+        return [";".join(ids[np.asarray(v, np.int64)]) if isinstance(v, list) else default(m)
+                for v, m in zip(vals, ev.m.to_numpy())]
+
+    kind = ev.kind.to_numpy()
+    parents = joined("parents", lambda m: ids[m])
+    kids = joined("kids", lambda m: ids[m])
+    out = pd.DataFrame({"year": years[ev.t.to_numpy().astype(np.int64)], "kind": kind, "mine_id": ids[ev.m.to_numpy()],
+                        "parent_ids": np.where(kind == "appeared", "", parents),
+                        "child_ids": np.where(kind == "disappeared", "", kids)})
+    out["_k"] = out.kind.map({k: i for i, k in enumerate(EVENT_KINDS)})
+    out = out.sort_values(["year", "_k", "mine_id"]).drop(columns="_k").reset_index(drop=True)
+    return ids[mine], district_of[comp], out
 
 
 STUDY_PATTERN = re.compile(r"global_mining_polygons_predicted_((?:19|20)\d{2})_postprocessed\.gpkg$")
@@ -122,32 +286,113 @@ def read_study_polygons(paths: list[Path]) -> gpd.GeoDataFrame:
     return gdf[polys & ~gdf.geometry.is_empty].reset_index(drop=True)
 
 
-def build_panel(polygons: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """Mine-year panel from post-processed polygons (columns year, iso3, country, geometry)."""
-    if len(polygons) == 0:
-        return gpd.GeoDataFrame({c: [] for c in PANEL_COLUMNS[:-1]}, geometry=[], crs=WGS84)
-    gdf = polygons.copy()
-    gdf["mine_id"] = assign_mine_ids(gdf)
-    gdf["_area"] = area_km2(gdf.geometry.values)
-    # a mine's country in a year: that of its largest polygon
-    lead = gdf.sort_values("_area", ascending=False).drop_duplicates(["mine_id", "year"])
-    lead = lead.set_index(["mine_id", "year"])[["iso3", "country"]]
-    keys = gdf[["mine_id", "year"]].apply(tuple, axis=1)
-    codes, uniques = pd.factorize(keys)
-    geoms = np.asarray(gdf.geometry.values)
-    order = np.argsort(codes, kind="stable")
-    groups = np.split(order, np.flatnonzero(np.diff(codes[order])) + 1)
-    rows = []
-    for g in groups:
-        mine_id, year = uniques[codes[g[0]]]
-        geom = geoms[g[0]] if len(g) == 1 else shapely.union_all(geoms[g])
-        iso3, country = lead.loc[(mine_id, year)]
-        rows.append({"mine_id": mine_id, "year": int(year), "iso3": iso3, "country": country,
-                     "n_polygons": len(g), "geometry": geom})
-    panel = gpd.GeoDataFrame(rows, geometry="geometry", crs=WGS84)
-    panel["area_km2"] = area_km2(panel.geometry.values)
+def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, where: str = "polygons"
+                ) -> tuple[gpd.GeoDataFrame, pd.DataFrame]:
+    """The mine-year panel (:data:`PANEL_COLUMNS`, one row per mine and year) from post-processed polygons
+    (columns year, iso3, country, geometry; area_km2 and mean_probability kept where present), and the lineage
+    events of :func:`track_mines`. ``where`` names the polygons' file in errors."""
+    cfg = cfg or PanelConfig()
+    check_polygons(polygons, where)
+    gdf = polygons.reset_index(drop=True)
+    if len(gdf) == 0:
+        return gpd.GeoDataFrame({c: [] for c in PANEL_COLUMNS[:-1]}, geometry=[], crs=WGS84), \
+            pd.DataFrame({c: [] for c in EVENT_COLUMNS})
+    mine_id, district_id, events = track_mines(gdf, cfg.max_gap, cfg.buffer_m)
+    panel = gpd.GeoDataFrame({
+        "mine_id": mine_id, "district_id": district_id, "year": gdf["year"].astype(int).to_numpy(),
+        "iso3": gdf["iso3"].to_numpy(), "country": gdf["country"].to_numpy(),
+        "area_km2": gdf["area_km2"].to_numpy() if "area_km2" in gdf else area_km2(gdf.geometry.values),
+        "mean_probability": gdf["mean_probability"].to_numpy() if "mean_probability" in gdf else np.nan,
+    }, geometry=gdf.geometry.values, crs=WGS84)
+    first = panel.groupby("mine_id").year.transform("min")
+    panel.insert(panel.columns.get_loc("area_km2"), "first_year", first.astype(int))
     panel = panel.sort_values(["mine_id", "year"]).reset_index(drop=True)
-    return panel[PANEL_COLUMNS]
+    return panel[PANEL_COLUMNS], events
+
+
+def check_polygons(gdf: gpd.GeoDataFrame, where: str) -> None:
+    """Refuse polygons the panel cannot use: one line naming ``where`` and the problem."""
+    missing = [c for c in ("year", "iso3", "country", "geometry") if c not in gdf.columns]
+    if missing:
+        raise InputError(f"{where}: missing column(s) {', '.join(missing)} (post-processed polygons have year, "
+                         "iso3, country, geometry)")
+    if gdf.crs is None or not gdf.crs.equals(WGS84):
+        raise InputError(f"{where}: polygons must be in EPSG:4326, not {gdf.crs}")
+
+
+def lineage_table(panel: gpd.GeoDataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    """One row per mine: district, first and last year, years seen (count and list), largest area, the
+    country of its largest outline, and the mine it split from (if any)."""
+    df = pd.DataFrame(panel.drop(columns="geometry"))
+    if len(df) == 0:
+        return pd.DataFrame({c: [] for c in LINEAGE_COLUMNS})
+    big = df.sort_values(["area_km2", "year"], ascending=[False, True]).drop_duplicates("mine_id").set_index("mine_id")
+    g = df.groupby("mine_id")
+    out = pd.DataFrame({
+        "district_id": big["district_id"], "first_year": g.year.min(), "last_year": g.year.max(),
+        "years_seen": g.year.size(), "years": g.year.agg(lambda y: ";".join(map(str, sorted(y)))),
+        "max_area_km2": g.area_km2.max(), "iso3": big["iso3"], "country": big["country"],
+    })
+    splits = events[events.kind == "split"]
+    born = splits.assign(child=splits.child_ids.str.split(";")).explode("child")
+    born = born[born.child != born.mine_id].set_index("child")["mine_id"]
+    out["split_from"] = born.reindex(out.index).fillna("").to_numpy()
+    return out.reset_index().rename(columns={"index": "mine_id"})[LINEAGE_COLUMNS]
+
+
+def change_statistics(panel: gpd.GeoDataFrame) -> pd.DataFrame:
+    """Per country and year, in km2: mining area and mines, and what changed since the previous processed year
+    (:data:`CHANGE_COLUMNS`), computed geometrically between the two years' outlines:
+
+    - new: outlines of this year that meet none of the previous year;
+    - expanded: the parts of this year's other outlines outside every outline of the previous year;
+    - shrunk: the parts of the previous year's outlines outside every outline of this year, for those that
+      still meet one;
+    - abandoned: previous-year outlines that meet none of this year.
+
+    Parts are measured as shares of each outline's area (outlines of one year do not overlap), so every figure
+    is in the same km2 as ``area_km2``, and attributed to the outline's country. The first year has no change
+    figures (empty).
+    """
+    df = pd.DataFrame(panel.drop(columns="geometry"))
+    if len(df) == 0:
+        return pd.DataFrame({c: [] for c in CHANGE_COLUMNS})
+    geoms = np.asarray(panel.geometry.values)
+    years = np.sort(df.year.unique())
+    yi = np.searchsorted(years, df.year.to_numpy())
+    deg_area = shapely.area(geoms)
+    a, b = _links(geoms, yi, 0.0, 1)  # a in year t, b in year t - 1, interiors meeting
+    inter = _overlap(geoms, a, b, 0.0) if len(a) else np.zeros(0)
+    # the share of each outline outside the previous year's outlines, and outside the next year's
+    out_prev = 1 - np.clip(np.bincount(a, weights=inter, minlength=len(df)) / np.maximum(deg_area, 1e-30), 0, 1)
+    out_next = 1 - np.clip(np.bincount(b, weights=inter, minlength=len(df)) / np.maximum(deg_area, 1e-30), 0, 1)
+    meets_prev = np.zeros(len(df), bool)
+    meets_prev[a] = True
+    meets_next = np.zeros(len(df), bool)
+    meets_next[b] = True
+    area = df.area_km2.to_numpy()
+    df["iso3"] = df["iso3"].fillna("")
+    df["country"] = df["country"].fillna("(none)")
+    first_year = yi == 0
+    gain = pd.DataFrame({"iso3": df.iso3, "country": df.country, "year": df.year,
+                         "new_km2": np.where(~meets_prev & ~first_year, area, 0.0),
+                         "expanded_km2": np.where(meets_prev, area * out_prev, 0.0)})
+    # losses of year t - 1 are reported in year t
+    lost = yi < len(years) - 1
+    loss = pd.DataFrame({"iso3": df.iso3[lost], "country": df.country[lost],
+                         "year": years[np.minimum(yi[lost] + 1, len(years) - 1)],
+                         "shrunk_km2": np.where(meets_next, area * out_next, 0.0)[lost],
+                         "abandoned_km2": np.where(~meets_next, area, 0.0)[lost]})
+    keys = ["iso3", "country", "year"]
+    base = df.groupby(keys, as_index=False).agg(n_mines=("mine_id", "nunique"), area_km2=("area_km2", "sum"))
+    out = base.merge(gain.groupby(keys, as_index=False).sum(), on=keys, how="outer")
+    out = out.merge(loss.groupby(keys, as_index=False).sum(), on=keys, how="outer")
+    for c in ("n_mines", "area_km2", "new_km2", "expanded_km2", "shrunk_km2", "abandoned_km2"):
+        out[c] = out[c].fillna(0.0)
+    out["n_mines"] = out["n_mines"].astype(int)
+    for c in ("new_km2", "expanded_km2", "shrunk_km2", "abandoned_km2"):
+        out.loc[out.year == years[0], c] = np.nan
+    return out.sort_values(keys).reset_index(drop=True)[CHANGE_COLUMNS]
 
 
 def summarise(panel: gpd.GeoDataFrame) -> pd.DataFrame:
@@ -156,21 +401,30 @@ def summarise(panel: gpd.GeoDataFrame) -> pd.DataFrame:
     df["iso3"] = df["iso3"].fillna("")
     df["country"] = df["country"].fillna("(none)")
     out = df.groupby(["iso3", "country", "year"], as_index=False).agg(
-        n_mines=("mine_id", "nunique"), n_polygons=("n_polygons", "sum"), area_km2=("area_km2", "sum"))
+        n_mines=("mine_id", "nunique"), n_districts=("district_id", "nunique"), area_km2=("area_km2", "sum"))
     return out.sort_values(["iso3", "year"]).reset_index(drop=True)
 
 
-def write_panel(panel: gpd.GeoDataFrame, out_dir: Path) -> dict[str, Path]:
-    """Write panel.parquet, panel.gpkg (a layer a year) and summary.csv into ``out_dir``, each atomically."""
+PANEL_FORMAT = 2  # bumped when the panel's files change, so that a resumed run rebuilds them
+PANEL_FILES = {"parquet": "panel.parquet", "summary": "summary.csv",
+               "mines": "mines.parquet", "mines_csv": "mines.csv", "events": "events.parquet",
+               "events_csv": "events.csv", "changes": "changes.parquet", "changes_csv": "changes.csv"}
+
+
+def write_panel(panel: gpd.GeoDataFrame, events: pd.DataFrame, out_dir: Path) -> dict[str, Path]:
+    """Write into ``out_dir``, each file atomically: panel.parquet (GeoParquet; other formats are exports, see
+    :mod:`minemap.export`), summary.csv (mines and km2 per country and year), the lineage tables mines.* (one row per mine) and
+    events.* (appeared, reappeared, split, merged, disappeared), and changes.* (new, expanded, shrunk and
+    abandoned km2 per country and year), each as Parquet and CSV."""
     out_dir = Path(out_dir)
-    paths = {"parquet": out_dir / "panel.parquet", "gpkg": out_dir / "panel.gpkg", "summary": out_dir / "summary.csv"}
+    paths = {k: out_dir / v for k, v in PANEL_FILES.items()}
     write_geoparquet(panel, paths["parquet"])
-    with atomic_path(paths["gpkg"]) as tmp:
-        years = sorted(panel["year"].unique()) or []
-        if not years:
-            panel.to_file(tmp, driver="GPKG", layer="mines")
-        for y in years:
-            panel[panel.year == y].to_file(tmp, driver="GPKG", layer=f"mines_{y}")
-    with atomic_path(paths["summary"]) as tmp:
-        summarise(panel).to_csv(tmp, index=False, float_format="%.6f")
+    tables = {"summary": summarise(panel), "mines": lineage_table(panel, events), "events": events,
+              "changes": change_statistics(panel)}
+    for name, table in tables.items():
+        if name != "summary":
+            with atomic_path(paths[name]) as tmp:
+                table.to_parquet(tmp, index=False)
+        with atomic_path(paths[name if name == "summary" else f"{name}_csv"]) as tmp:
+            table.to_csv(tmp, index=False, float_format="%.6f")
     return paths

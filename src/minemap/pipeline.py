@@ -13,7 +13,7 @@ Run directory::
     OUT/threshold.json            the threshold vectorised with: best F1 on the training year's validation blocks
     OUT/polygons/<year>.parquet   vectorised polygons
     OUT/postprocessed.parquet     temporal filter, countries, areas
-    OUT/panel.parquet, panel.gpkg, summary.csv
+    OUT/panel.parquet, panel.gpkg, summary.csv, mines.*, events.*, changes.*  (see minemap.panel)
     OUT/metrics.json              with a reference
     OUT/manifest.jsonl            finished stages and the fingerprint of what they were made from
 
@@ -48,7 +48,8 @@ from minemap.imagery import describe, open_imagery
 from minemap.labels import labels_stage, read_labels
 from minemap.manifest import Manifest
 from minemap.model import CARD, WEIGHTS, read_card
-from minemap.panel import build_panel, write_panel
+from minemap.export import export
+from minemap.panel import PANEL_FILES, PANEL_FORMAT, build_panel, write_panel
 from minemap.postprocess import postprocess_stage
 from minemap.predict import predict
 from minemap.train import STATE, train, weak_model_error
@@ -172,14 +173,16 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         postprocess_stage(read_polygons(poly_paths), pp_path, cfg.postprocess)
         finished("postprocess", k_pp)
 
-    panel_paths = {"parquet": out / "panel.parquet", "gpkg": out / "panel.gpkg", "summary": out / "summary.csv"}
-    k_panel = stable_hash(["panel", k_pp])
+    panel_paths = {k: out / v for k, v in PANEL_FILES.items()}
+    k_panel = stable_hash(["panel", k_pp, cfg.panel.model_dump(), PANEL_FORMAT])
     if stage("panel", k_panel, list(panel_paths.values())):
-        write_panel(build_panel(gpd.read_parquet(pp_path)), out)
+        write_panel(*build_panel(gpd.read_parquet(pp_path), cfg.panel, where=str(pp_path)), out)
         finished("panel", k_panel)
-
-    result = RunResult(out, model_dir, panel_paths["parquet"], panel_paths["gpkg"], panel_paths["summary"],
+    export_paths = {"gpkg": out / "panel.gpkg", "fgb": out / "panel.fgb", "csv": out / "panel.csv",
+                    "study": out / "study", "card": out / "DATASET.md"}
+    result = RunResult(out, model_dir, panel_paths["parquet"], export_paths["gpkg"], panel_paths["summary"],
                        skipped=skipped, seconds=seconds)
+    k_eval = None
     if cfg.reference:
         metrics_path = out / "metrics.json"
         k_eval = stable_hash(["evaluate", k_panel, ref_key, threshold])
@@ -189,6 +192,11 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
             finished("evaluate", k_eval)
         result.metrics = metrics_path
         result.metrics_data = json.loads(metrics_path.read_text())
+    # exports last: the dataset card cites the accuracy
+    k_export = stable_hash(["export", k_panel, k_eval, cfg.export.model_dump()])
+    if cfg.export.formats and stage("export", k_export, [export_paths[f] for f in cfg.export.formats]):
+        export(panel_paths["parquet"], out, cfg.export.formats, run_dir=out, licence=cfg.export.licence)
+        finished("export", k_export)
     return result
 
 

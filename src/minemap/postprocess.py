@@ -40,13 +40,12 @@ def temporal_filter(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> gpd.Ge
     if len(years) < 2:
         log.warning("temporal filter needs two years or more; %s kept as is", years)
         return polygons
-    merc = polygons.to_crs("EPSG:3857")
-    geoms = np.asarray(merc.geometry.values)
     if buffer_m > 0:  # Web Mercator stretches by 1/cos(lat): convert metres at each polygon's own latitude
+        geoms = np.asarray(polygons.to_crs("EPSG:3857").geometry.values)
         c = shapely.centroid(geoms)
         geoms_b = shapely.buffer(geoms, buffer_m * units_per_metre("EPSG:3857", shapely.get_x(c), shapely.get_y(c)))
-    else:
-        geoms_b = geoms
+    else:  # whether polygons meet does not depend on the projection
+        geoms = geoms_b = np.asarray(polygons.geometry.values)
     year = polygons["year"].to_numpy()
     keep = np.zeros(len(polygons), dtype=bool)
     for i, y in enumerate(years):
@@ -81,28 +80,45 @@ def load_countries(path: Path | None = None) -> gpd.GeoDataFrame:
 
 
 def attribute_countries(polygons: gpd.GeoDataFrame, countries: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
-    """Add ``iso3`` and ``country``: the country covering the largest part of each polygon."""
+    """Add ``iso3`` and ``country``: the country covering the largest part of each polygon.
+
+    Polygons lying wholly within one country (nearly all) take it from a prepared spatial index query; only those
+    crossing a border are intersected with the countries, in an equal-area CRS, and those offshore of the
+    coastline take the nearest country within ``NEAREST_MAX_M``."""
     out = polygons.copy()
-    out["iso3"] = pd.Series([None] * len(out), dtype=object)
-    out["country"] = pd.Series([None] * len(out), dtype=object)
-    if len(out) == 0:
+    n = len(out)
+    iso = np.full(n, None, dtype=object)
+    name = np.full(n, None, dtype=object)
+    if n == 0:
+        out["iso3"], out["country"] = iso, name
         return out
-    p_ea = out.geometry.to_crs(EQUAL_AREA).values
-    c_ea = countries.geometry.to_crs(EQUAL_AREA).values
-    pi, ci = shapely.STRtree(np.asarray(c_ea)).query(np.asarray(p_ea), predicate="intersects")
-    if len(pi):
-        share = shapely.area(shapely.intersection(np.asarray(p_ea)[pi], np.asarray(c_ea)[ci]))
-        pairs = pd.DataFrame({"p": pi, "c": ci, "share": share}).sort_values(["p", "share"], ascending=[True, False])
-        best = pairs.drop_duplicates("p")
-        out.iloc[best.p.to_numpy(), out.columns.get_loc("iso3")] = countries.iso3.to_numpy()[best.c.to_numpy()]
-        out.iloc[best.p.to_numpy(), out.columns.get_loc("country")] = countries.country.to_numpy()[best.c.to_numpy()]
-    missing = np.flatnonzero(out["iso3"].isna().to_numpy())
-    if len(missing):
-        tree = shapely.STRtree(np.asarray(c_ea))
-        (src, dst), dist = tree.query_nearest(np.asarray(p_ea)[missing], max_distance=NEAREST_MAX_M,
-                                               return_distance=True, all_matches=False)
-        out.iloc[missing[src], out.columns.get_loc("iso3")] = countries.iso3.to_numpy()[dst]
-        out.iloc[missing[src], out.columns.get_loc("country")] = countries.country.to_numpy()[dst]
+    c_iso, c_name = countries.iso3.to_numpy(), countries.country.to_numpy()
+    geoms = np.asarray(out.geometry.values)
+    pi, ci = shapely.STRtree(np.asarray(countries.geometry.values)).query(geoms, predicate="within")
+    single = np.bincount(pi, minlength=n) == 1  # within exactly one country (overlapping layers: measure)
+    inside = single[pi]
+    iso[pi[inside]], name[pi[inside]] = c_iso[ci[inside]], c_name[ci[inside]]
+    rest = np.flatnonzero(~single)
+    if len(rest):
+        p_ea = shapely.make_valid(np.asarray(gpd.GeoSeries(geoms[rest], crs=WGS84).to_crs(EQUAL_AREA).values))
+        # a country across the antimeridian can come out of the projection self-intersecting
+        c_ea = shapely.make_valid(np.asarray(countries.geometry.to_crs(EQUAL_AREA).values))
+        tree = shapely.STRtree(c_ea)
+        qi, ci = tree.query(p_ea, predicate="intersects")
+        if len(qi):
+            share = shapely.area(shapely.intersection(p_ea[qi], c_ea[ci]))
+            pairs = pd.DataFrame({"p": qi, "c": ci, "share": share}).sort_values(["p", "share"],
+                                                                                ascending=[True, False])
+            best = pairs.drop_duplicates("p")
+            iso[rest[best.p.to_numpy()]] = c_iso[best.c.to_numpy()]
+            name[rest[best.p.to_numpy()]] = c_name[best.c.to_numpy()]
+        missing = np.flatnonzero(pd.isna(iso[rest]))
+        if len(missing):
+            (src, dst), _ = tree.query_nearest(p_ea[missing], max_distance=NEAREST_MAX_M, return_distance=True,
+                                               all_matches=False)
+            iso[rest[missing[src]]], name[rest[missing[src]]] = c_iso[dst], c_name[dst]
+    out["iso3"] = pd.Series(iso, index=out.index, dtype=object)
+    out["country"] = pd.Series(name, index=out.index, dtype=object)
     return out
 
 

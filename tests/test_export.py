@@ -1,0 +1,70 @@
+import json
+
+import geopandas as gpd
+import pandas as pd
+import pyogrio
+import pytest
+from shapely.geometry import box
+from typer.testing import CliRunner
+
+from minemap.cli import app
+from minemap.errors import InputError
+from minemap.export import export
+from minemap.panel import CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, PANEL_COLUMNS, build_panel, \
+    read_study_polygons, write_panel
+
+
+def _panel_dir(tmp_path):
+    rows = [(2019, box(-1.0, 6.0, -0.99, 6.01), "GHA", "Ghana"), (2020, box(-1.0, 6.0, -0.985, 6.01), "GHA", "Ghana"),
+            (2020, box(-52.0, 4.0, -51.99, 4.01), None, "France")]
+    polys = gpd.GeoDataFrame({"year": [r[0] for r in rows], "iso3": [r[2] for r in rows],
+                              "country": [r[3] for r in rows]}, geometry=[r[1] for r in rows], crs="EPSG:4326")
+    panel, events = build_panel(polys)
+    d = tmp_path / "run"
+    write_panel(panel, events, d)
+    return d, panel
+
+
+def test_every_format_and_the_study_layout(tmp_path):
+    run, panel = _panel_dir(tmp_path)
+    (run / "metrics.json").write_text(json.dumps({"years": {"2019": {"pixel": {"precision": 0.9, "recall": 0.8,
+                                                                               "f1": 0.847}}}}))
+    paths = export(run, tmp_path / "out", run_dir=run, licence="ODbL-1.0")
+    assert set(paths) == {"gpkg", "fgb", "csv", "study", "card"}
+    assert [layer for layer, _ in pyogrio.list_layers(paths["gpkg"])] == ["mines_2019", "mines_2020"]
+    fgb = gpd.read_file(paths["fgb"])
+    assert len(fgb) == 3 and fgb.crs.to_epsg() == 4326 and set(fgb.year) == {2019, 2020}
+    csv = pd.read_csv(paths["csv"])
+    assert list(csv.columns) == PANEL_COLUMNS[:-1] + ["lon", "lat"] and len(csv) == 3
+    assert csv.lon.between(-52.1, -0.9).all() and csv.lat.between(3.9, 6.1).all()
+    files = sorted(p.name for p in paths["study"].iterdir())
+    assert files == ["global_mining_polygons_predicted_2019_postprocessed.gpkg",
+                     "global_mining_polygons_predicted_2020_postprocessed.gpkg"]
+    y20 = gpd.read_file(paths["study"] / files[1])
+    assert list(y20.columns) == ["id", "iso_a3", "country_name", "year", "area", "geometry"]
+    assert y20.crs.to_epsg() == 4326 and sorted(y20.iso_a3) == ["-99", "GHA"]  # the study's code for "none"
+    km2 = panel[panel.year == 2020].sort_values("iso3", na_position="first").area_km2.to_numpy()
+    assert sorted(y20["area"]) == pytest.approx(sorted(km2 * 1e6), rel=1e-9)  # m2
+    # a drop-in: minemap reads its own study layout back as the same polygons
+    back = read_study_polygons([paths["study"]])
+    assert len(back) == 3 and back.iso3.isna().sum() == 1
+    card = paths["card"].read_text()
+    for col in PANEL_COLUMNS + LINEAGE_COLUMNS + EVENT_COLUMNS + CHANGE_COLUMNS:
+        assert f"`{col}`" in card
+    assert "ODbL-1.0" in card and "| 2019 | 0.900 | 0.800 | 0.847 |" in card and "Sepin" in card
+    assert not list((tmp_path / "out").glob(".*tmp*"))
+
+
+def test_export_refuses_what_is_not_a_panel(tmp_path):
+    bad = tmp_path / "bad.parquet"
+    gpd.GeoDataFrame({"year": [2019]}, geometry=[box(0, 0, 1, 1)], crs="EPSG:4326").to_parquet(bad)
+    with pytest.raises(InputError, match="missing panel column"):
+        export(bad, tmp_path / "out")
+    r = CliRunner().invoke(app, ["export", str(bad), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and str(bad) in r.output and "missing panel column(s) mine_id" in r.output
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 2 and "no panel here" in r.output
+    run, _ = _panel_dir(tmp_path)
+    r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "out"), "--formats", "gpkg,shp"])
+    assert r.exit_code == 2 and "unknown export format(s) shp" in r.output
+    assert not (tmp_path / "out").exists()
