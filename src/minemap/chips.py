@@ -287,8 +287,9 @@ def block_cover(source: ImagerySource, year: int, grid: Grid, blocks: list[tuple
     similar spectra (k-means over the log band values of every block's sample; ``COVER_SAMPLES`` squared
     pixels a block, read at low resolution). ``first`` (the labelled blocks) are always sampled; of the rest, at
     most ``MAX_COVER_BLOCKS`` in all. Blocks with no valid pixel are left out."""
-    first = [b for b in (first or []) if b in set(blocks)]
-    rest = sorted(set(blocks) - set(first))
+    every = set(blocks)
+    first = [b for b in (first or []) if b in every]
+    rest = sorted(every - set(first))
     room = max(0, MAX_COVER_BLOCKS - len(first))
     if len(rest) > room:
         rest = [rest[i] for i in np.sort(rng.choice(len(rest), room, replace=False))]
