@@ -52,6 +52,9 @@ def test_every_format_and_the_study_layout(tmp_path):
     for col in PANEL_COLUMNS + LINEAGE_COLUMNS + EVENT_COLUMNS + CHANGE_COLUMNS:
         assert f"`{col}`" in card
     assert "ODbL-1.0" in card and "| 2019 | 0.900 | 0.800 | 0.847 |" in card and "Sepin" in card
+    assert "`study/`" in card and "`panel.fgb`" in card
+    few = export(run, tmp_path / "few", ["csv", "card"], run_dir=run)["card"].read_text()
+    assert "`panel.csv`" in few and "`study/`" not in few and "`panel.fgb`" not in few  # lists what is there
     assert not list((tmp_path / "out").glob(".*tmp*"))
 
 

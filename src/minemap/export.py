@@ -37,6 +37,12 @@ FORMATS = ("gpkg", "fgb", "csv", "study", "card")
 DEFAULT_LICENCE = "CC-BY-4.0"
 STUDY_NAME = "global_mining_polygons_predicted_{year}_postprocessed.gpkg"
 
+CONTENTS = {
+    "gpkg": "`panel.gpkg` | the panel as a GeoPackage, a layer a year",
+    "fgb": "`panel.fgb` | the panel as FlatGeobuf",
+    "csv": "`panel.csv` | the panel without geometry (`lon`, `lat`: a point inside the outline)",
+    "study": "`study/` | the published study's layout, one GeoPackage a year",
+}
 COLUMNS: dict[str, dict[str, str]] = {
     "panel": {
         "mine_id": "text: the mine's identity across years, the geohash (~5 m) of a point inside its first outline",
@@ -131,7 +137,7 @@ def export(panel_path: Path, out_dir: Path, formats: list[str] | tuple[str, ...]
     if "card" in formats:
         written["card"] = out_dir / "DATASET.md"
         with atomic_path(written["card"]) as tmp:
-            tmp.write_text(dataset_card(panel, run_dir, licence))
+            tmp.write_text(dataset_card(panel, run_dir, licence, formats))
     return written
 
 
@@ -158,8 +164,10 @@ def _fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
 
-def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_LICENCE) -> str:
-    """The dataset card (Markdown) of a panel, citing what the run directory holds."""
+def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_LICENCE,
+                 formats: list[str] | tuple[str, ...] = FORMATS) -> str:
+    """The dataset card (Markdown) of a panel, citing what the run directory holds; its contents list the
+    exports in ``formats``."""
     card = _read_json(run_dir / "model" / "model.json")
     thr = _read_json(run_dir / "threshold.json")
     imagery = _read_json(run_dir / "probabilities" / "imagery.json")
@@ -174,12 +182,10 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
         "## Contents", "",
         "| file | what |", "| --- | --- |",
         "| `panel.parquet` | GeoParquet (the reference): one row per mine and year |",
-        "| `panel.gpkg`, `panel.fgb`, `panel.csv` | the same as GeoPackage (a layer a year), FlatGeobuf, CSV without "
-        "geometry (`lon`, `lat`: a point inside the outline) |",
+        *(f"| {CONTENTS[f]} |" for f in formats if f in CONTENTS),
         "| `mines.*`, `events.*` | lineage: one row per mine; the events (appeared, reappeared, split, merged, "
         "disappeared) |",
-        "| `changes.*` | per country and year: new, expanded, shrunk and abandoned km2 |",
-        "| `study/` | the published study's layout, one GeoPackage a year |", "",
+        "| `changes.*` | per country and year: new, expanded, shrunk and abandoned km2 |", "",
         "## Per year", "",
         "| year | mines | km2 |", "| --- | --- | --- |",
     ]
