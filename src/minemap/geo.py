@@ -6,6 +6,9 @@ tolerances given in metres are converted to CRS units at each geometry's own lat
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import shapely
 from pyproj import CRS, Geod, Transformer
@@ -15,12 +18,31 @@ EQUAL_AREA = "EPSG:6933"  # WGS 84 / NSIDC EASE-Grid 2.0 Global: cylindrical equ
 _GEOD = Geod(ellps="WGS84")
 
 
-def area_km2(geoms_4326: np.ndarray) -> np.ndarray:
-    """Areas in km2 of EPSG:4326 geometries (made valid first, so self-intersections do not cancel out)."""
-    geoms = shapely.make_valid(np.asarray(geoms_4326, dtype=object))
-    t = Transformer.from_crs(WGS84, EQUAL_AREA, always_xy=True)
-    projected = shapely.transform(geoms, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
-    return shapely.area(projected) / 1e6
+def in_threads(func, *arrays: np.ndarray, chunk: int = 20_000) -> np.ndarray:
+    """``func`` over aligned arrays, in chunks, on every core: shapely's vectorised functions and pyproj's
+    transforms release the GIL, so threads run them side by side."""
+    n = len(arrays[0])
+    workers = min(os.cpu_count() or 1, -(-n // chunk))
+    if workers <= 1:
+        return func(*arrays)
+    bounds = list(range(0, n, chunk)) + [n]
+    with ThreadPoolExecutor(workers) as pool:
+        parts = pool.map(lambda ij: func(*(x[ij[0]:ij[1]] for x in arrays)), zip(bounds[:-1], bounds[1:]))
+        return np.concatenate(list(parts))
+
+
+def area_km2(geoms_4326: np.ndarray, valid: bool = False) -> np.ndarray:
+    """Areas in km2 of EPSG:4326 geometries (made valid first, so self-intersections do not cancel out, unless
+    the caller says they are ``valid`` already)."""
+    geoms = np.asarray(geoms_4326, dtype=object)
+
+    def one(g: np.ndarray) -> np.ndarray:
+        g = g if valid else shapely.make_valid(g)
+        t = Transformer.from_crs(WGS84, EQUAL_AREA, always_xy=True)
+        projected = shapely.transform(g, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
+        return shapely.area(projected) / 1e6
+
+    return in_threads(one, geoms) if len(geoms) else np.zeros(0)
 
 
 def units_per_metre(crs: CRS | str, x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -15,9 +15,7 @@ lineage tables ``mines`` (:data:`LINEAGE_COLUMNS`) and ``events`` (:data:`EVENT_
 from __future__ import annotations
 
 import logging
-import os
 import re
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import geopandas as gpd
@@ -30,7 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from minemap._io import atomic_path
 from minemap.config import PanelConfig
 from minemap.errors import InputError
-from minemap.geo import WGS84, area_km2, units_per_metre
+from minemap.geo import WGS84, area_km2, in_threads, units_per_metre
 from minemap.labels import write_geoparquet
 
 log = logging.getLogger(__name__)
@@ -76,18 +74,6 @@ def _anchor_ids(geoms: np.ndarray) -> np.ndarray:
     return np.where(rank == 1, ids.to_numpy(), ids.to_numpy() + "-" + rank.astype(str)).astype(object)
 
 
-def _threads(func, *arrays: np.ndarray, chunk: int = 20_000) -> np.ndarray:
-    """``func`` over aligned arrays in chunks on every core (shapely's vectorised functions release the GIL)."""
-    n = len(arrays[0])
-    workers = min(os.cpu_count() or 1, -(-n // chunk))
-    if workers <= 1:
-        return func(*arrays)
-    bounds = list(range(0, n, chunk)) + [n]
-    with ThreadPoolExecutor(workers) as pool:
-        parts = pool.map(lambda ij: func(*(x[ij[0]:ij[1]] for x in arrays)), zip(bounds[:-1], bounds[1:]))
-        return np.concatenate(list(parts))
-
-
 def _buffered(geoms: np.ndarray, buffer_m: float) -> np.ndarray:
     c = shapely.centroid(geoms)
     return shapely.buffer(geoms, buffer_m * units_per_metre(WGS84, shapely.get_x(c), shapely.get_y(c)))
@@ -107,9 +93,9 @@ def _links(geoms: np.ndarray, year_idx: np.ndarray, buffer_m: float, max_span: i
     if len(a) == 0:
         return a, b
     if buffer_m > 0:
-        meet = _threads(shapely.intersects, probe[a], geoms[b])
+        meet = in_threads(shapely.intersects, probe[a], geoms[b])
     else:  # interiors meet: they intersect, and not only along their edges
-        meet = _threads(lambda p, q: shapely.intersects(p, q) & ~shapely.touches(p, q), geoms[a], geoms[b])
+        meet = in_threads(lambda p, q: shapely.intersects(p, q) & ~shapely.touches(p, q), geoms[a], geoms[b])
     return a[meet], b[meet]
 
 
@@ -117,7 +103,7 @@ def _overlap(geoms: np.ndarray, a: np.ndarray, b: np.ndarray, buffer_m: float) -
     """How much polygons a and b overlap (their intersection's area in square degrees; within a buffer, the
     shared area of a's buffer): only compared between pairs at one place, so degrees do."""
     ga = _buffered(geoms[a], buffer_m) if buffer_m > 0 else geoms[a]
-    return _threads(lambda p, q: shapely.area(shapely.intersection(p, q)), ga, geoms[b])
+    return in_threads(lambda p, q: shapely.area(shapely.intersection(p, q)), ga, geoms[b])
 
 
 EVENT_COLUMNS = ["year", "kind", "mine_id", "parent_ids", "child_ids"]

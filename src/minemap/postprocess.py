@@ -25,7 +25,7 @@ import shapely
 
 from minemap.config import PostprocessConfig
 from minemap.errors import InputError
-from minemap.geo import EQUAL_AREA, WGS84, area_km2, units_per_metre
+from minemap.geo import EQUAL_AREA, WGS84, area_km2, in_threads, units_per_metre
 from minemap.labels import read_vector, write_geoparquet
 
 log = logging.getLogger(__name__)
@@ -126,11 +126,11 @@ def postprocess(polygons: gpd.GeoDataFrame, cfg: PostprocessConfig | None = None
     """Temporal filter (optional), valid geometries, countries and areas in km2 on the ellipsoid."""
     cfg = cfg or PostprocessConfig()
     gdf = polygons.copy()
-    gdf["geometry"] = shapely.make_valid(np.asarray(gdf.geometry.values))
+    gdf["geometry"] = in_threads(shapely.make_valid, np.asarray(gdf.geometry.values))
     if cfg.temporal_filter:
         gdf = temporal_filter(gdf, cfg.buffer_m)
     gdf = attribute_countries(gdf, load_countries(cfg.countries))
-    gdf["area_km2"] = area_km2(gdf.geometry.values)
+    gdf["area_km2"] = area_km2(gdf.geometry.values, valid=True)  # made valid above
     cols = ["year", "iso3", "country", "area_km2"] + [c for c in ("mean_probability",) if c in gdf] + ["geometry"]
     return gdf[cols]
 
