@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("gpkg", "fgb", "csv", "study", "card")
 DEFAULT_LICENCE = "CC-BY-4.0"
 STUDY_NAME = "global_mining_polygons_predicted_{year}_postprocessed.gpkg"
+EXPORT_FILES = {"gpkg": "panel.gpkg", "fgb": "panel.fgb", "csv": "panel.csv", "study": "study", "card": "DATASET.md"}
 
 CONTENTS = {
     "gpkg": "`panel.gpkg` | the panel as a GeoPackage, a layer a year",
@@ -111,31 +112,31 @@ def export(panel_path: Path, out_dir: Path, formats: list[str] | tuple[str, ...]
     years = sorted(int(y) for y in panel["year"].unique())
     written: dict[str, Path] = {}
     if "gpkg" in formats:
-        written["gpkg"] = out_dir / "panel.gpkg"
+        written["gpkg"] = out_dir / EXPORT_FILES["gpkg"]
         with atomic_path(written["gpkg"]) as tmp:
             if not years:
                 panel.to_file(tmp, driver="GPKG", layer="mines")
             for y in years:
                 panel[panel.year == y].to_file(tmp, driver="GPKG", layer=f"mines_{y}")
     if "fgb" in formats:
-        written["fgb"] = out_dir / "panel.fgb"
+        written["fgb"] = out_dir / EXPORT_FILES["fgb"]
         with atomic_path(written["fgb"]) as tmp:
             panel.to_file(tmp, driver="FlatGeobuf")
     if "csv" in formats:
-        written["csv"] = out_dir / "panel.csv"
+        written["csv"] = out_dir / EXPORT_FILES["csv"]
         inside = shapely.point_on_surface(np.asarray(panel.geometry.values))
         table = pd.DataFrame(panel.drop(columns="geometry")).assign(lon=shapely.get_x(inside),
                                                                     lat=shapely.get_y(inside))
         with atomic_path(written["csv"]) as tmp:
             table.to_csv(tmp, index=False, float_format="%.7g")
     if "study" in formats:
-        written["study"] = out_dir / "study"
+        written["study"] = out_dir / EXPORT_FILES["study"]
         with atomic_path(written["study"]) as tmp:
             tmp.mkdir(parents=True)
             for y in years:
                 write_study_year(panel[panel.year == y], tmp / STUDY_NAME.format(year=y))
     if "card" in formats:
-        written["card"] = out_dir / "DATASET.md"
+        written["card"] = out_dir / EXPORT_FILES["card"]
         with atomic_path(written["card"]) as tmp:
             tmp.write_text(dataset_card(panel, run_dir, licence, formats))
     return written

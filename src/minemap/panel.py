@@ -4,7 +4,7 @@ Identities are local in time (:func:`track_mines`): a polygon continues the mine
 previous processed year (or up to ``panel.max_gap`` years back); merges and splits are events, so dense districts
 that grow together do not fuse into one giant "mine". A mine has one outline a year; its ``mine_id`` is the
 geohash (precision 9, ~5 m) of a point inside its first outline, so it does not change when data elsewhere
-change. ``district_id`` keeps the connected component of overlaps across all years.
+change. ``district_id`` keeps the connected component of the overlaps between years.
 
 Writes ``panel.parquet`` (GeoParquet, EPSG:4326, :data:`PANEL_COLUMNS`; other formats: :mod:`minemap.export`),
 ``summary.csv`` (mines, districts and km2 per country and year), and as Parquet and CSV the

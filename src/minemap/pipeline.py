@@ -48,7 +48,7 @@ from minemap.imagery import describe, open_imagery
 from minemap.labels import labels_stage, read_labels
 from minemap.manifest import Manifest
 from minemap.model import CARD, WEIGHTS, read_card
-from minemap.export import export
+from minemap.export import EXPORT_FILES, export
 from minemap.panel import PANEL_FILES, PANEL_FORMAT, build_panel, write_panel
 from minemap.postprocess import postprocess_stage
 from minemap.predict import predict
@@ -178,8 +178,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     if stage("panel", k_panel, list(panel_paths.values())):
         write_panel(*build_panel(gpd.read_parquet(pp_path), cfg.panel, where=str(pp_path)), out)
         finished("panel", k_panel)
-    export_paths = {"gpkg": out / "panel.gpkg", "fgb": out / "panel.fgb", "csv": out / "panel.csv",
-                    "study": out / "study", "card": out / "DATASET.md"}
+    export_paths = {k: out / v for k, v in EXPORT_FILES.items()}
     result = RunResult(out, model_dir, panel_paths["parquet"], export_paths["gpkg"], panel_paths["summary"],
                        skipped=skipped, seconds=seconds)
     k_eval = None
