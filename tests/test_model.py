@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import SegformerConfig, SegformerModel
 
-from minemap.errors import ModelError
-from minemap.model import (ENCODERS, ModelCard, build_model, load_model, load_pretrained_encoder, read_card,
-                           save_model)
+from minemap.errors import InputError, ModelError
+from minemap.model import (ENCODERS, ModelCard, build_model, forward_logits, load_model, load_pretrained_encoder,
+                           native_bf16, read_card, resolve_precision, save_model)
 
 
 def _card(**kw):
@@ -104,3 +104,25 @@ def test_pretrained_errors(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError, match="bad.pth: not a readable checkpoint"):
         load_pretrained_encoder(build_model("mit-b0", 4), tmp_path / "bad.pth")
+
+
+def test_precision_choices():
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) is None
+    assert resolve_precision("bf16", cpu) is torch.bfloat16
+    assert resolve_precision("auto", cpu) is (torch.bfloat16 if native_bf16(cpu) else None)
+    with pytest.raises(InputError, match="precision 'fp16'"):
+        resolve_precision("fp16", cpu)
+
+
+def test_bf16_forward_is_float32_and_close_to_fp32():
+    torch.manual_seed(0)
+    model = build_model("mit-b0", 4).eval()
+    x = torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        full = forward_logits(model, x)
+        half = forward_logits(model, x, torch.bfloat16)
+    assert full.shape == half.shape == (2, 64, 64) and half.dtype == torch.float32
+    # bfloat16 keeps 8 bits of mantissa: logits agree to a few hundredths of their spread, not exactly
+    assert not torch.equal(full, half)
+    assert (full - half).abs().max() < 0.05 * full.std() + 1e-3

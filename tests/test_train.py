@@ -9,7 +9,7 @@ from minemap.config import ChipConfig, ModelConfig, TrainConfig
 from minemap.errors import InputError
 from minemap.imagery import open_imagery
 from minemap.labels import read_labels
-from minemap.model import read_card
+from minemap.model import read_card, resolve_precision
 from minemap.train import STATE, segmentation_loss, train
 
 
@@ -44,6 +44,7 @@ def test_train_writes_model_card_and_resumes(chips_dir, tmp_path, caplog):
     assert 0 < card.threshold < 1 and set(card.val_metrics) >= {"f1", "iou", "precision", "recall", "threshold"}
     assert card.labels_fingerprint and len(card.labels_fingerprint) == 64
     assert card.epochs_trained == 2 and card.best_epoch in (1, 2)
+    assert card.precision == ("bf16" if resolve_precision("auto", torch.device("cpu")) else "fp32")
     state = torch.load(tmp_path / "model" / STATE, weights_only=False)
     assert state["progress"]["epoch"] == 1
     # resume: two more epochs on top of the saved state, not four from scratch

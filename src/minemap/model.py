@@ -78,6 +78,7 @@ class ModelCard(BaseModel):
     val_curve: list[dict] = []
     splits: dict = {}
     hard_negatives: dict = {}
+    precision: str = "fp32"  # the arithmetic of training's forward passes: fp32, or bf16 (autocast)
     minemap_version: str = __version__
 
     def calibrate(self, logits: np.ndarray | torch.Tensor):
@@ -96,10 +97,35 @@ def resolve_device(name: str) -> torch.device:
         raise InputError(f"device {name!r}: {e}") from None
 
 
-def forward_logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The mining logit at every input pixel: (B, H, W), upsampled from SegFormer's 1/4-resolution output."""
-    logits = model(pixel_values=x).logits
-    return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bfloat16 natively (a CUDA GPU that supports it; a CPU with AMX tiles or
+    AVX512-BF16): there, bfloat16 autocast is faster; elsewhere it is emulated, and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        probes = (getattr(torch.cpu, "_is_amx_tile_supported", None), getattr(torch.cpu, "_is_avx512_bf16_supported", None))
+        return any(probe is not None and bool(probe()) for probe in probes)
+    return False
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """The autocast type of ``precision`` on ``device`` (None: float32 throughout). ``auto`` is bfloat16 where
+    the device computes in it natively (see :func:`native_bf16`), float32 elsewhere."""
+    if name == "fp32":
+        return None
+    if name == "bf16":
+        return torch.bfloat16
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(device) else None
+    raise InputError(f"precision {name!r}: choose auto, fp32 or bf16")
+
+
+def forward_logits(model: torch.nn.Module, x: torch.Tensor, precision: torch.dtype | None = None) -> torch.Tensor:
+    """The mining logit at every input pixel: (B, H, W) in float32, upsampled from SegFormer's 1/4-resolution
+    output. ``precision``: the autocast type of the network's layers (None: float32)."""
+    with torch.autocast(x.device.type, dtype=precision or torch.float32, enabled=precision is not None):
+        logits = model(pixel_values=x).logits
+    return F.interpolate(logits.float(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
 
 
 def segformer_config(encoder: str, num_channels: int, decoder_channels: int | None = None) -> SegformerConfig:

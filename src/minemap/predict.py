@@ -38,7 +38,8 @@ from minemap.imagery import ImagerySource, Resampled, describe, open_imagery
 from minemap.manifest import Manifest
 from minemap import radiometry as rad
 from minemap.rasters import NODATA, quantise, write_cog
-from minemap.model import CARD, WEIGHTS, ModelCard, forward_logits, load_model, read_card, resolve_device
+from minemap.model import (CARD, WEIGHTS, ModelCard, forward_logits, load_model, read_card, resolve_device,
+                           resolve_precision)
 
 log = logging.getLogger(__name__)
 GSD_TOLERANCE = 0.25
@@ -90,29 +91,32 @@ def window_layout(card: ModelCard, cfg: PredictConfig) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def window_probability(model, card: ModelCard, xb: torch.Tensor, tta: bool = False) -> torch.Tensor:
+def window_probability(model, card: ModelCard, xb: torch.Tensor, tta: bool = False,
+                       precision: torch.dtype | None = None) -> torch.Tensor:
     """Calibrated P(mining) of a batch of normalised windows (B, C, H, W) -> (B, H, W); with ``tta`` the mean
-    over the four flips of each window (test-time augmentation, four times the work)."""
-    probs = [card.calibrate(forward_logits(model, xb))]
+    over the four flips of each window (test-time augmentation, four times the work); ``precision`` as in
+    :func:`minemap.model.forward_logits`."""
+    probs = [card.calibrate(forward_logits(model, xb, precision))]
     if tta:
         for dims in ((-1,), (-2,), (-2, -1)):  # (B, C, H, W) in, (B, H, W) out: the last two are H and W in both
-            probs.append(card.calibrate(forward_logits(model, xb.flip(dims))).flip(dims))
+            probs.append(card.calibrate(forward_logits(model, xb.flip(dims), precision)).flip(dims))
     return sum(probs) / len(probs)
 
 
 def predict_array(model, card: ModelCard, pixels: np.ndarray, valid: np.ndarray, overlap: float = 0.5,
                   batch_size: int = 16, device: torch.device | str = "cpu", tta: bool = False,
-                  window: int | None = None) -> np.ndarray:
+                  window: int | None = None, precision: torch.dtype | None = None) -> np.ndarray:
     """Calibrated P(mining) for every pixel of ``pixels`` (bands, h, w) by blended sliding windows of ``window``
     pixels (default the training chip) overlapping by ``overlap`` of a window; (h, w)."""
     window = window or card.chip_size
     stride = max(1, window - int(round(window * overlap)))
     _, h, w = pixels.shape
     rows, cols = window_origins(0, h, window, stride), window_origins(0, w, window, stride)
-    return _blend_clipped(model, card, pixels, valid, rows, cols, window, stride, batch_size, device, tta)
+    return _blend_clipped(model, card, pixels, valid, rows, cols, window, stride, batch_size, device, tta, precision)
 
 
-def _blend_clipped(model, card, pixels, valid, rows, cols, window, stride, batch_size, device, tta) -> np.ndarray:
+def _blend_clipped(model, card, pixels, valid, rows, cols, window, stride, batch_size, device, tta,
+                   precision=None) -> np.ndarray:
     """``blend_windows`` over an array whose windows may reach past its edges (padded with no data)."""
     c, h, w = pixels.shape
     r0, c0 = rows[0], cols[0]
@@ -122,13 +126,13 @@ def _blend_clipped(model, card, pixels, valid, rows, cols, window, stride, batch
     x[:, -r0:-r0 + h, -c0:-c0 + w] = pixels
     v[-r0:-r0 + h, -c0:-c0 + w] = valid
     out = blend_windows(model, card, x, v, [r - r0 for r in rows], [q - c0 for q in cols], window, window - stride,
-                        batch_size, device, tta)
+                        batch_size, device, tta, precision)
     return out[-r0:-r0 + h, -c0:-c0 + w]
 
 
 def blend_windows(model, card: ModelCard, pixels: np.ndarray, valid: np.ndarray, rows: list[int], cols: list[int],
                   window: int, ramp: int, batch_size: int = 16, device: torch.device | str = "cpu",
-                  tta: bool = False) -> np.ndarray:
+                  tta: bool = False, precision: torch.dtype | None = None) -> np.ndarray:
     """Calibrated P(mining) over ``pixels`` (bands, h, w) from the windows at ``rows`` x ``cols`` (origins in the
     array, each window inside it), blended with :func:`blend_weights`; pixels under no window are 0."""
     c, h, w = pixels.shape
@@ -147,7 +151,7 @@ def blend_windows(model, card: ModelCard, pixels: np.ndarray, valid: np.ndarray,
     for i in range(0, len(origins), batch_size):
         batch = origins[i:i + batch_size]
         xb = torch.from_numpy(np.stack([x[:, r:r + window, q:q + window] for r, q in batch])).to(device)
-        prob = window_probability(model, card, xb, tta).float().cpu().numpy()
+        prob = window_probability(model, card, xb, tta, precision).float().cpu().numpy()
         for (r, q), p in zip(batch, prob):
             acc[r:r + window, q:q + window] += p * weight
             wsum[r:r + window, q:q + window] += weight
@@ -252,7 +256,8 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | N
             valid &= ~obscured(pixels, valid, ref, ref_valid)
     batch = max(1, cfg.batch_size * card.chip_size ** 2 // window ** 2)  # batch_size counts training chips
     prob = blend_windows(model, card, pixels, valid, [r - rows[0] for r in rows], [q - cols[0] for q in cols],
-                         window, window - stride, batch, _WORKER["device"], cfg.tta)
+                         window, window - stride, batch, _WORKER["device"], cfg.tta,
+                         resolve_precision(cfg.precision, _WORKER["device"]))
     out = quantise(prob[inner])
     out[~valid[inner]] = NODATA
     write_cog(Path(dest), out, tile.grid(parent))
@@ -299,7 +304,7 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     # a unit is done when made by these weights and card (calibration, cloud level), settings and radiometry
     model_key = [file_sha256(Path(model_dir) / WEIGHTS), file_sha256(Path(model_dir) / CARD), factor,
                  window_layout(card, cfg),  # the layout in effect (defaults included), not the raw settings
-                 cfg.tta, cfg.mask_clouds, {y: rad.content_key(r) for y, r in fitted.items()}]
+                 cfg.tta, cfg.precision, cfg.mask_clouds, {y: rad.content_key(r) for y, r in fitted.items()}]
     # years normalised to the reference year are compared with it for thin clouds and shadows
     ref_year = {y: card.train_year if cfg.mask_clouds and y in fitted else None for y in years}
     def grid_key(g) -> list:  # tiles are named by position: a new grid or tile size is another tiling

@@ -13,6 +13,8 @@ early-stopping counters) so that ``resume=True`` carries on after a crash.
 - Schedule: a warm-up over the first epoch, then a constant rate that halves whenever validation F1 has not
   improved for ``patience // 2`` epochs; training stops after ``patience`` epochs without improvement, or at
   ``epochs``. Validation F1 is taken at its best threshold, so model selection does not depend on calibration.
+- Arithmetic: bfloat16 autocast of the forward passes where the device computes it natively
+  (``train.precision``, see :func:`minemap.model.resolve_precision`); the loss, weights and optimiser stay float32.
 - Pixels of detections that hard-negative mining judged possible missed mines
   (:data:`minemap.chips.MISSED`) are ignored in every chip, so a mine the labels miss neither teaches the
   model that it is background nor counts against it in validation, calibration or test.
@@ -46,7 +48,7 @@ from minemap.geo import WGS84
 from minemap.metrics import best_threshold, fit_platt, histograms, metrics_at, reliability
 from minemap.rasters import quantise
 from minemap.model import (ModelCard, build_model, forward_logits, load_model, load_pretrained_encoder,
-                           resolve_device, save_model)
+                           resolve_device, resolve_precision, save_model)
 
 log = logging.getLogger(__name__)
 STATE = "train_state.pt"
@@ -193,12 +195,13 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
 
 
 @torch.no_grad()
-def _chip_logits(model, images: torch.Tensor, mean, std, device, batch: int = 16) -> np.ndarray:
+def _chip_logits(model, images: torch.Tensor, mean, std, device, batch: int = 16,
+                 precision: torch.dtype | None = None) -> np.ndarray:
     model.eval()
     out = []
     for i in range(0, len(images), batch):
         x = ((images[i:i + batch] - mean) / std).to(device)
-        out.append(forward_logits(model, x).float().cpu().numpy())
+        out.append(forward_logits(model, x, precision).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0,) + tuple(images.shape[-2:]), np.float32)
 
 
@@ -235,6 +238,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     device = resolve_device(cfg.device)
+    amp = resolve_precision(cfg.precision, device)
 
     tr, va, te = (index[index.split == s] for s in ("train", "val", "test"))
     if len(tr) == 0:
@@ -269,6 +273,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         pretrained=model_cfg.pretrained, splits=split_summary(index),
         cloud_level=(CLOUD_FACTOR * p999).round(1).tolist() if init_from is None else base.cloud_level,
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
+        precision="bf16" if amp is not None else "fp32",
     )
     model.to(device)
     # the weights validated and saved: an exponential moving average over steps (Polyak averaging), whose
@@ -314,7 +319,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     judged = avg.module if avg is not None else model
     if init_from is not None and st["best_epoch"] is None:
         # the model to improve on is the one given: a fine-tune that does no better keeps it (epoch 0)
-        st["best_f1"] = _best_f1(_chip_logits(model, xv, mean, std, device), y_va)["f1"]
+        st["best_f1"] = _best_f1(_chip_logits(model, xv, mean, std, device, precision=amp), y_va)["f1"]
         st["best_epoch"] = card.best_epoch = 0
         save_model(model, card, model_dir)
         if not news:
@@ -333,7 +338,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
             idx = perm[i:i + cfg.batch_size]
             xb, yb = augment(xt[idx], yt[idx])
             xb = ((xb - mean) / std).to(device)
-            loss = segmentation_loss(forward_logits(model, xb), yb.to(device), cfg.dice_weight)
+            loss = segmentation_loss(forward_logits(model, xb, amp), yb.to(device), cfg.dice_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -341,7 +346,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
                 avg.update_parameters(model)
             st["step"] += 1
             losses.append(float(loss.detach()))
-        val = _best_f1(_chip_logits(judged, xv, mean, std, device), y_va)
+        val = _best_f1(_chip_logits(judged, xv, mean, std, device, precision=amp), y_va)
         st["curve"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5), "lr": st["lr"],
                             "val_f1": round(val["f1"], 5), "val_iou": round(val["iou"], 5),
                             "val_threshold": val["threshold"]})
@@ -368,16 +373,16 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     card.stopped = (f"early: no better validation F1 for {patience} epochs" if st["bad"] >= patience
                     else "nothing new to fine-tune on" if max_epochs == 0 else f"at the cap of {max_epochs} epochs")
     card.val_curve = st["curve"]
-    _calibrate_and_test(model, card, (x_va, y_va), te, mean, std, device, missed)
+    _calibrate_and_test(model, card, (x_va, y_va), te, mean, std, device, missed, amp)
     save_model(model, card, model_dir)
     return card
 
 
 def _calibrate_and_test(model, card: ModelCard, val: tuple[np.ndarray, np.ndarray], te: pd.DataFrame,
-                        mean, std, device, missed: gpd.GeoDataFrame | None) -> None:
+                        mean, std, device, missed: gpd.GeoDataFrame | None, precision: torch.dtype | None = None) -> None:
     """Fit the calibration and the threshold on validation chips; test metrics and calibration error."""
     x_va, y_va = val
-    logits = _chip_logits(model, torch.as_tensor(x_va), mean, std, device)
+    logits = _chip_logits(model, torch.as_tensor(x_va), mean, std, device, precision=precision)
     valid = y_va != 255
     z, t = logits[valid], y_va[valid] == 1
     if len(z) > CALIBRATION_PIXELS:  # a fixed random subset: two parameters need no more
@@ -390,7 +395,8 @@ def _calibrate_and_test(model, card: ModelCard, val: tuple[np.ndarray, np.ndarra
     card.val_metrics["calibration"] = reliability(*hv)
     if len(te):
         x_te, y_te, _ = _read_chips(te, missed)
-        ht = _split_histograms(card.calibrate(_chip_logits(model, torch.as_tensor(x_te), mean, std, device)), y_te)
+        ht = _split_histograms(card.calibrate(_chip_logits(model, torch.as_tensor(x_te), mean, std, device,
+                                                                  precision=precision)), y_te)
         card.test_metrics = {**metrics_at(*ht, card.threshold), "calibration": reliability(*ht)}
 
 
