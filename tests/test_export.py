@@ -19,7 +19,7 @@ def _panel_dir(tmp_path):
             (2020, box(-52.0, 4.0, -51.99, 4.01), None, "France")]
     polys = gpd.GeoDataFrame({"year": [r[0] for r in rows], "iso3": [r[2] for r in rows],
                               "country": [r[3] for r in rows]}, geometry=[r[1] for r in rows], crs="EPSG:4326")
-    panel, events = build_panel(polys)
+    panel, events, _ = build_panel(polys)
     d = tmp_path / "run"
     write_panel(panel, events, d)
     return d, panel

@@ -32,17 +32,17 @@ def _ids(panel, year, x):
 def test_mine_ids_are_anchored_and_stable():
     mine_a = [(2019, box(0, 0, 0.01, 0.01)), (2020, box(0.0, 0, 0.02, 0.01)), (2021, box(0.0, 0, 0.02, 0.01))]
     mine_b = [(2020, box(1, 1, 1.01, 1.01)), (2021, box(1, 1, 1.01, 1.01))]
-    panel, events = build_panel(_pp(mine_a + mine_b))
+    panel, events, _ = build_panel(_pp(mine_a + mine_b))
     assert list(panel.columns) == ["mine_id", "district_id", "year", "iso3", "country", "first_year", "area_km2",
                                    "mean_probability", "geometry"]
     assert panel.mine_id.nunique() == 2 and panel.groupby(["mine_id", "year"]).size().max() == 1
     a = panel[panel.mine_id == geohash(0.005, 0.005)]  # anchored inside its first outline
     assert list(a.year) == [2019, 2020, 2021] and set(a.first_year) == {2019}
     # adding a mine elsewhere does not change the others' ids
-    more, _ = build_panel(_pp(mine_a + mine_b + [(2019, box(5, 5, 5.01, 5.01))]))
+    more, _, _ = build_panel(_pp(mine_a + mine_b + [(2019, box(5, 5, 5.01, 5.01))]))
     assert set(panel.mine_id) < set(more.mine_id)
     # touching at an edge only is not an overlap
-    touching, _ = build_panel(_pp([(2019, box(0, 0, 1, 1)), (2020, box(1, 0, 2, 1))]))
+    touching, _, _ = build_panel(_pp([(2019, box(0, 0, 1, 1)), (2020, box(1, 0, 2, 1))]))
     assert touching.mine_id.nunique() == 2 and touching.district_id.nunique() == 2
     assert list(events.kind) == ["appeared", "appeared"]
 
@@ -50,7 +50,7 @@ def test_mine_ids_are_anchored_and_stable():
 def test_a_merge_continues_the_larger_overlap_and_ends_the_other():
     rows = [(2019, box(0, 0, 2, 1)), (2019, box(3, 0, 4, 1)),  # A (large), B
             (2020, box(0, 0, 4, 1))]  # one pit over both: overlaps A by 2, B by 1
-    panel, events = build_panel(_pp(rows))
+    panel, events, _ = build_panel(_pp(rows))
     a, b = _ids(panel, 2019, 0), _ids(panel, 2019, 3)
     assert _ids(panel, 2020, 0) == a
     merged = events[events.kind == "merged"].iloc[0]
@@ -63,7 +63,7 @@ def test_a_merge_continues_the_larger_overlap_and_ends_the_other():
 def test_a_split_starts_a_new_mine_from_its_parent():
     rows = [(2019, box(0, 0, 3, 1)),
             (2020, box(0, 0, 2, 1)), (2020, box(2.5, 0, 3, 1))]  # the larger part carries the mine on
-    panel, events = build_panel(_pp(rows))
+    panel, events, _ = build_panel(_pp(rows))
     a = _ids(panel, 2019, 0)
     assert _ids(panel, 2020, 0) == a
     child = _ids(panel, 2020, 2.5)
@@ -80,7 +80,7 @@ def test_a_gap_year_keeps_the_identity_up_to_max_gap():
             (2019, box(5, 5, 6, 6)), (2020, box(5, 5, 6, 6)), (2021, box(5, 5, 6, 6)),  # keeps 2020 processed
             (2019, box(9, 9, 10, 10)), (2022, box(9, 9, 10, 10))]  # unseen two years
     rows += [(2022, box(5, 5, 6, 6))]
-    panel, events = build_panel(_pp(rows))
+    panel, events, _ = build_panel(_pp(rows))
     assert _ids(panel, 2021, 0) == _ids(panel, 2019, 0)
     assert _ids(panel, 2022, 9) != _ids(panel, 2019, 9)  # a gap of two years: a new mine
     back = events[events.kind == "reappeared"]
@@ -88,9 +88,9 @@ def test_a_gap_year_keeps_the_identity_up_to_max_gap():
     gone = events[events.kind == "disappeared"]
     assert set(zip(gone.year, gone.mine_id)) == {(2020, _ids(panel, 2019, 0)), (2020, _ids(panel, 2019, 9)),
                                                  (2022, _ids(panel, 2019, 0))}
-    strict, _ = build_panel(_pp(rows), PanelConfig(max_gap=0))
+    strict, _, _ = build_panel(_pp(rows), PanelConfig(max_gap=0))
     assert _ids(strict, 2021, 0) != _ids(strict, 2019, 0)
-    wider, _ = build_panel(_pp(rows), PanelConfig(max_gap=2))
+    wider, _, _ = build_panel(_pp(rows), PanelConfig(max_gap=2))
     assert _ids(wider, 2022, 9) == _ids(wider, 2019, 9)
 
 
@@ -102,7 +102,7 @@ def test_a_district_growing_together_stays_many_mines():
         grow = 0.06 * (year - 2016)  # gaps of 0.4 close in 2020
         pits = [box(i - grow, 0, i + 0.6 + grow, 1) for i in range(10)]
         rows += [(year, g) for g in shapely.get_parts(shapely.union_all(pits))]
-    panel, events = build_panel(_pp(rows))
+    panel, events, _ = build_panel(_pp(rows))
     assert panel.district_id.nunique() == 1
     assert panel[panel.year == 2016].mine_id.nunique() == 10 and (panel.year == 2020).sum() == 1
     assert panel.groupby(["mine_id", "year"]).size().max() == 1
@@ -115,9 +115,9 @@ def test_a_district_growing_together_stays_many_mines():
 
 def test_buffer_links_polygons_a_little_apart():
     rows = [(2019, box(0, 0, 0.01, 0.01)), (2020, box(0.0101, 0, 0.02, 0.01))]  # ~11 m apart at the equator
-    apart, _ = build_panel(_pp(rows))
+    apart, _, _ = build_panel(_pp(rows))
     assert apart.mine_id.nunique() == 2
-    near, _ = build_panel(_pp(rows), PanelConfig(buffer_m=20))
+    near, _, _ = build_panel(_pp(rows), PanelConfig(buffer_m=20))
     assert near.mine_id.nunique() == 1
 
 
@@ -131,8 +131,10 @@ def test_change_statistics_on_known_areas():
     rows_other = [(2019, box(30, 0, 30.1, 0.1)), (2020, box(30, 0, 30.1, 0.1)), (2021, box(30, 0, 30.1, 0.1))]
     polys = _pp(rows + rows_other)
     polys.loc[len(rows):, ["iso3", "country"]] = ["GAB", "Gabon"]
-    panel, _ = build_panel(polys)
+    panel, _, shared = build_panel(polys)
     ch = change_statistics(panel).set_index(["iso3", "year"])
+    # the table build_panel makes from the tracking's overlap search is the one of a search of its own
+    pd.testing.assert_frame_equal(shared.set_index(["iso3", "year"]), ch)
     sq = area_km2(np.array([box(0, 0, 0.1, 0.1)]))[0]  # ~123 km2
     gha20, gha21 = ch.loc[("GHA", 2020)], ch.loc[("GHA", 2021)]
     assert gha20.new_km2 == pytest.approx(sq, rel=1e-3)
@@ -168,7 +170,7 @@ def test_panel_refuses_bad_polygons(tmp_path):
 
 
 def test_panel_files(tmp_path):
-    panel, events = build_panel(_pp([(2019, box(0, 0, 0.01, 0.01)), (2020, box(0, 0, 0.01, 0.02))]))
+    panel, events, _ = build_panel(_pp([(2019, box(0, 0, 0.01, 0.01)), (2020, box(0, 0, 0.01, 0.02))]))
     paths = write_panel(panel, events, tmp_path)
     back = gpd.read_parquet(paths["parquet"])
     assert back.crs.to_epsg() == 4326 and len(back) == 2
@@ -220,3 +222,38 @@ def test_the_published_study_files_become_a_panel(tmp_path):
     empty.mkdir()
     bad = CliRunner().invoke(app, ["panel", str(empty), "--out", str(tmp_path / "o2")])
     assert bad.exit_code == 2 and "no global_mining_polygons_predicted_<year>_postprocessed.gpkg" in bad.output
+
+
+def _pair_cases():
+    """Pairs (p, q) of every kind: nested both ways, equal, partly overlapping, sharing an edge, a corner, a
+    stretch of edge inside the other's outline, apart; polygons with holes and concave outlines."""
+    rng = np.random.default_rng(3)
+    ring = shapely.Point(0, 0).buffer(1.0).difference(shapely.Point(0, 0).buffer(0.4))  # a pit with a hole
+    concave = shapely.Polygon([(0, 0), (3, 0), (3, 3), (2, 3), (2, 1), (1, 1), (1, 3), (0, 3)])
+    p = [box(0, 0, 2, 2), box(0.5, 0.5, 1, 1), box(0, 0, 2, 2), box(0, 0, 2, 2), box(0, 0, 2, 2), box(0, 0, 2, 2),
+         box(0, 0, 2, 2), ring, ring, concave, concave]
+    q = [box(0.5, 0.5, 1, 1), box(0, 0, 2, 2), box(0, 0, 2, 2), box(1, 1, 3, 3), box(2, 0, 3, 2), box(2, 2, 3, 3),
+         box(5, 5, 6, 6), shapely.Point(0, 0).buffer(0.3), shapely.Point(0.7, 0).buffer(0.2), box(1.5, 0.5, 2.5, 4),
+         box(1, 1, 2, 3)]
+    for _ in range(40):  # random jittered outlines of one pit in two years
+        c = rng.uniform(-1, 1, 2)
+        p.append(shapely.Point(0, 0).buffer(rng.uniform(0.5, 1.5), quad_segs=4))
+        q.append(shapely.Point(*c).buffer(rng.uniform(0.5, 1.5), quad_segs=5))
+    return np.array(p, dtype=object), np.array(q, dtype=object)
+
+
+def test_overlap_shortcuts_agree_with_the_full_geometry():
+    from minemap.geo import polygons_meet
+    from minemap.panel import _overlap
+
+    p, q = _pair_cases()
+    geoms = np.concatenate([p, q])
+    a, b = np.arange(len(p)), np.arange(len(p), 2 * len(p))
+    expected_meet = shapely.intersects(p, q) & ~shapely.touches(p, q)
+    assert list(polygons_meet(p, q, interiors=True)) == list(expected_meet)
+    assert list(polygons_meet(p, q)) == list(shapely.intersects(p, q))  # the temporal rule's: touching counts
+    assert polygons_meet(p, q)[4] and polygons_meet(p, q)[5]
+    assert not expected_meet[4] and not expected_meet[5] and expected_meet[9]  # edge, corner; a stretch inside
+    area = _overlap(geoms, a, b, 0.0)
+    assert np.allclose(area, shapely.area(shapely.intersection(p, q)), rtol=1e-12, atol=1e-15)
+    assert area[0] == pytest.approx(0.25) and area[7] == pytest.approx(0.0, abs=1e-12)  # the hole: no overlap

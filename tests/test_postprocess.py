@@ -77,3 +77,19 @@ def test_custom_country_file_and_straddling_polygon(tmp_path):
     gpd.GeoDataFrame({"foo": [1]}, geometry=[box(0, 0, 1, 1)], crs="EPSG:4326").to_file(tmp_path / "bad.gpkg")
     with pytest.raises(InputError, match="bad.gpkg: no country code or name column"):
         load_countries(tmp_path / "bad.gpkg")
+
+
+def test_only_invalid_geometries_are_repaired():
+    from shapely.geometry import Polygon
+
+    from minemap.postprocess import make_valid
+
+    bowtie = Polygon([(0, 0), (0.01, 0.01), (0.01, 0), (0, 0.01)])
+    square = box(0, 0, 1, 1)
+    geoms = np.array([square, bowtie], dtype=object)
+    out = make_valid(geoms)
+    assert out[0] is square and geoms[1] is bowtie  # valid ones kept as they are; the input untouched
+    assert out[1].is_valid and out[1].area == pytest.approx(0.00005)
+    rows = [(2019, "b", bowtie), (2020, "b", bowtie)]
+    pp = postprocess(_polys(rows), PostprocessConfig())
+    assert pp.geometry.is_valid.all() and (pp.area_km2 > 0.5).all()  # two triangles of ~0.6 km2

@@ -246,9 +246,9 @@ def panel(postprocessed: Annotated[list[Path], typer.Argument(
 
     study = len(postprocessed) > 1 or postprocessed[0].is_dir() or STUDY_PATTERN.search(postprocessed[0].name)
     polygons = read_study_polygons(postprocessed) if study else read_vector(postprocessed[0])
-    p, events = build_panel(polygons, PanelConfig(max_gap=max_gap, buffer_m=buffer_m),
-                            where=", ".join(map(str, postprocessed)))
-    paths = write_panel(p, events, out_dir)
+    p, events, changes = build_panel(polygons, PanelConfig(max_gap=max_gap, buffer_m=buffer_m),
+                                     where=", ".join(map(str, postprocessed)))
+    paths = write_panel(p, events, out_dir, changes)
     out.print(f"{p.mine_id.nunique()} mines, {len(p)} mine-years -> {paths['parquet']}")
 
 

@@ -31,16 +31,43 @@ def in_threads(func, *arrays: np.ndarray, chunk: int = 20_000) -> np.ndarray:
         return np.concatenate(list(parts))
 
 
+def polygons_meet(p: np.ndarray, q: np.ndarray, interiors: bool = False) -> np.ndarray:
+    """Whether polygons ``p[i]`` and ``q[i]`` intersect (``interiors``: their interiors meet, so that a shared
+    edge or corner does not count). A point inside ``p[i]`` strictly inside ``q[i]`` settles most pairs of a
+    panel (the same place in two years) with a point-in-polygon test; the others take the full test."""
+    meet = shapely.contains_properly(q, shapely.point_on_surface(p))
+    rest = np.flatnonzero(~meet)
+    if len(rest):
+        pr, qr = p[rest], q[rest]
+        meet[rest] = shapely.intersects(qr, pr) & ~shapely.touches(qr, pr) if interiors else shapely.intersects(qr, pr)
+    return meet
+
+
+_A = 6378137.0  # WGS84 semi-major axis, metres
+_E = 0.0818191908426215  # WGS84 first eccentricity
+_QP = (1 - _E ** 2) * (1 / (1 - _E ** 2) - np.log((1 - _E) / (1 + _E)) / (2 * _E))  # q at the pole
+
+
+def _authalic(lonlat: np.ndarray) -> np.ndarray:
+    """(lon, lat) in degrees -> (lon in radians, q(lat)), q the authalic function of the WGS84 ellipsoid: a
+    cylindrical equal-area map of the ellipsoid (EPSG:6933 up to a scale of x by k and of y by 1 / k), in which
+    a polygon's plane area times ``_A ** 2 / 2`` is its area on the ellipsoid."""
+    s = np.sin(np.radians(np.clip(lonlat[:, 1], -90, 90)))
+    es = _E * s
+    q = (1 - _E ** 2) * (s / (1 - es * es) - np.log((1 - es) / (1 + es)) / (2 * _E))
+    return np.column_stack([np.radians(lonlat[:, 0]), q])
+
+
 def area_km2(geoms_4326: np.ndarray, valid: bool = False) -> np.ndarray:
-    """Areas in km2 of EPSG:4326 geometries (made valid first, so self-intersections do not cancel out, unless
-    the caller says they are ``valid`` already)."""
+    """Areas in km2 on the WGS84 ellipsoid of EPSG:4326 geometries (made valid first, so self-intersections do
+    not cancel out, unless the caller says they are ``valid`` already): the plane areas of the geometries in a
+    cylindrical equal-area map (the same areas as in :data:`EQUAL_AREA`, computed from the formula, on every
+    core)."""
     geoms = np.asarray(geoms_4326, dtype=object)
 
     def one(g: np.ndarray) -> np.ndarray:
         g = g if valid else shapely.make_valid(g)
-        t = Transformer.from_crs(WGS84, EQUAL_AREA, always_xy=True)
-        projected = shapely.transform(g, lambda xy: np.column_stack(t.transform(xy[:, 0], xy[:, 1])))
-        return shapely.area(projected) / 1e6
+        return shapely.area(shapely.transform(g, _authalic)) * (_A * _A / 2 / 1e6)
 
     return in_threads(one, geoms) if len(geoms) else np.zeros(0)
 

@@ -176,7 +176,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     panel_paths = {k: out / v for k, v in PANEL_FILES.items()}
     k_panel = stable_hash(["panel", k_pp, cfg.panel.model_dump(), PANEL_FORMAT])
     if stage("panel", k_panel, list(panel_paths.values())):
-        write_panel(*build_panel(gpd.read_parquet(pp_path), cfg.panel, where=str(pp_path)), out)
+        built = build_panel(gpd.read_parquet(pp_path), cfg.panel, where=str(pp_path))
+        write_panel(built.panel, built.events, out, built.changes)
         finished("panel", k_panel)
     export_paths = {k: out / v for k, v in EXPORT_FILES.items()}
     result = RunResult(out, model_dir, panel_paths["parquet"], export_paths["gpkg"], panel_paths["summary"],
