@@ -41,7 +41,8 @@ def test_known_answers(probs):
     assert (px["tp"], px["fp"], px["fn"]) == (200, 100, 300)
     assert px["precision"] == pytest.approx(200 / 300) and px["recall"] == pytest.approx(200 / 500)
     assert px["iou"] == pytest.approx(200 / 600)
-    assert m["object"] == {"precision": 0.5, "recall": 0.5, "n_predicted": 2, "n_reference": 2}
+    assert m["object"] == {"precision": 0.5, "recall": 0.5, "n_predicted": 2, "n_reference": 2, "ci95": {}}
+    assert m["pixel"]["ci95"] == {} and m["blocks"] == {"side_m": 1000.0, "n": 1}  # 400 m: one block, no interval
     raw = m["raw_probability"]["at_threshold"]  # P >= 0.5 covers 200 px of the first mine only
     assert (raw["tp"], raw["fp"]) == (200, 0)
     sweep = {r["threshold"]: r for r in m["raw_probability"]["threshold_sweep"]}
@@ -101,3 +102,49 @@ def test_metrics_json_has_calibration(probs, tmp_path):
     m = evaluate(pred, ref, probs)["years"]["2020"]["calibration"]
     # 200 mine pixels at 0.96 (all mine), 200 at 0.40 (all mine), 9,600 at 0 (none): gaps 0.04 and 0.60
     assert m["ece"] == pytest.approx((200 * 0.04 + 200 * 0.6) / 10_000, abs=1e-6)
+
+
+def _grid_4326(tmp_path, year, west, south, cols, rows, step):
+    q = np.full((rows, cols), 10, np.uint8)
+    t = Affine(step, 0, west, 0, -step, south + rows * step)
+    write_cog(tmp_path / "probs" / str(year) / "r000_c000.tif", q, Grid("EPSG:4326", t, cols, rows))
+    return t
+
+
+def _cell(t, c, r, n=1):
+    x0, y0 = t @ (c, r)
+    x1, y1 = t @ (c + n, r + n)
+    return box(x0, y1, x1, y0)
+
+
+def test_intervals_over_blocks_and_by_country(tmp_path):
+    from minemap.metrics import block_bootstrap, pixel_statistics
+
+    # identical blocks: every resample gives the same rates, so the interval is the point itself
+    same = block_bootstrap(np.tile([3, 1, 1, 5], (20, 1)), pixel_statistics, 200)
+    assert same["precision"] == pytest.approx([0.75, 0.75]) and same["f1"] == pytest.approx([0.75, 0.75])
+    # blocks of 0.05 degrees (5.5 km: one pixel, one block each) across the Cote d'Ivoire - Ghana border
+    t = _grid_4326(tmp_path, 2020, -5.0, 7.0, 80, 20, 0.05)
+    rng = np.random.default_rng(0)
+    ref_cells = [(c, r) for c in range(0, 80, 3) for r in range(0, 20, 3)]
+    # the prediction finds most reference cells, misses some, adds some false ones: rates vary between blocks
+    pred_cells = [cr for cr in ref_cells if rng.random() < 0.8] + [(c, r) for c in range(1, 80, 7)
+                                                                      for r in range(1, 20, 5)]
+    ref = _gdf([_cell(t, c, r) for c, r in ref_cells])
+    pred = _gdf([_cell(t, c, r) for c, r in pred_cells])
+    res = evaluate(pred, ref, tmp_path / "probs")
+    px = res["years"]["2020"]["pixel"]
+    lo, hi = px["ci95"]["f1"]
+    assert lo < px["f1"] < hi and hi - lo > 0.02
+    assert res["years"]["2020"]["blocks"]["n"] == 80 * 20
+    assert res["overall"]["pixel"]["ci95"]["f1"] == pytest.approx([lo, hi])  # one year: the same resamples
+    lo_o, hi_o = res["years"]["2020"]["object"]["ci95"]["recall"]
+    assert lo_o <= res["years"]["2020"]["object"]["recall"] <= hi_o
+    countries = res["by_country"]
+    assert {"CIV", "GHA"} <= set(countries)
+    assert sum(c["tp"] for c in countries.values()) == px["tp"]  # every block counted once
+    for c in ("CIV", "GHA"):
+        assert countries[c]["ci95"]["f1"][0] <= countries[c]["f1"] <= countries[c]["ci95"]["f1"][1]
+    # one country only: no table by country
+    one = evaluate(pred.iloc[:0], ref.iloc[:1], tmp_path / "probs")
+    assert "by_country" not in one

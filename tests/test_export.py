@@ -27,8 +27,9 @@ def _panel_dir(tmp_path):
 
 def test_every_format_and_the_study_layout(tmp_path):
     run, panel = _panel_dir(tmp_path)
-    (run / "metrics.json").write_text(json.dumps({"years": {"2019": {"pixel": {"precision": 0.9, "recall": 0.8,
-                                                                               "f1": 0.847}}}}))
+    (run / "metrics.json").write_text(json.dumps({"years": {
+        "2019": {"pixel": {"precision": 0.9, "recall": 0.8, "f1": 0.847}},
+        "2020": {"pixel": {"precision": 0.9, "recall": 0.8, "f1": 0.847, "ci95": {"f1": [0.801, 0.889]}}}}}))
     paths = export(run, tmp_path / "out", run_dir=run, licence="ODbL-1.0")
     assert set(paths) == {"gpkg", "fgb", "csv", "study", "card"}
     assert [layer for layer, _ in pyogrio.list_layers(paths["gpkg"])] == ["mines_2019", "mines_2020"]
@@ -51,7 +52,7 @@ def test_every_format_and_the_study_layout(tmp_path):
     card = paths["card"].read_text()
     for col in PANEL_COLUMNS + LINEAGE_COLUMNS + EVENT_COLUMNS + CHANGE_COLUMNS:
         assert f"`{col}`" in card
-    assert "ODbL-1.0" in card and "| 2019 | 0.900 | 0.800 | 0.847 |" in card and "Sepin" in card
+    assert "ODbL-1.0" in card and "| 2019 | 0.900 | 0.800 | 0.847 |" in card and "0.847 (0.801-0.889)" in card and "Sepin" in card
     assert "`study/`" in card and "`panel.fgb`" in card
     few = export(run, tmp_path / "few", ["csv", "card"], run_dir=run)["card"].read_text()
     assert "`panel.csv`" in few and "`study/`" not in few and "`panel.fgb`" not in few  # lists what is there

@@ -7,6 +7,12 @@ The calibration of the probabilities (expected calibration error and a reliabili
 measured against the reference the same way. Object metrics: the share of predicted mines that overlap a reference polygon (precision) and of reference
 polygons that overlap a predicted mine (recall).
 
+Intervals: pixels next to each other are not independent, so 95 % intervals come from a bootstrap over
+spatial blocks (:data:`BLOCK_M` on a side, in the probability rasters' CRS): per-block confusion counts and
+object counts are resampled as wholes (:func:`minemap.metrics.block_bootstrap`), per year and pooled over the
+years. Where the reference spans several countries, pixel metrics (with intervals) are given per country too,
+each block going to the country under its centre.
+
 Reference: one file with a ``year`` column, or a folder of per-year files whose names contain the year.
 Writes ``metrics.json``.
 """
@@ -26,12 +32,16 @@ from rasterio.features import rasterize
 
 from minemap._io import write_json
 from minemap.errors import InputError
-from minemap.geo import WGS84
+from minemap.geo import WGS84, units_per_metre
 from minemap.labels import VECTOR_SUFFIXES, clean_labels, read_vector
-from minemap.metrics import binary_metrics, histograms, metrics_at, reliability, sweep
+from minemap.postprocess import load_countries
+from minemap.metrics import (binary_metrics, block_bootstrap, histograms, metrics_at, object_statistics,
+                             pixel_statistics, reliability, sweep)
 from minemap.rasters import LEVELS, NODATA
 
 log = logging.getLogger(__name__)
+BLOCK_M = 1000.0  # side of the bootstrap's spatial blocks: wider than a mine and its surroundings
+BOOTSTRAP = 1000  # resamples
 
 
 def read_reference(path: Path) -> gpd.GeoDataFrame:
@@ -70,18 +80,70 @@ def _burn(gdf: gpd.GeoDataFrame, shape: tuple[int, int], transform, crs) -> np.n
     return rasterize(((g, 1) for g in geoms), out_shape=shape, transform=transform, dtype=np.uint8) > 0
 
 
+class _Blocks:
+    """Per-block counts of one year: pixel confusion counts (tp, fp, fn, tn) and object counts (predicted,
+    predicted that meet a reference, reference, reference met), keyed by the block's (column, row) on a grid of
+    ``size`` CRS units in ``crs``."""
+
+    def __init__(self, crs, size: float) -> None:
+        self.crs, self.size = crs, size
+        self.pixels: dict[tuple[int, int], np.ndarray] = {}
+        self.objects: dict[tuple[int, int], np.ndarray] = {}
+
+    def add_pixels(self, truth: np.ndarray, pred: np.ndarray, valid: np.ndarray, transform) -> None:
+        h, w = truth.shape
+        bx = np.floor((transform.c + (np.arange(w) + 0.5) * transform.a) / self.size).astype(np.int64)
+        by = np.floor((transform.f + (np.arange(h) + 0.5) * transform.e) / self.size).astype(np.int64)
+        ux, ix = np.unique(bx, return_inverse=True)
+        uy, iy = np.unique(by, return_inverse=True)
+        local = (iy[:, None] * len(ux) + ix[None, :])[valid]
+        code = 2 * truth[valid].astype(np.int64) + pred[valid]  # 0 tn, 1 fp, 2 fn, 3 tp
+        counts = np.bincount(4 * local + code, minlength=4 * len(ux) * len(uy)).reshape(-1, 4)[:, [3, 1, 2, 0]]
+        for k in np.flatnonzero(counts.sum(1)):
+            key = (int(ux[k % len(ux)]), int(uy[k // len(ux)]))
+            self.pixels[key] = self.pixels.get(key, 0) + counts[k]
+
+    def add_objects(self, geoms: np.ndarray, hit: np.ndarray, column: int) -> None:
+        """Objects (EPSG:4326) go to the block of a point inside them; ``column``: 0 predicted, 2 reference."""
+        if len(geoms) == 0:
+            return
+        pts = gpd.GeoSeries(shapely.point_on_surface(geoms), crs=WGS84).to_crs(self.crs)
+        keys = zip(np.floor(pts.x / self.size).astype(np.int64), np.floor(pts.y / self.size).astype(np.int64))
+        for key, h in zip(keys, hit):
+            row = self.objects.setdefault((int(key[0]), int(key[1])), np.zeros(4))
+            row[column] += 1
+            row[column + 1] += bool(h)
+
+    def centres(self) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray]:
+        """Keys of the blocks with pixels, and their centres' longitude and latitude."""
+        keys = list(self.pixels)
+        x = (np.array([k[0] for k in keys], float) + 0.5) * self.size
+        y = (np.array([k[1] for k in keys], float) + 0.5) * self.size
+        lonlat = gpd.GeoSeries(gpd.points_from_xy(x, y), crs=self.crs).to_crs(WGS84)
+        return keys, lonlat.x.to_numpy(), lonlat.y.to_numpy()
+
+
+def _intervals(blocks: dict, statistic) -> dict[str, list[float]]:
+    return block_bootstrap(np.array(list(blocks.values())), statistic, BOOTSTRAP) if blocks else {}
+
+
 def evaluate_year(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, tiles: list[Path],
                   threshold: float | None = None) -> dict:
-    """Metrics of one year. ``predicted`` and ``reference`` hold that year's polygons (EPSG:4326)."""
+    """Metrics of one year. ``predicted`` and ``reference`` hold that year's polygons (EPSG:4326). The
+    per-block counts come back under ``_blocks`` (a :class:`_Blocks`) for pooling over years."""
     counts = np.zeros(4)  # tp, fp, fn, tn
     hpos = np.zeros(LEVELS + 1, np.int64)
     hneg = np.zeros(LEVELS + 1, np.int64)
     footprints = []
+    blocks = None
     for path in tiles:
         with rasterio.open(path) as src:
             q = src.read(1)
             shape, transform, crs = q.shape, src.transform, src.crs
             footprints.append(gpd.GeoSeries([shapely.box(*src.bounds)], crs=crs).to_crs(WGS84).iloc[0])
+            if blocks is None:  # one grid of blocks for the year, in metres at its first tile's centre
+                cx, cy = src.xy(src.height // 2, src.width // 2)
+                blocks = _Blocks(crs, BLOCK_M * float(units_per_metre(crs, cx, cy)[0]))
         valid = q != NODATA
         truth = _burn(reference, shape, transform, crs)
         pred = _burn(predicted, shape, transform, crs)
@@ -90,6 +152,7 @@ def evaluate_year(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, tile
         hp, hn = histograms(q[valid], t)
         hpos += hp
         hneg += hn
+        blocks.add_pixels(truth, pred, valid, transform)
     area = shapely.union_all(footprints) if footprints else shapely.Polygon()
     ref = np.asarray(reference.geometry.values)
     ref = ref[shapely.intersects(ref, area)]
@@ -101,17 +164,45 @@ def evaluate_year(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, tile
         overlap = shapely.area(shapely.intersection(pred[a], ref[b])) > 0
         pred_hit[a[overlap]] = True
         ref_hit[b[overlap]] = True
+    if blocks is not None:
+        blocks.add_objects(pred, pred_hit, 0)
+        blocks.add_objects(ref, ref_hit, 2)
+    pixel = binary_metrics(*counts)
+    obj = {"precision": float(pred_hit.mean()) if len(pred) else 0.0,
+           "recall": float(ref_hit.mean()) if len(ref) else 0.0,
+           "n_predicted": int(len(pred)), "n_reference": int(len(ref))}
+    if blocks is not None:
+        pixel["ci95"] = _intervals(blocks.pixels, pixel_statistics)
+        obj["ci95"] = _intervals(blocks.objects, object_statistics)
     out = {
-        "pixel": binary_metrics(*counts),
-        "object": {"precision": float(pred_hit.mean()) if len(pred) else 0.0,
-                   "recall": float(ref_hit.mean()) if len(ref) else 0.0,
-                   "n_predicted": int(len(pred)), "n_reference": int(len(ref))},
+        "pixel": pixel,
+        "object": obj,
+        "blocks": {"side_m": BLOCK_M, "n": len(blocks.pixels) if blocks is not None else 0},
         "raw_probability": {"threshold_sweep": sweep(hpos, hneg)},
         "calibration": reliability(hpos, hneg),
         "_counts": counts.tolist(),
+        "_blocks": blocks,
     }
     if threshold is not None:
         out["raw_probability"]["at_threshold"] = {"threshold": threshold, **metrics_at(hpos, hneg, threshold)}
+    return out
+
+
+def by_country(blocks: _Blocks, countries: gpd.GeoDataFrame) -> dict[str, dict]:
+    """Pixel metrics with intervals per country (the one under each block's centre; "(none)" offshore), where
+    the reference spans two countries or more; else empty."""
+    keys, lon, lat = blocks.centres()
+    iso = np.full(len(keys), "(none)", dtype=object)
+    pi, ci = shapely.STRtree(np.asarray(countries.geometry.values)).query(shapely.points(lon, lat), predicate="within")
+    iso[pi] = countries.iso3.to_numpy()[ci]
+    parts = np.array([blocks.pixels[k] for k in keys], dtype=float)
+    if len({i for i, c in zip(iso, parts) if c[0] + c[2] > 0}) < 2:
+        return {}
+    out = {}
+    for code in sorted(set(iso)):
+        mine = parts[iso == code]
+        out[str(code)] = {**binary_metrics(*mine.sum(0)), "blocks": len(mine),
+                          "ci95": block_bootstrap(mine, pixel_statistics, BOOTSTRAP)}
     return out
 
 
@@ -121,6 +212,7 @@ def evaluate(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, prob_dir:
     years = sorted(set(predicted["year"]).union(reference["year"]))
     result: dict = {"years": {}, "threshold": threshold}
     total = np.zeros(4)
+    year_blocks: list[_Blocks] = []
     for year in years:
         tiles = _year_tiles(prob_dir, year)
         if not tiles:
@@ -131,11 +223,22 @@ def evaluate(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, prob_dir:
             continue
         m = evaluate_year(predicted[predicted.year == year], ref_y, tiles, threshold)
         total += m.pop("_counts")
+        year_blocks.append(m.pop("_blocks"))
         result["years"][str(year)] = m
     if not result["years"]:
         where = f"{reference_path}: " if reference_path else ""
         raise InputError(f"{where}reference covers none of the predicted years {sorted(set(predicted['year']))}")
     result["overall"] = {"pixel": binary_metrics(*total)}
+    if len({(str(b.crs), round(b.size, 9)) for b in year_blocks}) == 1:
+        # one grid of blocks for every year: a block's years are resampled together
+        pooled = _Blocks(year_blocks[0].crs, year_blocks[0].size)
+        for b in year_blocks:
+            for k, c in b.pixels.items():
+                pooled.pixels[k] = pooled.pixels.get(k, 0) + c
+        result["overall"]["pixel"]["ci95"] = _intervals(pooled.pixels, pixel_statistics)
+        countries = by_country(pooled, load_countries())
+        if countries:
+            result["by_country"] = countries
     return result
 
 

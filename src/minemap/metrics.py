@@ -114,3 +114,40 @@ def fit_platt(logits: np.ndarray, truth: np.ndarray, iterations: int = 50) -> tu
         if done:
             break
     return float(np.clip(a, 1e-3, 1e3)), float(b)
+
+
+def block_bootstrap(parts: np.ndarray, statistic, n: int = 1000, seed: int = 0, level: float = 0.95
+                    ) -> dict[str, list[float]]:
+    """Percentile intervals (``level``) of ``statistic`` by the bootstrap over spatial blocks: ``parts`` holds one
+    row of additive counts per block (pixels, or objects, of one block are not independent; blocks nearly are);
+    each of ``n`` resamples draws as many blocks with replacement and sums their rows. ``statistic`` maps summed
+    rows (n, m) to named arrays (n,). Fewer than two blocks: no interval (empty)."""
+    parts = np.asarray(parts, dtype=float)
+    k = len(parts)
+    if k < 2:
+        return {}
+    rng = np.random.default_rng(seed)
+    step = max(1, 4_000_000 // k)  # resamples at a time: the draws per block of a batch stay a few MB
+    sums = np.concatenate([rng.multinomial(k, np.full(k, 1.0 / k), size=min(step, n - i)) @ parts
+                           for i in range(0, n, step)])
+    cut = 100 * np.array([(1 - level) / 2, (1 + level) / 2])
+    return {name: [float(v) for v in np.percentile(vals, cut)] for name, vals in statistic(sums).items()}
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros_like(a, dtype=float), where=b > 0)
+
+
+def pixel_statistics(tot: np.ndarray) -> dict[str, np.ndarray]:
+    """Precision, recall, F1 and IoU of summed confusion counts (columns tp, fp, fn, tn), as in
+    :func:`binary_metrics`, over many rows at once."""
+    tp, fp, fn = tot[:, 0], tot[:, 1], tot[:, 2]
+    precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
+    return {"precision": precision, "recall": recall, "f1": _ratio(2 * precision * recall, precision + recall),
+            "iou": _ratio(tp, tp + fp + fn)}
+
+
+def object_statistics(tot: np.ndarray) -> dict[str, np.ndarray]:
+    """Object precision and recall of summed counts (columns predicted, predicted that meet a reference,
+    reference, reference met by a prediction)."""
+    return {"precision": _ratio(tot[:, 1], tot[:, 0]), "recall": _ratio(tot[:, 3], tot[:, 2])}
