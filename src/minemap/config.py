@@ -88,7 +88,8 @@ class ModelConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(30, ge=1, description="most epochs; training stops earlier when validation stalls")
-    patience: int = Field(5, ge=1, description="stop after this many epochs without a better validation F1")
+    patience: int = Field(8, ge=1, description="stop after this many epochs without a better validation F1 (the "
+                                                "learning rate halves after half as many)")
     min_val_f1: float = Field(0.5, ge=0, le=1, description="a model below this validation F1 stops the run "
                                                            "(unless accept_weak_model)")
     batch_size: int = Field(8, ge=1)
