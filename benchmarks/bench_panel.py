@@ -21,7 +21,6 @@ Prints the figures and the ratios (minemap / floor, study / minemap). Run: `make
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
@@ -102,17 +101,29 @@ def _dissolve(polys: np.ndarray) -> np.ndarray:
     return parts[shapely.get_type_id(parts) == 3]
 
 
+# Linux records the resident size of the address space a process replaces at exec as that process's peak, so a
+# command started from this (large) process would report at least this process's size. A small Python started
+# first starts the command and reads its peak: the command then replaces the small one's address space.
+_MEASURE = """
+import os, subprocess, sys, time
+t0 = time.perf_counter()
+proc = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(proc.pid, 0)
+print(os.waitstatus_to_exitcode(status), time.perf_counter() - t0, usage.ru_maxrss)
+"""
+
+
 def run_cli(args: list[str]) -> tuple[float, float]:
     """Seconds and peak resident memory (GB) of one ``minemap`` command in its own process."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "minemap", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    err = proc.stderr.read().decode()
-    if proc.returncode != 0:
-        raise SystemExit(f"minemap {' '.join(args)} failed: {err[-2000:]}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 1024 ** 2
+    done = subprocess.run([sys.executable, "-c", _MEASURE, sys.executable, "-m", "minemap", *args],
+                          capture_output=True, text=True)
+    try:
+        code, seconds, maxrss_kb = done.stdout.split()
+    except ValueError:
+        raise SystemExit(f"minemap {' '.join(args)} could not be measured: {done.stderr[-2000:]}") from None
+    if int(code) != 0:
+        raise SystemExit(f"minemap {' '.join(args)} failed: {done.stderr[-2000:]}")
+    return float(seconds), int(maxrss_kb) / 1024 ** 2
 
 
 def study_method(paths: list[Path], countries: gpd.GeoDataFrame) -> tuple[gpd.GeoDataFrame, float]:

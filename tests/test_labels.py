@@ -91,3 +91,35 @@ def test_latitude_filter(tmp_path):
     gdf, report = read_labels([tmp_path / "l.gpkg"], max_abs_lat=30)
     assert len(gdf) == 1 and report.dropped_outside_latitude == 1
     assert np.allclose(shapely.get_y(shapely.centroid(gdf.geometry.values)), 0.05)
+
+
+def test_large_frames_written_in_row_groups_read_back_the_same(tmp_path, monkeypatch):
+    import json
+
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    import minemap.labels as labels_mod
+
+    monkeypatch.setattr(labels_mod, "PARQUET_CHUNK_ROWS", 4)
+    n = 10
+    gdf = gpd.GeoDataFrame({
+        "year": np.arange(n, dtype=np.int64),
+        "iso3": [None] * 5 + ["GHA"] * 5,  # no value in the first row group: its type comes from the whole
+        "area_km2": np.linspace(0.1, 1.0, n),
+    }, geometry=[box(i, -i, i + 1, -i + 0.5) for i in range(n)], crs="EPSG:4326")
+    gdf.loc[3, "geometry"] = MultiPolygon([box(20, 20, 21, 21), box(22, 22, 23, 23)])
+    path = labels_mod.write_geoparquet(gdf, tmp_path / "big.parquet")
+    assert pq.ParquetFile(path).num_row_groups == 3
+    back = gpd.read_parquet(path)
+    chunked = labels_mod.read_geoparquet(path)  # read in batches of 4 rows: the same frame
+    pd.testing.assert_frame_equal(pd.DataFrame(chunked.drop(columns="geometry")), pd.DataFrame(back.drop(columns="geometry")))
+    assert chunked.crs == back.crs and chunked.geometry.geom_equals_exact(back.geometry, 0).all()
+    pd.testing.assert_frame_equal(pd.DataFrame(back.drop(columns="geometry")), pd.DataFrame(gdf.drop(columns="geometry")))
+    assert back.crs.to_epsg() == 4326 and back.geometry.geom_equals(gdf.geometry).all()
+    geo = json.loads(pq.read_schema(path).metadata[b"geo"])["columns"]["geometry"]
+    assert geo["bbox"] == pytest.approx(list(gdf.total_bounds))  # of every row group, not the first
+    assert geo["geometry_types"] == ["MultiPolygon", "Polygon"]
+    # small frames, and frames with an index of their own, are written in one piece as before
+    small = labels_mod.write_geoparquet(gdf.iloc[:3], tmp_path / "small.parquet")
+    assert pq.ParquetFile(small).num_row_groups == 1

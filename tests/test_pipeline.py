@@ -58,7 +58,7 @@ def test_rerun_skips_finished_stages_and_overwrite_redoes(tiny_run):
     stamp = os.stat(cfg.out / "panel.parquet").st_mtime_ns
     res = run(cfg, progress=False)
     assert res.skipped == ["labels", "chips", "train", "hard_negatives", "finetune", "predict", "vectorize",
-                           "postprocess", "panel", "evaluate", "export"]
+                           "postprocess", "panel", "evaluate", "export", "report"]
     assert os.stat(cfg.out / "panel.parquet").st_mtime_ns == stamp
     # a changed setting redoes that stage and those after it, not those before
     res = run(cfg.model_copy(update={"vectorize": cfg.vectorize.model_copy(update={"min_area_m2": 5000})}),

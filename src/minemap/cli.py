@@ -271,6 +271,20 @@ def export_cmd(panel_path: Annotated[Path, typer.Argument(help="panel.parquet, o
     out.print(f"{len(paths)} exports -> {out_dir}: {', '.join(p.name for p in paths.values())}")
 
 
+@app.command("report")
+@_stage
+def report_cmd(run_dir: Annotated[Path, typer.Argument(help="a run folder (with panel.parquet)")],
+               reference: Annotated[Optional[Path], typer.Option(help="reference polygons, to show the largest "
+                                                                      "errors")] = None,
+               out_path: Annotated[Optional[Path], typer.Option("--out", help="the page (default: "
+                                                                              "RUN_DIR/report.html)")] = None):
+    """A self-contained report.html: plots, accuracy with intervals, and an interactive map that opens offline."""
+    from minemap.report import report
+
+    dest = report(run_dir, out_path, reference)
+    out.print(f"report -> {dest}")
+
+
 @app.command()
 @_stage
 def evaluate(predicted: Annotated[Path, typer.Argument(help="panel or polygons with a 'year' column")],

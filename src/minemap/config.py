@@ -169,6 +169,8 @@ class ExportConfig(_Section):
         ["gpkg", "csv", "card"], description="gpkg (a layer a year), fgb (FlatGeobuf), csv (no geometry), study "
                                              "(the published study's per-year GeoPackages), card (DATASET.md)")
     licence: str = Field("CC-BY-4.0", description="the licence the dataset card gives the polygons and tables")
+    report: bool = Field(True, description="write report.html, plots and an interactive map that open offline, as "
+                                           "the run's last step (`minemap report` writes it later)")
 
 
 class LocalImageryConfig(_Section):

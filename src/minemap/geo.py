@@ -31,6 +31,23 @@ def in_threads(func, *arrays: np.ndarray, chunk: int = 20_000) -> np.ndarray:
         return np.concatenate(list(parts))
 
 
+def candidate_pairs(tree: shapely.STRtree, probe: np.ndarray, keep, chunk: int = 200_000
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j) whose boxes meet, ``probe[i]`` against the tree's geometry ``j``, that ``keep(i, j)`` (a
+    vectorised filter returning a boolean mask) accepts; queried ``chunk`` probes at a time, so that the
+    unfiltered candidates of a million polygons never sit in memory together."""
+    parts_i, parts_j = [], []
+    for start in range(0, len(probe), chunk):
+        i, j = tree.query(probe[start:start + chunk])
+        i += start
+        ok = keep(i, j)
+        parts_i.append(i[ok])
+        parts_j.append(j[ok])
+    if not parts_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(parts_i), np.concatenate(parts_j)
+
+
 def polygons_meet(p: np.ndarray, q: np.ndarray, interiors: bool = False) -> np.ndarray:
     """Whether polygons ``p[i]`` and ``q[i]`` intersect (``interiors``: their interiors meet, so that a shared
     edge or corner does not count). A point inside ``p[i]`` strictly inside ``q[i]`` settles most pairs of a

@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from minemap._io import atomic_path
 from minemap.config import PanelConfig
 from minemap.errors import InputError
-from minemap.geo import WGS84, area_km2, in_threads, polygons_meet, units_per_metre
+from minemap.geo import WGS84, area_km2, candidate_pairs, in_threads, polygons_meet, units_per_metre
 from minemap.labels import write_geoparquet
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,12 @@ def _links(geoms: np.ndarray, year_idx: np.ndarray, buffer_m: float, max_span: i
     any), whose interiors meet (a shared edge or corner is not an overlap), or that lie within ``buffer_m``.
     Candidates come from the index's boxes; the exact test runs only on pairs of years in span, on every core."""
     probe = _buffered(geoms, buffer_m) if buffer_m > 0 else geoms
-    a, b = shapely.STRtree(geoms).query(probe)
-    keep = year_idx[b] < year_idx[a]
-    if max_span is not None:
-        keep &= year_idx[a] - year_idx[b] <= max_span
-    a, b = a[keep], b[keep]
+
+    def in_span(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        dy = year_idx[a] - year_idx[b]
+        return (dy > 0) & (dy <= max_span) if max_span is not None else dy > 0
+
+    a, b = candidate_pairs(shapely.STRtree(geoms), probe, in_span)
     if len(a) == 0:
         return a, b
     if buffer_m > 0:

@@ -49,6 +49,7 @@ from minemap.labels import labels_stage, read_labels
 from minemap.manifest import Manifest
 from minemap.model import CARD, WEIGHTS, read_card
 from minemap.export import EXPORT_FILES, export
+from minemap.report import REPORT, REPORT_FORMAT, report
 from minemap.panel import PANEL_FILES, PANEL_FORMAT, build_panel, write_panel
 from minemap.postprocess import postprocess_stage
 from minemap.predict import predict
@@ -193,10 +194,14 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         result.metrics = metrics_path
         result.metrics_data = json.loads(metrics_path.read_text())
     # exports last: the dataset card cites the accuracy
-    k_export = stable_hash(["export", k_panel, k_eval, cfg.export.model_dump()])
+    k_export = stable_hash(["export", k_panel, k_eval, cfg.export.model_dump(exclude={"report"})])
     if cfg.export.formats and stage("export", k_export, [export_paths[f] for f in cfg.export.formats]):
         export(panel_paths["parquet"], out, cfg.export.formats, run_dir=out, licence=cfg.export.licence)
         finished("export", k_export)
+    k_report = stable_hash(["report", k_export, ref_key, REPORT_FORMAT])
+    if cfg.export.report and stage("report", k_report, [out / REPORT]):
+        report(out, out / REPORT, cfg.reference, progress=progress)
+        finished("report", k_report)
     return result
 
 

@@ -25,7 +25,7 @@ import shapely
 
 from minemap.config import PostprocessConfig
 from minemap.errors import InputError
-from minemap.geo import EQUAL_AREA, WGS84, area_km2, in_threads, polygons_meet, units_per_metre
+from minemap.geo import EQUAL_AREA, WGS84, area_km2, candidate_pairs, in_threads, polygons_meet, units_per_metre
 from minemap.labels import read_vector, write_geoparquet
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,7 @@ def temporal_filter(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> gpd.Ge
         geoms = probe = np.asarray(polygons.geometry.values)
     yi = np.searchsorted(years, polygons["year"].to_numpy())
     # candidates: pairs of adjacent processed years whose (buffered) boxes meet, from one index of every year
-    a, b = shapely.STRtree(probe).query(probe)
-    adjacent = yi[a] - yi[b] == 1
-    a, b = a[adjacent], b[adjacent]
+    a, b = candidate_pairs(shapely.STRtree(probe), probe, lambda a, b: yi[a] - yi[b] == 1)
     keep = np.zeros(len(polygons), dtype=bool)
     if buffer_m > 0:  # each polygon against the other's buffer
         keep[a[in_threads(polygons_meet, geoms[a], probe[b])]] = True

@@ -26,7 +26,7 @@ from minemap.config import VectorizeConfig
 from minemap.errors import InputError
 from minemap.execution import map_units
 from minemap.geo import WGS84, area_km2, units_per_metre
-from minemap.labels import write_geoparquet
+from minemap.labels import read_geoparquet, write_geoparquet
 from minemap.rasters import LEVELS, NODATA
 
 log = logging.getLogger(__name__)
@@ -140,5 +140,5 @@ def read_polygons(paths: dict[int, Path] | list[Path]) -> gpd.GeoDataFrame:
     for p in paths:
         if not Path(p).is_file():
             raise InputError(f"{p}: polygon file not found (run vectorize first)")
-        frames.append(gpd.read_parquet(p))
+        frames.append(read_geoparquet(Path(p)))
     return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=WGS84)

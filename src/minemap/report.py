@@ -1,0 +1,458 @@
+"""Report: one self-contained HTML page of a run, to look at before trusting its numbers.
+
+``report.html`` holds PNG plots (km2 a year by country; new, expanded, shrunk and abandoned area; per-year
+metrics with their 95 % intervals; precision-recall and reliability curves; image / probability / polygons side
+by side for the largest mines and, where a reference exists, the largest errors) and an interactive map
+(Leaflet through folium): the mines coloured by year, one layer a year in a layer control, popups with mine_id,
+area, country, first year and mean probability, and the probability raster of one year as an overlay where it
+is small enough (:data:`MAX_OVERLAY_PIXELS`).
+
+Self-contained: it opens with no network. Leaflet's JavaScript and CSS are inlined from the installed
+``xstatic-leaflet`` package, folium's other CDN assets (jQuery, Bootstrap, icon fonts) are left out, there is no
+basemap (tiles come from servers), and the plots are inlined PNGs.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import re
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import rasterio
+import shapely
+from rasterio.enums import Resampling
+from rasterio.merge import merge
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from minemap._io import atomic_path
+from minemap.errors import InputError
+from minemap.geo import WGS84
+from minemap.rasters import LEVELS, NODATA
+
+log = logging.getLogger(__name__)
+REPORT = "report.html"
+REPORT_FORMAT = 1  # bumped when the report changes, so that a resumed run writes it again
+MAX_OVERLAY_PIXELS = 2048 * 2048  # a larger probability raster is read at a coarser resolution for the overlay
+MAX_MAP_POLYGONS = 20_000  # per year; the largest are shown when a year has more
+SIMPLIFY_DEG = 0.00002  # ~2 m: outlines on the map lose vertices no one can see
+WINDOW_PX = 160  # side of the side-by-side views, in imagery pixels
+COLOURS = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725", "#e76f51", "#9d4edd", "#f4a261", "#2a9d8f"]
+
+
+def _plt():
+    """matplotlib's pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> str:
+    """A matplotlib figure as an inline PNG (data URI), closed."""
+    plt = _plt()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _figure(w: float = 7.0, h: float = 3.2):
+    return _plt().subplots(figsize=(w, h))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
+    except (OSError, ValueError):
+        log.warning("%s: unreadable, left out of the report", path)
+        return {}
+
+
+def plot_area(changes: pd.DataFrame, top: int = 8) -> str:
+    """km2 of mining a year, one line per country (the largest ``top``; the rest summed as 'other')."""
+    by = changes.groupby(["country", "year"]).area_km2.sum().unstack(0).fillna(0.0)
+    order = by.sum().sort_values(ascending=False).index
+    shown = by[order[:top]]
+    if len(order) > top:
+        shown = shown.assign(other=by[order[top:]].sum(1))
+    fig, ax = _figure()
+    for i, col in enumerate(shown.columns):
+        ax.plot(shown.index, shown[col], marker="o", color=COLOURS[i % len(COLOURS)], label=col)
+    ax.set(xlabel="year", ylabel="km²", title="Mining area by country")
+    ax.set_xticks(list(shown.index))
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_change(changes: pd.DataFrame) -> str:
+    """New and expanded area (up) against shrunk and abandoned area (down) a year, all countries."""
+    per = changes.groupby("year")[["new_km2", "expanded_km2", "shrunk_km2", "abandoned_km2"]].sum(min_count=1)
+    per = per.dropna(how="all")
+    fig, ax = _figure()
+    x = per.index.to_numpy()
+    ax.bar(x, per.new_km2, color="#e76f51", label="new")
+    ax.bar(x, per.expanded_km2, bottom=per.new_km2, color="#f4a261", label="expanded")
+    ax.bar(x, -per.abandoned_km2, color="#21918c", label="abandoned")
+    ax.bar(x, -per.shrunk_km2, bottom=-per.abandoned_km2, color="#5ec962", label="shrunk")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set(xlabel="year", ylabel="km² since the year before", title="New versus abandoned mining area")
+    ax.set_xticks(list(x))
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_metrics(metrics: dict) -> str:
+    """Pixel precision, recall and F1 a year with their 95 % intervals (bootstrap over spatial blocks)."""
+    years = sorted(metrics["years"])
+    fig, ax = _figure()
+    for k, (name, colour) in enumerate((("precision", "#3b528b"), ("recall", "#21918c"), ("f1", "#e76f51"))):
+        vals = np.array([metrics["years"][y]["pixel"][name] for y in years])
+        ci = [metrics["years"][y]["pixel"].get("ci95", {}).get(name) for y in years]
+        lo = np.array([v - c[0] if c else 0.0 for v, c in zip(vals, ci)])
+        hi = np.array([c[1] - v if c else 0.0 for v, c in zip(vals, ci)])
+        x = np.arange(len(years)) + (k - 1) * 0.2
+        ax.errorbar(x, vals, yerr=[np.maximum(lo, 0), np.maximum(hi, 0)], fmt="o", capsize=3, color=colour,
+                    label=name)
+    ax.set_xticks(np.arange(len(years)), years)
+    ax.set(ylim=(0, 1.02), xlabel="year", ylabel="pixel metric", title="Accuracy against the reference (95 % intervals)")
+    ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def plot_curves(metrics: dict) -> str:
+    """Precision-recall of the raw probabilities (threshold sweep) and reliability, a line per year."""
+    fig, (pr, rel) = _plt().subplots(1, 2, figsize=(9, 3.6))
+    for i, (year, m) in enumerate(sorted(metrics["years"].items())):
+        colour = COLOURS[i % len(COLOURS)]
+        rows = m.get("raw_probability", {}).get("threshold_sweep", [])
+        pr.plot([r["recall"] for r in rows], [r["precision"] for r in rows], marker=".", color=colour, label=year)
+        table = m.get("calibration", {}).get("table", [])
+        rel.plot([r["mean_probability"] for r in table], [r["observed"] for r in table], marker="o", color=colour,
+                 label=f"{year} (ECE {m.get('calibration', {}).get('ece', float('nan')):.3f})")
+    pr.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title="Precision-recall")
+    rel.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    rel.set(xlabel="predicted probability", ylabel="observed share of mining", xlim=(0, 1), ylim=(0, 1),
+            title="Reliability")
+    pr.legend(fontsize=8)
+    rel.legend(fontsize=8)
+    return _png(fig)
+
+
+class _Rasters:
+    """The run's probability tiles (and, where local, its imagery) read over windows in EPSG:4326 terms."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.prob_dir = run_dir / "probabilities"
+        self.imagery = None
+        desc = _read_json(self.prob_dir / "imagery.json")
+        source = desc.get("source", {})
+        if source.get("source") == "local" and Path(source.get("path", "")).is_dir():
+            try:
+                from minemap.imagery import open_imagery
+
+                self.imagery = open_imagery(Path(source["path"]), desc.get("bands"))
+            except Exception as e:  # the imagery moved or changed: views without it
+                log.warning("imagery at %s: %s; the report shows probabilities and polygons only", source["path"], e)
+
+    def tiles(self, year: int) -> list[Path]:
+        folder = self.prob_dir / str(year)
+        return sorted(folder.glob("*.tif")) if folder.is_dir() else []
+
+    def window(self, year: int, centre: shapely.Point, side: int = WINDOW_PX):
+        """(rgb or None, probability, grid) around ``centre`` (EPSG:4326), or None where no tile holds it."""
+        from minemap.imagery import Grid
+
+        for path in self.tiles(year):
+            with rasterio.open(path) as src:
+                x, y = gpd.GeoSeries([centre], crs=WGS84).to_crs(src.crs).iloc[0].coords[0]
+                row, col = src.index(x, y)
+                if not (0 <= row < src.height and 0 <= col < src.width):
+                    continue
+                r0, c0 = max(0, row - side // 2), max(0, col - side // 2)
+                win = Window(c0, r0, min(side, src.width - c0), min(side, src.height - r0))
+                q = src.read(1, window=win)
+                grid = Grid(src.crs, src.window_transform(win), int(win.width), int(win.height))
+            prob = np.where(q == NODATA, np.nan, q / LEVELS)
+            rgb = None
+            if self.imagery is not None:
+                try:
+                    pixels, valid = self.imagery.read(year, grid)
+                    rgb = _stretch(pixels, valid)
+                except Exception as e:
+                    log.warning("imagery of %d could not be read for the report: %s", year, e)
+            return rgb, prob, grid
+        return None
+
+    def overlay(self, year: int) -> tuple[np.ndarray, list[list[float]]] | None:
+        """The year's probabilities mosaicked (at most :data:`MAX_OVERLAY_PIXELS`) as RGBA, and the bounds in
+        EPSG:4326 ([[south, west], [north, east]]), or None without tiles or with tiles in several CRSs."""
+        tiles = self.tiles(year)
+        if not tiles:
+            return None
+        srcs = [rasterio.open(p) for p in tiles]
+        try:
+            if len({s.crs.to_string() for s in srcs}) > 1:
+                return None
+            w = sum(s.width for s in srcs)
+            h = sum(s.height for s in srcs)
+            scale = max(1.0, np.sqrt(w * h / MAX_OVERLAY_PIXELS))
+            res = (srcs[0].res[0] * scale, srcs[0].res[1] * scale)
+            mosaic, transform = merge(srcs, res=res, nodata=NODATA, resampling=Resampling.nearest)
+            crs = srcs[0].crs
+        finally:
+            for s in srcs:
+                s.close()
+        q = mosaic[0]
+        if crs.to_epsg() != 4326:  # Leaflet lays an image between two corners of latitude and longitude
+            from rasterio.warp import calculate_default_transform, reproject
+
+            h0, w0 = q.shape
+            left, top = transform.c, transform.f
+            right, bottom = left + transform.a * w0, top + transform.e * h0
+            dst_t, dw, dh = calculate_default_transform(crs, WGS84, w0, h0, left, bottom, right, top)
+            out = np.full((dh, dw), NODATA, np.uint8)
+            reproject(q, out, src_transform=transform, src_crs=crs, dst_transform=dst_t, dst_crs=WGS84,
+                      src_nodata=NODATA, dst_nodata=NODATA, resampling=Resampling.nearest)
+            q, transform = out, dst_t
+        import matplotlib
+
+        rgba = (matplotlib.colormaps["magma"](q / LEVELS) * 255).astype(np.uint8)
+        rgba[..., 3] = np.where(q == NODATA, 0, np.clip(q / LEVELS * 255 * 1.2, 40, 220)).astype(np.uint8)
+        west, north = transform.c, transform.f
+        east, south = west + transform.a * q.shape[1], north + transform.e * q.shape[0]
+        return rgba, [[south, west], [north, east]]
+
+
+def _stretch(pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """A natural-colour picture (bands red, green, blue first) stretched between the 2nd and 98th percentiles."""
+    rgb = pixels[:3].astype(np.float32).transpose(1, 2, 0)
+    vals = rgb[valid] if valid.any() else rgb.reshape(-1, 3)
+    lo, hi = np.percentile(vals, 2, axis=0), np.percentile(vals, 98, axis=0)
+    out = np.clip((rgb - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
+    out[~valid] = 1.0
+    return out
+
+
+def plot_views(rasters: _Rasters, cases: list[tuple[str, int, shapely.Geometry]], panel: gpd.GeoDataFrame,
+               reference: gpd.GeoDataFrame | None) -> str | None:
+    """A row per case (title, year, geometry): image, calibrated probability, and the outlines (mines in red,
+    the reference in cyan) over the image, side by side."""
+    rows = []
+    for title, year, geom in cases:
+        got = rasters.window(year, shapely.point_on_surface(geom))
+        if got is not None:
+            rows.append((title, year, *got))
+    if not rows:
+        return None
+    fig, axes = _plt().subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
+    for (title, year, rgb, prob, grid), (a_img, a_prob, a_poly) in zip(rows, axes):
+        extent = (grid.transform.c, grid.transform.c + grid.transform.a * grid.width,
+                  grid.transform.f + grid.transform.e * grid.height, grid.transform.f)
+        base = rgb if rgb is not None else np.nan_to_num(prob)
+        a_img.imshow(base, extent=extent, cmap=None if rgb is not None else "gray")
+        a_img.set_title(f"{title}: image {year}" if rgb is not None else f"{title}: no imagery", fontsize=9)
+        a_prob.imshow(prob, extent=extent, cmap="magma", vmin=0, vmax=1)
+        a_prob.set_title("probability", fontsize=9)
+        a_poly.imshow(base, extent=extent, cmap=None if rgb is not None else "gray")
+        box = shapely.box(extent[0], extent[2], extent[1], extent[3])
+        for gdf, colour in ((panel[panel.year == year], "red"),
+                            (reference[reference.year == year] if reference is not None else None, "cyan")):
+            if gdf is None or len(gdf) == 0:
+                continue
+            for g in gdf.to_crs(grid.crs).geometry.intersection(box):
+                for part in getattr(g, "geoms", [g]):
+                    if isinstance(part, shapely.Polygon) and not part.is_empty:
+                        xs, ys = part.exterior.xy
+                        a_poly.plot(xs, ys, color=colour, lw=1.2)
+        a_poly.set_title("mines (red), reference (cyan)", fontsize=9)
+        for a in (a_img, a_prob, a_poly):
+            a.set_xlim(extent[0], extent[1])
+            a.set_ylim(extent[2], extent[3])
+            a.set_xticks([])
+            a.set_yticks([])
+    return _png(fig)
+
+
+def largest_errors(panel: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, n: int = 3) -> list[tuple[str, int, shapely.Geometry]]:
+    """The ``n`` largest disagreements between the mines and the reference over all years: parts of one not
+    covered by the other (false alarms and misses), largest first."""
+    out = []
+    for year in sorted(set(panel.year) & set(reference.year)):
+        mines = shapely.union_all(np.asarray(panel[panel.year == year].geometry.values))
+        ref = shapely.union_all(np.asarray(reference[reference.year == year].geometry.values))
+        for kind, part in (("false alarm", shapely.difference(mines, ref)), ("missed", shapely.difference(ref, mines))):
+            for g in getattr(part, "geoms", [part]):
+                if not g.is_empty and g.area > 0:
+                    out.append((g.area, kind, int(year), g))
+    out.sort(key=lambda t: -t[0])
+    return [(kind, year, g) for _, kind, year, g in out[:n]]
+
+
+def _leaflet_assets() -> tuple[str, str]:
+    """Leaflet's JavaScript and CSS from the installed xstatic-leaflet package."""
+    try:
+        from xstatic.pkg import leaflet
+    except ImportError:
+        raise InputError("the report needs the xstatic-leaflet package (Leaflet's JavaScript and CSS, inlined so "
+                         "that the page works offline): pip install xstatic-leaflet") from None
+    base = Path(leaflet.BASE_DIR)
+    css = (base / "leaflet.css").read_text(encoding="utf-8")
+
+    def inline(m: re.Match) -> str:  # the style sheet's icons, as data: a file:// page has no images/ beside it
+        f = base / m.group(1)
+        return f"url(data:image/png;base64,{base64.b64encode(f.read_bytes()).decode()})" if f.is_file() else "none"
+
+    css = re.sub(r"url\(\s*['\"]?(images/[\w.-]+\.png)['\"]?\s*\)", inline, css)
+    return (base / "leaflet.js").read_text(encoding="utf-8"), css
+
+
+def build_map(panel: gpd.GeoDataFrame, overlay: tuple[int, np.ndarray, list] | None = None):
+    """A folium map with no network needs: one layer of mines a year (the last shown), popups, an optional
+    probability overlay (year, RGBA, bounds), a layer control."""
+    import folium
+    from branca.element import Element
+
+    class OfflineMap(folium.Map):  # no CDN links: Leaflet is inlined below, nothing else is needed
+        default_js: list = []
+        default_css: list = []
+
+    west, south, east, north = panel.total_bounds
+    fmap = OfflineMap(location=[(south + north) / 2, (west + east) / 2], tiles=None, zoom_start=12,
+                      width="100%", height="560px", control_scale=True)
+    fmap.fit_bounds([[south, west], [north, east]])
+    js, css = _leaflet_assets()
+    root = fmap.get_root()
+    root.header.add_child(Element(f"<style>{css}</style>"), name="leaflet_css")
+    root.header.add_child(Element(f"<script>{js}</script>"), name="leaflet_js")
+    years = sorted(panel.year.unique())
+    for i, year in enumerate(years):
+        gdf = panel[panel.year == year]
+        if len(gdf) > MAX_MAP_POLYGONS:
+            gdf = gdf.nlargest(MAX_MAP_POLYGONS, "area_km2")
+        gdf = gdf[["mine_id", "year", "country", "first_year", "area_km2", "mean_probability", "geometry"]].copy()
+        gdf["geometry"] = shapely.simplify(np.asarray(gdf.geometry.values), SIMPLIFY_DEG)
+        gdf["area_km2"] = gdf.area_km2.round(4)
+        gdf["mean_probability"] = gdf.mean_probability.round(3)
+        gdf["country"] = gdf.country.fillna("(none)")
+        colour = COLOURS[i % len(COLOURS)]
+        layer = folium.FeatureGroup(name=f"mines {year}", show=bool(year == years[-1]))
+        folium.GeoJson(
+            gdf.to_json(drop_id=True, to_wgs84=True), name=f"mines {year}",
+            style_function=lambda _f, c=colour: {"color": c, "weight": 2, "fillColor": c, "fillOpacity": 0.35},
+            popup=folium.GeoJsonPopup(fields=["mine_id", "year", "area_km2", "country", "first_year",
+                                              "mean_probability"],
+                                      aliases=["mine", "year", "km²", "country", "first year", "mean probability"]),
+        ).add_to(layer)
+        layer.add_to(fmap)
+    if overlay is not None:
+        year, rgba, bounds = overlay
+        folium.raster_layers.ImageOverlay(rgba, bounds=bounds, name=f"probability {year}", opacity=0.8,
+                                          show=False).add_to(fmap)
+    folium.LayerControl(collapsed=False).add_to(fmap)
+    return fmap
+
+
+def _table(df: pd.DataFrame, floats: int = 3) -> str:
+    return df.to_html(index=False, float_format=lambda v: f"{v:.{floats}f}", border=0, classes="t", na_rep="")
+
+
+def report(run_dir: Path, dest: Path | None = None, reference: Path | None = None, progress: bool = True) -> Path:
+    """Write ``report.html`` (default in ``run_dir``) for the run at ``run_dir``; ``reference``: polygons to
+    show the largest errors against (default: none, the metrics of ``metrics.json`` are shown either way)."""
+    from minemap.export import read_panel
+    from minemap.panel import change_statistics
+
+    run_dir = Path(run_dir)
+    dest = Path(dest) if dest else run_dir / REPORT
+    panel = read_panel(run_dir)
+    if len(panel) == 0 or panel.year.nunique() == 0:
+        raise InputError(f"{run_dir / 'panel.parquet'}: the panel holds no years: nothing to report")
+    ref = None
+    if reference is not None:
+        from minemap.evaluate import read_reference
+
+        ref = read_reference(Path(reference))
+    steps = tqdm(total=6, desc="report", unit="part", disable=not progress, leave=False)
+    changes_path = run_dir / "changes.parquet"
+    changes = pd.read_parquet(changes_path) if changes_path.is_file() else change_statistics(panel)
+    changes["country"] = changes["country"].fillna("(none)")
+    metrics = _read_json(run_dir / "metrics.json")
+    card = _read_json(run_dir / "model" / "model.json")
+    threshold = _read_json(run_dir / "threshold.json")
+    years = sorted(int(y) for y in panel.year.unique())
+    sections = []
+    summary = panel.groupby("year").agg(mines=("mine_id", "nunique"), km2=("area_km2", "sum")).reset_index()
+    sections.append(("Mines a year", _table(summary)))
+    steps.update()
+    sections.append(("Mining area by country", f'<img alt="area by country" src="{plot_area(changes)}">'))
+    if changes[["new_km2", "abandoned_km2"]].notna().any().any():
+        sections.append(("New versus abandoned", f'<img alt="new versus abandoned" src="{plot_change(changes)}">'))
+    steps.update()
+    if metrics.get("years"):
+        rows = [{"year": y, **{k: m["pixel"][k] for k in ("precision", "recall", "f1", "iou")},
+                 "F1 95 % interval": "-".join(f"{v:.3f}" for v in m["pixel"].get("ci95", {}).get("f1", [])),
+                 "object precision": m["object"]["precision"], "object recall": m["object"]["recall"]}
+                for y, m in sorted(metrics["years"].items())]
+        body = _table(pd.DataFrame(rows)) + f'<img alt="metrics" src="{plot_metrics(metrics)}">'
+        body += f'<img alt="precision-recall and reliability" src="{plot_curves(metrics)}">'
+        if metrics.get("by_country"):
+            body += "<h3>By country</h3>" + _table(pd.DataFrame(
+                [{"iso3": k, **{m: v[m] for m in ("precision", "recall", "f1")}, "blocks": v.get("blocks")}
+                 for k, v in metrics["by_country"].items()]))
+        sections.append(("Accuracy", body))
+    else:
+        sections.append(("Accuracy", "<p>No reference was given to this run: its accuracy is not measured here."
+                                     + (f" The model's test F1 on held-out chips: "
+                                        f"{card['test_metrics']['f1']:.3f}." if card.get("test_metrics") else "")
+                                     + "</p>"))
+    steps.update()
+    rasters = _Rasters(run_dir)
+    cases = [(f"largest mine {int(r.year)}", int(r.year), r.geometry)
+             for r in panel.nlargest(2, "area_km2").itertuples()]
+    if ref is not None:
+        cases += largest_errors(panel, ref)
+    views = plot_views(rasters, cases, panel, ref)
+    if views:
+        sections.append(("Look closer", f'<img alt="image, probability and polygons" src="{views}">'))
+    steps.update()
+    got = rasters.overlay(years[-1])
+    fmap = build_map(panel, (years[-1], *got) if got is not None else None)
+    steps.update()
+    facts = [f"run: {html.escape(str(run_dir.resolve()))}", f"years: {years[0]}-{years[-1]}",
+             f"mines: {panel.mine_id.nunique():,}", f"mine-years: {len(panel):,}"]
+    if card:
+        facts.append(f"model: {html.escape(str(card.get('encoder')))}, trained on {card.get('train_year')}, "
+                     f"threshold {card.get('threshold')}")
+    if threshold.get("threshold") is not None:
+        facts.append(f"threshold used: {threshold['threshold']}")
+    head = ("<h1>minemap report</h1><p>" + " &middot; ".join(facts) + '</p><p><a href="#map">The map</a> is at '
+            "the end.</p>")
+    body = "".join(f"<section><h2>{html.escape(t)}</h2>{b}</section>" for t, b in sections)
+    # folium places the map's own element after everything added to the page, so the map closes it
+    body += ('<h2 id="map">Map</h2><p>No network needed, so no basemap: each year\'s mines are a layer (tick the '
+             "years to show; click a mine for its record), the last year's probabilities another.</p>")
+    from branca.element import Element
+
+    root = fmap.get_root()
+    root.header.add_child(Element("<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}"
+                                  "img{max-width:100%;display:block;margin:.5em 0}table.t{border-collapse:collapse}"
+                                  "table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd}"
+                                  ".folium-map{border:1px solid #aaa}</style>"), name="report_css")
+    root.html.add_child(Element(head), name="report_head", index=0)
+    root.html.add_child(Element(body), name="report_body")
+    page = root.render()
+    with atomic_path(dest) as tmp:
+        Path(tmp).write_text(page, encoding="utf-8")
+    steps.update()
+    steps.close()
+    return dest
