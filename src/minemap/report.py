@@ -435,16 +435,17 @@ def report(run_dir: Path, dest: Path | None = None, reference: Path | None = Non
                      f"threshold {card.get('threshold')}")
     if threshold.get("threshold") is not None:
         facts.append(f"threshold used: {threshold['threshold']}")
-    head = ("<h1>minemap report</h1><p>" + " &middot; ".join(facts) + '</p><p><a href="#map">The map</a> is at '
+    head = ("<h1>minemap report</h1><p>" + " &middot; ".join(facts) + '</p><p><a href="#the-map">The map</a> is at '
             "the end.</p>")
     body = "".join(f"<section><h2>{html.escape(t)}</h2>{b}</section>" for t, b in sections)
-    # folium places the map's own element after everything added to the page, so the map closes it
-    body += ('<h2 id="map">Map</h2><p>No network needed, so no basemap: each year\'s mines are a layer (tick the '
+    # folium places the map's own element after everything added to the page, so the map closes it (its style
+    # sheet pins any element with id "map" to the window: the heading has another id)
+    body += ('<h2 id="the-map">Map</h2><p>No network needed, so no basemap: each year\'s mines are a layer (tick the '
              "years to show; click a mine for its record), the last year's probabilities another.</p>")
     from branca.element import Element
 
     root = fmap.get_root()
-    root.header.add_child(Element("<style>body{font-family:sans-serif;margin:1.5em;max-width:1100px}"
+    root.header.add_child(Element("<style>body{font-family:sans-serif;margin:1.5em !important;width:auto !important;max-width:1100px}"
                                   "img{max-width:100%;display:block;margin:.5em 0}table.t{border-collapse:collapse}"
                                   "table.t td,table.t th{padding:2px 8px;border-bottom:1px solid #ddd}"
                                   ".folium-map{border:1px solid #aaa}</style>"), name="report_css")
