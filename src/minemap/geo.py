@@ -62,7 +62,6 @@ def polygons_meet(p: np.ndarray, q: np.ndarray, interiors: bool = False) -> np.n
 
 _A = 6378137.0  # WGS84 semi-major axis, metres
 _E = 0.0818191908426215  # WGS84 first eccentricity
-_QP = (1 - _E ** 2) * (1 / (1 - _E ** 2) - np.log((1 - _E) / (1 + _E)) / (2 * _E))  # q at the pole
 
 
 def _authalic(lonlat: np.ndarray) -> np.ndarray:

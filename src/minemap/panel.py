@@ -323,7 +323,8 @@ def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, wher
     panel.insert(panel.columns.get_loc("area_km2"), "first_year", first.astype(int))
     # the change table needs the overlaps of consecutive years: those of the tracking, where it used no buffer
     la, lb = links
-    consecutive = (la[yi[la] - yi[lb] == 1], lb[yi[la] - yi[lb] == 1]) if cfg.buffer_m == 0 else None
+    one = yi[la] - yi[lb] == 1
+    consecutive = (la[one], lb[one]) if cfg.buffer_m == 0 else None
     changes = change_statistics(panel, consecutive)
     panel = panel.sort_values(["mine_id", "year"]).reset_index(drop=True)
     return Panel(panel[PANEL_COLUMNS], events, changes)
