@@ -407,6 +407,36 @@ def model_import_mmseg(
     out.print(f"{card.encoder} with MMSegmentation's head, bands {', '.join(card.bands)} -> {out_dir}")
 
 
+review_app = typer.Typer(no_args_is_help=True, help="Review: the detections to look at first, and verdicts back.")
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+@_stage
+def review_export(run_dir: Annotated[Path, typer.Argument(help="a run folder (with panel.parquet)")],
+                  year: Annotated[int, typer.Option(help="the year to review")],
+                  out_dir: Annotated[Optional[Path], typer.Option("--out", help="folder (default: "
+                                                                               "RUN_DIR/review/YEAR)")] = None,
+                  limit: Annotated[int, typer.Option(min=1, help="items, highest priority first")] = 200):
+    """The detections a person should look at first (new, unsure, large, away from labels; labels not found) as
+    a GeoPackage with an empty `verdict` field, a QGIS style and an image chip each."""
+    from minemap.review import export_review
+
+    gpkg = export_review(run_dir, year, out_dir, limit)
+    out.print(f"review {year} -> {gpkg} (set verdict to mine, not_mine or unsure; then `minemap review import`)")
+
+
+@review_app.command("import")
+@_stage
+def review_import(path: Annotated[Path, typer.Argument(help="a reviewed review_<year>.gpkg")],
+                  run_dir: Annotated[Path, typer.Option("--run", help="the run folder the verdicts belong to")]):
+    """Keep a reviewed file's verdicts in RUN/review/verdicts.parquet."""
+    from minemap.review import import_review
+
+    counts = import_review(path, run_dir)
+    out.print(f"verdicts kept: {', '.join(f'{k} {v}' for k, v in counts.items())} -> {run_dir / 'review'}")
+
+
 imagery_app = typer.Typer(no_args_is_help=True, help="Imagery sources: fill a remote source's cache ahead of a run.")
 app.add_typer(imagery_app, name="imagery")
 

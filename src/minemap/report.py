@@ -283,6 +283,28 @@ def plot_views(rasters: _Rasters, cases: list[tuple[str, int, shapely.Geometry]]
     return _png(fig)
 
 
+def plot_outline(rasters: _Rasters, year: int, geom: shapely.Geometry, side: int = WINDOW_PX) -> bytes | None:
+    """A PNG of the image (or, without imagery, the probabilities) around ``geom`` (EPSG:4326) with its outline
+    in red, or None where no probability raster of ``year`` holds it."""
+    got = rasters.window(year, shapely.point_on_surface(geom), side)
+    if got is None:
+        return None
+    rgb, prob, grid = got
+    extent = (grid.transform.c, grid.transform.c + grid.transform.a * grid.width,
+              grid.transform.f + grid.transform.e * grid.height, grid.transform.f)
+    fig, ax = _figure(3.2, 3.2)
+    ax.imshow(rgb if rgb is not None else np.nan_to_num(prob), extent=extent,
+              cmap=None if rgb is not None else "magma")
+    for part in getattr(g := gpd.GeoSeries([geom], crs=WGS84).to_crs(grid.crs).iloc[0], "geoms", [g]):
+        if isinstance(part, shapely.Polygon):
+            ax.plot(*part.exterior.xy, color="red", lw=1.2)
+    ax.set(xlim=extent[:2], ylim=extent[2:], xticks=[], yticks=[])
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
 def largest_errors(panel: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, n: int = 3) -> list[tuple[str, int, shapely.Geometry]]:
     """The ``n`` largest disagreements between the mines and the reference over all years: parts of one not
     covered by the other (false alarms and misses), largest first."""

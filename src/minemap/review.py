@@ -1,0 +1,190 @@
+"""Review: the detections a person should look at first, and the verdicts a person gives them.
+
+``review export`` writes, for one year of a run, the detections (and the labels no detection found) in order of
+priority as ``review_<year>.gpkg`` (layer ``review``, EPSG:4326, :data:`REVIEW_COLUMNS`, an empty ``verdict``
+for the reviewer), a QGIS style beside it (``review_<year>.qml``: colours by verdict, a drop-down of the
+allowed verdicts) and a PNG per item (``chips/<review_id>.png``: the image with the outline). Priority adds the
+weights of the item's reasons (:data:`REASONS`): away from every label, a label no detection found, new this
+year, low calibrated confidence (within :data:`LOW_MARGIN` above the threshold), large (the year's top tenth).
+
+``review import`` checks a reviewed file (the verdicts must be one of :data:`VERDICTS` or empty, the layer in
+EPSG:4326, the columns those written) and keeps its verdicts in ``<run>/review/verdicts.parquet``, one row per
+reviewed item, the latest verdict winning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+import geopandas as gpd
+import numpy as np
+import pandas as pd
+import shapely
+from tqdm.auto import tqdm
+
+from minemap._io import atomic_path
+from minemap.errors import InputError
+from minemap.geo import WGS84
+
+log = logging.getLogger(__name__)
+VERDICTS = ("mine", "not_mine", "unsure")
+REASONS = {"away from labels": 3, "label not detected": 3, "new this year": 2, "low confidence": 2, "large": 1}
+LOW_MARGIN = 0.15
+REVIEW_COLUMNS = ["review_id", "kind", "mine_id", "year", "priority", "reasons", "area_km2", "mean_probability",
+                  "chip", "verdict", "note", "geometry"]
+VERDICT_FILE = "verdicts.parquet"
+_STYLE = {"": ("255,215,0,70", "230,180,0,255", "to review"), "mine": ("220,60,40,90", "200,30,20,255", "mine"),
+          "not_mine": ("60,120,220,60", "30,80,200,255", "not a mine"),
+          "unsure": ("160,160,160,70", "90,90,90,255", "unsure")}
+
+
+def review_candidates(panel: gpd.GeoDataFrame, year: int, labels: gpd.GeoDataFrame | None = None,
+                      threshold: float = 0.5) -> gpd.GeoDataFrame:
+    """The year's detections, and the labels none of them meets, with their reasons and priority, highest
+    first (ties: larger first)."""
+    det = panel[panel.year == year].reset_index(drop=True)
+    area = det.area_km2.to_numpy(float)
+    reasons = [[] for _ in range(len(det))]
+
+    def flag(mask: np.ndarray, reason: str) -> None:
+        for i in np.flatnonzero(mask):
+            reasons[i].append(reason)
+
+    geoms = np.asarray(det.geometry.values)
+    label_geoms = np.asarray(labels.to_crs(WGS84).geometry.values) if labels is not None and len(labels) else None
+    if label_geoms is not None:
+        di, li = shapely.STRtree(label_geoms).query(geoms, predicate="intersects")
+        flag(~np.isin(np.arange(len(det)), di), "away from labels")
+    flag((det.first_year.to_numpy() == year) & (year > panel.year.min()), "new this year")
+    flag(det.mean_probability.fillna(1.0).to_numpy() < threshold + LOW_MARGIN, "low confidence")
+    if len(det):
+        flag(area >= np.quantile(area, 0.9), "large")
+    rows = det.assign(kind="detection", reasons=["; ".join(r) for r in reasons],
+                      priority=[sum(REASONS[x] for x in r) for r in reasons])
+    frames = [rows]
+    if label_geoms is not None:
+        missed = np.setdiff1d(np.arange(len(label_geoms)), li)
+        from minemap.geo import area_km2
+
+        frames.append(gpd.GeoDataFrame({
+            "kind": "label", "mine_id": "", "year": year, "reasons": "label not detected",
+            "priority": REASONS["label not detected"], "area_km2": area_km2(label_geoms[missed]),
+            "mean_probability": np.nan}, geometry=label_geoms[missed], crs=WGS84))
+    out = gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=WGS84)
+    out = out.sort_values(["priority", "area_km2"], ascending=[False, False]).reset_index(drop=True)
+    out["review_id"] = np.arange(1, len(out) + 1)
+    out["chip"] = ""
+    out["verdict"] = ""
+    out["note"] = ""
+    out["year"] = int(year)
+    return out[REVIEW_COLUMNS]
+
+
+def qgis_style() -> str:
+    """A QGIS layer style (.qml): fills coloured by verdict, and the verdict field edited from a drop-down."""
+    cats = "".join(f'<category value={quoteattr(v)} symbol="{i}" label={quoteattr(s[2])} render="true"/>'
+                   for i, (v, s) in enumerate(_STYLE.items()))
+    symbols = "".join(
+        f'<symbol type="fill" name="{i}" alpha="1" clip_to_extent="1" force_rhr="0"><layer class="SimpleFill" '
+        f'enabled="1" locked="0" pass="0"><Option type="Map"><Option name="color" value="{fill}" type="QString"/>'
+        f'<Option name="outline_color" value="{line}" type="QString"/><Option name="outline_width" value="0.6" '
+        f'type="QString"/><Option name="style" value="solid" type="QString"/></Option></layer></symbol>'
+        for i, (fill, line, _) in enumerate(_STYLE.values()))
+    choices = "".join(f'<Option type="Map"><Option name={quoteattr(s[2])} value={quoteattr(v)} type="QString"/>'
+                      "</Option>" for v, s in _STYLE.items())
+    return ("<!DOCTYPE qgis PUBLIC 'http://mrcc.com/qgis.dtd' 'SYSTEM'>\n"
+            '<qgis version="3.28" styleCategories="Symbology|Fields|Forms">'
+            f'<renderer-v2 type="categorizedSymbol" attr="verdict" symbollevels="0" forceraster="0">'
+            f"<categories>{cats}</categories><symbols>{symbols}</symbols></renderer-v2>"
+            '<fieldConfiguration><field name="verdict" configurationFlags="None"><editWidget type="ValueMap">'
+            f'<config><Option type="Map"><Option name="map" type="List">{choices}</Option></Option></config>'
+            "</editWidget></field></fieldConfiguration></qgis>\n")
+
+
+def _threshold(run_dir: Path) -> float:
+    for path, key in ((run_dir / "threshold.json", "threshold"), (run_dir / "model" / "model.json", "threshold")):
+        try:
+            return float(json.loads(path.read_text())[key])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 0.5
+
+
+def export_review(run_dir: Path, year: int, out_dir: Path | None = None, limit: int = 200,
+                  progress: bool = True) -> Path:
+    """Write the review file of ``year`` for the run at ``run_dir`` (default ``run_dir/review/<year>/``): the
+    ``limit`` items of highest priority, their QGIS style and image chips. Returns the GeoPackage's path."""
+    from minemap.export import read_panel
+    from minemap.report import _Rasters, plot_outline
+
+    run_dir = Path(run_dir)
+    panel = read_panel(run_dir)
+    if year not in set(panel.year.astype(int)):
+        raise InputError(f"{run_dir / 'panel.parquet'}: no mines in {year} (years: "
+                         f"{', '.join(map(str, sorted(set(panel.year.astype(int)))))})")
+    labels_path = run_dir / "labels.parquet"
+    labels = gpd.read_parquet(labels_path) if labels_path.is_file() else None
+    items = review_candidates(panel, year, labels, _threshold(run_dir)).head(limit)
+    out_dir = Path(out_dir) if out_dir else run_dir / "review" / str(year)
+    (out_dir / "chips").mkdir(parents=True, exist_ok=True)
+    rasters = _Rasters(run_dir)
+    for row in tqdm(items.itertuples(), total=len(items), desc=f"review chips {year}", disable=not progress,
+                    leave=False):
+        png = plot_outline(rasters, year, row.geometry)
+        if png is not None:
+            dest = out_dir / "chips" / f"{row.review_id}.png"
+            with atomic_path(dest) as tmp:
+                Path(tmp).write_bytes(png)
+            items.loc[items.review_id == row.review_id, "chip"] = f"chips/{row.review_id}.png"
+    gpkg = out_dir / f"review_{year}.gpkg"
+    with atomic_path(gpkg) as tmp:
+        items.to_file(tmp, layer="review", driver="GPKG")
+    with atomic_path(out_dir / f"review_{year}.qml") as tmp:
+        Path(tmp).write_text(qgis_style(), encoding="utf-8")
+    log.info("review %d: %d items -> %s", year, len(items), gpkg)
+    return gpkg
+
+
+def read_verdicts(path: Path) -> gpd.GeoDataFrame:
+    """A reviewed file, checked: one line naming the file for missing columns, unknown verdicts or another
+    CRS. Returns the rows with a verdict."""
+    from minemap.labels import read_vector
+
+    path = Path(path)
+    gdf = read_vector(path)
+    missing = [c for c in ("review_id", "kind", "year", "verdict") if c not in gdf.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (not a file of `minemap review export`?)")
+    if not gdf.crs.equals(WGS84):
+        raise InputError(f"{path}: review files are in EPSG:4326, not {gdf.crs.to_string()}")
+    verdict = gdf["verdict"].fillna("").astype(str).str.strip()
+    unknown = sorted(set(verdict) - set(VERDICTS) - {""})
+    if unknown:
+        raise InputError(f"{path}: unknown verdict(s) {', '.join(map(repr, unknown))}: use "
+                         f"{', '.join(VERDICTS)} or leave empty")
+    gdf = gdf.assign(verdict=verdict)
+    return gdf[gdf.verdict != ""].reset_index(drop=True)
+
+
+def import_review(path: Path, run_dir: Path) -> dict[str, int]:
+    """Keep the verdicts of a reviewed file in ``run_dir/review/verdicts.parquet`` (a later verdict on the same
+    item replaces the earlier). Returns the count of each verdict kept there."""
+    got = read_verdicts(path)
+    dest = Path(run_dir) / "review" / VERDICT_FILE
+    cols = ["review_id", "kind", "mine_id", "year", "verdict", "note", "geometry"]
+    got = got.assign(**{c: "" for c in ("mine_id", "note") if c not in got.columns})[cols]
+    if dest.is_file():
+        old = gpd.read_parquet(dest)
+        got = gpd.GeoDataFrame(pd.concat([old, got], ignore_index=True), crs=WGS84)
+    # the same item: the same year, kind and outline (review ids are per export)
+    outline = shapely.to_wkb(np.asarray(got.geometry.values), hex=True)
+    got = got.assign(_key=got.year.astype(str) + got.kind + outline)
+    got = got.drop_duplicates("_key", keep="last").drop(columns="_key").reset_index(drop=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    from minemap.labels import write_geoparquet
+
+    write_geoparquet(gpd.GeoDataFrame(got, crs=WGS84), dest)
+    return {v: int((got.verdict == v).sum()) for v in VERDICTS}
