@@ -118,3 +118,20 @@ def test_report_in_a_real_browser(page, tmp_path):
         (tmp_path / "report.png").write_bytes(driver.get_screenshot_as_png())
     finally:
         driver.quit()
+
+
+def test_a_large_panel_shows_each_years_largest_mines(monkeypatch):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    import minemap.report as rep
+
+    monkeypatch.setattr(rep, "MAX_MAP_POLYGONS", 6)
+    rows = [{"mine_id": f"m{y}{i}", "year": y, "country": "Ghana", "first_year": y, "area_km2": float(i),
+             "mean_probability": 0.9} for y in (2019, 2020, 2021) for i in range(1, 6)]
+    panel = gpd.GeoDataFrame(rows, geometry=[box(i, 0, i + 0.5, 0.5) for y in range(3) for i in range(1, 6)],
+                             crs="EPSG:4326")
+    page = rep.build_map(panel).get_root().render()
+    # two a year (6 over 3 years), the two largest: areas 5 and 4, never 3
+    for y in (2019, 2020, 2021):
+        assert f'"m{y}5"' in page and f'"m{y}4"' in page and f'"m{y}3"' not in page

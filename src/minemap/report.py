@@ -41,7 +41,8 @@ log = logging.getLogger(__name__)
 REPORT = "report.html"
 REPORT_FORMAT = 1  # bumped when the report changes, so that a resumed run writes it again
 MAX_OVERLAY_PIXELS = 2048 * 2048  # a larger probability raster is read at a coarser resolution for the overlay
-MAX_MAP_POLYGONS = 20_000  # per year; the largest are shown when a year has more
+MAX_MAP_POLYGONS = 10_000  # on the map, all years together; each year shows its largest where it has more
+MAP_GRID_DEG = 1e-6  # coordinates on the map rounded to ~0.1 m: half the page's size, nothing visible lost
 SIMPLIFY_DEG = 0.00002  # ~2 m: outlines on the map lose vertices no one can see
 WINDOW_PX = 160  # side of the side-by-side views, in imagery pixels
 COLOURS = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725", "#e76f51", "#9d4edd", "#f4a261", "#2a9d8f"]
@@ -87,7 +88,8 @@ def plot_area(changes: pd.DataFrame, top: int = 8) -> str:
         shown = shown.assign(other=by[order[top:]].sum(1))
     fig, ax = _figure()
     for i, col in enumerate(shown.columns):
-        ax.plot(shown.index, shown[col], marker="o", color=COLOURS[i % len(COLOURS)], label=col)
+        colour = "#888888" if col == "other" and i == len(shown.columns) - 1 else COLOURS[i % len(COLOURS)]
+        ax.plot(shown.index, shown[col], marker="o", color=colour, label=col)
     ax.set(xlabel="year", ylabel="km²", title="Mining area by country")
     ax.set_xticks(list(shown.index))
     ax.legend(fontsize=8)
@@ -357,12 +359,14 @@ def build_map(panel: gpd.GeoDataFrame, overlay: tuple[int, np.ndarray, list] | N
     root.header.add_child(Element(f"<style>{css}</style>"), name="leaflet_css")
     root.header.add_child(Element(f"<script>{js}</script>"), name="leaflet_js")
     years = sorted(panel.year.unique())
+    per_year = max(1, MAX_MAP_POLYGONS // len(years))
     for i, year in enumerate(years):
         gdf = panel[panel.year == year]
-        if len(gdf) > MAX_MAP_POLYGONS:
-            gdf = gdf.nlargest(MAX_MAP_POLYGONS, "area_km2")
+        if len(gdf) > per_year:
+            gdf = gdf.nlargest(per_year, "area_km2")
         gdf = gdf[["mine_id", "year", "country", "first_year", "area_km2", "mean_probability", "geometry"]].copy()
-        gdf["geometry"] = shapely.simplify(np.asarray(gdf.geometry.values), SIMPLIFY_DEG)
+        gdf["geometry"] = shapely.set_precision(shapely.simplify(np.asarray(gdf.geometry.values), SIMPLIFY_DEG),
+                                                MAP_GRID_DEG)
         gdf["area_km2"] = gdf.area_km2.round(4)
         gdf["mean_probability"] = gdf.mean_probability.round(3)
         gdf["country"] = gdf.country.fillna("(none)")
@@ -457,13 +461,16 @@ def report(run_dir: Path, dest: Path | None = None, reference: Path | None = Non
                      f"threshold {card.get('threshold')}")
     if threshold.get("threshold") is not None:
         facts.append(f"threshold used: {threshold['threshold']}")
+    shown = int(np.minimum(panel.groupby("year").size(), max(1, MAX_MAP_POLYGONS // len(years))).sum())
     head = ("<h1>minemap report</h1><p>" + " &middot; ".join(facts) + '</p><p><a href="#the-map">The map</a> is at '
-            "the end.</p>")
+            "the end" + (f" (the largest mines of each year, {shown:,} of {len(panel):,} mine-years)"
+                         if shown < len(panel) else "") + ".</p>")
     body = "".join(f"<section><h2>{html.escape(t)}</h2>{b}</section>" for t, b in sections)
     # folium places the map's own element after everything added to the page, so the map closes it (its style
     # sheet pins any element with id "map" to the window: the heading has another id)
     body += ('<h2 id="the-map">Map</h2><p>No network needed, so no basemap: each year\'s mines are a layer (tick the '
-             "years to show; click a mine for its record), the last year's probabilities another.</p>")
+             "years to show; click a mine for its record)"
+             + (f", the probabilities of {years[-1]} another" if got is not None else "") + ".</p>")
     from branca.element import Element
 
     root = fmap.get_root()
