@@ -150,7 +150,7 @@ def plot_curves(metrics: dict) -> str:
     return _png(fig)
 
 
-class _Rasters:
+class Rasters:
     """The run's probability tiles (and, where local, its imagery) read over windows in EPSG:4326 terms."""
 
     def __init__(self, run_dir: Path) -> None:
@@ -245,7 +245,22 @@ def _stretch(pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return out
 
 
-def plot_views(rasters: _Rasters, cases: list[tuple[str, int, shapely.Geometry]], panel: gpd.GeoDataFrame,
+def _extent(grid) -> tuple[float, float, float, float]:
+    """(left, right, bottom, top) of a north-up grid, as matplotlib's ``imshow`` takes it."""
+    t = grid.transform
+    return t.c, t.c + t.a * grid.width, t.f + t.e * grid.height, t.f
+
+
+def _draw_outlines(ax, geoms: gpd.GeoSeries, crs, extent, colour: str) -> None:
+    """The exteriors of polygons (any CRS) drawn in ``crs``, clipped to ``extent``."""
+    box = shapely.box(extent[0], extent[2], extent[1], extent[3])
+    for g in geoms.to_crs(crs).intersection(box):
+        for part in getattr(g, "geoms", [g]):
+            if isinstance(part, shapely.Polygon) and not part.is_empty:
+                ax.plot(*part.exterior.xy, color=colour, lw=1.2)
+
+
+def plot_views(rasters: Rasters, cases: list[tuple[str, int, shapely.Geometry]], panel: gpd.GeoDataFrame,
                reference: gpd.GeoDataFrame | None) -> str | None:
     """A row per case (title, year, geometry): image, calibrated probability, and the outlines (mines in red,
     the reference in cyan) over the image, side by side."""
@@ -258,24 +273,17 @@ def plot_views(rasters: _Rasters, cases: list[tuple[str, int, shapely.Geometry]]
         return None
     fig, axes = _plt().subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
     for (title, year, rgb, prob, grid), (a_img, a_prob, a_poly) in zip(rows, axes):
-        extent = (grid.transform.c, grid.transform.c + grid.transform.a * grid.width,
-                  grid.transform.f + grid.transform.e * grid.height, grid.transform.f)
+        extent = _extent(grid)
         base = rgb if rgb is not None else np.nan_to_num(prob)
         a_img.imshow(base, extent=extent, cmap=None if rgb is not None else "gray")
         a_img.set_title(f"{title}: image {year}" if rgb is not None else f"{title}: no imagery", fontsize=9)
         a_prob.imshow(prob, extent=extent, cmap="magma", vmin=0, vmax=1)
         a_prob.set_title("probability", fontsize=9)
         a_poly.imshow(base, extent=extent, cmap=None if rgb is not None else "gray")
-        box = shapely.box(extent[0], extent[2], extent[1], extent[3])
         for gdf, colour in ((panel[panel.year == year], "red"),
                             (reference[reference.year == year] if reference is not None else None, "cyan")):
-            if gdf is None or len(gdf) == 0:
-                continue
-            for g in gdf.to_crs(grid.crs).geometry.intersection(box):
-                for part in getattr(g, "geoms", [g]):
-                    if isinstance(part, shapely.Polygon) and not part.is_empty:
-                        xs, ys = part.exterior.xy
-                        a_poly.plot(xs, ys, color=colour, lw=1.2)
+            if gdf is not None and len(gdf):
+                _draw_outlines(a_poly, gdf.geometry, grid.crs, extent, colour)
         a_poly.set_title("mines (red), reference (cyan)", fontsize=9)
         for a in (a_img, a_prob, a_poly):
             a.set_xlim(extent[0], extent[1])
@@ -285,21 +293,18 @@ def plot_views(rasters: _Rasters, cases: list[tuple[str, int, shapely.Geometry]]
     return _png(fig)
 
 
-def plot_outline(rasters: _Rasters, year: int, geom: shapely.Geometry, side: int = WINDOW_PX) -> bytes | None:
+def plot_outline(rasters: Rasters, year: int, geom: shapely.Geometry, side: int = WINDOW_PX) -> bytes | None:
     """A PNG of the image (or, without imagery, the probabilities) around ``geom`` (EPSG:4326) with its outline
     in red, or None where no probability raster of ``year`` holds it."""
     got = rasters.window(year, shapely.point_on_surface(geom), side)
     if got is None:
         return None
     rgb, prob, grid = got
-    extent = (grid.transform.c, grid.transform.c + grid.transform.a * grid.width,
-              grid.transform.f + grid.transform.e * grid.height, grid.transform.f)
+    extent = _extent(grid)
     fig, ax = _figure(3.2, 3.2)
     ax.imshow(rgb if rgb is not None else np.nan_to_num(prob), extent=extent,
               cmap=None if rgb is not None else "magma")
-    for part in getattr(g := gpd.GeoSeries([geom], crs=WGS84).to_crs(grid.crs).iloc[0], "geoms", [g]):
-        if isinstance(part, shapely.Polygon):
-            ax.plot(*part.exterior.xy, color="red", lw=1.2)
+    _draw_outlines(ax, gpd.GeoSeries([geom], crs=WGS84), grid.crs, extent, "red")
     ax.set(xlim=extent[:2], ylim=extent[2:], xticks=[], yticks=[])
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
@@ -442,7 +447,7 @@ def report(run_dir: Path, dest: Path | None = None, reference: Path | None = Non
                                         f"{card['test_metrics']['f1']:.3f}." if card.get("test_metrics") else "")
                                      + "</p>"))
     steps.update()
-    rasters = _Rasters(run_dir)
+    rasters = Rasters(run_dir)
     cases = [(f"largest mine {int(r.year)}", int(r.year), r.geometry)
              for r in panel.nlargest(2, "area_km2").itertuples()]
     if ref is not None:

@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from minemap._io import atomic_path
 from minemap.errors import InputError
-from minemap.geo import WGS84
+from minemap.geo import WGS84, area_km2
+from minemap.labels import read_vector, write_geoparquet
 
 log = logging.getLogger(__name__)
 VERDICTS = ("mine", "not_mine", "unsure")
@@ -67,8 +68,6 @@ def review_candidates(panel: gpd.GeoDataFrame, year: int, labels: gpd.GeoDataFra
     frames = [rows]
     if label_geoms is not None:
         missed = np.setdiff1d(np.arange(len(label_geoms)), li)
-        from minemap.geo import area_km2
-
         frames.append(gpd.GeoDataFrame({
             "kind": "label", "mine_id": "", "year": year, "reasons": "label not detected",
             "priority": REASONS["label not detected"], "area_km2": area_km2(label_geoms[missed]),
@@ -118,7 +117,7 @@ def export_review(run_dir: Path, year: int, out_dir: Path | None = None, limit: 
     """Write the review file of ``year`` for the run at ``run_dir`` (default ``run_dir/review/<year>/``): the
     ``limit`` items of highest priority, their QGIS style and image chips. Returns the GeoPackage's path."""
     from minemap.export import read_panel
-    from minemap.report import _Rasters, plot_outline
+    from minemap.report import Rasters, plot_outline
 
     run_dir = Path(run_dir)
     panel = read_panel(run_dir)
@@ -130,7 +129,7 @@ def export_review(run_dir: Path, year: int, out_dir: Path | None = None, limit: 
     items = review_candidates(panel, year, labels, _threshold(run_dir)).head(limit)
     out_dir = Path(out_dir) if out_dir else run_dir / "review" / str(year)
     (out_dir / "chips").mkdir(parents=True, exist_ok=True)
-    rasters = _Rasters(run_dir)
+    rasters = Rasters(run_dir)
     for row in tqdm(items.itertuples(), total=len(items), desc=f"review chips {year}", disable=not progress,
                     leave=False):
         png = plot_outline(rasters, year, row.geometry)
@@ -151,8 +150,6 @@ def export_review(run_dir: Path, year: int, out_dir: Path | None = None, limit: 
 def read_verdicts(path: Path) -> gpd.GeoDataFrame:
     """A reviewed file, checked: one line naming the file for missing columns, unknown verdicts or another
     CRS. Returns the rows with a verdict."""
-    from minemap.labels import read_vector
-
     path = Path(path)
     gdf = read_vector(path)
     missing = [c for c in ("review_id", "kind", "year", "verdict") if c not in gdf.columns]
@@ -184,7 +181,5 @@ def import_review(path: Path, run_dir: Path) -> dict[str, int]:
     got = got.assign(_key=got.year.astype(str) + got.kind + outline)
     got = got.drop_duplicates("_key", keep="last").drop(columns="_key").reset_index(drop=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    from minemap.labels import write_geoparquet
-
     write_geoparquet(gpd.GeoDataFrame(got, crs=WGS84), dest)
     return {v: int((got.verdict == v).sum()) for v in VERDICTS}
