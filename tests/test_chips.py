@@ -226,6 +226,51 @@ def test_hard_negatives_teach_false_alarms_and_spare_likely_mines(tmp_path):
     assert hard.split.iloc[0] == blocks_split[(blocks_split.bx == bx) & (blocks_split.by == by)].split.iloc[0]
 
 
+def test_reviewed_verdicts_overrule_the_models_confidence(tmp_path):
+    """A detection the model is sure of, away from the labels, would be spared as a possible missed mine. A
+    reviewer who rejects it gets it taught as background: training chips over it (several for a field wider
+    than a chip), none of its pixels spared by the hard negatives; an outline the reviewer was unsure of is ignored in
+    every chip."""
+    from minemap.chips import hard_negative_chips
+    from minemap.config import HardNegativeConfig
+    from minemap.review import TrainingVerdicts
+
+    src, lab, cfg = _six_mines_chipped(tmp_path)
+    field, unsure_spot = _label_px(400, 100, 440, 112), _label_px(100, 400, 110, 410)  # the field: 40 x 12 px
+    det = gpd.GeoDataFrame({"mean_probability": [0.97]}, geometry=[field], crs="EPSG:3857").to_crs("EPSG:4326")
+    hn = HardNegativeConfig(buffer_m=40.0, per_positive=1.0)
+    lab4326 = lab.to_crs("EPSG:4326")
+    hard_negative_chips(det, lab4326, src, tmp_path / "chips", tmp_path / "auto", cfg, hn)
+    auto = json.loads((tmp_path / "auto" / "meta.json").read_text())["hard_negatives"]
+    assert (auto["ignored_as_possible_missed_mines"], auto["chips"]) == (1, 0)
+
+    def to_ll(g):
+        return np.asarray(gpd.GeoSeries([g], crs="EPSG:3857").to_crs("EPSG:4326").values)
+
+    verdicts = TrainingVerdicts(positives=np.empty(0, object), drop_labels=np.empty(0, object),
+                                rejected=to_ll(field.buffer(2)), unsure=to_ll(unsure_spot))
+    index = make_chips(lab4326, src, 2019, tmp_path / "reviewed_chips", cfg, reviewed=verdicts)
+    neg = index[index.kind == "reviewed_negative"].to_crs("EPSG:3857")
+    # 32 px chips over a 44 px outline: one centred on it, one for what is left on each side
+    assert len(neg) == 3 and shapely.union_all(neg.geometry.values).contains(field)
+    for m in neg["mask"]:
+        with rasterio.open(tmp_path / "reviewed_chips" / m) as f:
+            assert set(np.unique(f.read(1))) == {0}
+    meta = json.loads((tmp_path / "reviewed_chips" / "meta.json").read_text())
+    assert meta["review"] == {"not_mine_outlines": 1, "reviewed_negative_chips": 3, "unsure_outlines_ignored": 1}
+    assert (index.kind != "reviewed_negative").sum() == len(gpd.read_parquet(tmp_path / "chips" / "index.parquet"))
+
+    hard_negative_chips(det, lab4326, src, tmp_path / "reviewed_chips", tmp_path / "reviewed", cfg, hn,
+                        reviewed=verdicts)
+    meta = json.loads((tmp_path / "reviewed" / "meta.json").read_text())["hard_negatives"]
+    assert {k: meta[k] for k in ("ignored_as_possible_missed_mines", "false_alarms", "reviewed_not_mine",
+                                 "reviewed_unsure", "chips")} == {
+        "ignored_as_possible_missed_mines": 0, "false_alarms": 1, "reviewed_not_mine": 1, "reviewed_unsure": 1,
+        "chips": 0}  # a false alarm now, already taught by the training chips: no second chip
+    ignored = gpd.read_parquet(tmp_path / "reviewed" / "possible_missed_mines.parquet").to_crs("EPSG:3857")
+    assert len(ignored) == 1 and ignored.geometry.iloc[0].equals_exact(unsure_spot, 1e-3)
+
+
 def test_every_split_gets_a_labelled_block_when_there_are_enough():
     from minemap.chips import assign_splits
 

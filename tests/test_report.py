@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import geopandas as gpd
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -45,6 +46,28 @@ def test_run_writes_a_self_contained_report(page):
         assert f"mines {year}" in text  # one layer a year in the layer control
     assert "probability 2021" in text  # the last year's probabilities as an overlay
     assert "F1 95 % interval" in text and "Look closer" in text  # accuracy with intervals; side-by-side views
+
+
+def test_sample_tiles_are_drawn_reproducibly_from_the_years_tiles(page):
+    import rasterio
+
+    from minemap.report import SAMPLE_TILES, Rasters
+
+    cfg, _ = page
+    rasters = Rasters(cfg.out)
+    places = rasters.sample_places(2021)
+    assert len(places) == SAMPLE_TILES and places == rasters.sample_places(2021)  # the same places each time
+    assert places != rasters.sample_places(2021, seed=1)
+    for p in places:
+        inside = []
+        for t in rasters.tiles(2021):
+            with rasterio.open(t) as src:
+                x, y = gpd.GeoSeries([p], crs="EPSG:4326").to_crs(src.crs).iloc[0].coords[0]
+                b = src.bounds
+                inside.append(b.left <= x <= b.right and b.bottom <= y <= b.top)
+        assert any(inside)
+        assert rasters.window(2021, p) is not None  # a view can be drawn there
+    assert Rasters(cfg.out).sample_places(1999) == []
 
 
 def test_report_command_and_refusals(page, tmp_path):

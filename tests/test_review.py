@@ -1,10 +1,12 @@
 """Review export and import: priorities, the file a reviewer edits, its style and chips, and refusals."""
 
+import json
 import xml.etree.ElementTree as ET
 
 import geopandas as gpd
 import numpy as np
 import pytest
+import shapely
 from shapely.geometry import box
 from typer.testing import CliRunner
 
@@ -80,3 +82,102 @@ def test_style_is_xml_with_every_verdict():
     root = ET.fromstring(qgis_style().split("\n", 1)[1])
     assert root.tag == "qgis" and len(list(root.iter("symbol"))) == len(VERDICTS) + 1
     assert np.all([c.get("label") for c in root.iter("category")])
+
+
+def test_verdicts_of_the_training_year_edit_the_labels(tmp_path):
+    """Kept verdicts, as `review import` keeps them: the training year's confirmed detection becomes a label, its
+    rejected label is dropped (matched by outline), rejected detections and unsure outlines are for the hard
+    negatives, and other years' verdicts are counted, not used."""
+    from minemap.labels import write_geoparquet
+    from minemap.review import VERDICT_FILE, apply_to_labels, training_verdicts
+
+    kept = gpd.GeoDataFrame({
+        "review_id": [1, 2, 3, 4, 5, 6], "kind": ["detection", "label", "detection", "detection", "label", "detection"],
+        "mine_id": ["a", "", "b", "c", "", "d"], "year": [2019, 2019, 2019, 2019, 2019, 2021],
+        "verdict": ["mine", "not_mine", "not_mine", "unsure", "mine", "mine"], "note": ""},
+        geometry=[box(5, 5, 6, 6), box(0.01, 0, 1.01, 1), box(7, 7, 8, 8), box(3, 3, 4, 4), box(0, 2, 1, 3),
+                  box(9, 9, 9.5, 9.5)], crs="EPSG:4326")
+    path = tmp_path / "review" / VERDICT_FILE
+    path.parent.mkdir()
+    write_geoparquet(kept, path)
+    got = training_verdicts(path, 2019)
+    assert got.counts() == {"mines_added": 1, "labels_dropped": 1, "not_mine": 1, "unsure": 1,
+                            "other_years_unused": 1}
+    assert got.labels_key() and got.negatives_key() and got.labels_key() != got.negatives_key()
+    labels = gpd.GeoDataFrame({"label_id": [0, 1, 2], "source": "lit", "source_id": ["x", "y", "z"]},
+                              geometry=[box(0, 0, 1, 1), box(0, 2, 1, 3), box(0.5, 0, 1.5, 1)], crs="EPSG:4326")
+    edited = apply_to_labels(labels, got)
+    # the rejected outline matches label 0 (IoU 0.98), not label 2 (IoU 0.34): label 0 goes, the reviewed mine comes
+    assert list(edited.label_id) == [1, 2, 3] and list(edited.source) == ["lit", "lit", "review"]
+    assert edited.geometry.iloc[2].equals(box(5, 5, 6, 6))
+    # no file, or a year without verdicts: nothing changes, and the stages' keys stay as they were
+    for none in (training_verdicts(tmp_path / "absent.parquet", 2019), training_verdicts(path, 2020)):
+        assert none.labels_key() is None and none.negatives_key() is None
+        assert apply_to_labels(labels, none).equals(labels)
+    path.write_bytes(b"not parquet")
+    with pytest.raises(InputError, match="verdicts.parquet"):
+        training_verdicts(path, 2019)
+
+
+def test_verdicts_go_back_into_training(scene, tmp_path):
+    """The loop on the small scene: a run; its training year reviewed (detections away from the truth rejected,
+    one on it confirmed, a label rejected, one outline unsure); the verdicts imported into the run; the same
+    run again retrains from them (labels edited, chips over the rejected detections, the unsure outline ignored)
+    and both models' cards count them; a third run has nothing new to do."""
+    from conftest import tiny_config
+
+    from minemap.chips import _chip_boxes, chip_positions
+    from minemap.imagery import open_imagery
+    from minemap.model import read_card
+    from minemap.pipeline import run
+    from minemap.review import export_review
+
+    cfg = tiny_config(scene, tmp_path / "out", export={"formats": [], "report": False})
+    run(cfg, progress=False)
+    truth = gpd.read_file(scene.truth)
+    on_truth = shapely.union_all(np.asarray(truth[truth.year == 2019].geometry.values))
+    gpkg = export_review(cfg.out, 2019, progress=False)
+    items = gpd.read_file(gpkg, layer="review")
+    det = np.flatnonzero(items.kind.to_numpy() == "detection")
+    hits = shapely.intersects(np.asarray(items.geometry.values), on_truth)
+    false, true = det[~hits[det]], det[hits[det]]
+    label = np.flatnonzero(items.kind.to_numpy() == "label")
+    assert len(false) >= 2 and len(true) >= 1, (len(false), len(true))
+    items.loc[false[1:], "verdict"] = "not_mine"
+    items.loc[false[0], "verdict"] = "unsure"
+    items.loc[true[0], "verdict"] = "mine"
+    if len(label):
+        items.loc[label[0], "verdict"] = "not_mine"
+    items.to_file(gpkg, layer="review", driver="GPKG")
+    import_review(gpkg, cfg.out)
+    labels_before = gpd.read_parquet(cfg.out / "labels.parquet")
+
+    again = run(cfg, progress=False)
+    expected = {"mines_added": 1, "labels_dropped": int(len(label) > 0), "not_mine": len(false) - 1, "unsure": 1,
+                "other_years_unused": 0}
+    assert not {"labels", "chips", "train", "hard_negatives", "finetune", "predict"} & set(again.skipped)
+    labels = gpd.read_parquet(cfg.out / "labels.parquet")
+    assert (labels.source == "review").sum() == 1
+    assert len(labels) == len(labels_before) + 1 - expected["labels_dropped"]
+    index = gpd.read_parquet(cfg.out / "chips" / "index.parquet")
+    meta = json.loads((cfg.out / "chips" / "meta.json").read_text())["review"]
+    assert meta["not_mine_outlines"] == expected["not_mine"] and meta["unsure_outlines_ignored"] == 1
+    reviewed = index[index.kind == "reviewed_negative"].to_crs(3857)
+    assert len(reviewed) == meta["reviewed_negative_chips"] > 0
+    rejected = items.loc[false[1:]].to_crs(3857)
+    # every rejected detection a candidate chip can hold has one (chips stay inside their split block)
+    grid = open_imagery(cfg.imagery).grid(2019)
+    block = json.loads((cfg.out / "chips" / "meta.json").read_text())["block_size"]
+    candidates = shapely.union_all(_chip_boxes(grid, chip_positions(grid, cfg.chips, block)[0], cfg.chips.chip_size))
+    holdable = rejected[shapely.within(shapely.point_on_surface(np.asarray(rejected.geometry.values)), candidates)]
+    assert len(holdable) and all(reviewed.intersects(g).any() for g in holdable.geometry)
+    for name in ("model_initial", "model"):
+        assert read_card(cfg.out / name).review == expected
+    from minemap.export import dataset_card, read_panel
+
+    card_text = dataset_card(read_panel(cfg.out), run_dir=cfg.out)
+    assert "Reviewers' verdicts used in training: 1 detections confirmed" in card_text
+    hn = json.loads((cfg.out / "hard_negatives" / "chips" / "meta.json").read_text())["hard_negatives"]
+    assert (hn["reviewed_not_mine"], hn["reviewed_unsure"]) == (expected["not_mine"], 1)
+    # nothing new: every stage up to date
+    assert {"labels", "chips", "train", "hard_negatives", "finetune", "predict"} <= set(run(cfg, progress=False).skipped)

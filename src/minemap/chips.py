@@ -42,6 +42,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import geopandas as gpd
 import numpy as np
@@ -60,12 +61,16 @@ from minemap.geo import WGS84, ground_sample_distance_m, units_per_metre
 from minemap.imagery import Grid, ImagerySource
 from minemap.rasters import zonal_mean
 
+if TYPE_CHECKING:
+    from minemap.review import TrainingVerdicts
+
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 MARGIN_PX = 1
 MAX_BLOCK_SHARE = 0.25  # an automatic block size keeps any one block below this share of the labelled pixels
 IGNORE = 255
 MISSED = "possible_missed_mines.parquet"  # beside hard-negative chips: pixels no chip teaches
+REVIEWED_CHIPS = 4  # at most this many chips over one detection a reviewer rejected (a large one)
 
 
 def labels_fingerprint(labels: gpd.GeoDataFrame) -> str:
@@ -447,7 +452,7 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
         near = geoms[tree.query(boxes[i], predicate="intersects")]
         off = ignore[ignore_tree.query(boxes[i], predicate="intersects")] if ignore_tree is not None else None
         mask = chip_mask(cgrid, near, valid, cfg.ignore_border_m, off)
-        chip_id = f"{year}_{c:06d}_{r:06d}"
+        chip_id = f"{year}_{c:06d}_{r:06d}" + ("_reviewed" if kind == "reviewed_negative" else "")
         _write_chip(tmp / "images" / f"{chip_id}.tif", pixels, cgrid, source.band_names)
         _write_chip(tmp / "masks" / f"{chip_id}.tif", mask[None], cgrid, ["mask"])
         rows.append({
@@ -483,8 +488,13 @@ def _labels_in_grid(labels: gpd.GeoDataFrame, grid: Grid, year: int, labels_path
 
 
 def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
-               labels_path: Path | None = None) -> gpd.GeoDataFrame:
-    """Stage ``chips``: cut training chips of ``year`` around ``labels`` into the folder ``dest``."""
+               labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None) -> gpd.GeoDataFrame:
+    """Stage ``chips``: cut training chips of ``year`` around ``labels`` into the folder ``dest``.
+
+    ``reviewed``: reviewers' verdicts on ``year`` (minemap.review). Each detection they rejected gets chips over
+    it (kind ``reviewed_negative``, up to :data:`REVIEWED_CHIPS` for a large one, even where another chip holds
+    the place), taught as background and seen :data:`minemap.train.REVIEWED_REPEAT` times an epoch; the outlines
+    they were unsure of are ignored (255) in every chip."""
     where = f"{labels_path}: " if labels_path else ""
     grid = source.grid(year)
     geoms = _labels_in_grid(labels, grid, year, labels_path)
@@ -520,10 +530,17 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
                                                 n_bg, cfg, rng))
     background = np.concatenate(background)
     chosen = np.concatenate([np.flatnonzero(positive), background])
-    kinds = np.array(["positive"] * int(positive.sum()) + ["background"] * len(background))
+    rejected, unsure = (_in_grid(g, grid) for g in ((reviewed.rejected, reviewed.unsure) if reviewed else ([], [])))
+    # chips of their own, even where a positive or background chip holds the place: a person's verdict on a place
+    # the model got wrong is worth more than one more look at it among the others (training repeats them)
+    negative = np.asarray(chips_over(rejected, boxes, per_outline=REVIEWED_CHIPS), np.int64)
+    chosen = np.concatenate([chosen, negative])
+    kinds = np.array(["positive"] * int(positive.sum()) + ["background"] * len(background)
+                     + ["reviewed_negative"] * len(negative))
 
     with atomic_path(Path(dest)) as tmp:
-        rows = _write_chips(tmp, source, year, grid, pos, blk, boxes, chosen, kinds, splits, geoms, cfg)
+        rows = _write_chips(tmp, source, year, grid, pos, blk, boxes, chosen, kinds, splits, geoms, cfg,
+                            ignore=unsure)
         if not rows:
             raise InputError(f"{where}no chip of the {year} imagery under the labels has enough valid pixels")
         index = gpd.GeoDataFrame(rows, geometry="geometry", crs=grid.crs).to_crs(WGS84)
@@ -544,6 +561,8 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
             "blocks_with_labels": len(weights), "labels_fingerprint": labels_fingerprint(labels),
             "ignore_border_m": cfg.ignore_border_m, "splits": summary,
             "land_cover_shares": _cover_shares(cover, splits),
+            "review": {"not_mine_outlines": len(rejected), "reviewed_negative_chips": int(len(negative)),
+                       "unsure_outlines_ignored": len(unsure)},
         })
     total = sum(v["positive_pixels"] for v in summary.values()) or 1
     log.info("chips: block %d px, %s; positive pixel shares %s", block, {s: v["chips"] for s, v in summary.items()},
@@ -558,11 +577,43 @@ def read_meta(chips_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def _in_grid(outlines, grid: Grid) -> np.ndarray:
+    """EPSG:4326 outlines in the grid's CRS."""
+    return np.asarray(gpd.GeoSeries(list(outlines), crs=WGS84).to_crs(grid.crs).values)
+
+
+def chips_over(outlines: np.ndarray, boxes: np.ndarray, per_outline: int = 1, most: int | None = None) -> list[int]:
+    """Candidate chips (indices into ``boxes``) over ``outlines``, largest outline first: for each, the chip
+    holding a point inside it, centred on that point as near as the grid allows, then (up to ``per_outline``
+    chips) the same for what those chips leave of it; at most ``most`` chips in all."""
+    chosen: list[int] = []
+    if len(outlines) == 0 or len(boxes) == 0 or most == 0:
+        return chosen
+    centres = shapely.centroid(boxes)
+    tree = shapely.STRtree(boxes)
+    for outline in outlines[np.argsort(-shapely.area(outlines), kind="stable")]:
+        left = outline
+        for _ in range(per_outline):
+            cand = tree.query(shapely.point_on_surface(left), predicate="within")
+            if len(cand) == 0:
+                break
+            best = int(cand[np.argmin(shapely.distance(centres[cand], shapely.point_on_surface(left)))])
+            if best not in chosen:
+                chosen.append(best)
+                if most is not None and len(chosen) >= most:
+                    return chosen
+            left = shapely.difference(left, boxes[best])
+            if shapely.is_empty(left) or shapely.area(left) < 1e-3 * shapely.area(outline):
+                break
+    return chosen
+
+
 # -- hard negatives -----------------------------------------------------------------------------------------
 
 def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, source: ImagerySource,
                         chips_dir: Path, dest: Path, cfg: ChipConfig, hn: HardNegativeConfig,
-                        level: float | None = None, prob_paths: list[Path] | None = None) -> gpd.GeoDataFrame:
+                        level: float | None = None, prob_paths: list[Path] | None = None,
+                        reviewed: TrainingVerdicts | None = None) -> gpd.GeoDataFrame:
     """Chips where a first model fires away from the labels, written to ``dest`` like a chips folder.
 
     ``detections``: that model's polygons of the training year (EPSG:4326, column ``mean_probability``), cut at
@@ -576,6 +627,11 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     validation chips included, so a missed mine neither teaches the model nor counts against it. At most
     ``hn.per_positive`` x the positive chips are added, largest false alarms first, each placed in the blocks
     of ``chips_dir`` so that splits stay apart.
+
+    ``reviewed``: reviewers' verdicts on the training year (minemap.review). Detections they rejected are false
+    alarms whatever the model's confidence: each gets a chip, before and beyond the ``per_positive`` cap, and
+    no detection meeting one counts as a possible missed mine. Outlines they were unsure of are ignored in
+    every chip, like possible missed mines.
     """
     meta = read_meta(chips_dir)
     year = int(meta["year"])
@@ -603,37 +659,35 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
         part = zonal_mean(prob_paths, false[joined], grid.crs)
         judged[joined] = np.where(np.isfinite(part), part, prob[joined])
     sure = judged >= sure_level
+    rejected = unsure = np.empty(0, dtype=object)
+    if reviewed is not None:
+        rejected, unsure = _in_grid(reviewed.rejected, grid), _in_grid(reviewed.unsure, grid)
+        if len(rejected):  # a reviewer said no: no detection meeting it is a possible missed mine
+            sure[shapely.STRtree(dgeoms).query(rejected, predicate="intersects")[1]] = False
     taught = false[keep & ~sure]
     missed_geoms = np.where(on_label, false, dgeoms)[keep & sure]  # a labelled mine is taught as such already
-    ignored = np.concatenate([missed_geoms, shapely.intersection(dgeoms[~sure], near)])
+    ignored = np.concatenate([missed_geoms, shapely.intersection(dgeoms[~sure], near), unsure])
     ignored = ignored[~shapely.is_empty(ignored)]
     n_max = int(round(hn.per_positive * (index.kind == "positive").sum()))
     stats = {"detections": int(len(dgeoms)), "false_alarms": int(len(taught)),
-             "ignored_as_possible_missed_mines": int((keep & sure).sum()), "chips": 0}
+             "ignored_as_possible_missed_mines": int((keep & sure).sum()),
+             "reviewed_not_mine": int(len(rejected)), "reviewed_unsure": int(len(unsure)), "chips": 0}
     policy = {"buffer_m": hn.buffer_m, "search_level": level, "sure_level": round(sure_level, 4), "rule": (
         f"false alarms are the first model's detections{'' if level is None else f' at probability {level:g}'} further than {hn.buffer_m:g} m from every label and "
         f"less sure than {sure_level:.2f} (the median of its mean probability on labelled mines, capped at "
         f"{hn.max_probability:g}; a detection that reaches a label is judged on its part beyond that distance); "
         f"surer detections away from labels may be mines the labels miss: their pixels are ignored (255) in "
         f"every chip, as is the part of any detection within {hn.buffer_m:g} m of a label")}
-    missed = gpd.GeoDataFrame({"mean_probability": judged[keep & sure]}, geometry=missed_geoms,
-                              crs=grid.crs).to_crs(WGS84)
+    missed = gpd.GeoDataFrame(
+        {"mean_probability": np.concatenate([judged[keep & sure], np.full(len(unsure), np.nan)])},
+        geometry=np.concatenate([missed_geoms, unsure]), crs=grid.crs).to_crs(WGS84)
     pos, blk = chip_positions(grid, cfg, block)
     boxes = _chip_boxes(grid, pos, cfg.chip_size)
-    chosen: list[int] = []
-    if len(taught) and n_max > 0 and len(pos):
-        centres = shapely.centroid(boxes)
-        order = np.argsort(-shapely.area(taught), kind="stable")
-        points = shapely.point_on_surface(taught[order])
-        tree = shapely.STRtree(boxes)
-        for p in points:  # the candidate chip holding the false alarm, centred on it as near as the grid allows
-            cand = tree.query(p, predicate="within")
-            if len(cand):
-                best = int(cand[np.argmin(shapely.distance(centres[cand], p))])
-                if best not in chosen:
-                    chosen.append(best)
-            if len(chosen) >= n_max:
-                break
+    # largest false alarms first, one chip each; those a reviewer rejected have chips among the training chips
+    if len(rejected):
+        taught = taught[~np.isin(np.arange(len(taught)),
+                                 shapely.STRtree(taught).query(rejected, predicate="intersects")[1])]
+    chosen = chips_over(taught, boxes, per_outline=1, most=n_max)
     splits = {(int(r.bx), int(r.by)): r.split for r in blocks.itertuples()}
     with atomic_path(Path(dest)) as tmp:
         tmp.mkdir(parents=True)

@@ -434,7 +434,8 @@ def review_import(path: Annotated[Path, typer.Argument(help="a reviewed review_<
     from minemap.review import import_review
 
     counts = import_review(path, run_dir)
-    out.print(f"verdicts kept: {', '.join(f'{k} {v}' for k, v in counts.items())} -> {run_dir / 'review'}")
+    out.print(f"verdicts kept: {', '.join(f'{k} {v}' for k, v in counts.items())} -> {run_dir / 'review'} "
+              "(the next `minemap run` with this --out trains with those of its training year)")
 
 
 imagery_app = typer.Typer(no_args_is_help=True, help="Imagery sources: fill a remote source's cache ahead of a run.")

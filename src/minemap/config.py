@@ -173,6 +173,16 @@ class ExportConfig(_Section):
                                            "the run's last step (`minemap report` writes it later)")
 
 
+class ReviewConfig(_Section):
+    """Verdicts of `minemap review import` back into training (see minemap.review.training_verdicts)."""
+
+    use_verdicts: bool = Field(True, description="train with the verdicts of the training year: confirmed detections "
+                                                 "become labels, rejected labels are dropped, rejected detections "
+                                                 "become hard negatives, unsure outlines are ignored")
+    verdicts: Path | None = Field(None, description="the verdicts file (default: OUT/review/verdicts.parquet, where "
+                                                    "`minemap review import --run OUT` keeps them)")
+
+
 class LocalImageryConfig(_Section):
     """GeoTIFF/COG files on disk, one folder per year: ``path/<year>/*.tif``."""
 
@@ -293,6 +303,7 @@ class RunConfig(_Section):
     postprocess: PostprocessConfig = PostprocessConfig()
     panel: PanelConfig = PanelConfig()
     export: ExportConfig = ExportConfig()
+    review: ReviewConfig = ReviewConfig()
 
     @field_validator("labels", mode="before")
     @classmethod

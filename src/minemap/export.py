@@ -207,6 +207,13 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
                      f"{_fmt((card.get('val_metrics') or {}).get('f1'))}, test F1 "
                      f"{_fmt((card.get('test_metrics') or {}).get('f1'))}; probabilities calibrated "
                      f"({(card.get('calibration') or {}).get('method', 'none')}).")
+        if card.get("review"):
+            r = card["review"]
+            lines.append(f"- Reviewers' verdicts used in training: {r.get('mines_added', 0)} detections confirmed as "
+                         f"mines (added to the labels), {r.get('labels_dropped', 0)} labels rejected, "
+                         f"{r.get('not_mine', 0)} detections rejected (taught as background), "
+                         f"{r.get('unsure', 0)} unsure (ignored); {r.get('other_years_unused', 0)} on other years "
+                         "not used.")
     if thr:
         lines.append(f"- Threshold: {_fmt(thr.get('threshold'), 2)} on the calibrated probability ({thr.get('rule', '')}).")
     lines += ["- Temporal rule: an outline is kept only if one of an adjacent processed year overlaps it (as in "

@@ -45,11 +45,12 @@ from minemap.config import RunConfig, VectorizeConfig
 from minemap.errors import ImageryError, InputError, ModelError
 from minemap.evaluate import evaluate_stage
 from minemap.imagery import describe, open_imagery
-from minemap.labels import labels_stage, read_labels
+from minemap.labels import read_labels, write_geoparquet
 from minemap.manifest import Manifest
 from minemap.model import CARD, WEIGHTS, read_card
 from minemap.export import EXPORT_FILES, export
 from minemap.report import REPORT, REPORT_FORMAT, report
+from minemap.review import VERDICT_FILE, TrainingVerdicts, apply_to_labels, training_verdicts
 from minemap.panel import PANEL_FILES, PANEL_FORMAT, build_panel, write_panel
 from minemap.postprocess import postprocess_stage
 from minemap.predict import predict
@@ -211,18 +212,23 @@ def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite:
     out = Path(cfg.out)
     # the training year's pixels: new imagery of that year redoes chips and training
     imagery_key = stable_hash([_imagery_settings(cfg), source.fingerprint(cfg.train_year)])
-    k_labels = stable_hash(["labels", [_file_key(p) for p in cfg.labels]])
+    verdicts = _verdicts(cfg)
+    # verdicts enter a stage's key only where they change it, so runs without any keep their keys
+    k_labels = stable_hash(["labels", [_file_key(p) for p in cfg.labels]]
+                           + ([verdicts.labels_key()] if verdicts.labels_key() else []))
     labels_path = out / "labels.parquet"
     if stage("labels", k_labels, [labels_path]):
-        labels_stage(cfg.labels, labels_path)
+        labels, _ = read_labels(cfg.labels)
+        write_geoparquet(apply_to_labels(labels, verdicts), labels_path)
         finished("labels", k_labels)
+    review = verdicts.counts() if verdicts.labels_key() or verdicts.negatives_key() else {}
 
     chips_dir = out / "chips"
-    k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands,
-                           cfg.chips.model_dump()])
+    k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands, cfg.chips.model_dump()]
+                          + ([verdicts.negatives_key()] if verdicts.negatives_key() else []))
     if stage("chips", k_chips, [chips_dir / "index.parquet"]):
         make_chips(gpd.read_parquet(labels_path), source, cfg.train_year, chips_dir, cfg.chips,
-                   labels_path=cfg.labels[0] if len(cfg.labels) == 1 else None)
+                   labels_path=cfg.labels[0] if len(cfg.labels) == 1 else None, reviewed=verdicts)
         finished("chips", k_chips)
 
     model_dir = out / "model"
@@ -230,7 +236,7 @@ def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite:
     first_dir = out / "model_initial" if hn.enabled else model_dir
     k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), _train_settings(cfg), first_dir.name])
     if stage("train", k_train, [first_dir / "model.json"]):
-        _train_resumable(manifest, "train", k_train, [chips_dir], first_dir, cfg, progress)
+        _train_resumable(manifest, "train", k_train, [chips_dir], first_dir, cfg, progress, review=review)
         finished("train", k_train)
     _check_floor(cfg, first_dir)  # a model that learnt nothing would mine the whole scene as hard negatives
     if hn.enabled:
@@ -238,12 +244,12 @@ def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite:
         k_hn = stable_hash(["hard_negatives", k_train, imagery_key, hn.model_dump(exclude={"epochs", "patience"}),
                             _predict_settings(cfg, "tile_size", "normalise_years")])
         if stage("hard_negatives", k_hn, [hn_dir / "chips" / "index.parquet"]):
-            _hard_negatives(cfg, source, labels_path, chips_dir, first_dir, hn_dir, overwrite, progress)
+            _hard_negatives(cfg, source, labels_path, chips_dir, first_dir, hn_dir, overwrite, progress, verdicts)
             finished("hard_negatives", k_hn)
         k_train = stable_hash(["finetune", k_hn, hn.epochs, hn.patience])
         if stage("finetune", k_train, [model_dir / "model.json"]):
             _train_resumable(manifest, "finetune", k_train, [chips_dir, hn_dir / "chips"], model_dir, cfg,
-                             progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience)
+                             progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience, review=review)
             finished("finetune", k_train)
     return model_dir, k_train, _check_floor(cfg, model_dir)
 
@@ -302,9 +308,20 @@ def _train_resumable(manifest: Manifest, name: str, key: str, chips_dirs: list[P
     train(chips_dirs, model_dir, cfg.train, cfg.model, resume=resume, progress=progress, run_key=key, **kwargs)
 
 
+def _verdicts(cfg: RunConfig) -> TrainingVerdicts:
+    """The reviewers' verdicts this run's training uses (none unless ``review.use_verdicts``), logged."""
+    if not cfg.review.use_verdicts:
+        return TrainingVerdicts.none()
+    got = training_verdicts(cfg.review.verdicts or Path(cfg.out) / "review" / VERDICT_FILE, cfg.train_year)
+    if got.labels_key() or got.negatives_key() or got.other_years:
+        log.info("review verdicts of %d used in training: %s", cfg.train_year, got.counts())
+    return got
+
+
 def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, first_dir: Path, hn_dir: Path,
-                    overwrite: bool, progress: bool) -> None:
-    """Map the training year with the first model and cut chips where it fires away from the labels."""
+                    overwrite: bool, progress: bool, verdicts: TrainingVerdicts | None = None) -> None:
+    """Map the training year with the first model and cut chips where it fires away from the labels, and
+    where reviewers rejected detections."""
     year = cfg.train_year
     prob_dir = hn_dir / "probabilities"
     predict(first_dir, cfg.imagery, [year], prob_dir, cfg.predict, cfg.bands, cfg.workers, overwrite=overwrite,
@@ -313,7 +330,7 @@ def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, 
     tiles = sorted((prob_dir / str(year)).glob("*.tif"))
     detections = vectorize_year(tiles, year, level, VectorizeConfig(min_area_m2=0.0))
     hard_negative_chips(detections, gpd.read_parquet(labels_path), source, chips_dir, hn_dir / "chips",
-                        cfg.chips, cfg.hard_negatives, level, tiles)
+                        cfg.chips, cfg.hard_negatives, level, tiles, verdicts)
 
 
 DEMO_YEARS = (2019, 2020, 2021)

@@ -2,7 +2,8 @@
 
 ``report.html`` holds PNG plots (km2 a year by country; new, expanded, shrunk and abandoned area; per-year
 metrics with their 95 % intervals; precision-recall and reliability curves; image / probability / polygons side
-by side for the largest mines and, where a reference exists, the largest errors) and an interactive map
+by side for the largest mines, :data:`SAMPLE_TILES` places drawn at random from the last year's tiles and, where a
+reference exists, the largest errors) and an interactive map
 (Leaflet through folium): the mines coloured by year, one layer a year in a layer control, popups with mine_id,
 area, country, first year and mean probability, and the probability raster of one year as an overlay where it
 is small enough (:data:`MAX_OVERLAY_PIXELS`).
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 REPORT = "report.html"
 REPORT_FORMAT = 1  # bumped when the report changes, so that a resumed run writes it again
 MAX_OVERLAY_PIXELS = 2048 * 2048  # a larger probability raster is read at a coarser resolution for the overlay
+SAMPLE_TILES = 2  # views of places drawn at random from the last year's tiles, beside the largest mines and errors
 MAX_MAP_POLYGONS = 10_000  # on the map, all years together; each year shows its largest where it has more
 MAP_GRID_DEG = 1e-6  # coordinates on the map rounded to ~0.1 m: half the page's size, nothing visible lost
 SIMPLIFY_DEG = 0.00002  # ~2 m: outlines on the map lose vertices no one can see
@@ -194,6 +196,19 @@ class Rasters:
                     log.warning("imagery of %d could not be read for the report: %s", year, e)
             return rgb, prob, grid
         return None
+
+    def sample_places(self, year: int, n: int = SAMPLE_TILES, seed: int = 0) -> list[shapely.Point]:
+        """``n`` places (EPSG:4326) drawn at random, reproducibly, from ``year``'s tiles: a tile each where there
+        are enough, uniformly within it, wherever the mines are or not."""
+        tiles = self.tiles(year)
+        rng = np.random.default_rng(seed)
+        out = []
+        for i in sorted(rng.choice(len(tiles), size=min(n, len(tiles)), replace=False)) if tiles else []:
+            with rasterio.open(tiles[i]) as src:
+                b = src.bounds
+                x, y = rng.uniform(b.left, b.right), rng.uniform(b.bottom, b.top)
+                out.append(gpd.GeoSeries([shapely.Point(x, y)], crs=src.crs).to_crs(WGS84).iloc[0])
+        return out
 
     def overlay(self, year: int) -> tuple[np.ndarray, list[list[float]]] | None:
         """The year's probabilities mosaicked (at most :data:`MAX_OVERLAY_PIXELS`) as RGBA, and the bounds in
@@ -450,6 +465,8 @@ def report(run_dir: Path, dest: Path | None = None, reference: Path | None = Non
     rasters = Rasters(run_dir)
     cases = [(f"largest mine {int(r.year)}", int(r.year), r.geometry)
              for r in panel.nlargest(2, "area_km2").itertuples()]
+    cases += [(f"sample tile {k + 1} of {years[-1]}", years[-1], p)
+              for k, p in enumerate(rasters.sample_places(years[-1]))]
     if ref is not None:
         cases += largest_errors(panel, ref)
     views = plot_views(rasters, cases, panel, ref)

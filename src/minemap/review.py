@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
@@ -25,7 +26,7 @@ import pandas as pd
 import shapely
 from tqdm.auto import tqdm
 
-from minemap._io import atomic_path
+from minemap._io import atomic_path, stable_hash
 from minemap.errors import InputError
 from minemap.geo import WGS84, area_km2
 from minemap.labels import read_vector, write_geoparquet
@@ -183,3 +184,90 @@ def import_review(path: Path, run_dir: Path) -> dict[str, int]:
     dest.parent.mkdir(parents=True, exist_ok=True)
     write_geoparquet(gpd.GeoDataFrame(got, crs=WGS84), dest)
     return {v: int((got.verdict == v).sum()) for v in VERDICTS}
+
+
+# -- verdicts back into training ---------------------------------------------------------------------------------
+
+MATCH_IOU = 0.5  # a "not_mine" label verdict drops the labels its outline matches at least this well
+
+
+@dataclass
+class TrainingVerdicts:
+    """The verdicts a training can use: those of its training year (the year the chips are cut from; a verdict
+    on another year's image says nothing certain about the training year's). EPSG:4326 outlines."""
+
+    positives: np.ndarray  # detections confirmed as mines: added to the labels
+    drop_labels: np.ndarray  # labels rejected as not mines: removed from the labels
+    rejected: np.ndarray  # detections rejected as not mines: hard negatives, first and always
+    unsure: np.ndarray  # neither taught as mine nor as background: ignored in every chip
+    other_years: int = 0  # verdicts of other years, not used
+
+    @classmethod
+    def none(cls) -> TrainingVerdicts:
+        empty = np.empty(0, dtype=object)
+        return cls(empty, empty, empty, empty)
+
+    def counts(self) -> dict[str, int]:
+        return {"mines_added": len(self.positives), "labels_dropped": len(self.drop_labels),
+                "not_mine": len(self.rejected), "unsure": len(self.unsure), "other_years_unused": self.other_years}
+
+    def labels_key(self) -> str | None:
+        """What the labels depend on (None: no verdict changes them)."""
+        return _outlines_key(self.positives, self.drop_labels)
+
+    def negatives_key(self) -> str | None:
+        """What the hard negatives depend on (None: no verdict changes them)."""
+        return _outlines_key(self.rejected, self.unsure)
+
+
+def _outlines_key(*groups: np.ndarray) -> str | None:
+    if not any(len(g) for g in groups):
+        return None
+    return stable_hash([sorted(shapely.to_wkb(g, hex=True).tolist()) for g in groups])
+
+
+def training_verdicts(path: Path, train_year: int) -> TrainingVerdicts:
+    """The verdicts kept in ``path`` (``RUN/review/verdicts.parquet``) that a training of ``train_year`` uses:
+    a detection marked ``mine`` becomes a label, a label marked ``not_mine`` is dropped, a detection marked
+    ``not_mine`` becomes a hard negative, an ``unsure`` outline is ignored; a label marked ``mine`` is already
+    one. Verdicts of other years are counted, not used."""
+    path = Path(path)
+    if not path.is_file():
+        return TrainingVerdicts.none()
+    try:
+        got = gpd.read_parquet(path)
+    except Exception as e:  # pyarrow raises many types for a damaged file
+        raise InputError(f"{path}: not a verdicts file of `minemap review import` ({e})") from None
+    missing = [c for c in ("kind", "year", "verdict") if c not in got.columns]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {', '.join(missing)} (written by `minemap review import`)")
+    got = got.to_crs(WGS84)
+    now = got[got.year.astype(int) == int(train_year)]
+    geoms = np.asarray(now.geometry.values)
+    kind, verdict = now.kind.to_numpy(), now.verdict.to_numpy()
+    det = kind == "detection"
+    return TrainingVerdicts(positives=geoms[det & (verdict == "mine")],
+                            drop_labels=geoms[(kind == "label") & (verdict == "not_mine")],
+                            rejected=geoms[det & (verdict == "not_mine")], unsure=geoms[verdict == "unsure"],
+                            other_years=int(len(got) - len(now)))
+
+
+def apply_to_labels(labels: gpd.GeoDataFrame, verdicts: TrainingVerdicts) -> gpd.GeoDataFrame:
+    """Cleaned labels (EPSG:4326, minemap.labels' columns) less those a reviewer rejected (outline IoU >=
+    :data:`MATCH_IOU`), plus the detections a reviewer confirmed (source ``review``)."""
+    if len(verdicts.drop_labels) and len(labels):
+        geoms = np.asarray(labels.geometry.values)
+        li, di = shapely.STRtree(geoms).query(verdicts.drop_labels, predicate="intersects")[::-1]
+        inter = shapely.area(shapely.intersection(geoms[li], verdicts.drop_labels[di]))
+        union = shapely.area(shapely.union(geoms[li], verdicts.drop_labels[di]))
+        drop = np.unique(li[inter >= MATCH_IOU * union])
+        labels = labels.drop(index=labels.index[drop])
+    if len(verdicts.positives):
+        parts = shapely.get_parts(shapely.make_valid(verdicts.positives))
+        parts = parts[(shapely.get_type_id(parts) == 3) & ~shapely.is_empty(parts)]
+        start = int(labels.label_id.max()) + 1 if len(labels) else 1
+        added = gpd.GeoDataFrame({"label_id": np.arange(start, start + len(parts)), "source": "review",
+                                  "source_id": [f"review:{i}" for i in range(len(parts))]},
+                                 geometry=parts, crs=WGS84)
+        labels = gpd.GeoDataFrame(pd.concat([labels, added], ignore_index=True), crs=WGS84)
+    return labels.reset_index(drop=True)

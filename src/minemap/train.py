@@ -55,6 +55,7 @@ STATE = "train_state.pt"
 CALIBRATION_PIXELS = 2_000_000
 MIN_DELTA = 0.002  # a gain in validation F1 smaller than this is noise, not progress
 CLOUD_FACTOR = 1.5  # brighter than this x the training chips' 99.9th percentile in every band: a cloud
+REVIEWED_REPEAT = 4  # chips over detections a reviewer rejected are seen this many times an epoch
 
 
 def read_index(chips_dirs: list[Path]) -> pd.DataFrame:
@@ -218,14 +219,15 @@ def _best_f1(logits: np.ndarray, masks: np.ndarray) -> dict:
 def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | None = None,
           model_cfg: ModelConfig | None = None, resume: bool = False, progress: bool = True,
           init_from: Path | None = None, epochs: int | None = None, patience: int | None = None,
-          run_key: str | None = None) -> ModelCard:
+          run_key: str | None = None, review: dict | None = None) -> ModelCard:
     """Stage ``train``: fit a SegFormer on the chips and write the best model to ``model_dir``.
 
     ``init_from``: a model directory to fine-tune (its weights and band normalisation are kept, the learning
     rate is a third of ``cfg.learning_rate``, without warm-up; the given model counts as epoch 0, so a fine-tune
     that does not beat it on validation keeps it); ``epochs`` and ``patience`` override ``cfg``'s. ``run_key``
     identifies the settings: ``resume`` continues only a state saved under the same key, and a training that
-    does not resume starts by removing any older state.
+    does not resume starts by removing any older state. ``review``: the counts of reviewers' verdicts the chips
+    were made with, recorded in the card.
     """
     cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ModelConfig()
@@ -273,7 +275,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         pretrained=model_cfg.pretrained, splits=split_summary(index),
         cloud_level=(CLOUD_FACTOR * p999).round(1).tolist() if init_from is None else base.cloud_level,
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
-        precision="bf16" if amp is not None else "fp32",
+        precision="bf16" if amp is not None else "fp32", review=review or {},
     )
     model.to(device)
     # the weights validated and saved: an exponential moving average over steps (Polyak averaging), whose
@@ -313,6 +315,9 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     card.stopped = "training in progress"  # until calibrated: the card on disk is not final before then
 
     xt, yt = torch.as_tensor(x_tr), torch.as_tensor(y_tr.astype(np.int64))
+    # each chip once an epoch, those over detections a reviewer rejected REVIEWED_REPEAT times
+    epoch_order = torch.as_tensor(np.repeat(np.arange(len(tr)), np.where(tr.kind.to_numpy() == "reviewed_negative",
+                                                                        REVIEWED_REPEAT, 1)))
     xv = torch.as_tensor(x_va)
     if avg is not None and saved is None:
         avg.update_parameters(model)  # the average starts from the initial (or given) weights
@@ -330,7 +335,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         if st["bad"] >= patience:
             break
         model.train()
-        perm = torch.randperm(len(xt))
+        perm = epoch_order[torch.randperm(len(epoch_order))]
         losses = []
         for i in range(0, len(perm), cfg.batch_size):
             for group in opt.param_groups:
