@@ -220,6 +220,11 @@ def test_map_with_a_trained_model(tiny_run, scene, tmp_path):
             assert np.array_equal(a.read(), b.read()), tile.name
     assert json.loads((out / "probabilities" / "imagery.json").read_text())["resampled"] is None
     assert "up to date, not redone: predict" in runner.invoke(app, args).output
+    # nothing found anywhere (every outline below the minimum area) is a result, not an error: no report
+    empty = tmp_path / "empty"
+    r = runner.invoke(app, [*args[:6], str(empty), *args[7:11], "--min-area-m2", "1e12", "--accept-weak-model"])
+    assert r.exit_code == 0, r.output
+    assert len(gpd.read_parquet(empty / "panel.parquet")) == 0 and not (empty / "report.html").exists()
     # the same ground at twice the pixel size
     coarse = tmp_path / "coarse"
     for f in scene.imagery.rglob("*.tif"):

@@ -120,29 +120,53 @@ def test_verdicts_of_the_training_year_edit_the_labels(tmp_path):
 
 
 def test_verdicts_go_back_into_training(scene, tmp_path):
-    """The loop on the small scene: a run; its training year reviewed (detections away from the truth rejected,
-    one on it confirmed, a label rejected, one outline unsure); the verdicts imported into the run; the same
-    run again retrains from them (labels edited, chips over the rejected detections, the unsure outline ignored)
-    and both models' cards count them; a third run has nothing new to do."""
+    """The loop on the small scene: a run; its training year reviewed (the detections away from the truth
+    rejected but one, left unsure; one on the truth confirmed; a label rejected where one is listed); the verdicts
+    imported into the run; the same run again retrains from them (labels edited, chips over the rejected
+    detections, the unsure outline ignored), both models' cards count them, and the false alarms the reviewer
+    rejected drop: their mean probability, and the area of detections away from the truth in the training year,
+    with a better F1 there. A third run has nothing new to do.
+
+    Measured (20 epochs, bf16 / fp32): false-alarm area of 2019 0.045 -> 0.010 / 0.059 -> 0.005 km2, their count 7
+    -> 2 / 14 -> 2; pixel F1 of 2019 0.60 -> 0.73 / 0.54 -> 0.85; mean probability over the rejected outlines
+    0.72 -> 0.18 (bf16)."""
     from conftest import tiny_config
 
     from minemap.chips import _chip_boxes, chip_positions
+    from minemap.export import dataset_card, read_panel
     from minemap.imagery import open_imagery
     from minemap.model import read_card
     from minemap.pipeline import run
+    from minemap.rasters import zonal_mean
     from minemap.review import export_review
 
-    cfg = tiny_config(scene, tmp_path / "out", export={"formats": [], "report": False})
-    run(cfg, progress=False)
+    cfg = tiny_config(scene, tmp_path / "out", export={"formats": [], "report": False},
+                      train={"epochs": 20, "patience": 20, "batch_size": 8, "learning_rate": 1e-3})
     truth = gpd.read_file(scene.truth)
     on_truth = shapely.union_all(np.asarray(truth[truth.year == 2019].geometry.values))
+
+    def false_alarms() -> tuple[int, float]:
+        """Detections of 2019 away from the truth: how many, and their km2."""
+        got = read_panel(cfg.out)
+        got = got[(got.year == 2019) & ~shapely.intersects(np.asarray(got.geometry.values), on_truth)]
+        return len(got), float(got.area_km2.sum())
+
+    def f1_2019() -> float:
+        return json.loads((cfg.out / "metrics.json").read_text())["years"]["2019"]["pixel"]["f1"]
+
+    def probability_over(outlines: gpd.GeoDataFrame) -> float:
+        tiles = sorted((cfg.out / "probabilities" / "2019").glob("*.tif"))
+        crs = open_imagery(cfg.imagery).grid(2019).crs
+        return float(np.nanmean(zonal_mean(tiles, np.asarray(outlines.to_crs(crs).geometry.values), crs)))
+
+    run(cfg, progress=False)
     gpkg = export_review(cfg.out, 2019, progress=False)
     items = gpd.read_file(gpkg, layer="review")
     det = np.flatnonzero(items.kind.to_numpy() == "detection")
     hits = shapely.intersects(np.asarray(items.geometry.values), on_truth)
     false, true = det[~hits[det]], det[hits[det]]
     label = np.flatnonzero(items.kind.to_numpy() == "label")
-    assert len(false) >= 2 and len(true) >= 1, (len(false), len(true))
+    assert len(false) >= 3 and len(true) >= 1, (len(false), len(true))
     items.loc[false[1:], "verdict"] = "not_mine"
     items.loc[false[0], "verdict"] = "unsure"
     items.loc[true[0], "verdict"] = "mine"
@@ -150,6 +174,8 @@ def test_verdicts_go_back_into_training(scene, tmp_path):
         items.loc[label[0], "verdict"] = "not_mine"
     items.to_file(gpkg, layer="review", driver="GPKG")
     import_review(gpkg, cfg.out)
+    rejected = items.loc[false[1:]]
+    before = {"false": false_alarms(), "f1": f1_2019(), "p": probability_over(rejected)}
     labels_before = gpd.read_parquet(cfg.out / "labels.parquet")
 
     again = run(cfg, progress=False)
@@ -160,24 +186,28 @@ def test_verdicts_go_back_into_training(scene, tmp_path):
     assert (labels.source == "review").sum() == 1
     assert len(labels) == len(labels_before) + 1 - expected["labels_dropped"]
     index = gpd.read_parquet(cfg.out / "chips" / "index.parquet")
-    meta = json.loads((cfg.out / "chips" / "meta.json").read_text())["review"]
-    assert meta["not_mine_outlines"] == expected["not_mine"] and meta["unsure_outlines_ignored"] == 1
+    meta = json.loads((cfg.out / "chips" / "meta.json").read_text())
+    assert meta["review"]["not_mine_outlines"] == expected["not_mine"]
+    assert meta["review"]["unsure_outlines_ignored"] == 1
     reviewed = index[index.kind == "reviewed_negative"].to_crs(3857)
-    assert len(reviewed) == meta["reviewed_negative_chips"] > 0
-    rejected = items.loc[false[1:]].to_crs(3857)
+    assert len(reviewed) == meta["review"]["reviewed_negative_chips"] > 0
     # every rejected detection a candidate chip can hold has one (chips stay inside their split block)
     grid = open_imagery(cfg.imagery).grid(2019)
-    block = json.loads((cfg.out / "chips" / "meta.json").read_text())["block_size"]
-    candidates = shapely.union_all(_chip_boxes(grid, chip_positions(grid, cfg.chips, block)[0], cfg.chips.chip_size))
-    holdable = rejected[shapely.within(shapely.point_on_surface(np.asarray(rejected.geometry.values)), candidates)]
+    candidates = shapely.union_all(_chip_boxes(grid, chip_positions(grid, cfg.chips, meta["block_size"])[0],
+                                               cfg.chips.chip_size))
+    holdable = rejected.to_crs(3857)
+    holdable = holdable[shapely.within(shapely.point_on_surface(np.asarray(holdable.geometry.values)), candidates)]
     assert len(holdable) and all(reviewed.intersects(g).any() for g in holdable.geometry)
     for name in ("model_initial", "model"):
         assert read_card(cfg.out / name).review == expected
-    from minemap.export import dataset_card, read_panel
-
-    card_text = dataset_card(read_panel(cfg.out), run_dir=cfg.out)
-    assert "Reviewers' verdicts used in training: 1 detections confirmed" in card_text
+    assert "Reviewers' verdicts used in training: 1 detections confirmed" in dataset_card(read_panel(cfg.out),
+                                                                                          run_dir=cfg.out)
     hn = json.loads((cfg.out / "hard_negatives" / "chips" / "meta.json").read_text())["hard_negatives"]
     assert (hn["reviewed_not_mine"], hn["reviewed_unsure"]) == (expected["not_mine"], 1)
+    # what the reviewer rejected is seen less, and the year's map is better for it
+    after = {"false": false_alarms(), "f1": f1_2019(), "p": probability_over(rejected)}
+    assert after["p"] <= 0.6 * before["p"], (before, after)
+    assert after["false"][0] < before["false"][0] and after["false"][1] <= 0.5 * before["false"][1], (before, after)
+    assert after["f1"] > before["f1"], (before, after)
     # nothing new: every stage up to date
     assert {"labels", "chips", "train", "hard_negatives", "finetune", "predict"} <= set(run(cfg, progress=False).skipped)

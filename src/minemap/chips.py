@@ -335,7 +335,9 @@ def chip_positions(grid: Grid, cfg: ChipConfig, block: int) -> tuple[np.ndarray,
     stride = cfg.stride or (chip // 2 if block >= 4 * chip else chip // 4)
     if block - 2 * MARGIN_PX < chip:
         raise InputError(f"chips.block_size {block} must exceed chip_size {chip} by {2 * MARGIN_PX} pixels")
-    offsets = np.arange(MARGIN_PX, block - MARGIN_PX - chip + 1, stride)
+    # the last chip of a block ends at its margin, so that every pixel of the block lies in some candidate
+    offsets = np.unique(np.append(np.arange(MARGIN_PX, block - MARGIN_PX - chip + 1, stride),
+                                  block - MARGIN_PX - chip))
     bx, by = np.meshgrid(np.arange(0, grid.width, block), np.arange(0, grid.height, block))
     ox, oy = np.meshgrid(offsets, offsets)
     c = (bx.ravel()[:, None] + ox.ravel()[None]).ravel()

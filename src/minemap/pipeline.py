@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import geopandas as gpd
+import pyarrow.parquet as pq
 import shapely
 
 from minemap._io import file_sha256, stable_hash, write_json
@@ -200,7 +201,9 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         export(panel_paths["parquet"], out, cfg.export.formats, run_dir=out, licence=cfg.export.licence)
         finished("export", k_export)
     k_report = stable_hash(["report", k_export, ref_key, REPORT_FORMAT])
-    if cfg.export.report and stage("report", k_report, [out / REPORT]):
+    if cfg.export.report and pq.ParquetFile(panel_paths["parquet"]).metadata.num_rows == 0:
+        log.warning("no mines in any year: %s not written", out / REPORT)
+    elif cfg.export.report and stage("report", k_report, [out / REPORT]):
         report(out, out / REPORT, cfg.reference, progress=progress)
         finished("report", k_report)
     return result
