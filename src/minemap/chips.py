@@ -335,9 +335,7 @@ def chip_positions(grid: Grid, cfg: ChipConfig, block: int) -> tuple[np.ndarray,
     stride = cfg.stride or (chip // 2 if block >= 4 * chip else chip // 4)
     if block - 2 * MARGIN_PX < chip:
         raise InputError(f"chips.block_size {block} must exceed chip_size {chip} by {2 * MARGIN_PX} pixels")
-    # the last chip of a block ends at its margin, so that every pixel of the block lies in some candidate
-    offsets = np.unique(np.append(np.arange(MARGIN_PX, block - MARGIN_PX - chip + 1, stride),
-                                  block - MARGIN_PX - chip))
+    offsets = np.arange(MARGIN_PX, block - MARGIN_PX - chip + 1, stride)
     bx, by = np.meshgrid(np.arange(0, grid.width, block), np.arange(0, grid.height, block))
     ox, oy = np.meshgrid(offsets, offsets)
     c = (bx.ravel()[:, None] + ox.ravel()[None]).ravel()
@@ -535,7 +533,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     rejected, unsure = (_in_grid(g, grid) for g in ((reviewed.rejected, reviewed.unsure) if reviewed else ([], [])))
     # chips of their own, even where a positive or background chip holds the place: a person's verdict on a place
     # the model got wrong is worth more than one more look at it among the others (training repeats them)
-    negative = np.asarray(chips_over(rejected, boxes, per_outline=REVIEWED_CHIPS), np.int64)
+    negative = np.asarray(chips_over(rejected, boxes, per_outline=REVIEWED_CHIPS, edges=True), np.int64)
     chosen = np.concatenate([chosen, negative])
     kinds = np.array(["positive"] * int(positive.sum()) + ["background"] * len(background)
                      + ["reviewed_negative"] * len(negative))
@@ -584,10 +582,12 @@ def _in_grid(outlines, grid: Grid) -> np.ndarray:
     return np.asarray(gpd.GeoSeries(list(outlines), crs=WGS84).to_crs(grid.crs).values)
 
 
-def chips_over(outlines: np.ndarray, boxes: np.ndarray, per_outline: int = 1, most: int | None = None) -> list[int]:
+def chips_over(outlines: np.ndarray, boxes: np.ndarray, per_outline: int = 1, most: int | None = None,
+               edges: bool = False) -> list[int]:
     """Candidate chips (indices into ``boxes``) over ``outlines``, largest outline first: for each, the chip
-    holding a point inside it, centred on that point as near as the grid allows, then (up to ``per_outline``
-    chips) the same for what those chips leave of it; at most ``most`` chips in all."""
+    holding a point inside it, centred on that point as near as the grid allows (``edges``: where no candidate
+    holds the point, between the last candidates of two blocks, the one holding most of the outline), then (up to
+    ``per_outline`` chips) the same for what those chips leave of it; at most ``most`` chips in all."""
     chosen: list[int] = []
     if len(outlines) == 0 or len(boxes) == 0 or most == 0:
         return chosen
@@ -597,9 +597,13 @@ def chips_over(outlines: np.ndarray, boxes: np.ndarray, per_outline: int = 1, mo
         left = outline
         for _ in range(per_outline):
             cand = tree.query(shapely.point_on_surface(left), predicate="within")
-            if len(cand) == 0:
-                break
-            best = int(cand[np.argmin(shapely.distance(centres[cand], shapely.point_on_surface(left)))])
+            if len(cand):
+                best = int(cand[np.argmin(shapely.distance(centres[cand], shapely.point_on_surface(left)))])
+            else:
+                cand = tree.query(left, predicate="intersects") if edges else cand
+                if len(cand) == 0:
+                    break
+                best = int(cand[np.argmax(shapely.area(shapely.intersection(boxes[cand], left)))])
             if best not in chosen:
                 chosen.append(best)
                 if most is not None and len(chosen) >= most:
@@ -630,10 +634,10 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     ``hn.per_positive`` x the positive chips are added, largest false alarms first, each placed in the blocks
     of ``chips_dir`` so that splits stay apart.
 
-    ``reviewed``: reviewers' verdicts on the training year (minemap.review). Detections they rejected are false
-    alarms whatever the model's confidence: each gets a chip, before and beyond the ``per_positive`` cap, and
-    no detection meeting one counts as a possible missed mine. Outlines they were unsure of are ignored in
-    every chip, like possible missed mines.
+    ``reviewed``: reviewers' verdicts on the training year (minemap.review). No detection meeting one they
+    rejected counts as a possible missed mine, whatever the model's confidence, nor gets a chip here: the
+    training chips hold chips of their own over it (see :func:`make_chips`). Outlines they were unsure of are
+    ignored in every chip, like possible missed mines.
     """
     meta = read_meta(chips_dir)
     year = int(meta["year"])

@@ -178,7 +178,8 @@ class ReviewConfig(_Section):
 
     use_verdicts: bool = Field(True, description="train with the verdicts of the training year: confirmed detections "
                                                  "become labels, rejected labels are dropped, rejected detections "
-                                                 "become hard negatives, unsure outlines are ignored")
+                                                 "get training chips taught as background, unsure outlines are "
+                                                 "ignored")
     verdicts: Path | None = Field(None, description="the verdicts file (default: OUT/review/verdicts.parquet, where "
                                                     "`minemap review import --run OUT` keeps them)")
 

@@ -315,6 +315,8 @@ def _verdicts(cfg: RunConfig) -> TrainingVerdicts:
     """The reviewers' verdicts this run's training uses (none unless ``review.use_verdicts``), logged."""
     if not cfg.review.use_verdicts:
         return TrainingVerdicts.none()
+    if cfg.review.verdicts is not None and not Path(cfg.review.verdicts).is_file():
+        raise InputError(f"{cfg.review.verdicts}: review.verdicts: file not found")
     got = training_verdicts(cfg.review.verdicts or Path(cfg.out) / "review" / VERDICT_FILE, cfg.train_year)
     if got.labels_key() or got.negatives_key() or got.other_years:
         log.info("review verdicts of %d used in training: %s", cfg.train_year, got.counts())
@@ -323,8 +325,8 @@ def _verdicts(cfg: RunConfig) -> TrainingVerdicts:
 
 def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, first_dir: Path, hn_dir: Path,
                     overwrite: bool, progress: bool, verdicts: TrainingVerdicts | None = None) -> None:
-    """Map the training year with the first model and cut chips where it fires away from the labels, and
-    where reviewers rejected detections."""
+    """Map the training year with the first model and cut chips where it fires away from the labels (never
+    sparing a detection a reviewer rejected as a possible missed mine)."""
     year = cfg.train_year
     prob_dir = hn_dir / "probabilities"
     predict(first_dir, cfg.imagery, [year], prob_dir, cfg.predict, cfg.bands, cfg.workers, overwrite=overwrite,

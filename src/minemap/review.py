@@ -198,7 +198,7 @@ class TrainingVerdicts:
 
     positives: np.ndarray  # detections confirmed as mines: added to the labels
     drop_labels: np.ndarray  # labels rejected as not mines: removed from the labels
-    rejected: np.ndarray  # detections rejected as not mines: hard negatives, first and always
+    rejected: np.ndarray  # detections rejected as not mines: training chips of their own, taught as background
     unsure: np.ndarray  # neither taught as mine nor as background: ignored in every chip
     other_years: int = 0  # verdicts of other years, not used
 
@@ -216,7 +216,7 @@ class TrainingVerdicts:
         return _outlines_key(self.positives, self.drop_labels)
 
     def negatives_key(self) -> str | None:
-        """What the hard negatives depend on (None: no verdict changes them)."""
+        """What the chips depend on beyond the labels: rejected detections and unsure outlines (None: none)."""
         return _outlines_key(self.rejected, self.unsure)
 
 
@@ -229,8 +229,9 @@ def _outlines_key(*groups: np.ndarray) -> str | None:
 def training_verdicts(path: Path, train_year: int) -> TrainingVerdicts:
     """The verdicts kept in ``path`` (``RUN/review/verdicts.parquet``) that a training of ``train_year`` uses:
     a detection marked ``mine`` becomes a label, a label marked ``not_mine`` is dropped, a detection marked
-    ``not_mine`` becomes a hard negative, an ``unsure`` outline is ignored; a label marked ``mine`` is already
-    one. Verdicts of other years are counted, not used."""
+    ``not_mine`` gets training chips of its own, taught as background (minemap.chips.make_chips), an ``unsure``
+    outline is ignored in every chip; a label marked ``mine`` is one already. Verdicts of other years are
+    counted, not used."""
     path = Path(path)
     if not path.is_file():
         return TrainingVerdicts.none()
