@@ -596,9 +596,10 @@ def chips_over(outlines: np.ndarray, boxes: np.ndarray, per_outline: int = 1, mo
     for outline in outlines[np.argsort(-shapely.area(outlines), kind="stable")]:
         left = outline
         for _ in range(per_outline):
-            cand = tree.query(shapely.point_on_surface(left), predicate="within")
+            point = shapely.point_on_surface(left)
+            cand = tree.query(point, predicate="within")
             if len(cand):
-                best = int(cand[np.argmin(shapely.distance(centres[cand], shapely.point_on_surface(left)))])
+                best = int(cand[np.argmin(shapely.distance(centres[cand], point))])
             else:
                 cand = tree.query(left, predicate="intersects") if edges else cand
                 if len(cand) == 0:
@@ -691,8 +692,9 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     boxes = _chip_boxes(grid, pos, cfg.chip_size)
     # largest false alarms first, one chip each; those a reviewer rejected have chips among the training chips
     if len(rejected):
-        taught = taught[~np.isin(np.arange(len(taught)),
-                                 shapely.STRtree(taught).query(rejected, predicate="intersects")[1])]
+        reviewed_alarm = np.zeros(len(taught), bool)
+        reviewed_alarm[shapely.STRtree(taught).query(rejected, predicate="intersects")[1]] = True
+        taught = taught[~reviewed_alarm]
     chosen = chips_over(taught, boxes, per_outline=1, most=n_max)
     splits = {(int(r.bx), int(r.by)): r.split for r in blocks.itertuples()}
     with atomic_path(Path(dest)) as tmp:
