@@ -48,15 +48,32 @@ def candidate_pairs(tree: shapely.STRtree, probe: np.ndarray, keep, chunk: int =
     return np.concatenate(parts_i), np.concatenate(parts_j)
 
 
-def polygons_meet(p: np.ndarray, q: np.ndarray, interiors: bool = False) -> np.ndarray:
+def inner_points(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x and y of a point inside each geometry (``point_on_surface``), on every core: computed once per polygon
+    and indexed per pair, not once per pair."""
+    pts = in_threads(shapely.point_on_surface, np.asarray(geoms, dtype=object)) if len(geoms) else np.zeros(0, object)
+    return shapely.get_x(pts), shapely.get_y(pts)
+
+
+def polygons_meet(p: np.ndarray, q: np.ndarray, px: np.ndarray | None = None, py: np.ndarray | None = None, *,
+                  interiors: bool = False) -> np.ndarray:
     """Whether polygons ``p[i]`` and ``q[i]`` intersect (``interiors``: their interiors meet, so that a shared
-    edge or corner does not count). A point inside ``p[i]`` strictly inside ``q[i]`` settles most pairs of a
-    panel (the same place in two years) with a point-in-polygon test; the others take the full test."""
-    meet = shapely.contains_properly(q, shapely.point_on_surface(p))
+    edge or corner does not count). A point inside ``p[i]`` (``px``, ``py``: given, as :func:`inner_points` of
+    ``p``; else computed) strictly inside ``q[i]`` settles most pairs of a panel (the same place in two years)
+    with a point-in-polygon test; the others take the full test, and only those that intersect the test of
+    touching."""
+    if px is None or py is None:
+        inside = shapely.point_on_surface(p)
+        px, py = shapely.get_x(inside), shapely.get_y(inside)
+    meet = shapely.contains_xy(q, px, py)
     rest = np.flatnonzero(~meet)
     if len(rest):
         pr, qr = p[rest], q[rest]
-        meet[rest] = shapely.intersects(qr, pr) & ~shapely.touches(qr, pr) if interiors else shapely.intersects(qr, pr)
+        hit = shapely.intersects(qr, pr)
+        if interiors:
+            on = np.flatnonzero(hit)
+            hit[on] = ~shapely.touches(qr[on], pr[on])
+        meet[rest] = hit
     return meet
 
 

@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from minemap._io import atomic_path
 from minemap.config import PanelConfig
 from minemap.errors import InputError
-from minemap.geo import WGS84, area_km2, candidate_pairs, in_threads, polygons_meet, units_per_metre
+from minemap.geo import WGS84, area_km2, candidate_pairs, in_threads, inner_points, polygons_meet, units_per_metre
 from minemap.labels import write_geoparquet
 
 log = logging.getLogger(__name__)
@@ -65,12 +65,12 @@ def geohashes(lon: np.ndarray, lat: np.ndarray, precision: int = 9) -> np.ndarra
         np.array([], dtype=object)
 
 
-def _anchor_ids(geoms: np.ndarray) -> np.ndarray:
-    """Geohash ids of a point inside each geometry; two anchored in one ~5 m cell get suffixes -2, -3, ..."""
-    if len(geoms) == 0:
+def _anchor_ids(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Geohash ids of points (x, y: :func:`~minemap.geo.inner_points` of the geometries anchored); two anchored
+    in one ~5 m cell get suffixes -2, -3, ..."""
+    if len(x) == 0:
         return np.array([], dtype=object)
-    anchor = shapely.point_on_surface(geoms)
-    ids = pd.Series(geohashes(shapely.get_x(anchor), shapely.get_y(anchor)))
+    ids = pd.Series(geohashes(x, y))
     rank = ids.groupby(ids).cumcount().to_numpy() + 1
     return np.where(rank == 1, ids.to_numpy(), ids.to_numpy() + "-" + rank.astype(str)).astype(object)
 
@@ -80,11 +80,12 @@ def _buffered(geoms: np.ndarray, buffer_m: float) -> np.ndarray:
     return shapely.buffer(geoms, buffer_m * units_per_metre(WGS84, shapely.get_x(c), shapely.get_y(c)))
 
 
-def _links(geoms: np.ndarray, year_idx: np.ndarray, buffer_m: float, max_span: int | None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def _links(geoms: np.ndarray, year_idx: np.ndarray, buffer_m: float, max_span: int | None,
+           points: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (later, earlier) of polygons of different years, at most ``max_span`` processed years apart (None:
     any), whose interiors meet (a shared edge or corner is not an overlap), or that lie within ``buffer_m``.
-    Candidates come from the index's boxes; the exact test runs only on pairs of years in span, on every core."""
+    Candidates come from the index's boxes; the exact test runs only on pairs of years in span, on every core.
+    ``points``: :func:`~minemap.geo.inner_points` of the polygons, where the caller has them."""
     probe = _buffered(geoms, buffer_m) if buffer_m > 0 else geoms
 
     def in_span(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -97,7 +98,9 @@ def _links(geoms: np.ndarray, year_idx: np.ndarray, buffer_m: float, max_span: i
     if buffer_m > 0:
         meet = in_threads(shapely.intersects, geoms[b], probe[a])
     else:
-        meet = in_threads(lambda p, q: polygons_meet(p, q, interiors=True), geoms[a], geoms[b])
+        x, y = points if points is not None else inner_points(geoms)
+        meet = in_threads(lambda p, q, px, py: polygons_meet(p, q, px, py, interiors=True), geoms[a], geoms[b], x[a],
+                          y[a])
     return a[meet], b[meet]
 
 
@@ -129,7 +132,8 @@ EVENT_KINDS = ("appeared", "reappeared", "split", "merged", "disappeared")
 
 
 def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 0.0,
-                links: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
+                links: tuple[np.ndarray, ...] | None = None, points: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Mine identities across years, kept local in time. Returns per polygon its ``mine_id`` and
     ``district_id``, and the lineage events (:data:`EVENT_COLUMNS`; ids joined with ``;``).
 
@@ -144,6 +148,10 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
     data elsewhere change. ``district_id``: the connected component of overlaps between years (at most
     ``max_gap`` + 1 apart; what ``mine_id`` meant before lineage), anchored the same way in its earliest,
     largest polygon.
+
+    ``links`` and ``points``, where the caller has them: the pairs of :func:`_links` (later, earlier; and, as a
+    third array, their overlaps of :func:`_overlap` where known, NaN where not) and the
+    :func:`~minemap.geo.inner_points` of the polygons.
     """
     n = len(polygons)
     if n == 0:
@@ -152,17 +160,20 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
     geoms = np.asarray(polygons.geometry.values)
     years = np.sort(polygons["year"].unique())
     yi = np.searchsorted(years, polygons["year"].to_numpy())
-    la, lb = links if links is not None else _links(geoms, yi, buffer_m, max_gap + 1)
+    x, y = points if points is not None else inner_points(geoms)
+    links = links if links is not None else _links(geoms, yi, buffer_m, max_gap + 1, (x, y))
+    la, lb = links[:2]
+    known = links[2] if len(links) > 2 else np.full(len(la), np.nan)
 
     # districts: connected components of the overlaps between years (those the identities are built from)
     _, comp = connected_components(coo_matrix((np.ones(len(la)), (la, lb)), shape=(n, n)), directed=False)
     first = pd.DataFrame({"comp": comp, "yi": yi, "area": -shapely.area(geoms), "i": np.arange(n)}).sort_values(
         ["comp", "yi", "area", "i"]).drop_duplicates("comp")
     district_of = np.empty(comp.max() + 1, dtype=object)
-    district_of[first.comp.to_numpy()] = _anchor_ids(geoms[first.i.to_numpy()])
+    district_of[first.comp.to_numpy()] = _anchor_ids(x[first.i.to_numpy()], y[first.i.to_numpy()])
 
     # mines, year by year: each polygon picks a parent mine in the nearest earlier year it overlaps
-    links = pd.DataFrame({"c": la, "p": lb, "dy": yi[la] - yi[lb]})
+    links = pd.DataFrame({"c": la, "p": lb, "dy": yi[la] - yi[lb], "ov": known})
     links = links[links.dy == links.groupby("c").dy.transform("min")]
     links["t"] = yi[links.c.to_numpy()]
     mine = np.full(n, -1, np.int64)
@@ -180,7 +191,10 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
         need = ((per.kids > 1) | (per.mines > 1)).to_numpy()
         if need.any():
             sub = lk.merge(per.loc[need, ["c", "m"]], on=["c", "m"])
-            sub["ov"] = _overlap(geoms, sub.c.to_numpy(), sub.p.to_numpy(), buffer_m)
+            todo = np.flatnonzero(np.isnan(sub.ov.to_numpy()))
+            if len(todo):
+                sub.iloc[todo, sub.columns.get_loc("ov")] = _overlap(geoms, sub.c.to_numpy()[todo],
+                                                                     sub.p.to_numpy()[todo], buffer_m)
             per.loc[need, "ov"] = sub.groupby(["c", "m"]).ov.sum().reindex(
                 pd.MultiIndex.from_frame(per.loc[need, ["c", "m"]])).to_numpy()
         per = per.sort_values(["c", "ov", "m"], ascending=[True, False, True])
@@ -230,7 +244,7 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
     order = np.lexsort((yi, mine))
     firsts = order[np.r_[True, mine[order][1:] != mine[order][:-1]]]
     ids = np.empty(n_mines, dtype=object)
-    ids[mine[firsts]] = _anchor_ids(geoms[firsts])
+    ids[mine[firsts]] = _anchor_ids(x[firsts], y[firsts])
 
     def joined(col: str, default) -> list[str]:
         vals = ev[col] if col in ev else pd.Series([None] * len(ev))
@@ -311,8 +325,14 @@ def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, wher
         return Panel(empty, pd.DataFrame({c: [] for c in EVENT_COLUMNS}), change_statistics(empty))
     geoms = np.asarray(gdf.geometry.values)
     yi = np.searchsorted(np.sort(gdf["year"].unique()), gdf["year"].to_numpy())
-    links = _links(geoms, yi, cfg.buffer_m, cfg.max_gap + 1)
-    mine_id, district_id, events = track_mines(gdf, cfg.max_gap, cfg.buffer_m, links)
+    points = inner_points(geoms)
+    la, lb = _links(geoms, yi, cfg.buffer_m, cfg.max_gap + 1, points)
+    # the overlaps of consecutive years, without a buffer: every one for the change table, and the tracking's
+    one = yi[la] - yi[lb] == 1
+    overlaps = np.full(len(la), np.nan)
+    if cfg.buffer_m == 0 and one.any():
+        overlaps[one] = _overlap(geoms, la[one], lb[one], 0.0)
+    mine_id, district_id, events = track_mines(gdf, cfg.max_gap, cfg.buffer_m, (la, lb, overlaps), points)
     panel = gpd.GeoDataFrame({
         "mine_id": mine_id, "district_id": district_id, "year": gdf["year"].astype(int).to_numpy(),
         "iso3": gdf["iso3"].to_numpy(), "country": gdf["country"].to_numpy(),
@@ -321,11 +341,7 @@ def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, wher
     }, geometry=gdf.geometry.values, crs=WGS84)
     first = panel.groupby("mine_id").year.transform("min")
     panel.insert(panel.columns.get_loc("area_km2"), "first_year", first.astype(int))
-    # the change table needs the overlaps of consecutive years: those of the tracking, where it used no buffer
-    la, lb = links
-    one = yi[la] - yi[lb] == 1
-    consecutive = (la[one], lb[one]) if cfg.buffer_m == 0 else None
-    changes = change_statistics(panel, consecutive)
+    changes = change_statistics(panel, (la[one], lb[one], overlaps[one]) if cfg.buffer_m == 0 else None)
     panel = panel.sort_values(["mine_id", "year"]).reset_index(drop=True)
     return Panel(panel[PANEL_COLUMNS], events, changes)
 
@@ -367,7 +383,8 @@ def lineage_table(panel: gpd.GeoDataFrame, events: pd.DataFrame) -> pd.DataFrame
     return out.reset_index().rename(columns={"index": "mine_id"})[LINEAGE_COLUMNS]
 
 
-def change_statistics(panel: gpd.GeoDataFrame, pairs: tuple[np.ndarray, np.ndarray] | None = None) -> pd.DataFrame:
+def change_statistics(panel: gpd.GeoDataFrame, pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+                      ) -> pd.DataFrame:
     """Per country and year, in km2: mining area and mines, and what changed since the previous processed year
     (:data:`CHANGE_COLUMNS`), computed geometrically between the two years' outlines:
 
@@ -379,7 +396,8 @@ def change_statistics(panel: gpd.GeoDataFrame, pairs: tuple[np.ndarray, np.ndarr
 
     Parts are measured as shares of each outline's area (outlines of one year do not overlap), so every figure
     is in the same km2 as ``area_km2``, and attributed to the outline's country. The first year has no change
-    figures (empty).
+    figures (empty). ``pairs``: the overlapping pairs of consecutive years (this year, the year before) and their
+    overlaps (:func:`_overlap`), where the caller has them.
     """
     df = pd.DataFrame(panel.drop(columns="geometry"))
     if len(df) == 0:
@@ -389,8 +407,11 @@ def change_statistics(panel: gpd.GeoDataFrame, pairs: tuple[np.ndarray, np.ndarr
     yi = np.searchsorted(years, df.year.to_numpy())
     deg_area = shapely.area(geoms)
     # a in year t, b in the processed year before, interiors meeting
-    a, b = pairs if pairs is not None else _links(geoms, yi, 0.0, 1)
-    inter = _overlap(geoms, a, b, 0.0) if len(a) else np.zeros(0)
+    if pairs is None:
+        a, b = _links(geoms, yi, 0.0, 1)
+        inter = _overlap(geoms, a, b, 0.0) if len(a) else np.zeros(0)
+    else:
+        a, b, inter = pairs
     # the share of each outline outside the previous year's outlines, and outside the next year's
     out_prev = 1 - np.clip(np.bincount(a, weights=inter, minlength=len(df)) / np.maximum(deg_area, 1e-30), 0, 1)
     out_next = 1 - np.clip(np.bincount(b, weights=inter, minlength=len(df)) / np.maximum(deg_area, 1e-30), 0, 1)

@@ -25,7 +25,8 @@ import shapely
 
 from minemap.config import PostprocessConfig
 from minemap.errors import InputError
-from minemap.geo import EQUAL_AREA, WGS84, area_km2, candidate_pairs, in_threads, polygons_meet, units_per_metre
+from minemap.geo import (EQUAL_AREA, WGS84, area_km2, candidate_pairs, in_threads, inner_points, polygons_meet,
+                         units_per_metre)
 from minemap.labels import read_vector, write_geoparquet
 
 log = logging.getLogger(__name__)
@@ -50,11 +51,12 @@ def temporal_filter(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> gpd.Ge
     # candidates: pairs of adjacent processed years whose (buffered) boxes meet, from one index of every year
     a, b = candidate_pairs(shapely.STRtree(probe), probe, lambda a, b: yi[a] - yi[b] == 1)
     keep = np.zeros(len(polygons), dtype=bool)
+    x, y = inner_points(geoms)
     if buffer_m > 0:  # each polygon against the other's buffer
-        keep[a[in_threads(polygons_meet, geoms[a], probe[b])]] = True
-        keep[b[in_threads(polygons_meet, geoms[b], probe[a])]] = True
+        keep[a[in_threads(polygons_meet, geoms[a], probe[b], x[a], y[a])]] = True
+        keep[b[in_threads(polygons_meet, geoms[b], probe[a], x[b], y[b])]] = True
     else:
-        meet = in_threads(polygons_meet, geoms[a], geoms[b])
+        meet = in_threads(polygons_meet, geoms[a], geoms[b], x[a], y[a])
         keep[a[meet]] = keep[b[meet]] = True
     log.info("temporal filter: kept %d of %d polygons", keep.sum(), len(keep))
     return polygons.loc[keep].reset_index(drop=True)
