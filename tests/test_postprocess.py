@@ -1,6 +1,7 @@
 import geopandas as gpd
 import numpy as np
 import pytest
+import shapely
 from pyproj import Geod
 from shapely.geometry import box
 
@@ -49,6 +50,65 @@ def test_area_on_the_ellipsoid():
 
     bowtie = Polygon([(0, 0), (0.01, 0.01), (0.01, 0), (0, 0.01)])
     assert area_km2(np.array([bowtie]))[0] > 0
+
+
+def test_area_of_holes_parts_and_small_outlines_far_from_the_origin():
+    from shapely.geometry import MultiPolygon, Polygon
+
+    geod = Geod(ellps="WGS84")
+    rng = np.random.default_rng(3)
+    ring = [(179.9 + 0.0005 * np.cos(t) * rng.uniform(0.8, 1.2), -24.5 + 0.0005 * np.sin(t))
+            for t in np.linspace(0, 2 * np.pi, 40, endpoint=False)]
+    cases = [Polygon(ring), Polygon(ring[::-1]),  # ~50 m across near the antimeridian, either orientation
+             box(10, 0, 11, 1).difference(box(10.2, 0.2, 10.4, 0.4)),  # a hole
+             MultiPolygon([box(0, 0, 1, 1), box(-60, 20, -59, 21)]), box(-60, 20, -59.99999, 20.00001)]
+    expected = [abs(geod.geometry_area_perimeter(g)[0]) / 1e6 for g in cases]
+    got = area_km2(np.array(cases + [Polygon(), None], dtype=object), valid=True)
+    assert got[:2] == pytest.approx(expected[:2], rel=1e-6) and got[4] == pytest.approx(expected[4], rel=1e-6)
+    assert got[2:4] == pytest.approx(expected[2:4], rel=1e-4)  # a degree wide: geodesic edges bow a little
+    assert got[-2] == 0 and np.isnan(got[-1])
+    # polygons measured from their coordinates and through a transformed copy agree on many at once
+    many = np.array([shapely.Point(x, y).buffer(0.003, quad_segs=8) for x, y in rng.uniform(-40, 40, (50_000, 2))]
+                    + [cases[2]], dtype=object)
+    fast = area_km2(many, valid=True)
+    slow = area_km2(np.array([MultiPolygon([g]) for g in many], dtype=object), valid=True)
+    assert np.allclose(fast, slow, rtol=1e-12, atol=0)
+
+
+def test_country_grid_agrees_with_the_exact_attribution():
+    """Polygons settled from the grid of cells one country alone holds get what the exact intersection gives,
+    next to a land border, a coast and two countries overlapping, and the grid settles those far from them."""
+    from minemap.postprocess import GRID_DEG, inland_cells
+
+    countries = gpd.GeoDataFrame({"iso3": ["AAA", "BBB", "CCC"], "country": ["A", "B", "C"]},
+                                 geometry=[box(0, 0, 1, 1), box(1, 0, 2, 1), box(1.5, 0.5, 2.5, 1.5)],
+                                 crs="EPSG:4326")
+    grid, x0, y0 = inland_cells(countries, (0, 0, 2.5, 1.5))
+
+    def cell(x, y):
+        return grid[int((y0 - y) // GRID_DEG), int((x - x0) // GRID_DEG)]
+
+    assert cell(0.5, 0.5) == 0 and cell(1.25, 0.25) == 1 and cell(2.2, 1.2) == 2
+    assert cell(1.0 - GRID_DEG / 2, 0.5) == -1 and cell(1.0 + GRID_DEG / 2, 0.5) == -1  # the border and around it
+    assert cell(1.75, 0.75) == -1 and cell(2.3, 0.2) == -1  # B and C overlap; sea
+    rng = np.random.default_rng(0)
+    xy = rng.uniform([-0.1, -0.1], [2.6, 1.6], (3000, 2))
+    size = rng.uniform(0.001, 0.03, 3000)
+    polys = _polys([(2019, str(i), box(x, y, x + s, y + s)) for i, ((x, y), s) in enumerate(zip(xy, size))])
+    got = attribute_countries(polys, countries)
+    ea = countries.to_crs("EPSG:6933").geometry.values
+    p_ea = polys.to_crs("EPSG:6933").geometry.values
+    shares = np.array([[g.intersection(c).area for c in ea] for g in p_ea])
+    dist = np.array([[g.distance(c) for c in ea] for g in p_ea])
+    best = np.where(shares.max(1) > 0, shares.argmax(1), np.where(dist.min(1) <= 25_000, dist.argmin(1), -1))
+    expected = np.where(best >= 0, countries.iso3.to_numpy()[np.maximum(best, 0)], None)
+    assert list(got.iso3) == list(expected)
+    from minemap.postprocess import _inland_country
+
+    settled = _inland_country(np.asarray(polys.geometry.values), countries) >= 0
+    deep = (shares.max(1) > 0) & np.array([min(g.distance(c.boundary) for c in countries.geometry) > 2 * GRID_DEG
+                                            for g in polys.geometry])
+    assert settled[deep].mean() > 0.9 and not settled[shares.max(1) == 0].any()
 
 
 def test_countries_by_largest_overlap():

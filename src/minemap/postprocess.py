@@ -81,12 +81,70 @@ def load_countries(path: Path | None = None) -> gpd.GeoDataFrame:
     return out
 
 
+GRID_DEG = 0.05  # cell of the grid that settles the polygons far from any border (~5.5 km at the equator)
+
+
+def inland_cells(countries: gpd.GeoDataFrame, bounds: tuple[float, float, float, float], cell: float = GRID_DEG
+                 ) -> tuple[np.ndarray, float, float]:
+    """A grid of ``cell`` degrees over ``bounds`` (lon/lat, a cell of margin): in each cell, the index of the
+    country that alone holds the whole cell, -1 where none does (a border or coast within a cell of it, sea, or
+    countries overlapping). Returns the grid and its top-left corner (x0, y0).
+
+    A cell that no country's boundary crosses lies wholly inside every country that covers its centre, and
+    outside the others; the boundaries are burnt in with every cell they touch, and a cell more around them,
+    so that rounding at a cell's edge can never leave one out."""
+    from rasterio.features import MergeAlg, rasterize
+    from rasterio.transform import from_origin
+    from scipy.ndimage import binary_dilation
+
+    minx, miny, maxx, maxy = bounds
+    x0, y0 = np.floor(minx / cell) * cell - cell, np.ceil(maxy / cell) * cell + cell
+    shape = (int(np.ceil((y0 - miny) / cell)) + 2, int(np.ceil((maxx - x0) / cell)) + 2)
+    transform = from_origin(x0, y0, cell, cell)
+    c_geoms = np.asarray(countries.geometry.values)
+    box = shapely.box(x0, y0 - shape[0] * cell, x0 + shape[1] * cell, y0)
+    near = np.flatnonzero(shapely.intersects(c_geoms, box) & ~shapely.is_empty(c_geoms))
+    grid = np.full(shape, -1, np.int32)
+    if len(near) == 0:
+        return grid, x0, y0
+    grid = rasterize(zip(c_geoms[near], near), out_shape=shape, transform=transform, fill=-1, dtype="int32")
+    count = rasterize(((g, 1) for g in c_geoms[near]), out_shape=shape, transform=transform, fill=0, dtype="uint16",
+                      merge_alg=MergeAlg.add)
+    edges = rasterize(((b, 1) for b in shapely.boundary(c_geoms[near])), out_shape=shape, transform=transform,
+                      fill=0, dtype="uint8", all_touched=True)
+    edges = binary_dilation(edges.astype(bool), structure=np.ones((3, 3), bool))
+    grid[(count != 1) | edges] = -1
+    return grid, float(x0), float(y0)
+
+
+def _inland_country(geoms: np.ndarray, countries: gpd.GeoDataFrame, cell: float = GRID_DEG) -> np.ndarray:
+    """Per polygon, the index of the country holding it whole, read from :func:`inland_cells` where the polygon's
+    box lies in cells that one country alone holds (a box over at most 2 x 2 cells); -1 elsewhere."""
+    bounds = shapely.bounds(geoms)
+    ok = np.isfinite(bounds).all(1)
+    out = np.full(len(geoms), -1, np.int64)
+    if not ok.any():
+        return out
+    grid, x0, y0 = inland_cells(countries, tuple(np.r_[bounds[ok, :2].min(0), bounds[ok, 2:].max(0)]), cell)
+    b = np.where(ok[:, None], bounds, 0.0)
+    c0, c1 = np.floor((b[:, 0] - x0) / cell).astype(np.int64), np.floor((b[:, 2] - x0) / cell).astype(np.int64)
+    r0, r1 = np.floor((y0 - b[:, 3]) / cell).astype(np.int64), np.floor((y0 - b[:, 1]) / cell).astype(np.int64)
+    h, w = grid.shape
+    small = ok & (c1 - c0 <= 1) & (r1 - r0 <= 1) & (c0 >= 0) & (r0 >= 0) & (c1 < w) & (r1 < h)
+    i = np.flatnonzero(small)
+    corners = np.stack([grid[r0[i], c0[i]], grid[r0[i], c1[i]], grid[r1[i], c0[i]], grid[r1[i], c1[i]]])
+    same = (corners == corners[0]).all(0) & (corners[0] >= 0)
+    out[i[same]] = corners[0, same]
+    return out
+
+
 def attribute_countries(polygons: gpd.GeoDataFrame, countries: gpd.GeoDataFrame) -> gpd.GeoDataFrame:
     """Add ``iso3`` and ``country``: the country covering the largest part of each polygon.
 
-    Polygons lying wholly within one country (nearly all) take it from a prepared spatial index query; only those
-    crossing a border are intersected with the countries, in an equal-area CRS, and those offshore of the
-    coastline take the nearest country within ``NEAREST_MAX_M``."""
+    Polygons far from any border or coast (nearly all) take their country from a grid of cells that one country
+    alone holds (:func:`inland_cells`); the others within one country take it from a prepared spatial index
+    query; only those crossing a border are intersected with the countries, in an equal-area CRS, and those
+    offshore of the coastline take the nearest country within ``NEAREST_MAX_M``."""
     out = polygons.copy()
     n = len(out)
     iso = np.full(n, None, dtype=object)
@@ -95,16 +153,21 @@ def attribute_countries(polygons: gpd.GeoDataFrame, countries: gpd.GeoDataFrame)
         out["iso3"], out["country"] = iso, name
         return out
     c_iso, c_name = countries.iso3.to_numpy(), countries.country.to_numpy()
-    geoms = np.asarray(out.geometry.values)
+    all_geoms = np.asarray(out.geometry.values)
+    inland = _inland_country(all_geoms, countries)
+    held = np.flatnonzero(inland >= 0)
+    iso[held], name[held] = c_iso[inland[held]], c_name[inland[held]]
+    todo = np.flatnonzero(inland < 0)
+    geoms = all_geoms[todo]
     # each country, prepared once (its edges indexed), tested against the polygons in its box: far cheaper than
     # testing each small polygon against a whole country outline
     ci, pi = shapely.STRtree(geoms).query(np.asarray(countries.geometry.values), predicate="contains")
-    single = np.bincount(pi, minlength=n) == 1  # within exactly one country (overlapping layers: measure)
+    single = np.bincount(pi, minlength=len(todo)) == 1  # within exactly one country (overlapping layers: measure)
     inside = single[pi]
-    iso[pi[inside]], name[pi[inside]] = c_iso[ci[inside]], c_name[ci[inside]]
-    rest = np.flatnonzero(~single)
+    iso[todo[pi[inside]]], name[todo[pi[inside]]] = c_iso[ci[inside]], c_name[ci[inside]]
+    rest = todo[~single]
     if len(rest):
-        p_ea = shapely.make_valid(np.asarray(gpd.GeoSeries(geoms[rest], crs=WGS84).to_crs(EQUAL_AREA).values))
+        p_ea = shapely.make_valid(np.asarray(gpd.GeoSeries(all_geoms[rest], crs=WGS84).to_crs(EQUAL_AREA).values))
         # a country across the antimeridian can come out of the projection self-intersecting
         c_ea = shapely.make_valid(np.asarray(countries.geometry.to_crs(EQUAL_AREA).values))
         tree = shapely.STRtree(c_ea)
