@@ -175,7 +175,8 @@ def write_geoparquet(gdf: gpd.GeoDataFrame, dest: Path) -> Path:
 def read_geoparquet(path: Path) -> gpd.GeoDataFrame:
     """``geopandas.read_parquet``, in batches of :data:`PARQUET_CHUNK_ROWS` rows where the file is larger (WKB
     geometry): the file's encoded form is then never in memory whole beside the decoded polygons (reading a
-    million polygons at once peaks at about twice what they hold once read)."""
+    million polygons at once peaks at about twice what they hold once read). The next batch is read and
+    decompressed in a thread while this one's polygons are decoded."""
     import json
 
     import pyarrow as pa
@@ -192,7 +193,7 @@ def read_geoparquet(path: Path) -> gpd.GeoDataFrame:
         return gpd.read_parquet(path)
     crs = column.get("crs", "OGC:CRS84")  # GeoParquet: no crs means longitude/latitude on WGS84
     frames = []
-    for batch in pf.iter_batches(batch_size=PARQUET_CHUNK_ROWS):
+    for batch in _one_ahead(pf.iter_batches(batch_size=PARQUET_CHUNK_ROWS)):
         table = pa.Table.from_batches([batch])
         geoms = shapely.from_wkb(table.column(col).to_numpy(zero_copy_only=False))
         frames.append(gpd.GeoDataFrame(table.drop_columns([col]).to_pandas(), geometry=geoms, crs=crs))
@@ -201,11 +202,27 @@ def read_geoparquet(path: Path) -> gpd.GeoDataFrame:
     return gpd.GeoDataFrame(out[[c for c in pf.schema_arrow.names if c in out.columns]], geometry=col, crs=crs)
 
 
+def _one_ahead(items):
+    """The items of an iterator, the next one produced in a thread while the caller works on this one (for
+    reading and decompressing, which release the GIL, beside decoding, which holds it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = iter(items)
+    done = object()
+    with ThreadPoolExecutor(1) as pool:
+        ahead = pool.submit(next, items, done)
+        while (item := ahead.result()) is not done:
+            ahead = pool.submit(next, items, done)
+            yield item
+
+
 def _write_in_row_groups(gdf: gpd.GeoDataFrame, path: Path) -> None:
     """GeoParquet written chunk by chunk: geopandas' own schema and "geo" metadata (from one row), with the
-    attribute types and the bounding box and geometry types of the whole frame."""
+    attribute types and the bounding box and geometry types of the whole frame. Each chunk is compressed and
+    written in a thread while the next one is encoded."""
     import io
     import json
+    from concurrent.futures import ThreadPoolExecutor
 
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -220,10 +237,17 @@ def _write_in_row_groups(gdf: gpd.GeoDataFrame, path: Path) -> None:
     attributes = pa.Schema.from_pandas(pd.DataFrame(gdf.drop(columns=col)), preserve_index=False)
     fields = [attributes.field(f.name) if f.name != col else f for f in template]
     schema = pa.schema(fields, metadata={**template.metadata, b"geo": json.dumps(geo).encode()})
-    with pq.ParquetWriter(path, schema, compression="snappy") as writer:
+    with pq.ParquetWriter(path, schema, compression="snappy") as writer, ThreadPoolExecutor(1) as pool:
+        written = None
         for i in range(0, len(gdf), PARQUET_CHUNK_ROWS):
             part = pa.table(gdf.iloc[i:i + PARQUET_CHUNK_ROWS].to_arrow(index=False, geometry_encoding="WKB"))
-            writer.write_table(part.cast(schema))
+            part = part.cast(schema)
+            if written is not None:
+                written.result()
+            written = pool.submit(writer.write_table, part)
+            del part
+        if written is not None:
+            written.result()
 
 
 def labels_stage(paths: list[Path], dest: Path, max_abs_lat: float | None = None) -> LabelReport:
