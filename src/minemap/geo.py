@@ -31,18 +31,23 @@ def in_threads(func, *arrays: np.ndarray, chunk: int = 20_000) -> np.ndarray:
         return np.concatenate(list(parts))
 
 
-def candidate_pairs(tree: shapely.STRtree, probe: np.ndarray, keep, chunk: int = 200_000
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i, j) whose boxes meet, ``probe[i]`` against the tree's geometry ``j``, that ``keep(i, j)`` (a
-    vectorised filter returning a boolean mask) accepts; queried ``chunk`` probes at a time, so that the
-    unfiltered candidates of a million polygons never sit in memory together."""
+def pairs_across_years(probe: np.ndarray, geoms: np.ndarray, year_idx: np.ndarray, max_span: int | None,
+                       chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), ``i`` of a later year than ``j`` and at most ``max_span`` (processed) years after it (None:
+    any), whose boxes meet: ``probe[i]``'s against ``geoms[j]``'s. One index a year, each queried with the
+    later years' probes in span only, ``chunk`` probes at a time: no candidate of a wrong year is ever made, and
+    the candidates of a million polygons never sit in memory together."""
+    n_years = int(year_idx.max()) + 1 if len(year_idx) else 0
+    rows = [np.flatnonzero(year_idx == k) for k in range(n_years)]
+    trees = [shapely.STRtree(geoms[r]) for r in rows]
     parts_i, parts_j = [], []
-    for start in range(0, len(probe), chunk):
-        i, j = tree.query(probe[start:start + chunk])
-        i += start
-        ok = keep(i, j)
-        parts_i.append(i[ok])
-        parts_j.append(j[ok])
+    for later in range(1, n_years):
+        for earlier in range(0 if max_span is None else max(later - max_span, 0), later):
+            for start in range(0, len(rows[later]), chunk):
+                mine = rows[later][start:start + chunk]
+                i, j = trees[earlier].query(probe[mine])
+                parts_i.append(mine[i])
+                parts_j.append(rows[earlier][j])
     if not parts_i:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     return np.concatenate(parts_i), np.concatenate(parts_j)

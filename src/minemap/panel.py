@@ -29,7 +29,8 @@ from scipy.sparse.csgraph import connected_components
 from minemap._io import atomic_path
 from minemap.config import PanelConfig
 from minemap.errors import InputError
-from minemap.geo import WGS84, area_km2, candidate_pairs, in_threads, inner_points, polygons_meet, units_per_metre
+from minemap.geo import (WGS84, area_km2, in_threads, inner_points, pairs_across_years, polygons_meet,
+                         units_per_metre)
 from minemap.labels import write_geoparquet
 
 log = logging.getLogger(__name__)
@@ -84,15 +85,11 @@ def _links(geoms: np.ndarray, year_idx: np.ndarray, buffer_m: float, max_span: i
            points: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (later, earlier) of polygons of different years, at most ``max_span`` processed years apart (None:
     any), whose interiors meet (a shared edge or corner is not an overlap), or that lie within ``buffer_m``.
-    Candidates come from the index's boxes; the exact test runs only on pairs of years in span, on every core.
+    Candidates come from each year's index, queried with the boxes of the years in span; the exact test runs on
+    every core.
     ``points``: :func:`~minemap.geo.inner_points` of the polygons, where the caller has them."""
     probe = _buffered(geoms, buffer_m) if buffer_m > 0 else geoms
-
-    def in_span(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        dy = year_idx[a] - year_idx[b]
-        return (dy > 0) & (dy <= max_span) if max_span is not None else dy > 0
-
-    a, b = candidate_pairs(shapely.STRtree(geoms), probe, in_span)
+    a, b = pairs_across_years(probe, geoms, year_idx, max_span)
     if len(a) == 0:
         return a, b
     if buffer_m > 0:

@@ -25,7 +25,7 @@ import shapely
 
 from minemap.config import PostprocessConfig
 from minemap.errors import InputError
-from minemap.geo import (EQUAL_AREA, WGS84, area_km2, candidate_pairs, in_threads, inner_points, polygons_meet,
+from minemap.geo import (EQUAL_AREA, WGS84, area_km2, in_threads, inner_points, pairs_across_years, polygons_meet,
                          units_per_metre)
 from minemap.labels import read_vector, write_geoparquet
 
@@ -48,8 +48,8 @@ def temporal_filter(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> gpd.Ge
     else:  # whether polygons meet does not depend on the projection
         geoms = probe = np.asarray(polygons.geometry.values)
     yi = np.searchsorted(years, polygons["year"].to_numpy())
-    # candidates: pairs of adjacent processed years whose (buffered) boxes meet, from one index of every year
-    a, b = candidate_pairs(shapely.STRtree(probe), probe, lambda a, b: yi[a] - yi[b] == 1)
+    # candidates: pairs of adjacent processed years whose (buffered) boxes meet
+    a, b = pairs_across_years(probe, probe, yi, 1)
     keep = np.zeros(len(polygons), dtype=bool)
     x, y = inner_points(geoms)
     if buffer_m > 0:  # each polygon against the other's buffer
