@@ -75,6 +75,26 @@ def test_a_split_starts_a_new_mine_from_its_parent():
     assert panel.district_id.nunique() == 1
 
 
+def test_lineage_rows_of_known_mines():
+    """Years spelt in order (by bit patterns, or one by one beyond 62 years), the largest outline's country (the
+    earliest of equal ones), one row per mine sorted by id."""
+    def panel_of(rows):
+        return pd.DataFrame(rows, columns=["mine_id", "year", "area_km2", "iso3"]).assign(
+            district_id="d", country=lambda d: d.iso3 + "-land")
+
+    rows = [("b", 2021, 1.0, "AAA"), ("a", 2019, 2.0, "BBB"), ("b", 2016, 3.0, "CCC"), ("a", 2017, 2.0, "DDD"),
+            ("b", 2024, 3.0, "EEE")]
+    no_events = pd.DataFrame({c: pd.Series(dtype=str) for c in EVENT_COLUMNS})
+    lin = lineage_table(panel_of(rows), no_events)
+    assert list(lin.mine_id) == ["a", "b"] and list(lin.years) == ["2017;2019", "2016;2021;2024"]
+    assert list(lin.iso3) == ["DDD", "CCC"] and list(lin.country) == ["DDD-land", "CCC-land"]
+    assert list(lin.max_area_km2) == [2.0, 3.0] and list(lin.years_seen) == [2, 3]
+    assert list(lin.first_year) == [2017, 2016] and list(lin.last_year) == [2019, 2024]
+    many = [("m", y, 1.0, "AAA") for y in range(1950, 2030, 2)] + [("n", y, 1.0, "AAA") for y in range(1951, 2030, 2)]
+    lin = lineage_table(panel_of(many), no_events)
+    assert lin.years.tolist() == [";".join(map(str, range(1950, 2030, 2))), ";".join(map(str, range(1951, 2030, 2)))]
+
+
 def test_a_gap_year_keeps_the_identity_up_to_max_gap():
     rows = [(2019, box(0, 0, 1, 1)), (2021, box(0, 0, 1, 1)),  # unseen in 2020
             (2019, box(5, 5, 6, 6)), (2020, box(5, 5, 6, 6)), (2021, box(5, 5, 6, 6)),  # keeps 2020 processed

@@ -60,10 +60,10 @@ def geohashes(lon: np.ndarray, lat: np.ndarray, precision: int = 9) -> np.ndarra
     for i in range(n_bits):  # bit i (from the most significant): longitude on even i, latitude on odd
         axis, k = (x, lon_bits - 1 - i // 2) if i % 2 == 0 else (y, lat_bits - 1 - i // 2)
         code = (code << 1) | ((axis >> k) & 1)
-    chars = np.array(list(_BASE32))
-    digits = [(code >> (5 * (precision - 1 - j))) & 31 for j in range(precision)]
-    return np.array(["".join(t) for t in zip(*(chars[d] for d in digits))], dtype=object) if len(x) else \
-        np.array([], dtype=object)
+    chars = np.frombuffer(_BASE32.encode(), np.uint8)
+    shifts = 5 * np.arange(precision - 1, -1, -1)
+    letters = chars[(code[:, None] >> shifts[None]) & 31]  # (n, precision) ASCII codes
+    return np.ascontiguousarray(letters).view(f"S{precision}").ravel().astype(str).astype(object)
 
 
 def _anchor_ids(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -210,12 +210,14 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
             ev.append(pd.DataFrame({"t": t, "kind": "reappeared", "m": back}))
         last_t[carry.m.to_numpy()] = t
         this = np.flatnonzero(yi == t)
-        new = np.setdiff1d(this, carry.c.to_numpy())
+        new = this[mine[this] < 0]
         mine[new] = np.arange(n_mines, n_mines + len(new))
         last_t[mine[new]] = t
         n_mines += len(new)
         split = claims[claims.duplicated("m")]
-        appeared = np.setdiff1d(new, split.c.to_numpy())
+        split_off = np.zeros(n, bool)
+        split_off[split.c.to_numpy()] = True
+        appeared = new[~split_off[new]]
         ev.append(pd.DataFrame({"t": t, "kind": "appeared", "m": mine[appeared]}))
         if len(split):
             kids = split.assign(k=mine[split.c.to_numpy()]).groupby("m").k.agg(list)
@@ -243,14 +245,18 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
     ids = np.empty(n_mines, dtype=object)
     ids[mine[firsts]] = _anchor_ids(x[firsts], y[firsts])
 
-    def joined(col: str, default) -> list[str]:
-        vals = ev[col] if col in ev else pd.Series([None] * len(ev))
-        return [";".join(ids[np.asarray(v, np.int64)]) if isinstance(v, list) else default(m)
-                for v, m in zip(vals, ev.m.to_numpy())]
+    def joined(col: str) -> np.ndarray:
+        """The ids of each event's list in ``col`` joined with ";"; the event's own mine where it has none."""
+        out = ids[ev.m.to_numpy()]
+        if col in ev:
+            lists = ev[col].to_numpy()
+            rows = np.flatnonzero([isinstance(v, list) for v in lists])
+            out[rows] = [";".join(ids[np.asarray(v, np.int64)]) for v in lists[rows]]
+        return out
 
     kind = ev.kind.to_numpy()
-    parents = joined("parents", lambda m: ids[m])
-    kids = joined("kids", lambda m: ids[m])
+    parents = joined("parents")
+    kids = joined("kids")
     out = pd.DataFrame({"year": years[ev.t.to_numpy().astype(np.int64)], "kind": kind, "mine_id": ids[ev.m.to_numpy()],
                         "parent_ids": np.where(kind == "appeared", "", parents),
                         "child_ids": np.where(kind == "disappeared", "", kids)})
@@ -330,17 +336,20 @@ def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, wher
     if cfg.buffer_m == 0 and one.any():
         overlaps[one] = _overlap(geoms, la[one], lb[one], 0.0)
     mine_id, district_id, events = track_mines(gdf, cfg.max_gap, cfg.buffer_m, (la, lb, overlaps), points)
+    year = gdf["year"].astype(int).to_numpy()
+    code, _ = pd.factorize(mine_id, sort=True)
+    order = np.lexsort((year, code))  # by mine_id, then year
+    start = order[np.r_[True, code[order][1:] != code[order][:-1]]]
+    first_of = np.empty(code.max() + 1, dtype=year.dtype)
+    first_of[code[start]] = year[start]
     panel = gpd.GeoDataFrame({
-        "mine_id": mine_id, "district_id": district_id, "year": gdf["year"].astype(int).to_numpy(),
-        "iso3": gdf["iso3"].to_numpy(), "country": gdf["country"].to_numpy(),
+        "mine_id": mine_id, "district_id": district_id, "year": year,
+        "iso3": gdf["iso3"].array, "country": gdf["country"].array, "first_year": first_of[code],
         "area_km2": gdf["area_km2"].to_numpy() if "area_km2" in gdf else area_km2(gdf.geometry.values),
         "mean_probability": gdf["mean_probability"].to_numpy() if "mean_probability" in gdf else np.nan,
     }, geometry=gdf.geometry.values, crs=WGS84)
-    first = panel.groupby("mine_id").year.transform("min")
-    panel.insert(panel.columns.get_loc("area_km2"), "first_year", first.astype(int))
     changes = change_statistics(panel, (la[one], lb[one], overlaps[one]) if cfg.buffer_m == 0 else None)
-    panel = panel.sort_values(["mine_id", "year"]).reset_index(drop=True)
-    return Panel(panel[PANEL_COLUMNS], events, changes)
+    return Panel(panel.take(order).reset_index(drop=True)[PANEL_COLUMNS], events, changes)
 
 
 def check_polygons(gdf: gpd.GeoDataFrame, where: str) -> None:
@@ -354,30 +363,40 @@ def check_polygons(gdf: gpd.GeoDataFrame, where: str) -> None:
 
 
 def lineage_table(panel: gpd.GeoDataFrame, events: pd.DataFrame) -> pd.DataFrame:
-    """One row per mine: district, first and last year, years seen (count and list), largest area, the
-    country of its largest outline, and the mine it split from (if any)."""
-    df = pd.DataFrame(panel.drop(columns="geometry"))
-    if len(df) == 0:
+    """One row per mine (sorted by ``mine_id``): district, first and last year, years seen (count and list),
+    largest area, the country of its largest outline (the earliest of equals), and the mine it split from (if
+    any)."""
+    if len(panel) == 0:
         return pd.DataFrame({c: [] for c in LINEAGE_COLUMNS})
-    big = df.sort_values(["area_km2", "year"], ascending=[False, True]).drop_duplicates("mine_id").set_index("mine_id")
-    g = df.groupby("mine_id")
-    # the years of each mine spelt "2016;2017;2019": concatenated in one pass over the rows sorted by mine and year
-    by = df.sort_values(["mine_id", "year"])
-    ids = by.mine_id.to_numpy()
-    start = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-    head = np.zeros(len(by), bool)
-    head[start] = True
-    spelt = np.where(head, "", ";").astype(object) + by.year.astype(str).to_numpy(dtype=object)
+    code, ids = pd.factorize(panel["mine_id"], sort=True)
+    year = panel["year"].to_numpy()
+    area = panel["area_km2"].to_numpy(dtype=float)
+    by = np.lexsort((year, code))  # rows by mine, then year
+    start = np.flatnonzero(np.r_[True, code[by][1:] != code[by][:-1]])
+    end = np.r_[start[1:], len(by)]
+    # the years of each mine spelt "2016;2017;2019": a bit a year seen, each pattern spelt once
+    seen, yi = np.unique(year, return_inverse=True)
+    if len(seen) <= 62:
+        mask = np.bitwise_or.reduceat(np.left_shift(1, yi[by].astype(np.int64)), start)
+        patterns, which = np.unique(mask, return_inverse=True)
+        spelt = np.array([";".join(str(y) for k, y in enumerate(seen) if p >> k & 1) for p in patterns], dtype=object)
+        years = spelt[which]
+    else:  # more years than bits: concatenated in one pass over the rows sorted by mine and year
+        head = np.zeros(len(by), bool)
+        head[start] = True
+        years = np.add.reduceat(np.where(head, "", ";").astype(object) + year[by].astype(str).astype(object), start)
+    big = np.lexsort((year, -area, code))[start]  # per mine, its largest outline (the earliest of equals)
     out = pd.DataFrame({
-        "district_id": big["district_id"], "first_year": g.year.min(), "last_year": g.year.max(),
-        "years_seen": g.year.size(), "years": pd.Series(np.add.reduceat(spelt, start), index=ids[start]),
-        "max_area_km2": g.area_km2.max(), "iso3": big["iso3"], "country": big["country"],
+        "mine_id": np.asarray(ids, dtype=object), "district_id": panel["district_id"].array[big],
+        "first_year": year[by][start], "last_year": year[by][end - 1], "years_seen": end - start,
+        "years": years, "max_area_km2": area[big],
+        "iso3": panel["iso3"].array[big], "country": panel["country"].array[big],
     })
     splits = events[events.kind == "split"]
     born = splits.assign(child=splits.child_ids.str.split(";")).explode("child")
     born = born[born.child != born.mine_id].set_index("child")["mine_id"]
-    out["split_from"] = born.reindex(out.index).fillna("").to_numpy()
-    return out.reset_index().rename(columns={"index": "mine_id"})[LINEAGE_COLUMNS]
+    out["split_from"] = born.reindex(out["mine_id"]).fillna("").to_numpy()
+    return out[LINEAGE_COLUMNS]
 
 
 def change_statistics(panel: gpd.GeoDataFrame, pairs: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
