@@ -23,9 +23,11 @@ def in_threads(func, *arrays: np.ndarray, chunk: int = 20_000) -> np.ndarray:
     transforms release the GIL, so threads run them side by side."""
     n = len(arrays[0])
     workers = min(os.cpu_count() or 1, -(-n // chunk))
-    if workers <= 1:
+    if n <= chunk:
         return func(*arrays)
     bounds = list(range(0, n, chunk)) + [n]
+    if workers <= 1:  # still in chunks: the temporaries of a chunk stay in cache, those of a million do not
+        return np.concatenate([func(*(x[i:j] for x in arrays)) for i, j in zip(bounds[:-1], bounds[1:])])
     with ThreadPoolExecutor(workers) as pool:
         parts = pool.map(lambda ij: func(*(x[ij[0]:ij[1]] for x in arrays)), zip(bounds[:-1], bounds[1:]))
         return np.concatenate(list(parts))
@@ -102,7 +104,8 @@ def _ring_areas(xy: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     keep their digits."""
     if len(xy) == 0:
         return np.zeros(n)
-    first = np.searchsorted(index, index, side="left")
+    start = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
+    first = np.repeat(start, np.diff(np.r_[start, len(index)]))
     x, y = xy[:, 0] - xy[first, 0], xy[:, 1] - xy[first, 1]
     cross = x[:-1] * y[1:] - x[1:] * y[:-1]
     same = index[:-1] == index[1:]
