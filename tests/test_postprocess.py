@@ -153,3 +153,26 @@ def test_only_invalid_geometries_are_repaired():
     rows = [(2019, "b", bowtie), (2020, "b", bowtie)]
     pp = postprocess(_polys(rows), PostprocessConfig())
     assert pp.geometry.is_valid.all() and (pp.area_km2 > 0.5).all()  # two triangles of ~0.6 km2
+
+
+def test_pairs_across_years_are_every_box_meeting_pair_in_span(monkeypatch):
+    from minemap.geo import in_threads, pairs_across_years
+
+    rng = np.random.default_rng(1)
+    n = 400
+    xy = rng.uniform(0, 1, (n, 2))
+    geoms = np.array([box(x, y, x + 0.05, y + 0.05) for x, y in xy], dtype=object)
+    probe = shapely.buffer(geoms, 0.01)  # boxes of the probes a little larger than those indexed
+    year = rng.integers(0, 5, n)
+    bp, bg = shapely.bounds(probe), shapely.bounds(geoms)
+    meet = ((bp[:, None, 0] <= bg[None, :, 2]) & (bg[None, :, 0] <= bp[:, None, 2])
+            & (bp[:, None, 1] <= bg[None, :, 3]) & (bg[None, :, 1] <= bp[:, None, 3]))
+    dy = year[:, None] - year[None, :]
+    for span in (1, 2, None):
+        a, b = pairs_across_years(probe, geoms, year, span, chunk=7)
+        expected = meet & (dy > 0) & ((dy <= span) if span is not None else True)
+        assert sorted(zip(a, b)) == sorted(zip(*np.nonzero(expected)))
+    # the work in chunks gives what one call gives, on two cores and on one
+    for cores in (2, 1):
+        monkeypatch.setattr("os.cpu_count", lambda: cores)
+        assert np.array_equal(in_threads(shapely.area, probe, chunk=30), shapely.area(probe))
