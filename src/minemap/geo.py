@@ -37,22 +37,26 @@ def pairs_across_years(probe: np.ndarray, geoms: np.ndarray, year_idx: np.ndarra
                        chunk: int = 200_000) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (i, j), ``i`` of a later year than ``j`` and at most ``max_span`` (processed) years after it (None:
     any), whose boxes meet: ``probe[i]``'s against ``geoms[j]``'s. One index a year, each queried with the
-    later years' probes in span only, ``chunk`` probes at a time: no candidate of a wrong year is ever made, and
-    the candidates of a million polygons never sit in memory together."""
+    later years' probes in span only, ``chunk`` probes at a time, on every core: no candidate of a wrong year is
+    ever made."""
     n_years = int(year_idx.max()) + 1 if len(year_idx) else 0
     rows = [np.flatnonzero(year_idx == k) for k in range(n_years)]
     trees = [shapely.STRtree(geoms[r]) for r in rows]
-    parts_i, parts_j = [], []
-    for later in range(1, n_years):
-        for earlier in range(0 if max_span is None else max(later - max_span, 0), later):
-            for start in range(0, len(rows[later]), chunk):
-                mine = rows[later][start:start + chunk]
-                i, j = trees[earlier].query(probe[mine])
-                parts_i.append(mine[i])
-                parts_j.append(rows[earlier][j])
-    if not parts_i:
+    tasks = [(later, earlier, start) for later in range(1, n_years)
+             for earlier in range(0 if max_span is None else max(later - max_span, 0), later)
+             for start in range(0, len(rows[later]), chunk)]
+
+    def query(task: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        later, earlier, start = task
+        mine = rows[later][start:start + chunk]
+        i, j = trees[earlier].query(probe[mine])  # releases the GIL: the tasks run side by side
+        return mine[i], rows[earlier][j]
+
+    if not tasks:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(parts_i), np.concatenate(parts_j)
+    with ThreadPoolExecutor(min(os.cpu_count() or 1, len(tasks))) as pool:
+        parts = list(pool.map(query, tasks))
+    return np.concatenate([i for i, _ in parts]), np.concatenate([j for _, j in parts])
 
 
 def inner_points(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

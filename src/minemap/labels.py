@@ -233,7 +233,7 @@ def _write_in_row_groups(gdf: gpd.GeoDataFrame, path: Path) -> None:
     template = pq.read_schema(pa.BufferReader(buf.getvalue()))
     geo = json.loads(template.metadata[b"geo"])
     geo["columns"][col]["bbox"] = [float(v) for v in gdf.total_bounds]
-    geo["columns"][col]["geometry_types"] = sorted(set(gdf.geom_type.dropna()))
+    geo["columns"][col]["geometry_types"] = sorted(map(str, gdf.geom_type.dropna().unique()))
     attributes = pa.Schema.from_pandas(pd.DataFrame(gdf.drop(columns=col)), preserve_index=False)
     fields = [attributes.field(f.name) if f.name != col else f for f in template]
     schema = pa.schema(fields, metadata={**template.metadata, b"geo": json.dumps(geo).encode()})
