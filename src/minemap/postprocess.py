@@ -104,13 +104,16 @@ def inland_cells(countries: gpd.GeoDataFrame, bounds: tuple[float, float, float,
     c_geoms = np.asarray(countries.geometry.values)
     box = shapely.box(x0, y0 - shape[0] * cell, x0 + shape[1] * cell, y0)
     near = np.flatnonzero(shapely.intersects(c_geoms, box) & ~shapely.is_empty(c_geoms))
-    grid = np.full(shape, -1, np.int32)
     if len(near) == 0:
-        return grid, x0, y0
-    grid = rasterize(zip(c_geoms[near], near), out_shape=shape, transform=transform, fill=-1, dtype="int32")
-    count = rasterize(((g, 1) for g in c_geoms[near]), out_shape=shape, transform=transform, fill=0, dtype="uint16",
+        return np.full(shape, -1, np.int32), float(x0), float(y0)
+    # the polygons of each country (a repaired outline can hold stray lines or points, which hold no land)
+    parts, owner = shapely.get_parts(c_geoms[near], return_index=True)
+    polygonal = shapely.get_type_id(parts) == 3
+    parts, owner = parts[polygonal], near[owner[polygonal]]
+    grid = rasterize(zip(parts, owner), out_shape=shape, transform=transform, fill=-1, dtype="int32")
+    count = rasterize(((g, 1) for g in parts), out_shape=shape, transform=transform, fill=0, dtype="uint16",
                       merge_alg=MergeAlg.add)
-    edges = rasterize(((b, 1) for b in shapely.boundary(c_geoms[near])), out_shape=shape, transform=transform,
+    edges = rasterize(((r, 1) for r in shapely.get_rings(parts)), out_shape=shape, transform=transform,
                       fill=0, dtype="uint8", all_touched=True)
     edges = binary_dilation(edges.astype(bool), structure=np.ones((3, 3), bool))
     grid[(count != 1) | edges] = -1
