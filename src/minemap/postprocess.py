@@ -104,12 +104,12 @@ def inland_cells(countries: gpd.GeoDataFrame, bounds: tuple[float, float, float,
     c_geoms = np.asarray(countries.geometry.values)
     box = shapely.box(x0, y0 - shape[0] * cell, x0 + shape[1] * cell, y0)
     near = np.flatnonzero(shapely.intersects(c_geoms, box) & ~shapely.is_empty(c_geoms))
-    if len(near) == 0:
-        return np.full(shape, -1, np.int32), float(x0), float(y0)
     # the polygons of each country (a repaired outline can hold stray lines or points, which hold no land)
     parts, owner = shapely.get_parts(c_geoms[near], return_index=True)
     polygonal = shapely.get_type_id(parts) == 3
     parts, owner = parts[polygonal], near[owner[polygonal]]
+    if len(parts) == 0:
+        return np.full(shape, -1, np.int32), float(x0), float(y0)
     grid = rasterize(zip(parts, owner), out_shape=shape, transform=transform, fill=-1, dtype="int32")
     count = rasterize(((g, 1) for g in parts), out_shape=shape, transform=transform, fill=0, dtype="uint16",
                       merge_alg=MergeAlg.add)
