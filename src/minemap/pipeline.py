@@ -217,18 +217,18 @@ def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite:
     imagery_key = stable_hash([_imagery_settings(cfg), source.fingerprint(cfg.train_year)])
     verdicts = _verdicts(cfg)
     # verdicts enter a stage's key only where they change it, so runs without any keep their keys
-    k_labels = stable_hash(["labels", [_file_key(p) for p in cfg.labels]]
-                           + ([verdicts.labels_key()] if verdicts.labels_key() else []))
+    labels_key, negatives_key = verdicts.labels_key(), verdicts.negatives_key()
+    k_labels = stable_hash(["labels", [_file_key(p) for p in cfg.labels]] + ([labels_key] if labels_key else []))
     labels_path = out / "labels.parquet"
     if stage("labels", k_labels, [labels_path]):
         labels, _ = read_labels(cfg.labels)
         write_geoparquet(apply_to_labels(labels, verdicts), labels_path)
         finished("labels", k_labels)
-    review = verdicts.counts() if verdicts.labels_key() or verdicts.negatives_key() else {}
+    review = verdicts.counts() if labels_key or negatives_key else {}
 
     chips_dir = out / "chips"
     k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands, cfg.chips.model_dump()]
-                          + ([verdicts.negatives_key()] if verdicts.negatives_key() else []))
+                          + ([negatives_key] if negatives_key else []))
     if stage("chips", k_chips, [chips_dir / "index.parquet"]):
         make_chips(gpd.read_parquet(labels_path), source, cfg.train_year, chips_dir, cfg.chips,
                    labels_path=cfg.labels[0] if len(cfg.labels) == 1 else None, reviewed=verdicts)
