@@ -218,7 +218,8 @@ def main() -> None:
         del all_polys
 
         span = f"{years[0]}-{years[-1]}"
-        t_pp, m_pp = run_cli(["postprocess", str(poly_dir), "--years", span, "--out", str(root / "pp.parquet")])
+        t_pp, m_pp = run_cli(["postprocess", str(poly_dir), "--years", span, "--out", str(root / "pp.parquet"),
+                             "--temporal", "study"])
         t_panel, m_panel = run_cli(["panel", str(root / "pp.parquet"), "--out", str(root / "panel")])
         minemap_s = t_pp + t_panel
 

@@ -80,7 +80,23 @@ def test_reliability_known_answers():
     pos[200], neg[200] = 50, 50  # says 0.8, right half the time
     rel = reliability(pos, neg)
     assert rel["ece"] == pytest.approx(0.3)
-    assert rel["table"] == [{"bin": [0.8, 0.9], "pixels": 100, "mean_probability": 0.8, "observed": 0.5}]
+    assert rel["table"] == [{"bin": [0.8, 0.9], "pixels": 100, "mine_pixels": 50, "mean_probability": 0.8,
+                             "observed": 0.5}]
+    assert rel["mce"] == pytest.approx(0.3)
+
+
+def test_maximum_calibration_error_sees_the_bins_of_the_mines():
+    from minemap.metrics import reliability
+    from minemap.rasters import LEVELS
+
+    pos, neg = np.zeros(LEVELS + 1), np.zeros(LEVELS + 1)
+    neg[0] = 1_000_000  # sure background, right: the lowest bin holds nearly every pixel
+    pos[LEVELS] = 900  # most mines sure and right
+    pos[38], neg[38] = 80, 20  # says 0.15, a mine 80 % of the time: 9 % of the mine pixels
+    pos[125], neg[125] = 1, 0  # says 0.5, always a mine, but 0.1 % of the mine pixels: too few to judge
+    rel = reliability(pos, neg)
+    assert rel["ece"] < 0.001  # the mean over pixels hides it
+    assert rel["mce"] == pytest.approx(0.8 - 38 / LEVELS, abs=1e-9)
 
 
 def test_platt_fit_recovers_scale_and_bias():
@@ -148,3 +164,63 @@ def test_intervals_over_blocks_and_by_country(tmp_path):
     # one country only: no table by country
     one = evaluate(pred.iloc[:0], ref.iloc[:1], tmp_path / "probs")
     assert "by_country" not in one
+
+
+def _split_blocks(tests, trains):
+    geoms = [_px_box(*b) for b in tests + trains]
+    return gpd.GeoDataFrame({"split": ["test"] * len(tests) + ["train"] * len(trains)}, geometry=geoms,
+                            crs="EPSG:4326")
+
+
+def test_unobserved_reference_counts_as_missed(tmp_path):
+    q = np.zeros((100, 100), np.uint8)
+    q[10:30, 10:30] = 240
+    q[10:30, 20:30] = 255  # half of the mine has no observation (a cloud masked, or no imagery)
+    write_cog(tmp_path / "probs" / "2020" / "r000_c000.tif", q, Grid("EPSG:3857", T, 100, 100))
+    ref = _gdf([_px_box(10, 10, 30, 30)])
+    pred = _gdf([_px_box(10, 10, 20, 30)])  # found where it was seen
+    m = evaluate(pred, ref, tmp_path / "probs")["years"]["2020"]
+    assert (m["pixel"]["tp"], m["pixel"]["fn"], m["pixel"]["fp"]) == (200, 200, 0)
+    assert m["pixel"]["recall"] == pytest.approx(0.5)
+    assert m["unobserved"] == {"reference_pixels": 400, "unobserved_pixels": 200, "reference_share": 0.5}
+    assert m["observed_only"]["pixel"]["recall"] == 1.0  # what the old figure said
+    assert m["scope"].startswith("every pixel") and "all_blocks" not in m
+
+
+class _Imagery:
+    """A source whose imagery lacks the mine's right quarter (the rest of the unobserved part was masked)."""
+
+    def years(self):
+        return [2020]
+
+    def read(self, year, grid):
+        valid = np.ones((grid.height, grid.width), bool)
+        valid[10:30, 25:30] = False
+        return np.zeros((4, grid.height, grid.width), np.float32), valid
+
+
+def test_unobserved_split_into_no_imagery_and_masked(tmp_path):
+    q = np.zeros((100, 100), np.uint8)
+    q[10:30, 20:30] = 255
+    write_cog(tmp_path / "probs" / "2020" / "r000_c000.tif", q, Grid("EPSG:3857", T, 100, 100))
+    m = evaluate(_gdf([_px_box(10, 10, 20, 30)]), _gdf([_px_box(10, 10, 30, 30)]), tmp_path / "probs",
+                 source=_Imagery())["years"]["2020"]
+    assert m["unobserved"]["reference_share"] == 0.5
+    assert m["unobserved"]["no_imagery_share"] == 0.25 and m["unobserved"]["masked_share"] == 0.25
+
+
+def test_test_blocks_are_the_headline_and_the_rest_in_sample(probs):
+    # the left half of the tile is a test block, the right half a training block
+    splits = _split_blocks([(0, 0, 50, 100)], [(50, 0, 100, 100)])
+    ref = _gdf([_px_box(10, 10, 30, 30), _px_box(60, 60, 70, 70)])
+    pred = _gdf([_px_box(10, 10, 30, 30), _px_box(60, 60, 70, 70), _px_box(80, 80, 90, 90)])
+    res = evaluate(pred, ref, probs, splits=splits)
+    m = res["years"]["2020"]
+    assert m["scope"].startswith("test blocks")
+    assert (m["pixel"]["tp"], m["pixel"]["fp"], m["pixel"]["fn"]) == (400, 0, 0)  # the test block alone
+    assert m["pixel"]["tp"] + m["pixel"]["tn"] == 50 * 100
+    assert m["object"]["n_predicted"] == 1 and m["object"]["n_reference"] == 1
+    every = m["all_blocks"]
+    assert every["in_sample"] is True
+    assert (every["pixel"]["tp"], every["pixel"]["fp"]) == (500, 100)  # the training block's false alarm
+    assert res["overall"]["pixel"]["f1"] == 1.0 and res["overall"]["all_blocks"]["pixel"]["fp"] == 100

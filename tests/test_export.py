@@ -72,3 +72,19 @@ def test_export_refuses_what_is_not_a_panel(tmp_path):
     r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "out"), "--formats", "gpkg,shp"])
     assert r.exit_code == 2 and "unknown export format(s) shp" in r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_provisional_mine_years_are_counted_and_kept_out_of_the_study_layout(tmp_path):
+    polys = gpd.GeoDataFrame({"year": [2019, 2020, 2020], "iso3": ["GHA"] * 3, "country": ["Ghana"] * 3,
+                              "provisional": [False, False, True]},
+                             geometry=[box(-1.0, 6.0, -0.99, 6.01), box(-1.0, 6.0, -0.985, 6.01),
+                                       box(-1.2, 6.2, -1.19, 6.21)], crs="EPSG:4326")
+    panel, events, _ = build_panel(polys)
+    assert list(panel.sort_values(["year", "provisional"]).provisional) == [False, False, True]
+    run = tmp_path / "run"
+    write_panel(panel, events, run)
+    paths = export(run, tmp_path / "out", ["gpkg", "study", "card"], run_dir=run)
+    assert len(gpd.read_file(paths["study"] / "global_mining_polygons_predicted_2020_postprocessed.gpkg")) == 1
+    assert gpd.read_file(paths["gpkg"], layer="mines_2020").provisional.sum() == 1  # the panel keeps it, marked
+    card = paths["card"].read_text()
+    assert "| 2020 | 2 |" in card and "| 1, " in card and "1 mine-years are provisional" in card

@@ -1,5 +1,6 @@
 import geopandas as gpd
 import numpy as np
+import pandas as pd
 import pytest
 import shapely
 from pyproj import Geod
@@ -29,6 +30,36 @@ def test_temporal_rule_of_the_study():
     kept = set(temporal_filter(_polys(rows)).name)
     # 2019 and 2021 are not adjacent: a polygon present in those two years alone is dropped in both
     assert kept == {"a19", "a20", "a21", "b20", "b21"}
+
+
+def test_edge_years_keep_confident_new_mines_as_provisional():
+    a = box(0, 0, 0.01, 0.01)
+    rows = [
+        (2019, "a19", a), (2020, "a20", a), (2021, "a21", a),  # persistent
+        (2021, "new21", box(1, 1, 1.01, 1.01)),  # first seen in the newest year, the model sure of it
+        (2021, "doubt21", box(2, 2, 2.01, 2.01)),  # first seen in the newest year, the model unsure
+        (2019, "gone19", box(3, 3, 3.01, 3.01)),  # last seen in the oldest year, sure
+        (2020, "lonely20", box(4, 4, 4.01, 4.01)),  # a middle year has both neighbours to judge it: dropped
+    ]
+    polys = _polys(rows).assign(mean_probability=[0.9, 0.9, 0.9, 0.8, 0.3, 0.7, 0.95])
+    out = postprocess(polys)  # the default rule
+    assert set(out.loc[out.provisional, "mean_probability"]) == {0.8, 0.7}
+    assert sorted(out.loc[out.provisional, "year"]) == [2019, 2021] and len(out) == 5
+    assert not out.loc[out.year == 2020, "provisional"].any()
+    # the study's rule keeps exactly what it kept before, none provisional
+    study = postprocess(polys, PostprocessConfig(temporal="study"))
+    assert len(study) == 3 and not study.provisional.any()
+    assert len(postprocess(polys, PostprocessConfig(temporal="off"))) == 7
+    # a later run adds 2022: the 2021 mine seen again is confirmed, the one not seen again is dropped
+    later = pd.concat([polys, _polys([(2022, "new22", box(1, 1, 1.01, 1.01)), (2022, "a22", a)])
+                       .assign(mean_probability=0.9)], ignore_index=True)
+    out = postprocess(later)
+    new21 = out[(out.year == 2021) & (out.mean_probability == 0.8)]
+    assert len(new21) == 1 and not new21.provisional.iloc[0]
+    assert 0.7 not in set(out.loc[out.year == 2021, "mean_probability"])
+    # an older config's temporal_filter = false still means every polygon
+    assert PostprocessConfig.model_validate({"temporal_filter": False}).temporal == "off"
+    assert PostprocessConfig.model_validate({"temporal_filter": True}).temporal == "provisional"
 
 
 def test_buffer_is_in_metres():
@@ -135,7 +166,7 @@ def test_custom_country_file_and_straddling_polygon(tmp_path):
     rows = [(2019, "mostly_b", box(0.9, 0.5, 1.2, 0.6)), (2020, "mostly_b", box(0.9, 0.5, 1.2, 0.6))]
     out = postprocess(_polys(rows), PostprocessConfig(countries=tmp_path / "countries.gpkg"))
     assert list(out.iso3) == ["BBB", "BBB"] and list(out.country) == ["Bland", "Bland"]
-    assert list(out.columns) == ["year", "iso3", "country", "area_km2", "geometry"]
+    assert list(out.columns) == ["year", "iso3", "country", "area_km2", "provisional", "geometry"]
     gpd.GeoDataFrame({"foo": [1]}, geometry=[box(0, 0, 1, 1)], crs="EPSG:4326").to_file(tmp_path / "bad.gpkg")
     with pytest.raises(InputError, match="bad.gpkg: no country code or name column"):
         load_countries(tmp_path / "bad.gpkg")

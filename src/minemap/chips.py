@@ -30,7 +30,8 @@ Writes, atomically as one folder::
     chips/index.parquet          GeoParquet (EPSG:4326): chip_id, split, kind (positive, background,
                                  hard_negative), year, image, mask, block, positive_fraction, valid_fraction,
                                  geometry (the chip's footprint)
-    chips/blocks.parquet         block column/row, split and labelled pixels of every block with chips
+    chips/blocks.parquet         GeoParquet (the grid's CRS): block column/row, split, labelled pixels and
+                                 footprint of every block with chips (evaluation scores the test blocks)
     chips/meta.json              bands, CRS, pixel size, ground sample distance, chip and block size, labels
                                  fingerprint, and per split: chips, positive chips, positive pixels, kinds
 """
@@ -551,8 +552,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
                                  f"{len(weights)} blocks of {block} px): add labels over a wider area or set "
                                  f"chips.{s}_fraction to 0")
         index.to_parquet(tmp / "index.parquet")
-        pd.DataFrame([{"bx": b[0], "by": b[1], "split": splits[b], "label_pixels": weights.get(b, 0.0)}
-                      for b in sorted(splits)]).to_parquet(tmp / "blocks.parquet")
+        write_blocks(tmp / "blocks.parquet", splits, weights, grid, block)
         write_json(tmp / "meta.json", {
             "year": year, "bands": list(source.band_names), "crs": grid.crs.to_string(),
             "pixel_size": list(grid.res), "gsd_m": ground_sample_distance_m(grid.crs, grid.transform,
@@ -568,6 +568,34 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     log.info("chips: block %d px, %s; positive pixel shares %s", block, {s: v["chips"] for s, v in summary.items()},
              {s: round(v["positive_pixels"] / total, 3) for s, v in summary.items()})
     return index
+
+
+CHIPS_FORMAT = 2  # bumped when the chips folder's files change, so that a resumed run cuts them again
+
+
+def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[tuple[int, int], float], grid: Grid,
+                 block: int) -> None:
+    """``blocks.parquet``: each block's column and row, split, labelled pixels and footprint (the grid's CRS,
+    clipped to the grid)."""
+    keys = sorted(splits)
+    bx = np.array([b[0] for b in keys], np.int64)
+    by = np.array([b[1] for b in keys], np.int64)
+    x0, y0 = grid.transform @ (bx * block, by * block)
+    x1, y1 = grid.transform @ (np.minimum((bx + 1) * block, grid.width), np.minimum((by + 1) * block, grid.height))
+    boxes = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
+    gpd.GeoDataFrame({"bx": bx, "by": by, "split": [splits[b] for b in keys],
+                      "label_pixels": [weights.get(b, 0.0) for b in keys]},
+                     geometry=boxes, crs=grid.crs).to_parquet(dest)
+
+
+def split_blocks(chips_dir: Path) -> gpd.GeoDataFrame:
+    """The blocks of a chips folder with their split and footprint (the training grid's CRS)."""
+    path = Path(chips_dir) / "blocks.parquet"
+    try:
+        blocks = gpd.read_parquet(path)
+    except (ValueError, OSError) as e:  # a folder cut by an older minemap holds no footprints
+        raise InputError(f"{path}: no block footprints ({e}); cut the chips again") from None
+    return blocks[["split", "geometry"]]
 
 
 def read_meta(chips_dir: Path) -> dict:

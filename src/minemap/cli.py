@@ -217,16 +217,19 @@ def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.
                 years: Annotated[str, typer.Option(help="e.g. 2019-2021")],
                 out_path: Annotated[Path, typer.Option("--out", help="post-processed GeoParquet")],
                 buffer_m: float = 0.0,
-                temporal_filter: Annotated[bool, typer.Option(help="drop polygons without a neighbour-year overlap")] = True,
+                temporal: Annotated[str, typer.Option(help="provisional (default): drop polygons without a "
+                                                           "neighbour-year overlap, but keep a confident one of the "
+                                                           "first or last year as provisional; study: drop them all; "
+                                                           "off")] = "provisional",
                 countries: Annotated[Optional[Path], typer.Option(help="country polygons (default: embedded Natural Earth 1:110m)")] = None):
-    """Temporal consistency filter, country attribution, areas in km2."""
+    """Temporal consistency rule, country attribution, areas in km2."""
     from minemap.config import PostprocessConfig
     from minemap.postprocess import postprocess_stage
     from minemap.vectorize import read_polygons
 
     gdf = read_polygons([poly_dir / f"{y}.parquet" for y in _years(years)])
-    res = postprocess_stage(gdf, out_path, PostprocessConfig(temporal_filter=temporal_filter, buffer_m=buffer_m,
-                                                             countries=countries))
+    res = postprocess_stage(gdf, out_path, _settings(PostprocessConfig, temporal=temporal,
+                                                                  buffer_m=buffer_m, countries=countries))
     out.print(f"{len(res)} of {len(gdf)} polygons kept -> {out_path}")
 
 
@@ -291,25 +294,39 @@ def evaluate(predicted: Annotated[Path, typer.Argument(help="panel or polygons w
              reference: Annotated[Path, typer.Option(help="reference polygons: a file with 'year', or a folder")],
              probabilities: Annotated[Path, typer.Option(help="folder of probability COGs (sets the grid)")],
              out_path: Annotated[Path, typer.Option("--out", help="metrics.json")],
-             threshold: Optional[float] = None):
-    """Pixel and object metrics per year against reference polygons."""
+             threshold: Optional[float] = None,
+             chips: Annotated[Optional[Path], typer.Option(help="the training's chips folder: its test blocks are "
+                                                               "the headline, every block beside it (in-sample)")] = None):
+    """Pixel and object metrics per year against reference polygons (unobserved reference counted as missed)."""
+    from minemap.chips import split_blocks
     from minemap.evaluate import evaluate_stage
     from minemap.labels import read_vector
 
-    res = evaluate_stage(read_vector(predicted), reference, probabilities, out_path, threshold)
+    res = evaluate_stage(read_vector(predicted), reference, probabilities, out_path, threshold,
+                         splits=split_blocks(chips) if chips is not None else None)
     _print_metrics(res)
 
 
 def _print_metrics(metrics: dict) -> None:
-    table = Table(title="accuracy against the reference")
-    for col in ("year", "precision", "recall", "F1", "IoU", "accuracy", "mines found"):
+    scope = metrics.get("scope", "every pixel")
+    table = Table(title=f"accuracy against the reference: {scope}; unobserved reference counted as missed",
+                  title_justify="left")
+    in_sample = any("all_blocks" in m for m in metrics["years"].values())
+    for col in ("year", "precision", "recall", "F1", "IoU", "mines found", "reference unobserved") + \
+            (("F1 all blocks (in-sample)",) if in_sample else ()):
         table.add_column(col, justify="right")
     for year, m in metrics["years"].items():
         px, ob = m["pixel"], m["object"]
-        table.add_row(year, *(f"{px[k]:.3f}" for k in ("precision", "recall", "f1", "iou", "accuracy")),
-                      f"{ob['recall']:.0%}")
+        row = [year, *(f"{px[k]:.3f}" for k in ("precision", "recall", "f1", "iou")), f"{ob['recall']:.0%}",
+               f"{m.get('unobserved', {}).get('reference_share', 0):.1%}"]
+        if in_sample:
+            row.append(f"{m['all_blocks']['pixel']['f1']:.3f}" if "all_blocks" in m else "")
+        table.add_row(*row)
     px = metrics["overall"]["pixel"]
-    table.add_row("all", *(f"{px[k]:.3f}" for k in ("precision", "recall", "f1", "iou", "accuracy")), "")
+    row = ["all", *(f"{px[k]:.3f}" for k in ("precision", "recall", "f1", "iou")), "", ""]
+    if in_sample:
+        row.append(f"{metrics['overall'].get('all_blocks', {}).get('pixel', {}).get('f1', float('nan')):.3f}")
+    table.add_row(*row)
     out.print(table)
 
 

@@ -147,9 +147,27 @@ class VectorizeConfig(_Section):
 
 
 class PostprocessConfig(_Section):
-    temporal_filter: bool = True
+    temporal: Literal["provisional", "study", "off"] = Field(
+        "provisional", description="study: a polygon stays only if one of an adjacent processed year overlaps it "
+                                   "(the first and last year lose every mine without a neighbour); provisional: "
+                                   "the same, but such a polygon of the first or last year stays, marked "
+                                   "provisional, where the model is confident; off: every polygon")
+    provisional_min_probability: float = Field(0.5, ge=0, le=1, description="an edge year's polygon without a "
+                                                                           "neighbour stays provisional when its "
+                                                                           "mean probability is at least this")
     buffer_m: float = Field(0.0, ge=0)
     countries: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _temporal_filter(cls, data: Any) -> Any:
+        """``temporal_filter = false`` (older configs) means ``temporal = "off"``; true, the default rule."""
+        if isinstance(data, dict) and "temporal_filter" in data:
+            data = dict(data)
+            on = data.pop("temporal_filter")
+            if not on:
+                data.setdefault("temporal", "off")
+        return data
 
 
 class PanelConfig(_Section):

@@ -33,6 +33,7 @@ from rasterio.features import rasterize
 from minemap._io import write_json
 from minemap.errors import InputError
 from minemap.geo import WGS84, units_per_metre
+from minemap.imagery import Grid
 from minemap.labels import VECTOR_SUFFIXES, clean_labels, read_vector
 from minemap.postprocess import load_countries
 from minemap.metrics import (binary_metrics, block_bootstrap, histograms, metrics_at, object_statistics,
@@ -127,32 +128,102 @@ def _intervals(blocks: dict, statistic) -> dict[str, list[float]]:
     return block_bootstrap(np.array(list(blocks.values())), statistic, BOOTSTRAP) if blocks else {}
 
 
+EVALUATE_FORMAT = 2  # bumped when metrics.json changes, so that a resumed run evaluates again
+SPLIT_CODES = {"train": 1, "val": 2, "test": 3}  # of the split raster; 0: ground in no block
+HEADLINE = {True: "test blocks (never trained on nor tuned on)",
+            False: "every pixel (no blocks of a training: a model trained elsewhere)"}
+
+
+class _Scope:
+    """Counts of one part of the ground in one year: confusion counts over every pixel (reference that the run
+    left without an observation counted as missed) and over observed pixels only, the reference's unobserved
+    pixels (all, and those the imagery itself had no data for), probability histograms, and per-block counts."""
+
+    def __init__(self) -> None:
+        self.every = np.zeros(4)  # tp, fp, fn, tn
+        self.observed = np.zeros(4)
+        self.reference = 0
+        self.unobserved = 0
+        self.no_imagery = 0
+        self.hpos = np.zeros(LEVELS + 1, np.int64)
+        self.hneg = np.zeros(LEVELS + 1, np.int64)
+        self.blocks: _Blocks | None = None
+
+    def add(self, q, truth, pred, valid, inside, source_valid, transform) -> None:
+        def confusion(m):
+            t, p = truth[m], pred[m]
+            return [np.sum(t & p), np.sum(~t & p), np.sum(t & ~p), np.sum(~t & ~p)]
+
+        self.every += confusion(inside)
+        self.observed += confusion(inside & valid)
+        ref = truth & inside
+        self.reference += int(ref.sum())
+        self.unobserved += int((ref & ~valid).sum())
+        if source_valid is not None:
+            self.no_imagery += int((ref & ~source_valid).sum())
+        hp, hn = histograms(q[inside & valid], truth[inside & valid])
+        self.hpos += hp
+        self.hneg += hn
+        self.blocks.add_pixels(truth, pred, inside, transform)
+
+    def unobserved_record(self, with_source: bool) -> dict:
+        share = self.unobserved / self.reference if self.reference else 0.0
+        out = {"reference_pixels": self.reference, "unobserved_pixels": self.unobserved,
+               "reference_share": round(float(share), 5)}
+        if with_source:  # the rest the run masked itself (clouds, shadows)
+            out["no_imagery_share"] = round(self.no_imagery / self.reference, 5) if self.reference else 0.0
+            out["masked_share"] = round((self.unobserved - self.no_imagery) / self.reference, 5) \
+                if self.reference else 0.0
+        return out
+
+
+def _split_raster(splits: gpd.GeoDataFrame | None, shape, transform, crs) -> np.ndarray | None:
+    """Each pixel's split code (:data:`SPLIT_CODES`, 0 outside every block), or None without splits."""
+    if splits is None:
+        return None
+    if len(splits) == 0:
+        return np.zeros(shape, np.uint8)
+    geoms = splits.to_crs(crs).geometry.values
+    codes = splits["split"].map(SPLIT_CODES).fillna(0).astype(int).to_numpy()
+    return rasterize(((g, int(c)) for g, c in zip(geoms, codes) if c), out_shape=shape, transform=transform,
+                     dtype=np.uint8, fill=0)
+
+
 def evaluate_year(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, tiles: list[Path],
-                  threshold: float | None = None) -> dict:
-    """Metrics of one year. ``predicted`` and ``reference`` hold that year's polygons (EPSG:4326). The
-    per-block counts come back under ``_blocks`` (a :class:`_Blocks`) for pooling over years."""
-    counts = np.zeros(4)  # tp, fp, fn, tn
-    hpos = np.zeros(LEVELS + 1, np.int64)
-    hneg = np.zeros(LEVELS + 1, np.int64)
+                  threshold: float | None = None, splits: gpd.GeoDataFrame | None = None,
+                  source=None, year: int | None = None) -> dict:
+    """Metrics of one year. ``predicted`` and ``reference`` hold that year's polygons (EPSG:4326).
+
+    Every pixel of the probability tiles counts: reference pixels without an observation (no imagery, or
+    masked as cloud or shadow) are missed mines, not pixels left out. ``splits`` (blocks with a ``split``
+    column, :func:`minemap.chips.split_blocks`): the headline is the test blocks, and every block's figure is
+    given beside it under ``all_blocks``, marked in-sample; without it every pixel is the headline. ``source``
+    (an :class:`~minemap.imagery.ImagerySource`, with ``year``): the unobserved reference is split into what the
+    imagery itself had no data for and what the run masked. The per-scope counts come back under ``_scopes``
+    for pooling over years."""
+    held, every = _Scope(), _Scope()
     footprints = []
-    blocks = None
     for path in tiles:
         with rasterio.open(path) as src:
             q = src.read(1)
             shape, transform, crs = q.shape, src.transform, src.crs
             footprints.append(gpd.GeoSeries([shapely.box(*src.bounds)], crs=crs).to_crs(WGS84).iloc[0])
-            if blocks is None:  # one grid of blocks for the year, in metres at its first tile's centre
+            if held.blocks is None:  # one grid of blocks for the year, in metres at its first tile's centre
                 cx, cy = src.xy(src.height // 2, src.width // 2)
-                blocks = _Blocks(crs, BLOCK_M * float(units_per_metre(crs, cx, cy)[0]))
+                size = BLOCK_M * float(units_per_metre(crs, cx, cy)[0])
+                held.blocks, every.blocks = _Blocks(crs, size), _Blocks(crs, size)
         valid = q != NODATA
         truth = _burn(reference, shape, transform, crs)
         pred = _burn(predicted, shape, transform, crs)
-        t, p = truth[valid], pred[valid]
-        counts += [np.sum(t & p), np.sum(~t & p), np.sum(t & ~p), np.sum(~t & ~p)]
-        hp, hn = histograms(q[valid], t)
-        hpos += hp
-        hneg += hn
-        blocks.add_pixels(truth, pred, valid, transform)
+        source_valid = None
+        if source is not None:
+            source_valid = source.read(year, Grid(crs, transform, shape[1], shape[0]))[1]
+        split = _split_raster(splits, shape, transform, crs)
+        inside = np.ones(shape, bool)
+        every.add(q, truth, pred, valid, inside, source_valid, transform)
+        if split is not None:
+            inside = split == SPLIT_CODES["test"]
+        held.add(q, truth, pred, valid, inside, source_valid, transform)
     area = shapely.union_all(footprints) if footprints else shapely.Polygon()
     ref = np.asarray(reference.geometry.values)
     ref = ref[shapely.intersects(ref, area)]
@@ -164,28 +235,52 @@ def evaluate_year(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, tile
         overlap = shapely.area(shapely.intersection(pred[a], ref[b])) > 0
         pred_hit[a[overlap]] = True
         ref_hit[b[overlap]] = True
-    if blocks is not None:
-        blocks.add_objects(pred, pred_hit, 0)
-        blocks.add_objects(ref, ref_hit, 2)
-    pixel = binary_metrics(*counts)
-    obj = {"precision": float(pred_hit.mean()) if len(pred) else 0.0,
-           "recall": float(ref_hit.mean()) if len(ref) else 0.0,
-           "n_predicted": int(len(pred)), "n_reference": int(len(ref))}
-    if blocks is not None:
-        pixel["ci95"] = _intervals(blocks.pixels, pixel_statistics)
-        obj["ci95"] = _intervals(blocks.objects, object_statistics)
+    # objects of the headline: those whose inner point lies in a test block (all of them without blocks)
+    pred_in, ref_in = np.ones(len(pred), bool), np.ones(len(ref), bool)
+    if splits is not None:
+        tests = shapely.union_all(splits.loc[splits["split"] == "test"].to_crs(WGS84).geometry.values)
+        pred_in = shapely.contains_xy(tests, *_xy(pred)) if len(pred) else pred_in
+        ref_in = shapely.contains_xy(tests, *_xy(ref)) if len(ref) else ref_in
+    if held.blocks is not None:
+        held.blocks.add_objects(pred[pred_in], pred_hit[pred_in], 0)
+        held.blocks.add_objects(ref[ref_in], ref_hit[ref_in], 2)
+    with_source = source is not None
+    pixel = binary_metrics(*held.every)
+    obj = {"precision": float(pred_hit[pred_in].mean()) if pred_in.any() else 0.0,
+           "recall": float(ref_hit[ref_in].mean()) if ref_in.any() else 0.0,
+           "n_predicted": int(pred_in.sum()), "n_reference": int(ref_in.sum())}
+    if held.blocks is not None:
+        pixel["ci95"] = _intervals(held.blocks.pixels, pixel_statistics)
+        obj["ci95"] = _intervals(held.blocks.objects, object_statistics)
     out = {
+        "scope": HEADLINE[splits is not None],
         "pixel": pixel,
+        "unobserved": held.unobserved_record(with_source),
+        "observed_only": {"pixel": binary_metrics(*held.observed),
+                          "note": "the headline's pixels with an observation only (unobserved ones left out)"},
         "object": obj,
-        "blocks": {"side_m": BLOCK_M, "n": len(blocks.pixels) if blocks is not None else 0},
-        "raw_probability": {"threshold_sweep": sweep(hpos, hneg)},
-        "calibration": reliability(hpos, hneg),
-        "_counts": counts.tolist(),
-        "_blocks": blocks,
+        "blocks": {"side_m": BLOCK_M, "n": len(held.blocks.pixels) if held.blocks is not None else 0},
+        "raw_probability": {"threshold_sweep": sweep(held.hpos, held.hneg)},
+        "calibration": reliability(held.hpos, held.hneg),
+        "_scopes": (held, every),
     }
+    if splits is not None:
+        all_pixel = binary_metrics(*every.every)
+        if every.blocks is not None:
+            all_pixel["ci95"] = _intervals(every.blocks.pixels, pixel_statistics)
+        out["all_blocks"] = {"in_sample": True, "pixel": all_pixel,
+                             "unobserved": every.unobserved_record(with_source),
+                             "calibration": reliability(every.hpos, every.hneg),
+                             "note": "every pixel, training and validation blocks included: in-sample"}
     if threshold is not None:
-        out["raw_probability"]["at_threshold"] = {"threshold": threshold, **metrics_at(hpos, hneg, threshold)}
+        out["raw_probability"]["at_threshold"] = {"threshold": threshold,
+                                                  **metrics_at(held.hpos, held.hneg, threshold)}
     return out
+
+
+def _xy(geoms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    pts = shapely.point_on_surface(geoms)
+    return shapely.get_x(pts), shapely.get_y(pts)
 
 
 def by_country(blocks: _Blocks, countries: gpd.GeoDataFrame) -> dict[str, dict]:
@@ -207,12 +302,17 @@ def by_country(blocks: _Blocks, countries: gpd.GeoDataFrame) -> dict[str, dict]:
 
 
 def evaluate(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, prob_dir: Path,
-             threshold: float | None = None, reference_path: Path | None = None) -> dict:
-    """Per-year and overall metrics of ``predicted`` (panel or polygons, column ``year``) vs ``reference``."""
+             threshold: float | None = None, reference_path: Path | None = None,
+             splits: gpd.GeoDataFrame | None = None, source=None) -> dict:
+    """Per-year and overall metrics of ``predicted`` (panel or polygons, column ``year``) vs ``reference``;
+    ``splits`` and ``source`` as in :func:`evaluate_year`."""
     years = sorted(set(predicted["year"]).union(reference["year"]))
-    result: dict = {"years": {}, "threshold": threshold}
-    total = np.zeros(4)
-    year_blocks: list[_Blocks] = []
+    result: dict = {"years": {}, "threshold": threshold, "scope": HEADLINE[splits is not None],
+                    "unobserved_rule": "reference pixels without an observation (no imagery, or masked as cloud "
+                                       "or shadow) count as missed"}
+    totals = [np.zeros(4), np.zeros(4)]  # headline, every pixel
+    year_scopes: list[tuple[_Scope, _Scope]] = []
+    have = source.years() if source is not None else []
     for year in years:
         tiles = _year_tiles(prob_dir, year)
         if not tiles:
@@ -221,18 +321,24 @@ def evaluate(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, prob_dir:
         if len(ref_y) == 0 and year not in set(reference["year"]):
             log.warning("no reference polygons for %d: not evaluated", year)
             continue
-        m = evaluate_year(predicted[predicted.year == year], ref_y, tiles, threshold)
-        total += m.pop("_counts")
-        year_blocks.append(m.pop("_blocks"))
+        m = evaluate_year(predicted[predicted.year == year], ref_y, tiles, threshold, splits,
+                          source if year in have else None, year)
+        scopes = m.pop("_scopes")
+        year_scopes.append(scopes)
+        for total, scope in zip(totals, scopes):
+            total += scope.every
         result["years"][str(year)] = m
     if not result["years"]:
         where = f"{reference_path}: " if reference_path else ""
         raise InputError(f"{where}reference covers none of the predicted years {sorted(set(predicted['year']))}")
-    result["overall"] = {"pixel": binary_metrics(*total)}
-    if len({(str(b.crs), round(b.size, 9)) for b in year_blocks}) == 1:
+    result["overall"] = {"pixel": binary_metrics(*totals[0])}
+    if splits is not None:
+        result["overall"]["all_blocks"] = {"in_sample": True, "pixel": binary_metrics(*totals[1])}
+    blocks = [s[0].blocks for s in year_scopes if s[0].blocks is not None]
+    if blocks and len({(str(b.crs), round(b.size, 9)) for b in blocks}) == 1:
         # one grid of blocks for every year: a block's years are resampled together
-        pooled = _Blocks(year_blocks[0].crs, year_blocks[0].size)
-        for b in year_blocks:
+        pooled = _Blocks(blocks[0].crs, blocks[0].size)
+        for b in blocks:
             for k, c in b.pixels.items():
                 pooled.pixels[k] = pooled.pixels.get(k, 0) + c
         result["overall"]["pixel"]["ci95"] = _intervals(pooled.pixels, pixel_statistics)
@@ -243,7 +349,8 @@ def evaluate(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, prob_dir:
 
 
 def evaluate_stage(predicted: gpd.GeoDataFrame, reference_path: Path, prob_dir: Path, dest: Path,
-                   threshold: float | None = None) -> dict:
-    result = evaluate(predicted, read_reference(reference_path), prob_dir, threshold, reference_path)
+                   threshold: float | None = None, splits: gpd.GeoDataFrame | None = None, source=None) -> dict:
+    result = evaluate(predicted, read_reference(reference_path), prob_dir, threshold, reference_path, splits,
+                      source)
     write_json(dest, result)
     return result

@@ -54,6 +54,9 @@ COLUMNS: dict[str, dict[str, str]] = {
         "first_year": "integer: the mine's first year in the panel",
         "area_km2": "km2, on the WGS84 ellipsoid (equal-area projection)",
         "mean_probability": "0-1: the calibrated probability of mining, averaged over the outline",
+        "provisional": "true for an outline of the first or last year without an overlapping outline in the "
+                       "adjacent year, kept because the model is confident; a run that adds that year confirms "
+                       "or drops it",
         "geometry": "polygon, EPSG:4326 (longitude, latitude in degrees)",
     },
     "mines": {
@@ -133,8 +136,9 @@ def export(panel_path: Path, out_dir: Path, formats: list[str] | tuple[str, ...]
         written["study"] = out_dir / EXPORT_FILES["study"]
         with atomic_path(written["study"]) as tmp:
             tmp.mkdir(parents=True)
+            kept = panel[~panel["provisional"].astype(bool)]  # the study's rule keeps no provisional outline
             for y in years:
-                write_study_year(panel[panel.year == y], tmp / STUDY_NAME.format(year=y))
+                write_study_year(kept[kept.year == y], tmp / STUDY_NAME.format(year=y))
     if "card" in formats:
         written["card"] = out_dir / EXPORT_FILES["card"]
         with atomic_path(written["card"]) as tmp:
@@ -188,10 +192,17 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
         "disappeared) |",
         "| `changes.*` | per country and year: new, expanded, shrunk and abandoned km2 |", "",
         "## Per year", "",
-        "| year | mines | km2 |", "| --- | --- | --- |",
+        "| year | mines | km2 | of them provisional (mines, km2) |", "| --- | --- | --- | --- |",
     ]
-    per_year = panel.groupby("year").agg(n=("mine_id", "nunique"), km2=("area_km2", "sum"))
-    lines += [f"| {y} | {int(r.n):,} | {r.km2:,.2f} |" for y, r in per_year.iterrows()]
+    provisional = panel["provisional"].astype(bool)
+    per_year = panel.assign(p_km2=panel["area_km2"].where(provisional, 0.0), p=provisional).groupby("year").agg(
+        n=("mine_id", "nunique"), km2=("area_km2", "sum"), p=("p", "sum"), p_km2=("p_km2", "sum"))
+    lines += [f"| {y} | {int(r.n):,} | {r.km2:,.2f} | {int(r.p):,}, {r.p_km2:,.2f} |" for y, r in per_year.iterrows()]
+    if provisional.any():
+        lines += ["", f"{int(provisional.sum()):,} mine-years are provisional: outlines of the first or last year "
+                      "without an overlapping outline in the adjacent year, kept because the model is confident "
+                      "(`postprocess.temporal = \"provisional\"`); the study's rule would drop them, and the "
+                      "`study/` layout leaves them out."]
     lines += ["", "## Sources", ""]
     if imagery:
         src = imagery.get("source", {})
@@ -217,19 +228,29 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
     if thr:
         lines.append(f"- Threshold: {_fmt(thr.get('threshold'), 2)} on the calibrated probability ({thr.get('rule', '')}).")
     lines += ["- Temporal rule: an outline is kept only if one of an adjacent processed year overlaps it (as in "
-              "Sepin, Vashold & Kuschnig 2025); countries: the one holding most of each outline.",
+              "Sepin, Vashold & Kuschnig 2025)" + (", but a confident outline of the first or last year without "
+                                                   "one is kept as provisional" if provisional.any() else "")
+              + "; countries: the one holding most of each outline.",
               "- Mine identities: an outline continues the mine it overlaps most in the previous year (gaps of up "
               "to `panel.max_gap` years kept); merges and splits are events.", "",
               "## Accuracy", ""]
     if metrics and metrics.get("years"):
-        lines += ["Against the reference polygons given to the run (pixel level; 95 % intervals from a bootstrap over "
-                  "1 km blocks):", "",
-                  "| year | precision | recall | F1 |", "| --- | --- | --- | --- |"]
+        lines += [f"Against the reference polygons given to the run, pixel level, on {metrics.get('scope', 'every pixel')}; "
+                  "reference pixels without an observation (no imagery, or masked as cloud or shadow) count as "
+                  "missed; 95 % intervals from a bootstrap over 1 km blocks. 'All blocks' adds the blocks the model "
+                  "was trained and tuned on (in-sample, for comparison only).", "",
+                  "| year | precision | recall | F1 | reference unobserved | F1 all blocks (in-sample) | "
+                  "calibration ECE / MCE |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for y, m in sorted(metrics["years"].items()):
             px = m.get("pixel", {})
             ci = px.get("ci95", {}).get("f1")
             f1 = _fmt(px.get("f1")) + (f" ({_fmt(ci[0])}-{_fmt(ci[1])})" if ci else "")
-            lines.append(f"| {y} | {_fmt(px.get('precision'))} | {_fmt(px.get('recall'))} | {f1} |")
+            unseen = m.get("unobserved", {}).get("reference_share")
+            every = m.get("all_blocks", {}).get("pixel", {}).get("f1")
+            cal = m.get("calibration", {})
+            lines.append(f"| {y} | {_fmt(px.get('precision'))} | {_fmt(px.get('recall'))} | {f1} | "
+                         f"{'' if unseen is None else f'{unseen:.1%}'} | {_fmt(every) if every is not None else ''} | "
+                         f"{_fmt(cal.get('ece'))} / {_fmt(cal.get('mce'))} |")
     else:
         lines.append("No reference was given: the accuracy of this panel is not measured here; the model card's "
                      "test metrics above are on held-out chips of the training year.")

@@ -58,11 +58,17 @@ def best_threshold(hist_pos: np.ndarray, hist_neg: np.ndarray) -> tuple[float, d
     return row["threshold"], row
 
 
+MCE_MIN_SHARE = 0.01  # the maximum calibration error looks at bins holding at least this share of mine pixels
+
+
 def reliability(hist_pos: np.ndarray, hist_neg: np.ndarray, bins: int = 10) -> dict:
-    """Expected calibration error and a reliability table from the two histograms of quantised probabilities.
+    """Calibration errors and a reliability table from the two histograms of quantised probabilities.
 
     Each of ``bins`` equal-width probability bins holds its pixels, their mean predicted probability and the
-    observed share of mining pixels; ECE is the pixel-weighted mean gap between the two.
+    observed share of mining pixels; ECE is the pixel-weighted mean gap between the two. Most pixels of a scene
+    are sure background in the lowest bin, so ECE stays small however wrong the bins that hold the mines are:
+    MCE, the largest gap over the bins holding at least :data:`MCE_MIN_SHARE` of the mine pixels, says how far
+    a probability the mines get can be trusted.
     """
     levels = np.arange(LEVELS + 1) / LEVELS
     which = np.minimum((levels * bins).astype(int), bins - 1)
@@ -71,15 +77,18 @@ def reliability(hist_pos: np.ndarray, hist_neg: np.ndarray, bins: int = 10) -> d
     pos = np.bincount(which, weights=hist_pos, minlength=bins)
     pred = np.bincount(which, weights=n * levels, minlength=bins)
     total = count.sum()
-    table, ece = [], 0.0
+    table, ece, mce = [], 0.0, 0.0
+    mines = pos.sum()
     for b in range(bins):
         if count[b] == 0:
             continue
         mean_p, observed = pred[b] / count[b], pos[b] / count[b]
         ece += count[b] / total * abs(mean_p - observed)
-        table.append({"bin": [b / bins, (b + 1) / bins], "pixels": int(count[b]),
+        if mines and pos[b] >= MCE_MIN_SHARE * mines:
+            mce = max(mce, abs(mean_p - observed))
+        table.append({"bin": [b / bins, (b + 1) / bins], "pixels": int(count[b]), "mine_pixels": int(pos[b]),
                       "mean_probability": round(float(mean_p), 4), "observed": round(float(observed), 4)})
-    return {"ece": float(ece), "table": table}
+    return {"ece": float(ece), "mce": float(mce), "mce_min_share": MCE_MIN_SHARE, "table": table}
 
 
 def fit_platt(logits: np.ndarray, truth: np.ndarray, iterations: int = 50) -> tuple[float, float]:

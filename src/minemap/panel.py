@@ -35,7 +35,7 @@ from minemap.labels import write_geoparquet
 
 log = logging.getLogger(__name__)
 PANEL_COLUMNS = ["mine_id", "district_id", "year", "iso3", "country", "first_year", "area_km2", "mean_probability",
-                 "geometry"]
+                 "provisional", "geometry"]
 LINEAGE_COLUMNS = ["mine_id", "district_id", "first_year", "last_year", "years_seen", "years", "max_area_km2",
                    "iso3", "country", "split_from"]
 CHANGE_COLUMNS = ["iso3", "country", "year", "n_mines", "area_km2", "new_km2", "expanded_km2", "shrunk_km2",
@@ -317,7 +317,7 @@ class Panel(NamedTuple):
 
 def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, where: str = "polygons") -> Panel:
     """The mine-year panel (:data:`PANEL_COLUMNS`, one row per mine and year) from post-processed polygons
-    (columns year, iso3, country, geometry; area_km2 and mean_probability kept where present), the lineage
+    (columns year, iso3, country, geometry; area_km2, mean_probability and provisional kept where present), the lineage
     events of :func:`track_mines` and the change table of :func:`change_statistics`, which shares the tracking's
     overlap search (without a buffer). ``where`` names the polygons' file in errors."""
     cfg = cfg or PanelConfig()
@@ -347,6 +347,7 @@ def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, wher
         "iso3": gdf["iso3"].array, "country": gdf["country"].array, "first_year": first_of[code],
         "area_km2": gdf["area_km2"].to_numpy() if "area_km2" in gdf else area_km2(gdf.geometry.values),
         "mean_probability": gdf["mean_probability"].to_numpy() if "mean_probability" in gdf else np.nan,
+        "provisional": gdf["provisional"].fillna(False).astype(bool).to_numpy() if "provisional" in gdf else False,
     }, geometry=gdf.geometry.values, crs=WGS84)
     changes = change_statistics(panel, (la[one], lb[one], overlaps[one]) if cfg.buffer_m == 0 else None)
     return Panel(panel.take(order).reset_index(drop=True)[PANEL_COLUMNS], events, changes)
@@ -470,7 +471,7 @@ def summarise(panel: gpd.GeoDataFrame) -> pd.DataFrame:
     return out.sort_values(["iso3", "year"]).reset_index(drop=True)
 
 
-PANEL_FORMAT = 2  # bumped when the panel's files change, so that a resumed run rebuilds them
+PANEL_FORMAT = 3  # bumped when the panel's files change, so that a resumed run rebuilds them
 PANEL_FILES = {"parquet": "panel.parquet", "summary": "summary.csv",
                "mines": "mines.parquet", "mines_csv": "mines.csv", "events": "events.parquet",
                "events_csv": "events.csv", "changes": "changes.parquet", "changes_csv": "changes.csv"}

@@ -41,10 +41,10 @@ import shapely
 
 from minemap._io import file_sha256, stable_hash, write_json
 from minemap.aoi import parse_aoi
-from minemap.chips import hard_negative_chips, make_chips
+from minemap.chips import CHIPS_FORMAT, hard_negative_chips, make_chips, split_blocks
 from minemap.config import RunConfig, VectorizeConfig
 from minemap.errors import ImageryError, InputError, ModelError
-from minemap.evaluate import evaluate_stage
+from minemap.evaluate import EVALUATE_FORMAT, evaluate_stage
 from minemap.imagery import describe, open_imagery
 from minemap.labels import read_labels, write_geoparquet
 from minemap.manifest import Manifest
@@ -188,10 +188,12 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     k_eval = None
     if cfg.reference:
         metrics_path = out / "metrics.json"
-        k_eval = stable_hash(["evaluate", k_panel, ref_key, threshold])
+        # a run that trained its own model is scored on its test blocks; a model trained elsewhere everywhere
+        splits = None if trained else split_blocks(out / "chips")
+        k_eval = stable_hash(["evaluate", k_panel, ref_key, threshold, EVALUATE_FORMAT])
         if stage("evaluate", k_eval, [metrics_path]):
             evaluate_stage(gpd.read_parquet(panel_paths["parquet"]), cfg.reference, prob_dir, metrics_path,
-                           threshold)
+                           threshold, splits=splits, source=source)
             finished("evaluate", k_eval)
         result.metrics = metrics_path
         result.metrics_data = json.loads(metrics_path.read_text())
@@ -227,7 +229,8 @@ def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite:
     review = verdicts.counts() if labels_key or negatives_key else {}
 
     chips_dir = out / "chips"
-    k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands, cfg.chips.model_dump()]
+    k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands, cfg.chips.model_dump(),
+                           CHIPS_FORMAT]
                           + ([negatives_key] if negatives_key else []))
     if stage("chips", k_chips, [chips_dir / "index.parquet"]):
         make_chips(gpd.read_parquet(labels_path), source, cfg.train_year, chips_dir, cfg.chips,

@@ -1,15 +1,19 @@
 """Post-processing: the temporal consistency rule, country attribution and areas.
 
-Temporal rule (Sepin et al. 2025): a polygon of year t stays only if a polygon of the previous or next year
-(of the years processed), buffered by ``buffer_m`` metres, intersects it; the first and last year look at their
-one neighbour. Buffers are applied in metres at each polygon's latitude (not metres / 100,000 in degrees).
+Temporal rule (Sepin et al. 2025, ``temporal = "study"``): a polygon of year t stays only if a polygon of the
+previous or next year (of the years processed), buffered by ``buffer_m`` metres, intersects it; the first and
+last year look at their one neighbour, so every mine new in the newest year is dropped. The default,
+``temporal = "provisional"``, keeps such a first- or last-year polygon without a neighbour where the model is
+confident, marked ``provisional``: a tool extended as each new year arrives would otherwise always under-report
+the year its users care about most; the run that adds the next year confirms or drops it. Buffers are applied
+in metres at each polygon's latitude (not metres / 100,000 in degrees).
 
 Countries: ISO3 code and name of the country with the largest overlap (areas in an equal-area CRS), from the
 embedded Natural Earth 1:110m layer or from a user's file (GADM, geoBoundaries, Natural Earth 1:10m); polygons
 offshore of the coarse coastline take the nearest country within ``NEAREST_MAX_M``.
 
 Reads ``polygons/<year>.parquet``; writes ``postprocessed.parquet`` (EPSG:4326, columns
-``year, iso3, country, area_km2, mean_probability, geometry``).
+``year, iso3, country, area_km2, mean_probability, provisional, geometry``).
 """
 
 from __future__ import annotations
@@ -35,12 +39,9 @@ _ISO_COLUMNS = ("iso3", "ISO3", "ISO_A3", "iso_a3", "ISO3_CODE", "GID_0", "shape
 _NAME_COLUMNS = ("country", "COUNTRY", "NAME", "name", "NAME_0", "ADMIN", "COUNTRY_NAME", "shapeName", "NAME_EN")
 
 
-def temporal_filter(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> gpd.GeoDataFrame:
-    """Keep the polygons of each year that meet a (buffered) polygon of an adjacent processed year."""
+def temporal_support(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> np.ndarray:
+    """Per polygon, whether a (buffered) polygon of an adjacent processed year meets it (the study's rule)."""
     years = sorted(polygons["year"].unique())
-    if len(years) < 2:
-        log.warning("temporal filter needs two years or more; %s kept as is", years)
-        return polygons
     if buffer_m > 0:  # Web Mercator stretches by 1/cos(lat): convert metres at each polygon's own latitude
         geoms = np.asarray(polygons.to_crs("EPSG:3857").geometry.values)
         c = shapely.centroid(geoms)
@@ -58,8 +59,43 @@ def temporal_filter(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> gpd.Ge
     else:
         meet = in_threads(polygons_meet, geoms[a], geoms[b], x[a], y[a])
         keep[a[meet]] = keep[b[meet]] = True
-    log.info("temporal filter: kept %d of %d polygons", keep.sum(), len(keep))
-    return polygons.loc[keep].reset_index(drop=True)
+    return keep
+
+
+def temporal_filter(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> gpd.GeoDataFrame:
+    """The study's rule: keep the polygons of each year that meet a (buffered) polygon of an adjacent processed
+    year; the first and last year look at their one neighbour."""
+    return temporal_rule(polygons, "study", buffer_m).drop(columns="provisional")
+
+
+def temporal_rule(polygons: gpd.GeoDataFrame, mode: str = "provisional", buffer_m: float = 0.0,
+                  min_probability: float = 0.5) -> gpd.GeoDataFrame:
+    """The polygons the temporal rule keeps, with a ``provisional`` column.
+
+    ``study``: a polygon stays only if one of an adjacent processed year meets it; every mine that first appears
+    in the newest year (or last appears in the oldest) has no such neighbour and is dropped. ``provisional``
+    (the default): the same, but a polygon of the first or last processed year without a neighbour stays,
+    marked ``provisional``, where the model is confident (``mean_probability`` at least ``min_probability``); a
+    later run that adds the neighbouring year confirms or drops it. ``off``: every polygon, none provisional."""
+    out = polygons.copy()
+    out["provisional"] = False
+    years = sorted(polygons["year"].unique())
+    if mode == "off" or len(polygons) == 0:
+        return out
+    if len(years) < 2:
+        log.warning("temporal rule needs two years or more; %s kept as is", years)
+        return out
+    keep = temporal_support(polygons, buffer_m)
+    provisional = np.zeros(len(polygons), bool)
+    if mode == "provisional":
+        edge = polygons["year"].isin([years[0], years[-1]]).to_numpy()
+        sure = (polygons["mean_probability"].fillna(0).to_numpy() >= min_probability
+                if "mean_probability" in polygons else np.zeros(len(polygons), bool))
+        provisional = edge & ~keep & sure
+    out["provisional"] = provisional
+    log.info("temporal rule (%s): kept %d of %d polygons, %d of them provisional", mode,
+             int((keep | provisional).sum()), len(keep), int(provisional.sum()))
+    return out.loc[keep | provisional].reset_index(drop=True)
 
 
 def load_countries(path: Path | None = None) -> gpd.GeoDataFrame:
@@ -207,11 +243,11 @@ def postprocess(polygons: gpd.GeoDataFrame, cfg: PostprocessConfig | None = None
     cfg = cfg or PostprocessConfig()
     gdf = polygons.copy()
     gdf["geometry"] = make_valid(np.asarray(gdf.geometry.values))
-    if cfg.temporal_filter:
-        gdf = temporal_filter(gdf, cfg.buffer_m)
+    gdf = temporal_rule(gdf, cfg.temporal, cfg.buffer_m, cfg.provisional_min_probability)
     gdf = attribute_countries(gdf, load_countries(cfg.countries))
     gdf["area_km2"] = area_km2(gdf.geometry.values, valid=True)  # made valid above
-    cols = ["year", "iso3", "country", "area_km2"] + [c for c in ("mean_probability",) if c in gdf] + ["geometry"]
+    cols = ["year", "iso3", "country", "area_km2"] + [c for c in ("mean_probability",) if c in gdf] + \
+        ["provisional", "geometry"]
     return gdf[cols]
 
 
