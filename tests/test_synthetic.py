@@ -1,3 +1,6 @@
+import hashlib
+import inspect
+
 import geopandas as gpd
 import numpy as np
 import pytest
@@ -6,11 +9,12 @@ import shapely
 from pyproj import Geod
 from rasterio.features import rasterize
 from rasterio.merge import merge
-from scipy.ndimage import binary_dilation
+from scipy.ndimage import binary_dilation, binary_erosion, distance_transform_edt
 
 from minemap.geo import area_km2
 from minemap.imagery import open_imagery
-from minemap.synthetic import NICFI_RES_M, make_scene
+from minemap.synthetic import (GREY_TAILINGS, MINE_SOIL_CHOICES, NICFI_RES_M, POND, REGIONS, SOIL, WHITE_KAOLIN,
+                               _plan_mines, draw_scene_spec, make_scene)
 
 
 def test_scene_has_known_truth(scene):
@@ -192,3 +196,313 @@ def test_label_offset_moves_labels(plain, tmp_path):
         d = shapely.distance(labels.centroid.values, match.centroid.values)
         assert ((d >= lo) & (d <= hi)).all(), d
     assert abs(d.mean() - 30) < 5
+
+
+# --- the default scene, file for file as before the options of the family ----------------------------------------
+
+def _digest(scene):
+    """sha256 (16 hex) of the imagery (pixels, grid, CRS of every file), of the labels and of the truth
+    (coordinates rounded to 1e-9 degrees, and the attributes)."""
+    img = hashlib.sha256()
+    for year in scene.years:
+        for f in _files(scene, year):
+            with rasterio.open(f) as src:
+                img.update(f"{year}/{f.name}{tuple(src.transform)}{src.crs.to_string()}{src.nodata}".encode())
+                img.update(src.read().tobytes())
+    out = {"imagery": img.hexdigest()[:16]}
+    for name in ("labels", "truth"):
+        g = gpd.read_file(getattr(scene, name))
+        geoms = shapely.transform(g.geometry.values, lambda xy: np.round(xy, 9))
+        h = hashlib.sha256(b"".join(shapely.to_wkb(geoms)))
+        h.update(g.drop(columns="geometry").to_csv(index=False).encode())
+        out[name] = h.hexdigest()[:16]
+    return out
+
+
+# digests of scenes written by synthetic.py before mine_soil, dredging, gsd_m, seasonal, label_extent and
+# missing_share existed: the defaults of the new options must leave them as they were
+BEFORE = {
+    "default": (dict(years=(2019, 2020, 2021), size=384, n_mines=7, seed=3),
+                {"imagery": "e2f7e1ebab81ab09", "labels": "60d555082c384d19", "truth": "991040fa28ad3783"}),
+    "options": (dict(years=TWO_YEARS, size=384, n_mines=8, hazy_year=None, seed=7, crs="EPSG:32630",
+                     nodata_edges=True, confusers=True, cloudy_year=2020, missing_labels=2, label_offset_m=10.0),
+                {"imagery": "20cd07d2a2738b80", "labels": "01df820d1434ae4a", "truth": "e3ffda7f473a6c7e"}),
+}
+
+
+@pytest.mark.parametrize("name", list(BEFORE))
+def test_scenes_hash_as_before_the_family(tmp_path, name, scene):
+    kwargs, digest = BEFORE[name]
+    if name == "default":  # the session's shared scene is this one
+        assert _digest(scene) == digest
+    written = make_scene(tmp_path, **kwargs, gsd_m=4.77, mine_soil="laterite", pond_colours=False, dredging=False,
+                         seasonal=False, missing_share=0.0, label_extent="all")
+    assert _digest(written) == digest
+    assert written.labelled_area == tmp_path / "labelled_area.gpkg" and written.labelled_area.is_file()
+
+
+# --- the family's options ----------------------------------------------------------------------------------------
+
+def _changed_only_on_mines(plain, scene, year=2019):
+    """Pixels that differ from the plain scene lie on the truth (1 px of rasterisation slack); truth and
+    labels are the same."""
+    a, b = _arrays(plain), _arrays(scene)
+    data, transform, crs = _mosaic(plain, year)
+    mines = binary_dilation(_truth_mask(plain, year, data.shape[1:], transform, crs))
+    other, _, _ = _mosaic(scene, year)
+    assert (other != data).any(0)[~mines].sum() == 0
+    assert a.keys() == b.keys()
+    for path in ("labels", "truth"):
+        ga, gb = gpd.read_file(getattr(plain, path)), gpd.read_file(getattr(scene, path))
+        assert shapely.equals_exact(ga.geometry.values, gb.geometry.values, 1e-12).all()
+
+
+@pytest.mark.parametrize("soil", ["grey", "white", "mixed"])
+def test_mine_soil_colours_the_mines(plain, tmp_path, soil):
+    scene = make_scene(tmp_path, **PLAIN, mine_soil=soil)
+    _changed_only_on_mines(plain, scene)
+    data, transform, crs = _mosaic(scene, 2019)
+    truth = gpd.read_file(scene.truth)
+    truth = truth[truth.year == 2019].to_crs(crs)
+    spectra = {"laterite": SOIL, "grey": GREY_TAILINGS, "white": WHITE_KAOLIN}
+    kinds = set()
+    for g in truth.geometry:
+        inside = binary_erosion(rasterize([(g, 1)], out_shape=data.shape[1:], transform=transform) > 0, iterations=2)
+        median = np.median(data[:, inside], axis=1)  # ponds are a minority of a mine; +-5 % per mine and year
+        near = {k: np.abs(median / v - 1).max() for k, v in spectra.items()}
+        best = min(near, key=near.get)
+        assert near[best] < 0.16, (median, near)
+        kinds.add(best)
+    assert kinds == ({"laterite", "grey", "white"} if soil == "mixed" else {soil})
+    if soil == "white":  # the mean over the training year's truth, ponds and all, is near the white spectrum
+        inside = _truth_mask(scene, 2019, data.shape[1:], transform, crs)
+        assert np.abs(data[:, inside].mean(1) / WHITE_KAOLIN - 1).max() < 0.2
+
+
+def test_pond_colours_vary_between_mines(plain, tmp_path):
+    scene = make_scene(tmp_path, **PLAIN, pond_colours=True)
+    _changed_only_on_mines(plain, scene)
+    data, transform, crs = _mosaic(scene, 2019)
+    truth = gpd.read_file(scene.truth)
+    ponds = []
+    for g in truth[truth.year == 2019].to_crs(crs).geometry:
+        inside = rasterize([(g, 1)], out_shape=data.shape[1:], transform=transform) > 0
+        wet = inside & (data[0] < 2100 * 0.75)  # darker than the soil's texture reaches
+        if wet.sum() > 10:
+            ponds.append(np.median(data[:, wet], axis=1))
+    ponds = np.array(ponds)
+    assert len(ponds) >= 4
+    assert (np.abs(ponds / POND - 1).max(1) > 0.15).sum() >= 2  # not all the default pond colour
+    assert ponds[:, 0].std() > 150  # red differs between mines
+
+
+def _ground_res(scene, year=2019):
+    """The pixel size, CRS and bounds of the year's mosaic."""
+    data, transform, crs = _mosaic(scene, year)
+    bounds = rasterio.transform.array_bounds(*data.shape[1:], transform)
+    return (transform.a, -transform.e), crs, bounds
+
+
+@pytest.mark.parametrize("crs", ["EPSG:3857", "EPSG:32630"])
+def test_gsd_keeps_metres(plain, tmp_path, crs):
+    scene = make_scene(tmp_path, **PLAIN, gsd_m=10, crs=crs)
+    (rx, ry), src_crs, _ = _ground_res(scene)
+    lat = 6.25
+    if crs == "EPSG:3857":  # Mercator pixels are 1 / cos(lat) larger than on the ground
+        assert rx * np.cos(np.radians(lat)) == pytest.approx(10, abs=1e-6) and ry == rx
+    else:
+        assert src_crs.to_epsg() == 32630 and (rx, ry) == pytest.approx((10, 10), abs=1e-6)
+    # the scene spans ~10 / 4.75 times the metres; a mine keeps its area in km2, so it covers fewer pixels
+    t10, t5 = gpd.read_file(scene.truth), gpd.read_file(plain.truth)
+    a10 = area_km2(t10[t10.year == 2019].geometry.values)
+    a5 = area_km2(t5[t5.year == 2019].geometry.values)
+    assert 0.5 < np.median(a10) / np.median(a5) < 2 and 0.5 < a10.sum() / a5.sum() < 2
+    data, transform, src = _mosaic(scene, 2019)
+    px10 = _truth_mask(scene, 2019, data.shape[1:], transform, src).sum() / len(a10)
+    data5, transform5, src5 = _mosaic(plain, 2019)
+    px5 = _truth_mask(plain, 2019, data5.shape[1:], transform5, src5).sum() / len(a5)
+    assert 0.1 < px10 / px5 < 0.45  # ~(4.75 / 10)^2 = 0.23 of the pixels per mine
+    soil = _soil_like(data)
+    inside = _truth_mask(scene, 2019, data.shape[1:], transform, src)
+    assert soil[inside].mean() > 0.7 and soil[~binary_dilation(inside)].sum() < 0.05 * soil[inside].sum()
+
+
+def test_label_extent_west(plain, tmp_path):
+    scene = make_scene(tmp_path, **PLAIN, label_extent="west", missing_labels=0)
+    assert gpd.read_file(plain.truth).geometry.geom_equals_exact(gpd.read_file(scene.truth).geometry, 1e-12).all()
+    _, _, (left, bottom, right, top) = _ground_res(plain)
+    mid = (left + right) / 2
+    labels = gpd.read_file(scene.labels).to_crs("EPSG:3857")
+    truth = gpd.read_file(scene.truth)
+    truth = truth[truth.year == 2019].to_crs("EPSG:3857")
+    assert 0 < len(labels) < len(truth)
+    assert (labels.centroid.x < mid).all()
+    assert (truth.centroid.x > mid + 100).sum() > 0  # mines in the east that no one labelled
+    area = gpd.read_file(scene.labelled_area)
+    assert area.crs.to_epsg() == 4326 and len(area) == 1 and area.extent.iloc[0] == "west"
+    a = area.to_crs("EPSG:3857").geometry.iloc[0]
+    assert a.bounds == pytest.approx((left, bottom, mid, top), abs=1.0)
+    assert a.area == pytest.approx((mid - left) * (top - bottom), rel=1e-3)
+    whole = gpd.read_file(plain.labelled_area).to_crs("EPSG:3857").geometry.iloc[0]
+    assert whole.bounds == pytest.approx((left, bottom, right, top), abs=1.0)
+    assert whole.covers(a) and whole.area == pytest.approx(2 * a.area, rel=1e-3)
+
+
+def _river_distance_m(scene, year=2019):
+    """Metres from each truth polygon of ``year`` to the river: dark water (NIR < 450) off the mines."""
+    data, transform, crs = _mosaic(scene, year)
+    mines = binary_dilation(_truth_mask(scene, year, data.shape[1:], transform, crs), iterations=2)
+    river = (data[3] < 450) & ~mines
+    dist = distance_transform_edt(~river) * transform.a
+    truth = gpd.read_file(scene.truth)
+    out = []
+    for g in truth[truth.year == year].to_crs(crs).geometry:
+        inside = rasterize([(g, 1)], out_shape=data.shape[1:], transform=transform) > 0
+        out.append(dist[inside].min() if inside.any() else np.inf)
+    return np.array(out)
+
+
+def test_dredging_sites_lie_along_the_river(plain, tmp_path):
+    scene = make_scene(tmp_path, **PLAIN, dredging=True)
+    truth, before = gpd.read_file(scene.truth), gpd.read_file(plain.truth)
+    assert len(truth) == len(before) and (truth.mine.values == before.mine.values).all()
+    dist, dist_plain = _river_distance_m(scene), _river_distance_m(plain)
+    n = (truth.year == 2019).sum()
+    moved = dist != dist_plain  # the mines that became dredging sites: a third, all at the river
+    assert n == 8 and moved.sum() == round(n / 3) and (dist[moved] <= 50).all(), (dist, dist_plain)
+    # a site is a string of blobs: several parts, or one long outline
+    sites = truth[truth.year == 2019][moved]
+    assert sites.geometry.apply(lambda g: shapely.get_num_geometries(g) > 1 or
+                                g.minimum_rotated_rectangle.length > 3 * np.sqrt(g.area)).any()
+    data, transform, crs = _mosaic(scene, 2019)
+    inside = binary_erosion(_truth_mask(scene, 2019, data.shape[1:], transform, crs))
+    forest = (data[3] > 2400) & (data[0] < 600)
+    assert forest[inside].mean() < 0.05  # the sites are worked ground and water, not forest
+    assert len(gpd.read_file(scene.labels)) == n - 1
+
+
+def test_dredging_only(tmp_path):
+    scene = make_scene(tmp_path, **dict(PLAIN, n_mines=6), dredging=1.0, missing_labels=0)
+    d = _river_distance_m(scene)
+    assert (d <= 50).mean() >= 0.8, d
+
+
+@pytest.mark.parametrize("share", [0.2, 0.5])
+def test_missing_share(plain, tmp_path, share):
+    every = make_scene(tmp_path / "every", **PLAIN, missing_labels=0)
+    scene = make_scene(tmp_path / "share", **PLAIN, missing_labels=0, missing_share=share)
+    assert all(np.array_equal(a, b) for a, b in zip(_arrays(every).values(), _arrays(scene).values()))
+    truth = gpd.read_file(scene.truth)
+    n = (truth.year == 2019).sum()
+    labels, full = gpd.read_file(scene.labels), gpd.read_file(every.labels)
+    assert len(labels) == n - round(share * n) and len(full) == n
+    # the labels kept are drawn exactly as without the share: a subset
+    kept = shapely.equals_exact(np.array(list(labels.geometry))[:, None], np.array(list(full.geometry))[None, :],
+                                1e-12)
+    assert (kept.sum(1) == 1).all()
+    both = make_scene(tmp_path / "both", **PLAIN, missing_labels=2, missing_share=share)
+    assert len(gpd.read_file(both.labels)) == n - 2 - round(share * n)
+
+
+def test_seasonal_land_changes_off_the_mines(plain, tmp_path):
+    scene = make_scene(tmp_path, **PLAIN, seasonal=True)
+    assert gpd.read_file(plain.truth).geometry.geom_equals_exact(gpd.read_file(scene.truth).geometry, 1e-12).all()
+
+    def bare(data):
+        red, blue, nir = (data[i].astype(float) for i in (0, 2, 3))
+        return (red > 1200) & (red > 1.3 * blue) & (nir < 2500)
+
+    changes = {}
+    for name, s in (("plain", plain), ("seasonal", scene)):
+        d0, transform, crs = _mosaic(s, 2019)
+        d1, _, _ = _mosaic(s, 2020)
+        mines = binary_dilation(_truth_mask(s, 2019, d0.shape[1:], transform, crs)
+                                | _truth_mask(s, 2020, d0.shape[1:], transform, crs), iterations=3)
+        nir_change = np.abs(d1[3].astype(float) / d0[3] - 1) > 0.4  # drift and phenology reach ~0.3
+        new_bare = bare(d1) & ~bare(d0)
+        changes[name] = (nir_change & ~mines).sum(), (new_bare & ~mines).sum()
+        # nothing seasonal on the mines: their ground is bare in both years
+        inner = binary_erosion(mines, iterations=6)
+        assert (nir_change & inner).mean() < 0.01
+    size = PLAIN["size"] ** 2
+    assert changes["plain"][0] < 0.0005 * size and changes["plain"][1] < 50
+    assert changes["seasonal"][0] > 0.005 * size  # fields turned green or ploughed, land cleared
+    assert changes["seasonal"][1] > 300  # land cleared or ploughed in 2020 that is no mine
+
+
+def test_hazy_and_cloudy_years_by_index(tmp_path):
+    scene = make_scene(tmp_path, years=(2019, 2020, 2021), size=256, n_mines=8, seed=7, hazy_year=-2,
+                       cloudy_year=-1)
+    d = {y: _mosaic(scene, y)[0] for y in scene.years}
+    assert np.percentile(d[2020][0], 5) > 1.5 * np.percentile(d[2019][0], 5)  # 2020 hazy
+    assert (d[2021] > 5000).all(0).mean() > 0.02 and not (d[2020] > 5000).all(0).any()  # 2021 cloudy
+    with pytest.raises(ValueError):
+        make_scene(tmp_path / "x", years=(2019, 2020), size=128, hazy_year=-3)
+
+
+def test_forty_mines_fit():
+    for size, scale in ((1536, 1.0), (1536, 4.75 / 10), (512, 1.0)):
+        for seed in range(3):
+            assert len(_plan_mines(np.random.default_rng(seed), size, [2019, 2020, 2021], 40, scale)) == 40
+
+
+# --- the family -------------------------------------------------------------------------------------------------
+
+def _region(spec):
+    return [name for name, (x0, x1, y0, y1) in REGIONS.items()
+            if x0 <= spec["lon"] <= x1 and y0 <= spec["lat"] <= y1]
+
+
+def test_draw_scene_spec_covers_the_family():
+    specs = [draw_scene_spec(seed) for seed in range(200)]
+    assert specs == [draw_scene_spec(seed) for seed in range(200)]  # deterministic per seed
+    assert len({tuple(sorted(s.items())) for s in specs}) == 200
+    params = inspect.signature(make_scene).parameters
+    values = {}
+    for seed, s in enumerate(specs):
+        assert s["seed"] == seed and set(s) <= set(params) and "years" not in s and "size" not in s
+        assert len(_region(s)) == 1
+        if s["gsd_m"] == 4.77:
+            assert s["crs"] in ("EPSG:3857", "EPSG:4326")
+        else:
+            assert s["gsd_m"] == 10
+            if s["crs"] != "EPSG:4326":  # the UTM zone of the scene's centre
+                zone = int((s["lon"] + 180) // 6) + 1
+                assert s["crs"] == f"EPSG:{(32600 if s['lat'] >= 0 else 32700) + zone}"
+        assert 8 <= s["n_mines"] <= 40 and 0 <= s["missing_share"] <= 0.2 and 0 <= s["label_offset_m"] <= 10
+        crs = s["crs"] if s["crs"] in ("EPSG:3857", "EPSG:4326") else "UTM"
+        dredging = {False: "pits", 1.0: "dredging"}.get(s["dredging"], "both")
+        if dredging == "both":
+            assert 0.2 <= s["dredging"] <= 0.5
+        for key, v in (("crs", crs), ("dredging", dredging), ("region", _region(s)[0]),
+                       *((k, s[k]) for k in ("mine_soil", "gsd_m", "hazy_year", "cloudy_year", "seasonal",
+                                             "confusers", "nodata_edges", "label_extent", "pond_colours",
+                                             "quads", "n_mines"))):
+            values.setdefault(key, set()).add(v)
+    assert values["mine_soil"] == set(MINE_SOIL_CHOICES)
+    assert values["gsd_m"] == {4.77, 10.0} and values["crs"] == {"EPSG:3857", "EPSG:4326", "UTM"}
+    assert values["dredging"] == {"pits", "both", "dredging"} and values["region"] == set(REGIONS)
+    assert values["hazy_year"] == values["cloudy_year"] == {None, -1, -2}
+    for key in ("seasonal", "confusers", "nodata_edges", "pond_colours"):
+        assert values[key] == {False, True}, key
+    assert values["label_extent"] == {"all", "west"} and values["quads"] == {1, 2, 3}
+    assert min(values["n_mines"]) == 8 and max(values["n_mines"]) == 40
+    west = sum(s["label_extent"] == "west" for s in specs)
+    assert 30 <= west <= 70  # about 1 in 4
+    shares = np.array([s["missing_share"] for s in specs])
+    assert shares.min() < 0.02 and shares.max() > 0.18
+
+
+def test_drawn_specs_make_scenes(tmp_path):
+    specs = [draw_scene_spec(seed) for seed in range(200)]
+    # a 10 m UTM scene of dredging sites labelled in the west only, and a 4.77 m one in EPSG:4326
+    picks = [next(s for s in specs if s["gsd_m"] == 10 and s["crs"].startswith("EPSG:32") and s["dredging"]
+                  and s["label_extent"] == "west"),
+             next(s for s in specs if s["gsd_m"] == 4.77 and s["crs"] == "EPSG:4326" and s["seasonal"])]
+    for s in picks:
+        scene = make_scene(tmp_path / str(s["seed"]), years=(2019, 2020, 2021), size=256, **s)
+        truth, labels = gpd.read_file(scene.truth), gpd.read_file(scene.labels)
+        assert len(truth) and scene.labelled_area.is_file()
+        assert len(labels) <= (truth.year == 2019).sum()
+        with rasterio.open(_files(scene, 2019)[0]) as src:
+            assert src.crs == rasterio.crs.CRS.from_user_input(s["crs"])

@@ -64,7 +64,7 @@ def test_train_bad_inputs(tmp_path):
 def test_training_stops_when_validation_stalls(chips_dir, tmp_path):
     """With a learning rate too small to change anything, validation F1 never improves after epoch 1: patience 1
     stops after epoch 2, long before the cap, and the card says so and keeps the curve."""
-    cfg = TrainConfig(epochs=10, patience=1, batch_size=8, learning_rate=1e-12)
+    cfg = TrainConfig(epochs=10, patience=1, batch_size=8, learning_rate=1e-12, min_val_pixels=0)
     card = train(chips_dir, tmp_path / "model", cfg, progress=False)
     assert card.epochs_trained == 2 and card.best_epoch == 1 and card.stopped.startswith("early")
     assert [c["epoch"] for c in card.val_curve] == [1, 2]
@@ -185,3 +185,41 @@ def test_resumed_training_equals_an_uninterrupted_one(chips_dir, tmp_path):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert [e["val_f1"] for e in a["progress"]["curve"]] == [e["val_f1"] for e in b["progress"]["curve"]]
+
+
+def test_windows_are_drawn_anywhere_inside_the_training_blocks(chips_dir, tmp_path):
+    import geopandas as gpd
+    import numpy as np
+
+    from minemap.train import read_blocks
+
+    table = gpd.read_parquet(chips_dir / "blocks.parquet")
+    written = table[table.image.notna()]
+    assert set(written.split) == {"train", "val", "test"}
+    blocks, _ = read_blocks(chips_dir, "train")
+    assert len(blocks) == int((written.split == "train").sum())
+    assert blocks.positive_pixels == int(written.loc[written.split == "train", "positive_pixels"].sum()) > 0
+    rng = np.random.default_rng(0)
+    windows = blocks.windows(rng, 200, 200, 64)
+    for b, r, c in windows:  # every window inside its block
+        h, w = blocks.masks[b].shape
+        assert 0 <= r <= h - 64 and 0 <= c <= w - 64
+    x, y = blocks.cut(windows, 64)
+    assert x.shape == (400, 4, 64, 64) and (y[:200] == 1).any(axis=(1, 2)).all()  # positives hold a label
+    # anywhere, not on a grid: many distinct places, offsets that are not multiples of a stride
+    assert len(set(windows)) > 350 and len({(r % 32, c % 32) for _, r, c in windows}) > 100
+    # half the windows that need no label lie around the background chips' places (the surfaces they cover)
+    from minemap.train import read_index
+
+    index = read_index([chips_dir])
+    anchored, _ = read_blocks(chips_dir, "train", chips=index[index.split == "train"])
+    assert len(anchored.anchors) == int(((index.split == "train") & (index.kind == "background")).sum()) > 0
+    near = set(anchored.anchors)
+    drawn = anchored.windows(np.random.default_rng(1), 0, 400, 64)
+    close = [any(b == a and abs(r - ar) <= 32 and abs(c - ac) <= 32 for a, ar, ac in near) for b, r, c in drawn]
+    assert 0.4 < np.mean(close) < 0.9
+    card = train(chips_dir, tmp_path / "model", TrainConfig(epochs=1, batch_size=8, min_val_pixels=10 ** 9),
+                 progress=False)
+    assert card.selection["training"].startswith("windows drawn anywhere inside the training blocks")
+    assert card.selection["validation"] == "blocks, wall to wall" and card.selection["test"] == "blocks, wall to wall"
+    assert card.selection["rule"].startswith("a fixed schedule") and card.stopped == "at the cap of 1 epochs"

@@ -28,10 +28,13 @@ Writes, atomically as one folder::
     chips/images/<chip_id>.tif   float32, the source's bands, with band descriptions
     chips/masks/<chip_id>.tif    uint8: 0 background, 1 mining, 255 ignore
     chips/index.parquet          GeoParquet (EPSG:4326): chip_id, split, kind (positive, background,
-                                 hard_negative), year, image, mask, block, positive_fraction, valid_fraction,
-                                 geometry (the chip's footprint)
-    chips/blocks.parquet         GeoParquet (the grid's CRS): block column/row, split, labelled pixels and
-                                 footprint of every block with chips (evaluation scores the test blocks)
+                                 hard_negative), year, image, mask, block, col and row (of the chip's first pixel
+                                 in the year's grid), positive_fraction, valid_fraction, geometry (footprint)
+    chips/blocks/<year>_<bx>_<by>.tif, ..._mask.tif   every block holding a chip, whole (training draws its
+                                 windows anywhere inside the training blocks and validates on the validation
+                                 blocks wall to wall)
+    chips/blocks.parquet         GeoParquet (the grid's CRS): block column/row, split, labelled pixels, footprint
+                                 (evaluation scores the test blocks) and image/mask of every block with chips
     chips/meta.json              bands, CRS, pixel size, ground sample distance, chip and block size, labels
                                  fingerprint, and per split: chips, positive chips, positive pixels, kinds
 """
@@ -459,7 +462,7 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
         rows.append({
             "chip_id": chip_id, "split": splits.get(tuple(blk[i]), "train"), "kind": str(kind), "year": year,
             "image": f"images/{chip_id}.tif", "mask": f"masks/{chip_id}.tif",
-            "block": f"{blk[i][0]}_{blk[i][1]}",
+            "block": f"{blk[i][0]}_{blk[i][1]}", "col": c, "row": r,
             "positive_fraction": float((mask == 1).mean()), "valid_fraction": float(valid.mean()),
             "positive_pixels": int((mask == 1).sum()), "geometry": boxes[i],
         })
@@ -542,6 +545,8 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     with atomic_path(Path(dest)) as tmp:
         rows = _write_chips(tmp, source, year, grid, pos, blk, boxes, chosen, kinds, splits, geoms, cfg,
                             ignore=unsure)
+        rasters = _write_blocks(tmp, source, year, grid, {tuple(b) for b in blk[chosen]}, block, geoms, cfg,
+                                ignore=unsure)
         if not rows:
             raise InputError(f"{where}no chip of the {year} imagery under the labels has enough valid pixels")
         index = gpd.GeoDataFrame(rows, geometry="geometry", crs=grid.crs).to_crs(WGS84)
@@ -552,7 +557,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
                                  f"{len(weights)} blocks of {block} px): add labels over a wider area or set "
                                  f"chips.{s}_fraction to 0")
         index.to_parquet(tmp / "index.parquet")
-        write_blocks(tmp / "blocks.parquet", splits, weights, grid, block)
+        write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters)
         write_json(tmp / "meta.json", {
             "year": year, "bands": list(source.band_names), "crs": grid.crs.to_string(),
             "pixel_size": list(grid.res), "gsd_m": ground_sample_distance_m(grid.crs, grid.transform,
@@ -570,22 +575,57 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     return index
 
 
-CHIPS_FORMAT = 2  # bumped when the chips folder's files change, so that a resumed run cuts them again
+CHIPS_FORMAT = 3  # bumped when the chips folder's files change, so that a resumed run cuts them again
 
 
 def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[tuple[int, int], float], grid: Grid,
-                 block: int) -> None:
+                 block: int, rasters: dict[tuple[int, int], dict] | None = None) -> None:
     """``blocks.parquet``: each block's column and row, split, labelled pixels and footprint (the grid's CRS,
-    clipped to the grid)."""
+    clipped to the grid), and where :func:`_write_blocks` wrote it whole, its image and mask (else empty)."""
     keys = sorted(splits)
+    rasters = rasters or {}
     bx = np.array([b[0] for b in keys], np.int64)
     by = np.array([b[1] for b in keys], np.int64)
     x0, y0 = grid.transform @ (bx * block, by * block)
     x1, y1 = grid.transform @ (np.minimum((bx + 1) * block, grid.width), np.minimum((by + 1) * block, grid.height))
     boxes = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
     gpd.GeoDataFrame({"bx": bx, "by": by, "split": [splits[b] for b in keys],
-                      "label_pixels": [weights.get(b, 0.0) for b in keys]},
+                      "label_pixels": [weights.get(b, 0.0) for b in keys],
+                      "image": [rasters.get(b, {}).get("image") for b in keys],
+                      "mask": [rasters.get(b, {}).get("mask") for b in keys],
+                      "positive_pixels": [rasters.get(b, {}).get("positive_pixels", 0) for b in keys]},
                      geometry=boxes, crs=grid.crs).to_parquet(dest)
+
+
+def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys: set[tuple[int, int]], block: int,
+                  geoms: np.ndarray, cfg: ChipConfig, ignore: np.ndarray | None = None) -> dict[tuple[int, int], dict]:
+    """Write each block of ``keys`` whole (image and mask, as a chip's) into ``tmp/blocks``, so that training
+    draws its windows anywhere inside the training blocks and validates on the validation blocks wall to wall;
+    returns their paths and labelled pixels. Blocks too small to hold a chip, or mostly without imagery, are
+    left out."""
+    (tmp / "blocks").mkdir(parents=True, exist_ok=True)
+    tree = shapely.STRtree(geoms)
+    ignore_tree = shapely.STRtree(ignore) if ignore is not None and len(ignore) else None
+    out = {}
+    for bx, by in tqdm(sorted(keys), desc=f"blocks {year}", unit="block", leave=False):
+        c, r = bx * block, by * block
+        w, h = min(block, grid.width - c), min(block, grid.height - r)
+        if min(w, h) < cfg.chip_size:
+            continue
+        bgrid = grid.window(c, r, w, h)
+        pixels, valid = source.read(year, bgrid)
+        if valid.mean() < 0.2:
+            continue
+        box = shapely.box(*bgrid.bounds)
+        near = geoms[tree.query(box, predicate="intersects")]
+        off = ignore[ignore_tree.query(box, predicate="intersects")] if ignore_tree is not None else None
+        mask = chip_mask(bgrid, near, valid, cfg.ignore_border_m, off)
+        name = f"{year}_{bx:05d}_{by:05d}"
+        _write_chip(tmp / "blocks" / f"{name}.tif", pixels, bgrid, source.band_names)
+        _write_chip(tmp / "blocks" / f"{name}_mask.tif", mask[None], bgrid, ["mask"])
+        out[(bx, by)] = {"image": f"blocks/{name}.tif", "mask": f"blocks/{name}_mask.tif",
+                         "positive_pixels": int((mask == 1).sum())}
+    return out
 
 
 def split_blocks(chips_dir: Path) -> gpd.GeoDataFrame:

@@ -92,6 +92,11 @@ class TrainConfig(_Section):
                                                 "learning rate halves after half as many)")
     min_val_f1: float = Field(0.5, ge=0, le=1, description="a model below this validation F1 stops the run "
                                                            "(unless accept_weak_model)")
+    min_val_pixels: int = Field(5000, ge=0, description="early stopping needs at least this many labelled pixels "
+                                                        "in the validation blocks; with fewer, one chip or two "
+                                                        "would choose the epoch, so training runs a fixed "
+                                                        "schedule of `epochs` (the rate halved every `patience` "
+                                                        "epochs) and keeps the last weights")
     batch_size: int = Field(8, ge=1)
     crop_size: int | None = Field(None, ge=32, description="training sees a random square of this side from each "
                                                            "chip (a multiple of 32); default: the chip less 64 px "
@@ -123,9 +128,12 @@ class PredictConfig(_Section):
     tta: bool = Field(False, description="average the four flips of every window (test-time augmentation; four "
                                          "times the work)")
     mask_clouds: bool = Field(True, description="opaque clouds (brighter in every band than anything in the "
-                                                "training chips) are nodata: no observation, not 'no mine'; so "
-                                                "are thin clouds and cloud shadows in normalised years (every "
-                                                "band brighter, or dimmer alike, than the training year's)")
+                                                "training chips) are nodata: no observation, not 'no mine'; so, "
+                                                "for sources that do not mask clouds themselves, are thin clouds "
+                                                "and cloud shadows found in each year's own pixels (white, above "
+                                                "the clear-sky line, casting a shadow; dimmed alike beside a "
+                                                "cloud), never by comparison with another year, so land that "
+                                                "changed (a new mine) stays observed")
     normalise_years: Literal["off", "global", "local"] = Field(
         "local", description="bring each year's reflectance to the training year's over pixels that stay the same: "
                            "one gain and offset per band (global) or fields of them (local, for patchy haze)")

@@ -78,6 +78,7 @@ class ModelCard(BaseModel):
     val_curve: list[dict] = []
     splits: dict = {}
     hard_negatives: dict = {}
+    selection: dict = {}  # what training saw, what judged it, and how the epoch kept was chosen
     review: dict = {}  # reviewers' verdicts the training used, by kind (minemap.review.TrainingVerdicts.counts)
     precision: str = "fp32"  # the arithmetic of training's forward passes: fp32, or bf16 (autocast)
     minemap_version: str = __version__

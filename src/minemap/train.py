@@ -1,10 +1,17 @@
 """Training: a SegFormer on the chips of :mod:`minemap.chips`, until validation stops improving.
 
-Reads one or more chips folders (``index.parquet`` + chip GeoTIFFs: the chips, and the hard negatives of
-:func:`minemap.chips.hard_negative_chips`); writes a model directory (``weights.safetensors`` + ``model.json``,
-the best epoch by validation F1) and ``train_state.pt`` beside them (last epoch, optimiser, learning rate,
-early-stopping counters) so that ``resume=True`` carries on after a crash.
+Reads one or more chips folders (``index.parquet`` + chip GeoTIFFs + the blocks written whole: the chips, and the
+hard negatives of :func:`minemap.chips.hard_negative_chips`); writes a model directory (``weights.safetensors`` +
+``model.json``) and ``train_state.pt`` beside them (last epoch, optimiser, learning rate, early-stopping
+counters) so that ``resume=True`` carries on after a crash.
 
+- What training sees: each epoch draws its windows anywhere inside the training blocks (as many as there are
+  positive and background chips: those windows each hold a labelled pixel drawn at random, these lie anywhere,
+  at a place drawn anew every epoch), beside the chips cut as they are (hard negatives, detections a reviewer
+  rejected). A chips folder without blocks (another layout, an older minemap) trains on its chips.
+- What judges it: the validation blocks mapped wall to wall (every pixel, not a handful of chips around
+  mines); with fewer than ``train.min_val_pixels`` labelled pixels there, a chip or two would choose the epoch,
+  so training runs a fixed schedule and keeps the last weights. The card says which (``selection``).
 - Loss: binary cross-entropy plus soft Dice over valid pixels (mask 255 ignored: no imagery, and the band along
   label outlines): Dice keeps small mines from being swamped by background.
 - Augmentation: flips, 90-degree rotations, and a photometric jitter (gain per chip and band, patchy haze
@@ -16,11 +23,11 @@ early-stopping counters) so that ``resume=True`` carries on after a crash.
 - Arithmetic: bfloat16 autocast of the forward passes where the device computes it natively
   (``train.precision``, see :func:`minemap.model.resolve_precision`); the loss, weights and optimiser stay float32.
 - Pixels of detections that hard-negative mining judged possible missed mines
-  (:data:`minemap.chips.MISSED`) are ignored in every chip, so a mine the labels miss neither teaches the
-  model that it is background nor counts against it in validation, calibration or test.
-- After training: the best epoch's logits on the validation chips fit a calibration (scale and bias of the
-  logit, Platt), the threshold is chosen by F1 on calibrated validation probabilities, and the test chips give
-  metrics and the expected calibration error. The card records the per-epoch validation curve.
+  (:data:`minemap.chips.MISSED`) are ignored in every chip and block, so a mine the labels miss neither teaches
+  the model that it is background nor counts against it in validation, calibration or test.
+- After training: the kept weights' logits on the validation blocks fit a calibration (scale and bias of the
+  logit, Platt), the threshold is chosen by F1 on calibrated validation probabilities, and the test blocks give
+  metrics and the calibration errors. The card records the per-epoch validation curve.
 """
 
 from __future__ import annotations
@@ -79,35 +86,138 @@ def possible_missed_mines(chips_dirs: list[Path]) -> gpd.GeoDataFrame | None:
     return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=WGS84) if frames else None
 
 
+def _ignore_missed(mask: np.ndarray, transform, crs, bounds, ignore: gpd.GeoDataFrame | None) -> int:
+    """Background pixels of ``mask`` under ``ignore`` polygons become 255, in place; returns how many."""
+    if ignore is None:
+        return 0
+    near = ignore.to_crs(crs).cx[bounds.left:bounds.right, bounds.bottom:bounds.top]
+    if not len(near):
+        return 0
+    off = rasterize(((g, 1) for g in near.geometry), out_shape=mask.shape, transform=transform, dtype=np.uint8)
+    hit = (off > 0) & (mask == 0)
+    mask[hit] = 255
+    return int(hit.sum())
+
+
+def _read_pair(image: Path, mask: Path, ignore: gpd.GeoDataFrame | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """An image (float32) and its mask, the possible missed mines under ``ignore`` set to 255 (and counted)."""
+    try:
+        with rasterio.open(image) as src:
+            x = src.read().astype(np.float32)
+            transform, crs, bounds = src.transform, src.crs, src.bounds
+        with rasterio.open(mask) as src:
+            y = src.read(1)
+    except RasterioError as e:
+        raise InputError(f"{image}: cannot read chip ({e})") from None
+    return x, y, _ignore_missed(y, transform, crs, bounds, ignore)
+
+
 def _read_chips(index: pd.DataFrame, ignore: gpd.GeoDataFrame | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Images and masks of the chips; background pixels under ``ignore`` polygons become 255 (and are counted)."""
     images, masks, ignored = [], [], 0
     with warnings.catch_warnings():  # chips of the MMSegmentation layout may be PNGs, with no place on Earth
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         for row in index.itertuples():
-            root = Path(row.root)
-            try:
-                with rasterio.open(root / row.image) as src:
-                    images.append(src.read().astype(np.float32))
-                    transform, crs, shape, bounds = src.transform, src.crs, (src.height, src.width), src.bounds
-                with rasterio.open(root / row.mask) as src:
-                    masks.append(src.read(1))
-            except RasterioError as e:
-                raise InputError(f"{root / row.image}: cannot read chip ({e})") from None
-            if ignore is not None:
-                near = ignore.to_crs(crs).cx[bounds.left:bounds.right, bounds.bottom:bounds.top]
-                if len(near):
-                    off = rasterize(((g, 1) for g in near.geometry), out_shape=shape, transform=transform, dtype=np.uint8)
-                    hit = (off > 0) & (masks[-1] == 0)
-                    masks[-1][hit] = 255
-                    ignored += int(hit.sum())
+            x, y, n = _read_pair(Path(row.root) / row.image, Path(row.root) / row.mask, ignore)
+            images.append(x)
+            masks.append(y)
+            ignored += n
     return np.stack(images), np.stack(masks), ignored
 
 
-def band_statistics(images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per-band mean, std, 99th and 99.9th percentile over the valid pixels of the training chips."""
-    valid = masks != 255
-    px = images.transpose(1, 0, 2, 3)[:, valid]  # (bands, n)
+class BlockSet:
+    """Blocks of one split read whole (:func:`minemap.chips._write_blocks`): training draws its windows anywhere
+    inside them, validation and test map them wall to wall. ``keys``: each block's (column, row) of blocks;
+    ``anchors``: (block, row, col) of the background chips cut inside them, around which half the windows that
+    need no label are drawn, so the surfaces the chips were chosen to cover (fields, sand, roads: drawn evenly
+    from groups of similar spectra) stay as frequent as they were."""
+
+    def __init__(self, images: list[np.ndarray], masks: list[np.ndarray], keys: list[tuple[int, int]] | None = None,
+                 anchors: list[tuple[int, int, int]] | None = None) -> None:
+        self.images, self.masks = images, masks
+        self.keys = keys or []
+        self.anchors = anchors or []
+        self.positive = [np.flatnonzero(m.ravel() == 1) for m in masks]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def positive_pixels(self) -> int:
+        return int(sum(len(p) for p in self.positive))
+
+    def windows(self, rng: np.random.Generator, n_positive: int, n_other: int, size: int) -> list[tuple[int, int, int]]:
+        """(block, row, col) of ``n_positive`` windows of ``size`` px that each hold a labelled pixel drawn at
+        random (blocks weighted by their labelled pixels), and ``n_other`` that need none: half of them within
+        half a window of a background chip's place, the rest anywhere (blocks weighted by area)."""
+        out = []
+        if n_positive and self.positive_pixels:
+            weight = np.array([len(p) for p in self.positive], float)
+            for b in rng.choice(len(self), n_positive, p=weight / weight.sum()):
+                h, w = self.masks[b].shape
+                r, c = divmod(int(self.positive[b][rng.integers(len(self.positive[b]))]), w)
+                # a window holding (r, c), at a random place around it, inside the block
+                r0 = int(rng.integers(max(0, r - size + 1), min(r, h - size) + 1))
+                c0 = int(rng.integers(max(0, c - size + 1), min(c, w - size) + 1))
+                out.append((int(b), r0, c0))
+        else:
+            n_other += n_positive
+        near = rng.binomial(n_other, 0.5) if self.anchors else 0
+        for k in rng.integers(0, max(len(self.anchors), 1), near):
+            b, r, c = self.anchors[k]
+            h, w = self.masks[b].shape
+            r0 = int(np.clip(r + rng.integers(-size // 2, size // 2 + 1), 0, h - size))
+            c0 = int(np.clip(c + rng.integers(-size // 2, size // 2 + 1), 0, w - size))
+            out.append((int(b), r0, c0))
+        if n_other - near:
+            area = np.array([m.size for m in self.masks], float)
+            for b in rng.choice(len(self), n_other - near, p=area / area.sum()):
+                h, w = self.masks[b].shape
+                out.append((int(b), int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))))
+        return out
+
+    def cut(self, windows: list[tuple[int, int, int]], size: int) -> tuple[np.ndarray, np.ndarray]:
+        x = np.stack([self.images[b][:, r:r + size, c:c + size] for b, r, c in windows])
+        y = np.stack([self.masks[b][r:r + size, c:c + size] for b, r, c in windows])
+        return x, y
+
+
+def read_blocks(chips_dir: Path, split: str, ignore: gpd.GeoDataFrame | None = None,
+                chips: pd.DataFrame | None = None) -> tuple[BlockSet | None, int]:
+    """The written blocks of ``split`` (None where the folder has none: chips of another layout or an older
+    minemap), with the places of the background ``chips`` inside them as anchors, and the pixels of possible
+    missed mines set to ignore in them."""
+    path = Path(chips_dir) / "blocks.parquet"
+    if not path.is_file():
+        return None, 0
+    table = pd.read_parquet(path)
+    if "image" not in table.columns:
+        return None, 0
+    table = table[(table["split"] == split) & table["image"].notna()]
+    if not len(table):
+        return None, 0
+    images, masks, ignored = [], [], 0
+    for row in table.itertuples():
+        x, y, n = _read_pair(Path(chips_dir) / row.image, Path(chips_dir) / row.mask, ignore)
+        images.append(x)
+        masks.append(y)
+        ignored += n
+    keys = [(int(bx), int(by)) for bx, by in zip(table.bx, table.by)]
+    anchors = []
+    if chips is not None and {"col", "row"} <= set(chips.columns):
+        block = int(read_meta(chips_dir)["block_size"])
+        where = {k: i for i, k in enumerate(keys)}
+        for c, r in zip(chips.loc[chips.kind == "background", "col"], chips.loc[chips.kind == "background", "row"]):
+            i = where.get((int(c) // block, int(r) // block))
+            if i is not None:
+                anchors.append((i, int(r) - keys[i][1] * block, int(c) - keys[i][0] * block))
+    return BlockSet(images, masks, keys, anchors), ignored
+
+
+def band_statistics(images, masks) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per-band mean, std, 99th and 99.9th percentile over the valid pixels of the training chips or blocks
+    (``images``: arrays (bands, h, w) of any sizes, or one (n, bands, h, w) array; ``masks`` alike)."""
+    px = np.concatenate([x[:, y != 255] for x, y in zip(images, masks)], axis=1)  # (bands, n)
     p99, p999 = np.percentile(px, (99, 99.9), axis=1)
     return px.mean(1), np.maximum(px.std(1), 1e-6), p99, p999
 
@@ -206,14 +316,69 @@ def _chip_logits(model, images: torch.Tensor, mean, std, device, batch: int = 16
     return np.concatenate(out) if out else np.zeros((0,) + tuple(images.shape[-2:]), np.float32)
 
 
-def _split_histograms(probs: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    valid = masks != 255
-    return histograms(quantise(probs[valid]), masks[valid] == 1)
+def _tiles(n: int, size: int) -> list[int]:
+    """Origins of windows of ``size`` covering [0, n): every ``size`` px, the last one flush with the end."""
+    return sorted({*range(0, max(n - size, 0) + 1, size), max(n - size, 0)})
 
 
-def _best_f1(logits: np.ndarray, masks: np.ndarray) -> dict:
-    """Metrics at the threshold of best F1 (a monotone calibration would give the same F1)."""
-    return best_threshold(*_split_histograms(1 / (1 + np.exp(-logits)), masks))[1]
+@torch.no_grad()
+def _block_logits(model, blocks: BlockSet, mean, std, device, size: int, batch: int = 16,
+                  precision: torch.dtype | None = None) -> list[np.ndarray]:
+    """Logits of every pixel of each block, mapped wall to wall by windows of ``size`` (where the last window of
+    a row or column overlaps the one before, the two are averaged)."""
+    model.eval()
+    out = []
+    for x in blocks.images:
+        _, h, w = x.shape
+        origins = [(r, c) for r in _tiles(h, size) for c in _tiles(w, size)]
+        acc, n = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+        for i in range(0, len(origins), batch):
+            part = origins[i:i + batch]
+            xb = torch.from_numpy(np.stack([x[:, r:r + size, c:c + size] for r, c in part]))
+            z = forward_logits(model, ((xb - mean) / std).to(device), precision).float().cpu().numpy()
+            for (r, c), zi in zip(part, z):
+                acc[r:r + size, c:c + size] += zi
+                n[r:r + size, c:c + size] += 1
+        out.append(acc / np.maximum(n, 1))
+    return out
+
+
+class _Held:
+    """A held-out split as training judges it: its blocks mapped wall to wall where the chips folder has them,
+    else its chips."""
+
+    def __init__(self, blocks: BlockSet | None, chips: tuple[np.ndarray, np.ndarray] | None) -> None:
+        self.blocks, self.chips = blocks, chips
+
+    @property
+    def kind(self) -> str:
+        return "blocks, wall to wall" if self.blocks is not None else "chips"
+
+    @property
+    def positive_pixels(self) -> int:
+        if self.blocks is not None:
+            return self.blocks.positive_pixels
+        return int((self.chips[1] == 1).sum()) if self.chips is not None else 0
+
+    def __bool__(self) -> bool:
+        return self.blocks is not None or (self.chips is not None and len(self.chips[0]) > 0)
+
+    def logits(self, model, mean, std, device, size: int, precision=None) -> tuple[np.ndarray, np.ndarray]:
+        """Logits and masks of every pixel that counts (mask 0 or 1), flat."""
+        if self.blocks is not None:
+            z = _block_logits(model, self.blocks, mean, std, device, size, precision=precision)
+            masks = self.blocks.masks
+        else:
+            z = _chip_logits(model, torch.as_tensor(self.chips[0]), mean, std, device, precision=precision)
+            masks = self.chips[1]
+        keep = [m != 255 for m in masks]
+        return (np.concatenate([zi[k] for zi, k in zip(z, keep)]),
+                np.concatenate([m[k] for m, k in zip(masks, keep)]) == 1)
+
+
+def _best_f1(logits: np.ndarray, truth: np.ndarray) -> dict:
+    """Metrics at the threshold of best F1 (a monotone calibration would give the same F1); flat arrays."""
+    return best_threshold(*histograms(quantise(1 / (1 + np.exp(-logits))), truth))[1]
 
 
 def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | None = None,
@@ -245,18 +410,35 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     tr, va, te = (index[index.split == s] for s in ("train", "val", "test"))
     if len(tr) == 0:
         raise InputError(f"{dirs[0] / 'index.parquet'}: no training chips")
-    if len(va) == 0:
-        log.warning("no validation chips: model selection and threshold use the training chips")
-        va = tr
     missed = possible_missed_mines(dirs)
-    x_tr, y_tr, cleaned = _read_chips(tr, missed)
-    x_va, y_va, cleaned_va = _read_chips(va, missed)
+    size = meta["chip_size"]
+    # the training blocks whole: each epoch draws its windows anywhere inside them, in place of the fixed grid
+    # of positive and background chips; chips of other kinds (hard negatives, reviewed detections) stay as cut
+    blocks, cleaned = read_blocks(dirs[0], "train", missed, tr[tr.root == str(dirs[0])])
+    drawn = tr.kind.isin(["positive", "background"]).to_numpy() if blocks is not None else np.zeros(len(tr), bool)
+    fixed = tr[~drawn]
+    n_positive, n_other = int((tr.kind[drawn] == "positive").sum()), int((tr.kind[drawn] == "background").sum())
+    x_tr, y_tr, n = _read_chips(fixed, missed) if len(fixed) else (np.zeros((0, len(meta["bands"]), size, size),
+                                                                             np.float32), np.zeros((0, size, size),
+                                                                                                   np.uint8), 0)
+    cleaned += n
+    val, cleaned_va = _held(dirs[0], "val", va, missed)
+    test, _ = _held(dirs[0], "test", te, missed)
+    if not val:
+        log.warning("no validation blocks or chips: model selection and threshold use the training chips")
+        val = _Held(blocks, None) if blocks is not None else _Held(None, _read_chips(tr, missed)[:2])
+    # early stopping needs a validation that a chip or two cannot sway; with fewer labelled pixels than
+    # train.min_val_pixels the model is trained on a fixed schedule and the last (averaged) weights kept
+    early = val.positive_pixels >= cfg.min_val_pixels
     # a fine-tune whose training and validation chips are those of the given model, unchanged, has nothing new to
     # learn from nor a new judge: it only recalibrates. A possible missed mine in the validation chips is news:
     # the first fit was chosen by a validation that counted it as a false alarm (a model that learnt to see it
     # lost to an earlier, undertrained one), so training goes on, judged without it
     news = (tr.kind == "hard_negative").any() or cleaned > 0 or cleaned_va > 0
-    mean_np, std_np, p99, p999 = band_statistics(x_tr, y_tr)
+    if blocks is not None:
+        mean_np, std_np, p99, p999 = band_statistics(blocks.images, blocks.masks)
+    else:
+        mean_np, std_np, p99, p999 = band_statistics(x_tr, y_tr)
     if init_from is not None:
         model, base = load_model(init_from, "cpu")
         encoder = base.encoder
@@ -276,6 +458,17 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         cloud_level=(CLOUD_FACTOR * p999).round(1).tolist() if init_from is None else base.cloud_level,
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
         precision="bf16" if amp is not None else "fp32", review=review or {},
+        selection={
+            "training": ("windows drawn anywhere inside the training blocks each epoch (random place, flips, "
+                         "rotations)" if blocks is not None else "the training chips"),
+            "validation": val.kind, "validation_positive_pixels": val.positive_pixels,
+            "rule": (f"early stopping on validation F1 (patience {patience})" if early else
+                     f"a fixed schedule of {max_epochs} epochs (the rate halved every {patience}), the last weights "
+                     f"kept: the validation holds "
+                     f"{val.positive_pixels} labelled pixels, fewer than {cfg.min_val_pixels}, too few to "
+                     "choose an epoch by"),
+            "test": test.kind if test else "none",
+        },
     )
     model.to(device)
     # the weights validated and saved: an exponential moving average over steps (Polyak averaging), whose
@@ -315,16 +508,20 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     card.stopped = "training in progress"  # until calibrated: the card on disk is not final before then
 
     xt, yt = torch.as_tensor(x_tr), torch.as_tensor(y_tr.astype(np.int64))
-    # each chip once an epoch, those over detections a reviewer rejected REVIEWED_REPEAT times
-    epoch_order = torch.as_tensor(np.repeat(np.arange(len(tr)), np.where(tr.kind.to_numpy() == "reviewed_negative",
-                                                                        REVIEWED_REPEAT, 1)))
-    xv = torch.as_tensor(x_va)
+    # each fixed chip once an epoch, those over detections a reviewer rejected REVIEWED_REPEAT times; then as
+    # many windows drawn inside the training blocks as there were positive and background chips
+    fixed_order = np.repeat(np.arange(len(fixed)), np.where(fixed.kind.to_numpy() == "reviewed_negative",
+                                                            REVIEWED_REPEAT, 1))
     if avg is not None and saved is None:
         avg.update_parameters(model)  # the average starts from the initial (or given) weights
     judged = avg.module if avg is not None else model
+
+    def judge(m) -> dict:
+        return _best_f1(*val.logits(m, mean, std, device, size, amp))
+
     if init_from is not None and st["best_epoch"] is None:
         # the model to improve on is the one given: a fine-tune that does no better keeps it (epoch 0)
-        st["best_f1"] = _best_f1(_chip_logits(model, xv, mean, std, device, precision=amp), y_va)["f1"]
+        st["best_f1"] = judge(model)["f1"]
         st["best_epoch"] = card.best_epoch = 0
         save_model(model, card, model_dir)
         if not news:
@@ -332,16 +529,23 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
             max_epochs = 0
     bar = tqdm(range(st["epoch"] + 1, max_epochs), desc="train", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
-        if st["bad"] >= patience:
+        if early and st["bad"] >= patience:
             break
         model.train()
-        perm = epoch_order[torch.randperm(len(epoch_order))]
+        # the epoch's items: ("c", chip) or ("w", block, row, col), drawn from the seed and the epoch alone, so
+        # that a resumed training draws what an uninterrupted one would have
+        rng = np.random.default_rng([cfg.seed, epoch])
+        items = [("c", int(i)) for i in fixed_order]
+        if blocks is not None:
+            items += [("w", *w) for w in blocks.windows(rng, n_positive, n_other, size)]
+        order = rng.permutation(len(items))
         losses = []
-        for i in range(0, len(perm), cfg.batch_size):
+        for i in range(0, len(order), cfg.batch_size):
             for group in opt.param_groups:
                 group["lr"] = st["lr"] * min(1.0, (st["step"] + 1) / warmup) if warmup else st["lr"]
-            idx = perm[i:i + cfg.batch_size]
-            xb, yb = augment(xt[idx], yt[idx])
+            batch = [items[k] for k in order[i:i + cfg.batch_size]]
+            xb, yb = _batch(batch, xt, yt, blocks, size)
+            xb, yb = augment(xb, yb)
             xb = ((xb - mean) / std).to(device)
             loss = segmentation_loss(forward_logits(model, xb, amp), yb.to(device), cfg.dice_weight)
             opt.zero_grad(set_to_none=True)
@@ -351,12 +555,18 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
                 avg.update_parameters(model)
             st["step"] += 1
             losses.append(float(loss.detach()))
-        val = _best_f1(_chip_logits(judged, xv, mean, std, device, precision=amp), y_va)
+        v = judge(judged)
         st["curve"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5), "lr": st["lr"],
-                            "val_f1": round(val["f1"], 5), "val_iou": round(val["iou"], 5),
-                            "val_threshold": val["threshold"]})
-        if val["f1"] > st["best_f1"] + MIN_DELTA:
-            st.update(best_f1=val["f1"], best_epoch=epoch + 1, bad=0, since_cut=0)
+                            "val_f1": round(v["f1"], 5), "val_iou": round(v["iou"], 5),
+                            "val_threshold": v["threshold"]})
+        if not early:  # a fixed schedule: the rate halves every `patience` epochs, the last weights kept
+            st.update(best_f1=v["f1"], best_epoch=epoch + 1)
+            card.epochs_trained = card.best_epoch = epoch + 1
+            save_model(judged, card, model_dir)
+            if (epoch + 1) % patience == 0:
+                st["lr"] /= 2
+        elif v["f1"] > st["best_f1"] + MIN_DELTA:
+            st.update(best_f1=v["f1"], best_epoch=epoch + 1, bad=0, since_cut=0)
             card.epochs_trained = card.best_epoch = epoch + 1
             save_model(judged, card, model_dir)
         else:
@@ -367,41 +577,67 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
                 st["since_cut"] = 0
         st["epoch"] = epoch
         _save_state(state_path, model, opt, augment, st, avg)
-        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_f1=f"{val['f1']:.3f}", best=f"{st['best_f1']:.3f}")
+        bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_f1=f"{v['f1']:.3f}", best=f"{st['best_f1']:.3f}")
         log.info("epoch %d: loss %.4f, val F1 %.3f (best %.3f at epoch %s), lr %.2g", epoch + 1, np.mean(losses),
-                 val["f1"], st["best_f1"], st["best_epoch"], st["lr"])
+                 v["f1"], st["best_f1"], st["best_epoch"], st["lr"])
     if st["best_epoch"] is None:
         raise ModelError(f"{model_dir}: training ran no epoch (epochs {max_epochs})")
 
     model, _ = load_model(model_dir, device)
     card.epochs_trained, card.best_epoch = st["epoch"] + 1, st["best_epoch"]
-    card.stopped = (f"early: no better validation F1 for {patience} epochs" if st["bad"] >= patience
+    card.stopped = (f"early: no better validation F1 for {patience} epochs" if early and st["bad"] >= patience
                     else "nothing new to fine-tune on" if max_epochs == 0 else f"at the cap of {max_epochs} epochs")
     card.val_curve = st["curve"]
-    _calibrate_and_test(model, card, (x_va, y_va), te, mean, std, device, missed, amp)
+    _calibrate_and_test(model, card, val, test, mean, std, device, size, amp)
     save_model(model, card, model_dir)
     return card
 
 
-def _calibrate_and_test(model, card: ModelCard, val: tuple[np.ndarray, np.ndarray], te: pd.DataFrame,
-                        mean, std, device, missed: gpd.GeoDataFrame | None, precision: torch.dtype | None = None) -> None:
-    """Fit the calibration and the threshold on validation chips; test metrics and calibration error."""
-    x_va, y_va = val
-    logits = _chip_logits(model, torch.as_tensor(x_va), mean, std, device, precision=precision)
-    valid = y_va != 255
-    z, t = logits[valid], y_va[valid] == 1
+def _held(chips_dir: Path, split: str, chips: pd.DataFrame, missed) -> tuple[_Held, int]:
+    """A held-out split: its blocks where the folder has them, else its chips; and the possible missed mines'
+    pixels ignored in it."""
+    blocks, n = read_blocks(chips_dir, split, missed)
+    if blocks is not None:
+        return _Held(blocks, None), n
+    if not len(chips):
+        return _Held(None, None), 0
+    x, y, n = _read_chips(chips, missed)
+    return _Held(None, (x, y)), n
+
+
+def _batch(items: list[tuple], xt: torch.Tensor, yt: torch.Tensor, blocks: BlockSet | None,
+           size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and masks of a batch of fixed chips ("c", index) and windows ("w", block, row, col)."""
+    chips = [it[1] for it in items if it[0] == "c"]
+    windows = [it[1:] for it in items if it[0] == "w"]
+    xs, ys = [], []
+    if chips:
+        xs.append(xt[chips])
+        ys.append(yt[chips])
+    if windows:
+        x, y = blocks.cut(windows, size)
+        xs.append(torch.from_numpy(x))
+        ys.append(torch.from_numpy(y.astype(np.int64)))
+    return torch.cat(xs), torch.cat(ys)
+
+
+def _calibrate_and_test(model, card: ModelCard, val: _Held, test: _Held, mean, std, device, size: int,
+                        precision: torch.dtype | None = None) -> None:
+    """Fit the calibration and the threshold on the validation blocks (or chips); test metrics and calibration
+    error on the test blocks (or chips)."""
+    logits, truth = val.logits(model, mean, std, device, size, precision)
+    z, t = logits, truth
     if len(z) > CALIBRATION_PIXELS:  # a fixed random subset: two parameters need no more
         pick = np.random.default_rng(0).choice(len(z), CALIBRATION_PIXELS, replace=False)
         z, t = z[pick], t[pick]
     scale, bias = fit_platt(z, t)
     card.calibration = {"method": "platt", "scale": scale, "bias": bias}
-    hv = _split_histograms(card.calibrate(logits), y_va)
+    hv = histograms(quantise(card.calibrate(logits)), truth)
     card.threshold, card.val_metrics = best_threshold(*hv)
     card.val_metrics["calibration"] = reliability(*hv)
-    if len(te):
-        x_te, y_te, _ = _read_chips(te, missed)
-        ht = _split_histograms(card.calibrate(_chip_logits(model, torch.as_tensor(x_te), mean, std, device,
-                                                                  precision=precision)), y_te)
+    if test:
+        zt, tt = test.logits(model, mean, std, device, size, precision)
+        ht = histograms(quantise(card.calibrate(zt)), tt)
         card.test_metrics = {**metrics_at(*ht, card.threshold), "calibration": reliability(*ht)}
 
 
