@@ -266,37 +266,66 @@ def test_local_radiometry_gain_is_not_lowered_by_noise(tmp_path):
     assert (rel < 0.2).all(), rel  # raw spreads: 0.40, 0.21, 0.31
 
 
-def test_thin_clouds_and_shadows_are_found_against_the_reference_year():
-    """A thin cloud (30 % opaque) and a shadow (half the light) are hidden ground; a new mine, a new pond and a
-    new field on the same forest are change, not clouds: they stay observed."""
-    from minemap.predict import obscured
+def test_unit_reads_only_its_own_year_and_masks_by_signature(scene, tmp_path, monkeypatch):
+    """A unit of a year other than the training year reads that year alone (no comparison with the training
+    year, which would mask land that changed) and, for a source that does not mask clouds itself, masks thin
+    clouds and shadows found in the year's own pixels; a source that masks them itself is left to it."""
+    from minemap import predict as pr
+    from minemap.grid import make_tiles
 
-    rng = np.random.default_rng(2)
-    forest = np.array([350, 600, 380, 3000], np.float32)[:, None, None]
-    ref = forest * (1 + 0.1 * rng.standard_normal((1, 120, 120))).astype(np.float32)
-    year = ref * (1 + 0.03 * rng.standard_normal(ref.shape)).astype(np.float32)
-    boxes = {name: (slice(10 + 22 * i, 28 + 22 * i), slice(40, 80)) for i, name in
-             enumerate(("cloud", "shadow", "mine", "pond", "field"))}
-    cloud = np.array([6000, 6000, 6200, 6500], np.float32)[:, None, None]
-    r, c = boxes["cloud"]
-    year[:, r, c] = 0.7 * year[:, r, c] + 0.3 * cloud
-    r, c = boxes["shadow"]
-    year[:, r, c] *= 0.5
-    for name, value in (("mine", [2100, 1750, 1250, 2300]), ("pond", [1000, 1150, 900, 600]),
-                        ("field", [750, 850, 550, 2200])):
-        r, c = boxes[name]
-        year[:, r, c] = np.array(value, np.float32)[:, None, None]
-    valid = np.ones((120, 120), bool)
-    hidden = obscured(year, valid, ref, valid, grow_px=0)
-    share = {name: hidden[r, c].mean() for name, (r, c) in boxes.items()}
-    assert share["cloud"] > 0.95 and share["shadow"] > 0.95, share
-    assert share["mine"] == share["pond"] == share["field"] == 0, share
-    outside = np.ones_like(hidden)
-    for r, c in boxes.values():
-        outside[r, c] = False
-    assert hidden[outside].mean() < 0.001
-    # where the reference year has no imagery, nothing is judged
-    assert not obscured(year, valid, ref, np.zeros_like(valid)).any()
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    # a cloud level that mine soil reaches: opaque 'clouds' are nodata, but the signature mask sees them too
+    card = read_card(model_dir).model_copy(update={"train_year": 2019, "cloud_level": [2000, 1600, 1100, 2000]})
+
+    class Recording:
+        """The scene's imagery, recording the years read."""
+
+        def __init__(self, masks_clouds):
+            self.inner, self.masks_clouds, self.reads = open_imagery(scene.imagery), masks_clouds, []
+            self.band_names = self.inner.band_names
+
+        def grid(self, year):
+            return self.inner.grid(year)
+
+        def read(self, year, grid):
+            self.reads.append(year)
+            pixels, valid = self.inner.read(year, grid)
+            self.valid = valid.copy()
+            return pixels, valid
+
+    calls = []
+    monkeypatch.setattr(pr, "obscured_mask", lambda pixels, valid, bands: calls.append((list(bands), valid.copy()))
+                        or np.zeros(valid.shape, bool))
+    tile = make_tiles(open_imagery(scene.imagery).grid(2021), 4096)[0]
+    sources = {}
+    for masks_clouds in (False, True):
+        source = sources[masks_clouds] = Recording(masks_clouds)
+        pr._WORKER.update(model=PixelModel(), card=card, device=torch.device("cpu"), source=source)
+        try:
+            unit = (2021, tile, str(tmp_path / f"{masks_clouds}.tif"), PredictConfig(window_size=64), None)
+            assert pr._predict_unit(unit)[2]
+        finally:
+            pr._WORKER.clear()
+        assert source.reads == [2021]  # the training year (2019) is never read
+        with rasterio.open(tmp_path / f"{masks_clouds}.tif") as out:
+            assert (out.read(1) == NODATA).any()  # the opaque level masks
+    assert len(calls) == 1 and calls[0][0] == card.bands  # once: for the source that does not mask clouds itself
+    assert np.array_equal(calls[0][1], sources[False].valid)  # every pixel of the year, opaque clouds included
+
+
+def test_sources_say_whether_they_mask_clouds():
+    """STAC composites leave out the scene classes of clouds and shadows; local files and Planet basemaps are
+    taken as they are; a resampled source says what its source says."""
+    from minemap.imagery import Resampled
+    from minemap.imagery.local import LocalImagery
+    from minemap.imagery.planet import PlanetImagery
+    from minemap.imagery.stac import StacImagery
+
+    assert StacImagery.masks_clouds is True
+    assert LocalImagery.masks_clouds is False and PlanetImagery.masks_clouds is False
+    for masks in (False, True):
+        inner = type("Source", (), {"band_names": ["red"], "masks_clouds": masks})()
+        assert Resampled(inner, 2.0).masks_clouds is masks
 
 
 def test_another_tiling_leaves_no_stale_tiles(scene, tmp_path):

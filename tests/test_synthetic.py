@@ -506,3 +506,14 @@ def test_drawn_specs_make_scenes(tmp_path):
         assert len(labels) <= (truth.year == 2019).sum()
         with rasterio.open(_files(scene, 2019)[0]) as src:
             assert src.crs == rasterio.crs.CRS.from_user_input(s["crs"])
+
+
+def test_clouds_reaching_past_the_scene_edge():
+    """Puffs of a cloud centred off the scene (seed 4 at 768 px drew them) give an empty window, not a crash."""
+    from minemap.synthetic import _CLOUDS, _cumulus, _window
+
+    rows, cols, dy, dx = _window(100, -30.0, -30.0, 5.0)
+    assert (rows.stop - rows.start, cols.stop - cols.start) == (0, 0) and dy.shape == (0, 1) and dx.shape == (1, 0)
+    for seed in (4, 8, 10):
+        alpha, darken, bright = _cumulus(np.random.default_rng([seed, _CLOUDS]), 768)
+        assert alpha.shape == (768, 768) and 0.04 < (alpha > 0.5).mean() < 0.2

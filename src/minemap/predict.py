@@ -12,9 +12,12 @@ A manifest (``probabilities/manifest.jsonl``) records finished units with the mo
 skips them unless ``overwrite``. Imagery whose bands or ground sample distance differ from the model card's
 is refused before anything is written. With ``normalise_years``, each year other than the model's training
 year is first brought to that year's reflectance (:mod:`minemap.radiometry`, ``probabilities/radiometry/``).
-With ``mask_clouds``, opaque clouds (brighter in every band than anything in the training chips) are nodata,
-and so, in each normalised year, are thin clouds and cloud shadows found by comparison with the training year
-(:func:`obscured`).
+With ``mask_clouds``, opaque clouds (brighter in every band than anything in the training chips,
+:func:`cloud_mask`) are nodata, and so, for sources that do not mask clouds themselves (``masks_clouds``
+false: local files, Planet basemaps), are thin clouds and cloud shadows found in each year's own pixels by their
+signature (:mod:`minemap.masks`: white and above the clear-sky line, casting a shadow; dimmed alike beside a
+cloud). No year is compared with another: land that changed between years, a new mine above all, stays
+observed.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from minemap.geo import ground_sample_distance_m
 from minemap.grid import Tile, make_tiles
 from minemap.imagery import ImagerySource, Resampled, describe, open_imagery
 from minemap.manifest import Manifest
+from minemap.masks import obscured_mask
 from minemap import radiometry as rad
 from minemap.rasters import NODATA, quantise, write_cog
 from minemap.model import (CARD, WEIGHTS, ModelCard, forward_logits, load_model, read_card, resolve_device,
@@ -47,6 +51,7 @@ DEFAULT_WINDOW = 384  # inference window side when not set: larger than the trai
 # overlap, and on CPU mit-b0 runs about 1.2 x faster per pixel at 384 px than at 256 px (768 px and more: slower)
 DEFAULT_OVERLAP = 32  # pixels shared by neighbouring windows, blended with linear ramps
 EMPTY = ":no-imagery"  # appended to a unit's fingerprint in the manifest: done, and nothing to write
+MASKS = "signature-masks-1"  # the method of the thin cloud and shadow masks, in the fingerprints of units using it
 
 
 def check_compatible(card: ModelCard, source: ImagerySource, year: int, where: str = "") -> None:
@@ -167,29 +172,6 @@ def cloud_mask(pixels: np.ndarray, card: ModelCard, grow_px: int = 2) -> np.ndar
     return binary_dilation(cloud, iterations=grow_px) if cloud.any() and grow_px else cloud
 
 
-# compared with the reference (training) year on the same ground, both in its units (after normalisation)
-CLOUD_RATIO = 1.25  # a cloud: every band, near infrared included, at least this much brighter
-SHADOW_RATIO = 0.75  # a cloud's shadow: every band at most this share of the reference's ...
-SHADOW_FLAT = 1.35  # ... and dimmed about alike (largest ratio over smallest at most this)
-
-
-def obscured(pixels: np.ndarray, valid: np.ndarray, ref: np.ndarray, ref_valid: np.ndarray,
-             grow_px: int = 2) -> np.ndarray:
-    """Pixels of a year that a cloud, thin or opaque, or a cloud's shadow hides, found by comparing the year with
-    the reference year on the same ground (``pixels`` normalised to it).
-
-    A cloud brightens every band; land that changes does not: a new mine or field brightens the visible bands
-    but leaves the near infrared lower or about the same. A shadow dims every band by about one factor; land
-    that changes does not (water and burns lose the near infrared far more). Grown by ``grow_px`` to take in
-    the soft edges. Such pixels are no observation of the ground: nodata, not 'no mine'."""
-    both = valid & ref_valid
-    r = pixels / np.maximum(ref, 1.0)
-    cloud = (r >= CLOUD_RATIO).all(0)
-    shadow = (r <= SHADOW_RATIO).all(0) & (r.max(0) <= SHADOW_FLAT * r.min(0))
-    hidden = (cloud | shadow) & both
-    return binary_dilation(hidden, iterations=grow_px) if hidden.any() and grow_px else hidden
-
-
 # -- worker state: the model is loaded once per process ----------------------------------------------------
 _WORKER: dict = {}
 
@@ -226,8 +208,8 @@ def _init_predict(model_dir: str, imagery, bands: list[str] | None, device: str,
     _WORKER.update(model=model, card=card, device=dev, source=Resampled(source, factor) if factor else source)
 
 
-def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | None]) -> tuple[int, str, bool]:
-    year, tile, dest, cfg, radiometry, ref_year = unit
+def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None]) -> tuple[int, str, bool]:
+    year, tile, dest, cfg, radiometry = unit
     model, card, source = _WORKER["model"], _WORKER["card"], _WORKER["source"]
     parent = source.grid(year)
     window, stride = window_layout(card, cfg)
@@ -249,11 +231,10 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None, int | N
             _WORKER[radiometry] = rad.load(Path(radiometry))
         pixels = rad.apply(pixels, _WORKER[radiometry], c0, r0)
     if cfg.mask_clouds:  # after normalising: the cloud level is in the training year's units
-        valid &= ~cloud_mask(pixels, card)
-        if ref_year is not None:  # thin clouds and shadows, by comparison with the reference year
-            ref, ref_valid = source.read(ref_year, grid)
-            ref_valid &= ~cloud_mask(ref, card)  # the reference's own clouds are no yardstick
-            valid &= ~obscured(pixels, valid, ref, ref_valid)
+        hidden = cloud_mask(pixels, card)
+        if not getattr(source, "masks_clouds", False):  # thin clouds and shadows, by their own signature (the
+            hidden |= obscured_mask(pixels, valid, card.bands)  # opaque ones too: they show where shadows lie)
+        valid &= ~hidden
     batch = max(1, cfg.batch_size * card.chip_size ** 2 // window ** 2)  # batch_size counts training chips
     prob = blend_windows(model, card, pixels, valid, [r - rows[0] for r in rows], [q - cols[0] for q in cols],
                          window, window - stride, batch, _WORKER["device"], cfg.tta,
@@ -305,13 +286,11 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     model_key = [file_sha256(Path(model_dir) / WEIGHTS), file_sha256(Path(model_dir) / CARD), factor,
                  window_layout(card, cfg),  # the layout in effect (defaults included), not the raw settings
                  cfg.tta, cfg.precision, cfg.mask_clouds, {y: rad.content_key(r) for y, r in fitted.items()}]
-    # years normalised to the reference year are compared with it for thin clouds and shadows
-    ref_year = {y: card.train_year if cfg.mask_clouds and y in fitted else None for y in years}
     def grid_key(g) -> list:  # tiles are named by position: a new grid or tile size is another tiling
         return [g.crs.to_wkt(), list(g.transform)[:6], g.width, g.height, cfg.tile_size]
 
-    fingerprints = {y: stable_hash([model_key, source.fingerprint(y), grid_key(source.grid(y))]
-                                   + ([source.fingerprint(ref_year[y])] if ref_year[y] is not None else []))
+    masks = MASKS if cfg.mask_clouds and not getattr(source, "masks_clouds", False) else None
+    fingerprints = {y: stable_hash([model_key, source.fingerprint(y), grid_key(source.grid(y)), masks])
                     for y in years}
     manifest = Manifest(out_dir / "manifest.jsonl")
     units, outputs, counts = [], {}, {}
@@ -338,7 +317,7 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
             elif not overwrite and manifest.done(key, fingerprints[year] + EMPTY):
                 counts[year]["no_imagery"] += 1
             else:
-                units.append((year, tile, str(dest), cfg, radiometry.get(year), ref_year[year]))
+                units.append((year, tile, str(dest), cfg, radiometry.get(year)))
     if aoi is not None and not any(c["tiles"] for c in counts.values()):
         raise ImageryError(f"{where}the area of interest {_describe_area(aoi)} misses the imagery of every year "
                            f"({', '.join(map(str, years))})")

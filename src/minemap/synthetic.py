@@ -236,6 +236,9 @@ def _window(size: int, cx: float, cy: float, r: float) -> tuple[slice, slice, np
     offsets from (cx, cy) (column vector dy, row vector dx), so that shapes are drawn on a small window only."""
     r0, r1 = int(max(cy - r, 0)), int(min(np.ceil(cy + r) + 1, size))
     c0, c1 = int(max(cx - r, 0)), int(min(np.ceil(cx + r) + 1, size))
+    # a shape wholly off the scene (a puff around a cloud near the edge): an empty window, not a negative end
+    # that a slice would read from the far side
+    r1, c1 = max(r1, r0), max(c1, c0)
     dy = np.arange(r0, r1, dtype=np.float32)[:, None] + 0.5 - cy
     dx = np.arange(c0, c1, dtype=np.float32)[None, :] + 0.5 - cx
     return slice(r0, r1), slice(c0, c1), dy, dx

@@ -51,6 +51,9 @@ class ImagerySource(Protocol):
     """What the pipeline needs of imagery."""
 
     band_names: list[str]
+    #: whether the source leaves out cloudy and shadowed pixels itself (a scene classification or a usable-data
+    #: mask): where it does not, prediction finds clouds and shadows in the pixels (:mod:`minemap.masks`)
+    masks_clouds: bool
 
     def years(self) -> list[int]: ...
 
@@ -117,6 +120,7 @@ class Resampled:
     def __init__(self, inner: ImagerySource, factor: float) -> None:
         self.inner, self.factor = inner, float(factor)
         self.band_names = inner.band_names
+        self.masks_clouds = bool(getattr(inner, "masks_clouds", False))
 
     def years(self) -> list[int]:
         return self.inner.years()

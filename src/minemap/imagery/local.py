@@ -49,6 +49,8 @@ class _FileInfo:
 class LocalImagery:
     """Imagery from ``root/<year>/*.tif``."""
 
+    masks_clouds = False  # the files are taken as they are: clouds and shadows in them are valid pixels
+
     def __init__(self, root: Path, bands: list[str] | None = None, resampling: str = "nearest") -> None:
         self.root = Path(root)
         self.resampling = Resampling[resampling]  # nearest: the files' own pixels where the grids agree

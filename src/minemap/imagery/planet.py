@@ -57,6 +57,8 @@ def strip_key(url: str) -> str:
 class PlanetImagery:
     """Quads of Planet basemaps over ``cfg.bbox``; see the module docstring."""
 
+    masks_clouds = False  # the least cloudy mosaic is chosen, but its pixels are not masked (no UDM2 is read)
+
     def __init__(self, cfg: PlanetImageryConfig, bands: list[str] | None = None) -> None:
         self.cfg = cfg
         unknown = [b for b in bands or [] if b not in cfg.bands]

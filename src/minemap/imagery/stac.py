@@ -72,6 +72,8 @@ def utm_crs(lon: float, lat: float) -> CRS:
 class StacImagery:
     """Yearly composites of a STAC collection over ``cfg.bbox``; see the module docstring."""
 
+    masks_clouds = True  # scenes' pixels of the masked scene classes (clouds, cirrus, shadows) never enter
+
     def __init__(self, cfg: StacImageryConfig, bands: list[str] | None = None) -> None:
         self.cfg = cfg
         if bands:
