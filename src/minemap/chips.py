@@ -429,6 +429,21 @@ def chip_mask(cgrid: Grid, labels: np.ndarray, valid: np.ndarray, ignore_border_
     return mask
 
 
+class _Outlines:
+    """Labels and outlines to ignore, indexed once, for the masks of many chips or blocks (:func:`chip_mask`)."""
+
+    def __init__(self, geoms: np.ndarray, ignore: np.ndarray | None, cfg: ChipConfig) -> None:
+        self.geoms, self.ignore, self.band_m = geoms, ignore, cfg.ignore_border_m
+        self.tree = shapely.STRtree(geoms)
+        self.ignore_tree = shapely.STRtree(ignore) if ignore is not None and len(ignore) else None
+
+    def mask(self, cgrid: Grid, box: shapely.Geometry, valid: np.ndarray) -> np.ndarray:
+        near = self.geoms[self.tree.query(box, predicate="intersects")]
+        off = self.ignore[self.ignore_tree.query(box, predicate="intersects")] if self.ignore_tree is not None \
+            else None
+        return chip_mask(cgrid, near, valid, self.band_m, off)
+
+
 def _write_chip(path: Path, data: np.ndarray, grid: Grid, names: list[str]) -> None:
     profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=data.shape[0], dtype=data.dtype,
                    crs=grid.crs, transform=grid.transform, compress="deflate")
@@ -443,8 +458,7 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
     """Read, mask and write the ``chosen`` chips into ``tmp/images`` and ``tmp/masks``; their index rows."""
     (tmp / "images").mkdir(parents=True, exist_ok=True)
     (tmp / "masks").mkdir(exist_ok=True)
-    tree = shapely.STRtree(geoms)
-    ignore_tree = shapely.STRtree(ignore) if ignore is not None and len(ignore) else None
+    outlines = _Outlines(geoms, ignore, cfg)
     chip = cfg.chip_size
     rows = []
     for i, kind in tqdm(list(zip(chosen, kinds)), desc=f"{desc} {year}", unit="chip", leave=False):
@@ -453,9 +467,7 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
         pixels, valid = source.read(year, cgrid)
         if valid.mean() < 0.5:
             continue
-        near = geoms[tree.query(boxes[i], predicate="intersects")]
-        off = ignore[ignore_tree.query(boxes[i], predicate="intersects")] if ignore_tree is not None else None
-        mask = chip_mask(cgrid, near, valid, cfg.ignore_border_m, off)
+        mask = outlines.mask(cgrid, boxes[i], valid)
         chip_id = f"{year}_{c:06d}_{r:06d}" + ("_reviewed" if kind == "reviewed_negative" else "")
         _write_chip(tmp / "images" / f"{chip_id}.tif", pixels, cgrid, source.band_names)
         _write_chip(tmp / "masks" / f"{chip_id}.tif", mask[None], cgrid, ["mask"])
@@ -604,8 +616,7 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
     returns their paths and labelled pixels. Blocks too small to hold a chip, or mostly without imagery, are
     left out."""
     (tmp / "blocks").mkdir(parents=True, exist_ok=True)
-    tree = shapely.STRtree(geoms)
-    ignore_tree = shapely.STRtree(ignore) if ignore is not None and len(ignore) else None
+    outlines = _Outlines(geoms, ignore, cfg)
     out = {}
     for bx, by in tqdm(sorted(keys), desc=f"blocks {year}", unit="block", leave=False):
         c, r = bx * block, by * block
@@ -616,10 +627,7 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
         pixels, valid = source.read(year, bgrid)
         if valid.mean() < 0.2:
             continue
-        box = shapely.box(*bgrid.bounds)
-        near = geoms[tree.query(box, predicate="intersects")]
-        off = ignore[ignore_tree.query(box, predicate="intersects")] if ignore_tree is not None else None
-        mask = chip_mask(bgrid, near, valid, cfg.ignore_border_m, off)
+        mask = outlines.mask(bgrid, shapely.box(*bgrid.bounds), valid)
         name = f"{year}_{bx:05d}_{by:05d}"
         _write_chip(tmp / "blocks" / f"{name}.tif", pixels, bgrid, source.band_names)
         _write_chip(tmp / "blocks" / f"{name}_mask.tif", mask[None], bgrid, ["mask"])
