@@ -7,13 +7,13 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench clean lock
 
-$(BIN)/minemap: pyproject.toml
+$(BIN)/minemap: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
 	@touch $@
 
 venv: $(BIN)/minemap
@@ -26,6 +26,11 @@ test: venv
 
 bench: venv
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# after upgrading the environment and passing the tests: record its versions as the constraints of every install
+lock: venv
+	@{ sed -n '/^#/p' requirements.lock; $(BIN)/python -m pip freeze --exclude-editable | grep -v -e '^torch==' -e '^minemap'; } > requirements.lock.tmp
+	@mv requirements.lock.tmp requirements.lock
 
 clean:
 	rm -rf $(VENV) demo-out
