@@ -388,3 +388,39 @@ def test_block_cover_groups_surfaces_from_the_imagery(tmp_path):
     shares = json.loads((tmp_path / "chips" / "meta.json").read_text())["land_cover_shares"]
     assert set(shares) == {"train", "val", "test"}
     assert all(sum(v[i] for v in shares.values()) == pytest.approx(1, abs=0.01) for i in range(len(shares["train"])))
+
+
+def test_labelled_ground_is_the_blocks_around_labels():
+    from minemap.chips import labelled_ground
+
+    blocks = {(x, y) for x in range(5) for y in range(4)}
+    assert labelled_ground(blocks, {(0, 0)}, 1) == {(0, 0), (1, 0), (0, 1), (1, 1)}
+    assert labelled_ground(blocks, {(2, 2)}, 0) == {(2, 2)}
+    assert len(labelled_ground(blocks, {(2, 1)}, 1)) == 9 and labelled_ground(blocks, {(0, 0)}, None) == blocks
+
+
+def test_background_only_from_labelled_ground(tmp_path):
+    """Labels only in the western quarter of a scene: background chips come from blocks within
+    chips.background_reach of a labelled one, never from the far east, which may hold mines nobody drew; with
+    the reach off they may come from anywhere."""
+    src = _scene(tmp_path, size=768)
+    rng = np.random.default_rng(3)
+    polys = [_label_px(x, y, x + 20, y + 20) for x, y in zip(rng.integers(0, 150, 30), rng.integers(0, 740, 30))]
+    lab = gpd.GeoDataFrame(geometry=polys, crs="EPSG:3857")
+    cfg = ChipConfig(chip_size=32, stride=32, block_size=96, background_per_positive=2.0, val_fraction=0.2,
+                     test_fraction=0.2, seed=2, balance_cover=False)
+    index = make_chips(lab, src, 2019, tmp_path / "chips", cfg).to_crs("EPSG:3857")
+    blocks = gpd.read_parquet(tmp_path / "chips" / "blocks.parquet")
+    meta = json.loads((tmp_path / "chips" / "meta.json").read_text())
+    labelled_columns = {int(b.bx) for b in blocks.itertuples() if b.label_pixels > 0}
+    assert max(labelled_columns) <= 1  # labels in the first two columns of blocks (pixels 0..191)
+    ground = blocks[blocks.labelled_ground]
+    assert set(ground.bx) == {0, 1, 2}  # the labelled columns and one beyond
+    assert meta["labelled_ground"] == {"reach_blocks": 1, "blocks": len(ground),
+                                       "blocks_left_out": len(blocks) - len(ground)}
+    background = index[index.kind == "background"]
+    assert len(background) > 10
+    assert shapely.get_x(shapely.centroid(np.asarray(background.geometry.values))).max() < 3 * 96 * RES
+    anywhere = make_chips(lab, src, 2019, tmp_path / "chips2", cfg.model_copy(update={"background_reach": None}))
+    far = anywhere[anywhere.kind == "background"].to_crs("EPSG:3857")
+    assert shapely.get_x(shapely.centroid(np.asarray(far.geometry.values))).max() > 3 * 96 * RES

@@ -18,17 +18,41 @@ TESTS = str(Path(__file__).resolve().parent)
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     from distributed import LocalCluster
 
     mp = pytest.MonkeyPatch()
     mp.setenv("PYTHONPATH", TESTS)  # workers import the task functions of tests/units.py
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
-        lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None, memory_limit="2GiB")
+        # workers start in a folder of their own, as on a real cluster: a relative path sent to them names
+        # another place than the client's
+        here = pytest.MonkeyPatch()
+        here.chdir(tmp_path_factory.mktemp("workers"))
+        try:
+            lc = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                              dashboard_address=None, memory_limit="2GiB")
+        finally:
+            here.undo()
         yield lc.scheduler_address
         lc.close()
     mp.undo()
+
+
+def _worker_info(address: str, what) -> dict:
+    """``what()`` on every worker of the cluster: {worker address: result}."""
+    from distributed import Client
+
+    with Client(address, set_as_default=False) as client:
+        return client.run(what)
+
+
+def _same_probabilities(a, b) -> None:
+    """Two probability rasters alike: the same grid and values, but for a level of rounding where torch sums in
+    another order (workers run another number of threads)."""
+    with rasterio.open(a) as x, rasterio.open(b) as y:
+        p, q = x.read().astype(int), y.read().astype(int)
+        assert x.transform == y.transform and p.shape == q.shape, (a, b)
+        assert np.abs(p - q).max() <= 1 and (p == q).mean() > 0.99, (a, b)
 
 
 def test_units_on_a_cluster_equal_serial_and_initialise_once_per_worker(cluster):
@@ -143,3 +167,170 @@ def test_vectorize_tiles_on_a_cluster_equal_serial(cluster, tmp_path):
     remote = vectorize_year(paths, 2020, 0.5, scheduler=cluster)
     assert len(serial) == 2 and serial.geometry.geom_equals_exact(remote.geometry, 1e-9).all()
     assert serial.drop(columns="geometry").equals(remote.drop(columns="geometry"))
+
+
+def _half_areas(grid, tile_size: int):
+    """Two areas of interest (EPSG:4326): the west and the east half of the grid's tile columns, a pixel inside
+    their tiles, so that each takes its own tiles and no other."""
+    import geopandas as gpd
+    import shapely
+    from minemap.grid import make_tiles
+
+    tiles = make_tiles(grid, tile_size)
+    cols = sorted({t.col_off for t in tiles})
+    res = grid.transform.a
+    halves = []
+    for side in (cols[:len(cols) // 2], cols[len(cols) // 2:]):
+        boxes = [shapely.box(*t.grid(grid).bounds) for t in tiles if t.col_off in side]
+        area = shapely.union_all(boxes).buffer(-res, join_style="mitre")
+        halves.append(gpd.GeoSeries([area], crs=grid.crs).to_crs(4326).iloc[0])
+    return halves
+
+
+def test_two_runs_at_once_on_one_cluster_keep_their_own_tiles(cluster, scene, tmp_path, monkeypatch):
+    """The west and the east half of an area mapped at the same time on one cluster, with the same model and
+    imagery, each into its own folder: each run gets its own tiles (Dask shares a result between clients that
+    submit the same key), all on disk, in its manifest and counted in its tiles.json."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_predict import _pixel_model_dir
+    from minemap import predict as pr
+    from minemap.aoi import aoi_in
+    from minemap.config import PredictConfig
+    from minemap.grid import make_tiles
+    from minemap.imagery import open_imagery
+    from minemap.manifest import Manifest
+    from minemap.predict import predict
+
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    cfg = PredictConfig(tile_size=128, window_size=128)
+    grid = open_imagery(scene.imagery).grid(2020)
+    areas = dict(zip(("west", "east"), _half_areas(grid, 128)))
+    expected = {name: {f"2020/{t.tile_id}" for t in make_tiles(grid, 128, aoi_in(a, grid.crs, grid.bounds))}
+                for name, a in areas.items()}
+    assert len(expected["west"]) == len(expected["east"]) >= 4 and not expected["west"] & expected["east"]
+    serial = predict(model_dir, scene.imagery, [2020], tmp_path / "serial", cfg, progress=False)
+    assert len(serial) == 2 * len(expected["west"])
+
+    together = threading.Barrier(2)
+    real = pr.map_units
+
+    def at_once(*args, **kwargs):  # both runs submit their units at the same moment
+        together.wait(timeout=120)
+        yield from real(*args, **kwargs)
+
+    monkeypatch.setattr(pr, "map_units", at_once)
+    with ThreadPoolExecutor(2) as pool:
+        runs = {name: pool.submit(predict, model_dir, scene.imagery, [2020], tmp_path / name, cfg, progress=False,
+                                  aoi=area, scheduler=cluster) for name, area in areas.items()}
+        outs = {name: f.result(timeout=600) for name, f in runs.items()}
+    for name, paths in outs.items():
+        out = tmp_path / name
+        on_disk = {f"2020/{p.stem}" for p in (out / "2020").glob("*.tif")}
+        assert on_disk == expected[name] == {f"2020/{p.stem}" for p in paths}, name
+        assert {k for k, _ in Manifest(out / "manifest.jsonl").items()} == expected[name], name
+        assert json.loads((out / "tiles.json").read_text())["2020"]["predicted"] == len(expected[name])
+        for p in paths:
+            _same_probabilities(p, tmp_path / "serial" / "2020" / p.name)
+
+
+def test_a_model_changed_in_place_is_reloaded_by_the_same_workers(cluster, scene, tmp_path):
+    """Workers outlive runs and keep the model loaded: one retrained into the same folder, or whose card is
+    edited, is loaded again (the cluster's tiles equal a serial run with the new model), not served from the
+    old one while the manifest records the new one's fingerprint."""
+    import os
+
+    import torch
+    from test_predict import _pixel_model_dir
+    from minemap.config import PredictConfig
+    from minemap.model import build_model, read_card, save_model
+    from minemap.predict import predict
+
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    cfg = PredictConfig(tile_size=192, window_size=128)
+    pids = _worker_info(cluster, os.getpid)
+    old = predict(model_dir, scene.imagery, [2020], tmp_path / "old", cfg, progress=False, scheduler=cluster)
+    torch.manual_seed(11)  # retrained in place: other weights, the same folder
+    retrained = build_model("mit-b0", 4)
+    with torch.no_grad():
+        retrained.decode_head.classifier.bias += 1.5  # far from the first model's outputs
+    save_model(retrained, read_card(model_dir), model_dir)
+    new = predict(model_dir, scene.imagery, [2020], tmp_path / "new", cfg, progress=False, scheduler=cluster)
+    serial = predict(model_dir, scene.imagery, [2020], tmp_path / "serial", cfg, progress=False)
+    for a, b in zip(new, serial, strict=True):
+        _same_probabilities(a, b)
+    changed = 0
+    for a, b in zip(old, new, strict=True):
+        with rasterio.open(a) as x, rasterio.open(b) as y:
+            changed += int(np.abs(x.read().astype(int) - y.read().astype(int)).max() > 1)
+    assert changed == len(new)  # the old model's tiles differ: the comparison above could tell them apart
+
+    card = read_card(model_dir)  # only the card edited: a new calibration
+    (model_dir / "model.json").write_text(card.model_copy(update={"calibration": {"scale": 3.0, "bias": -1.0}})
+                                          .model_dump_json(indent=2) + "\n")
+    recal = predict(model_dir, scene.imagery, [2020], tmp_path / "recal", cfg, progress=False, scheduler=cluster)
+    serial = predict(model_dir, scene.imagery, [2020], tmp_path / "serial2", cfg, progress=False)
+    for a, b, c in zip(recal, serial, new, strict=True):
+        _same_probabilities(a, b)
+        with rasterio.open(a) as x, rasterio.open(c) as y:
+            assert np.abs(x.read().astype(int) - y.read().astype(int)).max() > 1
+    assert _worker_info(cluster, os.getpid) == pids  # the very worker processes that held the old model
+
+
+def test_relative_paths_reach_workers_in_another_folder(cluster, scene, tmp_path, monkeypatch):
+    """Model, imagery and output given relative to the client's folder: workers, which run in folders of their
+    own, read and write the same places (not 'imagery directory not found', nor tiles left in their folders)."""
+    import os
+
+    from test_predict import _pixel_model_dir
+    from minemap.config import PredictConfig
+    from minemap.predict import predict
+
+    _pixel_model_dir(scene, tmp_path)
+    (tmp_path / "imagery").symlink_to(scene.imagery, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    cwds = set(_worker_info(cluster, os.getcwd).values())
+    assert str(tmp_path) not in cwds and not any((Path(c) / "imagery").exists() for c in cwds)
+    cfg = PredictConfig(tile_size=192, window_size=128)
+    remote = predict("model", "imagery", [2020], "out", cfg, progress=False, scheduler=cluster)
+    serial = predict("model", "imagery", [2020], "serial", cfg, progress=False)
+    assert len(remote) == len(serial) >= 4
+    for a, b in zip(remote, serial, strict=True):
+        assert a.is_absolute() and a.is_relative_to(tmp_path / "out") and a.name == b.name
+        _same_probabilities(a, b)
+    assert not any((Path(c) / "out").exists() for c in cwds)  # nothing written where the workers run
+
+
+def test_a_run_with_relative_paths_on_a_cluster(cluster, scene, tmp_path, monkeypatch):
+    """``minemap run`` with a relative imagery, model and run folder on a cluster whose workers run elsewhere:
+    prediction and vectorisation on the workers find the imagery and the tiles, and write into the run."""
+    import os
+
+    from test_predict import _pixel_model_dir
+    from minemap.config import RunConfig
+    from minemap.pipeline import run
+
+    _pixel_model_dir(scene, tmp_path)
+    (tmp_path / "imagery").symlink_to(scene.imagery, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    cwds = set(_worker_info(cluster, os.getcwd).values())
+    assert str(tmp_path) not in cwds
+    cfg = RunConfig.model_validate({"imagery": "imagery", "out": "run", "model": {"path": "model"}, "years": [2020],
+                                    "predict": {"tile_size": 192, "window_size": 128}, "accept_weak_model": True,
+                                    "export": {"report": False}, "scheduler": cluster})
+    result = run(cfg, progress=False)
+    assert result.out == tmp_path / "run" and (tmp_path / "run" / "panel.parquet").is_file()
+    assert len(list((tmp_path / "run" / "probabilities" / "2020").glob("*.tif"))) >= 4
+    assert not any((Path(c) / "run").exists() for c in cwds)
+
+
+def test_a_units_error_on_a_worker_comes_back_as_it_was(cluster, tmp_path):
+    """A user's error raised on a worker (here over a rasterio error, whose chain Dask cannot bring back) reaches
+    the client as the same one-line error, not as a bare Exception."""
+    from minemap.errors import InputError
+    from minemap.vectorize import _tile_unit
+
+    with pytest.raises(InputError, match="cannot read probability raster") as e:
+        list(map_units(_tile_unit, [(0, str(tmp_path / "missing.tif"), 100)], progress=False, scheduler=cluster))
+    assert "\n" not in str(e.value)

@@ -88,3 +88,34 @@ def test_provisional_mine_years_are_counted_and_kept_out_of_the_study_layout(tmp
     assert gpd.read_file(paths["gpkg"], layer="mines_2020").provisional.sum() == 1  # the panel keeps it, marked
     card = paths["card"].read_text()
     assert "| 2020 | 2 |" in card and "| 1, " in card and "1 mine-years are provisional" in card
+
+
+def test_an_unreadable_accuracy_is_said_in_the_card_not_left_out(tmp_path, caplog):
+    """metrics.json that is there but cannot be read (cut short, or not minemap's) gives a card that says the
+    accuracy could not be read and why, never a card without the section as if no reference had been given;
+    an unreadable model card or threshold record is named likewise."""
+    import logging
+
+    run, _ = _panel_dir(tmp_path)
+    no_reference = "No reference was given"
+    card = export(run, tmp_path / "none", ["card"], run_dir=run)["card"].read_text()
+    assert no_reference in card and "could not be read" not in card  # no metrics.json: nothing to read
+    (run / "metrics.json").write_text('{"years": {"2019": {"pixel": {"precision": 0.9')  # cut short
+    with caplog.at_level(logging.WARNING, logger="minemap"):
+        card = export(run, tmp_path / "cut", ["card"], run_dir=run)["card"].read_text()
+    accuracy = card.split("## Accuracy", 1)[1].split("## Columns", 1)[0]
+    assert "**The accuracy could not be read** from `" in accuracy and "metrics.json` (JSONDecodeError:" in accuracy
+    assert no_reference not in accuracy and "| year | precision" not in accuracy
+    assert "metrics.json: cannot be read" in caplog.text
+    (run / "metrics.json").write_text(json.dumps({"years": {"2019": {"pixel": [0.9, 0.8]}}}))  # not minemap's form
+    card = export(run, tmp_path / "form", ["card"], run_dir=run)["card"].read_text()
+    assert "could not be read** from" in card and "holds no per-year accuracy in the form minemap writes" in card
+    (run / "metrics.json").write_text(json.dumps([1, 2]))
+    card = export(run, tmp_path / "list", ["card"], run_dir=run)["card"].read_text()
+    assert "(not a JSON object but a list)" in card
+    (run / "model").mkdir()
+    (run / "model" / "model.json").write_bytes(b"\xff\xfe not text")
+    (run / "threshold.json").write_text("{")
+    card = export(run, tmp_path / "model", ["card"], run_dir=run)["card"].read_text()
+    assert "- Model: its card `" in card and "model.json` could not be read (UnicodeDecodeError:" in card
+    assert "- Threshold: its record `" in card and "threshold.json` could not be read (JSONDecodeError:" in card

@@ -3,6 +3,7 @@ the same logits; two classes become one logit; bad checkpoints fail in one line.
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -133,16 +134,40 @@ def test_chips_round_trip_through_the_study_layout(scene, tmp_path):
 
 class HistoryBuffer:  # stands for mmengine's logging objects, pickled beside the weights in its checkpoints
     def __init__(self):
-        self.values = [1.0, 2.0]
+        self.max_length = 10
+        self._log_history = np.array([1.0, 2.0])
+        self._count_history = np.array([1, 1])
+
+    def __setstate__(self, state):  # would run if the class were ever resolved: it must not be
+        raise AssertionError("a checkpoint's class was run")
 
 
-def test_mmengine_checkpoints_and_wide_heads_import(tmp_path):
-    """A training checkpoint of mmengine carries its own classes (read inertly, never run), and MMSegmentation's
-    mit-b2..b5 keep a 256-channel head (transformers' default is 768): both import, with equal logits."""
+def _save_as_mmengine(obj, path, monkeypatch):
+    """torch.save ``obj`` with :class:`HistoryBuffer` pickled under mmengine's name (as a real training
+    checkpoint names it); the stand-in modules are gone again before the file is read."""
+    import sys
+    import types
+
+    names = ["mmengine", "mmengine.logging", "mmengine.logging.history_buffer"]
+    with monkeypatch.context() as m:
+        for name in names:
+            m.setitem(sys.modules, name, types.ModuleType(name))
+        m.setattr(HistoryBuffer, "__module__", "mmengine.logging.history_buffer")
+        m.setattr(sys.modules["mmengine.logging.history_buffer"], "HistoryBuffer", HistoryBuffer, raising=False)
+        torch.save(obj, path)
+    assert "mmengine" not in sys.modules
+
+
+def test_mmengine_checkpoints_and_wide_heads_import(tmp_path, monkeypatch):
+    """A training checkpoint of mmengine carries its own classes (read inertly, never run) and numpy values,
+    and MMSegmentation's mit-b2..b5 keep a 256-channel head (transformers' default is 768): both import, with
+    equal logits."""
     torch.manual_seed(4)
     model = build_model("mit-b2", 3, head="mmseg", decoder_channels=256).eval()
-    torch.save({"meta": {"mmseg_version": "1.2.2"}, "message_hub": {"log": HistoryBuffer()},
-                "state_dict": to_mmseg(model)}, tmp_path / "iter_160000.pth")
+    _save_as_mmengine({"meta": {"mmseg_version": "1.2.2", "seed": np.int64(3), "dataset_meta": {
+        "classes": ("background", "mining"), "palette": [[0, 0, 0], [255, 0, 0]]}},
+        "message_hub": {"log_scalars": {"train/loss": HistoryBuffer()}, "runtime_info": {"best_score": np.float64(0.8)}},
+        "state_dict": to_mmseg(model)}, tmp_path / "iter_160000.pth", monkeypatch)
     with pytest.raises(Exception):
         torch.load(tmp_path / "iter_160000.pth", weights_only=True)  # what a plain weights-only load makes of it
     card = import_mmseg(tmp_path / "iter_160000.pth", tmp_path / "m", ["red", "green", "blue"], [0.0] * 3,
@@ -152,3 +177,57 @@ def test_mmengine_checkpoints_and_wide_heads_import(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(forward_logits(model, x), forward_logits(back, x), atol=1e-4)
+
+
+class _RunsSource:  # a checkpoint that reduces to a torch helper which executes source
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        from torch.fx.graph_module import _exec_with_source
+
+        return _exec_with_source, (f"open({self.marker!r}, 'w').write('ran')", {})
+
+
+class _RunsShell:  # ... or to os.system
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+class _OtherProgram:  # ... or to a class of another program
+    pass
+
+
+def test_a_checkpoint_that_names_code_is_refused_and_never_run(tmp_path, monkeypatch):
+    """A checkpoint is a pickle, and a pickle calls what it names: a file naming a torch helper that executes
+    source, os.system or another program's class is refused in one line naming that global, and its code does
+    not run (the same payload does run where a file is unpickled without an allow-list)."""
+    state = to_mmseg(_random_mmseg_model())
+    live = tmp_path / "live"
+    torch.save({"meta": {}, "state_dict": state, "x": _RunsSource(live)}, tmp_path / "proof.pth")
+    torch.load(tmp_path / "proof.pth", weights_only=False)  # the payload is real: an unrestricted load runs it
+    assert live.read_text() == "ran"
+    cases = {"fx.pth": (_RunsSource, r"torch\.fx\.graph_module\._exec_with_source"),
+             "shell.pth": (_RunsShell, r"(posix|nt|os)\.system"),
+             "other.pth": (lambda marker: _OtherProgram(), r"test_mmseg\._OtherProgram")}
+    for name, (make, refused) in cases.items():
+        marker = tmp_path / f"{name}.ran"
+        torch.save({"meta": {}, "state_dict": state, "message_hub": {"x": make(marker)}}, tmp_path / name)
+        with pytest.raises(ModelError, match=rf"{name}: refused: the checkpoint names {refused}, which is not "):
+            import_mmseg(tmp_path / name, tmp_path / "m", ["r", "g", "b"], [0] * 3, [1] * 3, 4.77)
+        assert not marker.exists(), name
+    r = CliRunner().invoke(app, ["model", "import-mmseg", str(tmp_path / "fx.pth"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "refused: the checkpoint names torch.fx.graph_module._exec_with_source" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not (tmp_path / "m").exists() and not (tmp_path / "fx.pth.ran").exists()
+    # the module-prefix rule this replaces let any torch.* global through, as the fx helper above: the allow-list
+    # adds exact names, none of them torch's (torch's own weights-only set covers tensors and storages)
+    from minemap import mmseg
+
+    names = [g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in mmseg._safe_globals()]
+    assert names and not [n for n in names if n.startswith("torch")]

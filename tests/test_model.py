@@ -31,7 +31,8 @@ def test_save_load_round_trip(tmp_path):
     torch.manual_seed(0)
     m = build_model("mit-b0", 4).eval()
     save_model(m, _card(threshold=0.35), tmp_path / "model")
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.json", "weights.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [".minemap-output", "model.json",
+                                                                      "weights.safetensors"]
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["bands"] == ["red", "green", "blue", "nir"] and card["threshold"] == 0.35
     m2, card2 = load_model(tmp_path / "model")

@@ -164,3 +164,148 @@ def test_cli_fetch_fills_the_planet_cache(planet, tmp_path):
     assert "2 composites (2 fetched" in r.output.replace("\n", " ") and KEY not in r.output
     records = [json.loads(p.read_text()) for p in (tmp_path / "cache").rglob("L15-*.json")]
     assert len(records) == 2 and {r["mosaic"] for r in records} == {"nicfi_2021-11"}
+
+
+# -- partial downloads shared between processes; the key only to the API's host; quad ids as file names ---------
+def _downloads(planet, since=0):
+    return [(r, h) for r, h in zip(planet.requests[since:], planet.headers_seen[since:]) if "/full" in r]
+
+
+def test_a_partial_download_is_resumed_by_another_process(planet, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    planet.add(Mosaic("nicfi_2021-06", {q: _quad(1000) for q in QUADS}, cloud=10.0))
+    cfg = _cfg(planet, tmp_path, mosaics={2021: ["nicfi_2021-06"]}, retries=0)
+    planet.drop_next_download = True
+    src = open_imagery(cfg)
+    with pytest.raises(ImageryError, match="kept failing .*rerun to resume it"):
+        src.quad(2021, QUADS[0])
+    parts = list((src.root / "2021").glob("*.part"))
+    whole = planet.mosaics["nicfi_2021-06"].files[QUADS[0]].stat().st_size
+    assert len(parts) == 1 and parts[0].name.startswith(f".{QUADS[0]}.") and 0 < parts[0].stat().st_size < whole
+    have, n = parts[0].stat().st_size, len(planet.requests)
+    script = ("import sys; from minemap.config import PlanetImageryConfig; from minemap.imagery import open_imagery; "
+              "open_imagery(PlanetImageryConfig.model_validate_json(sys.argv[1])).quad(2021, sys.argv[2])")
+    r = subprocess.run([sys.executable, "-c", script, cfg.model_dump_json(), QUADS[0]], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    assert [h.get("Range") for _, h in _downloads(planet, n)] == [f"bytes={have}-"]  # the rest only
+    assert (src.root / "2021" / f"{QUADS[0]}.tif").is_file() and not list((src.root / "2021").glob("*.part"))
+
+    # a run that died between a whole download and its conversion: the part is taken as it is
+    part = parts[0].with_name(parts[0].name.replace(QUADS[0], QUADS[1]))
+    part.write_bytes(planet.mosaics["nicfi_2021-06"].files[QUADS[1]].read_bytes())
+    size, n = part.stat().st_size, len(planet.requests)
+    px, valid = open_imagery(cfg).read(2021, src.grid(2021))
+    assert np.all(px[0][valid] == 1000) and valid.mean() > 0.9
+    assert [h.get("Range") for _, h in _downloads(planet, n)] == [f"bytes={size}-"]  # answered 416: nothing to add
+    assert not part.exists()
+
+
+def test_a_part_another_process_is_writing_is_left_to_it(tmp_path):
+    fcntl = pytest.importorskip("fcntl")
+    from minemap.imagery.planet import _partial
+
+    part = tmp_path / ".L15-0000E-0000N.0123abcd.part"
+    part.write_bytes(b"half")
+    with open(part, "ab") as other:  # held by another writer (a lock of another open file, as another process's)
+        fcntl.flock(other.fileno(), fcntl.LOCK_EX)
+        with _partial(part) as p:
+            assert p != part and p.parent == part.parent and p.name.startswith(".L15-0000E-0000N.0123abcd.")
+            p.write_bytes(b"mine")
+        assert not p.exists() and part.read_bytes() == b"half"
+    with _partial(part) as p:
+        assert p == part
+
+
+class _Elsewhere:
+    """Another host (another port of the loopback interface) that serves the quads and their scenes, and records
+    the headers of every request it gets."""
+
+    def __init__(self, planet: PlanetServer) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.headers: list[dict] = []
+        seen, mosaics = self.headers, planet.mosaics
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                seen.append(dict(self.headers))
+                if self.path.startswith("/items"):
+                    body = json.dumps({"items": [{"properties": {"cloud_percent": 3.0}}]}).encode()
+                else:
+                    m, qid = self.path.split("?")[0].split("/")[-2:]
+                    body = mosaics[m].files[qid].read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_the_key_goes_to_the_api_host_only(planet, tmp_path):
+    from minemap.imagery.planet import PlanetImagery
+
+    planet.add(Mosaic("nicfi_2021-06", {q: _quad(1000) for q in QUADS}, cloud=10.0))
+    other = _Elsewhere(planet)
+    api_json = planet.quad_json
+
+    def links_elsewhere(m, qid):  # what a compromised API (or one serving signed asset URLs) would answer
+        q = api_json(m, qid)
+        q["_links"] = {"download": f"{other.url}/quads/{m.name}/{qid}?api_key={KEY}", "items": f"{other.url}/items"}
+        return q
+
+    planet.quad_json = links_elsewhere
+    try:
+        src = open_imagery(_cfg(planet, tmp_path, mosaics={2021: ["nicfi_2021-06"]}))
+        px, valid = src.read(2021, src.grid(2021))
+    finally:
+        other.close()
+    assert np.all(px[0][valid] == 1000)
+    assert len(other.headers) == 4  # two quads: their scenes and their downloads, from the other host
+    assert all("Authorization" not in h and KEY not in json.dumps(h) for h in other.headers)
+    assert all(h.get("Authorization") == f"api-key {KEY}" for h in planet.headers_seen)  # the API's host: the key
+
+    api = PlanetImagery(_cfg(planet, tmp_path, api_url="https://api.planet.com/basemaps/v1"))
+    assert api._keyed("https://api.planet.com/basemaps/v1/mosaics?x=1") and api._keyed("https://API.planet.com:443/q")
+    assert api._keyed("https://link.planet.com/basemaps/v1/mosaics/m/quads/q/full")  # Planet's download host
+    for url in ("http://api.planet.com/basemaps/v1", "https://api.planet.com:8443/basemaps/v1",
+                "https://api.planet.com.evil.example/basemaps/v1", "https://evil.example/?h=api.planet.com",
+                "https://storage.googleapis.com/signed?sig=1", "https://user@evil.example/"):
+        assert not api._keyed(url), url
+    local = PlanetImagery(_cfg(planet, tmp_path))
+    assert local._keyed(planet.url + "/mosaics") and not local._keyed(other.url + "/quads")
+    assert not local._keyed("https://link.planet.com/basemaps/v1/mosaics")  # Planet's hosts go with Planet's API
+
+
+def test_unsafe_quad_ids_are_refused(planet, tmp_path):
+    from minemap.imagery.planet import safe_quad_id
+
+    planet.add(Mosaic("nicfi_2021-06", {q: _quad(1000) for q in QUADS}, cloud=10.0))
+    api_json = planet.quad_json
+    planet.quad_json = lambda m, qid: {**api_json(m, qid), "id": "../../etc/x"} if qid == QUADS[1] else api_json(m, qid)
+    src = open_imagery(_cfg(planet, tmp_path, mosaics={2021: ["nicfi_2021-06"]}))
+    with pytest.raises(ImageryError) as e:
+        src.check_bands(2021)
+    assert "the API named a quad '../../etc/x', which is not a safe file name" in str(e.value)
+    assert "\n" not in str(e.value) and str(e.value).startswith(planet.url)
+    assert not (tmp_path / "etc").exists() and not list((tmp_path / "cache").rglob("x*"))
+    for bad in ("../x", ".hidden", "a..b", "a/b", "a\\b", "x" * 101, "", "a\nb", "C:x", None):
+        with pytest.raises(ImageryError, match="not a safe file name") as e:
+            safe_quad_id(bad, "https://api")
+        assert "\n" not in str(e.value) and len(str(e.value)) < 300
+    for good in ("L15-0000E-0000N", "708-1052", "1234_56.v2"):
+        assert safe_quad_id(good, "https://api") == good

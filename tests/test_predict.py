@@ -300,12 +300,14 @@ def test_unit_reads_only_its_own_year_and_masks_by_signature(scene, tmp_path, mo
     sources = {}
     for masks_clouds in (False, True):
         source = sources[masks_clouds] = Recording(masks_clouds)
-        pr._WORKER.update(model=PixelModel(), card=card, device=torch.device("cpu"), source=source)
+        ctx = pr._Context(str(model_dir), "recording", None, None, "cpu", None)  # a state put in place
+        pr._STATES[ctx.key] = dict(model_dir=ctx.model_dir, model_fp=ctx.model_fp, model=PixelModel(), card=card,
+                                   device=torch.device("cpu"), source=source)
         try:
-            unit = (2021, tile, str(tmp_path / f"{masks_clouds}.tif"), PredictConfig(window_size=64), None)
+            unit = (2021, tile, str(tmp_path / f"{masks_clouds}.tif"), PredictConfig(window_size=64), None, ctx)
             assert pr._predict_unit(unit)[2]
         finally:
-            pr._WORKER.clear()
+            pr._STATES.pop(ctx.key, None)
         assert source.reads == [2021]  # the training year (2019) is never read
         with rasterio.open(tmp_path / f"{masks_clouds}.tif") as out:
             assert (out.read(1) == NODATA).any()  # the opaque level masks
@@ -365,3 +367,76 @@ def test_tiles_equal_one_pass_over_their_union_with_a_real_model(scene, tmp_path
     tiled, whole = _mosaic(tmp_path / "tiles" / "2020", grid, 160), _mosaic(tmp_path / "one" / "2020", grid, 4096)
     assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1  # within 1/250 (equal but for rounding)
     assert (tiled == whole).mean() > 0.999
+
+
+def test_only_tiles_this_tool_wrote_are_cleaned_up(scene, tmp_path, monkeypatch, caplog):
+    """Predicting again with another tiling removes the first tiling's tiles, and a tile-named probability
+    raster left by a unit killed before it was recorded, but never a file minemap did not write: imagery in the
+    output folder, a user's raster that happens to be named like a tile. Those are left, with one warning."""
+    import logging
+
+    from affine import Affine
+
+    from conftest import write_raster
+    from minemap.grid import make_tiles
+    from minemap.rasters import write_cog
+
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    real_load = load_model
+    monkeypatch.setattr("minemap.predict.load_model", lambda d, dev: (PixelModel(), real_load(d, dev)[1]))
+    grid = open_imagery(scene.imagery).grid(2019)
+    out = tmp_path / "probs"
+    first = predict(model_dir, scene.imagery, [2019], out, PredictConfig(tile_size=200), progress=False)
+    folder = out / "2019"
+    t = Affine(4.0, 0, 0, 0, -4.0, 0)
+    scene_tif = write_raster(folder / "scene.tif", np.ones((4, 8, 8), np.uint16), t)  # imagery kept here
+    users = write_raster(folder / "x7_y-7.tif", np.ones((8, 8), np.uint8), t)  # tile-named, not minemap's
+    killed = folder / "x-1_y-1.tif"  # written by a unit killed before the manifest recorded it
+    write_cog(killed, np.zeros((8, 8), np.uint8), grid.window(0, 0, 8, 8))
+    torn = folder / ".x-2_y-2.tif.0123abcd.tmp.tif"  # a write killed half-way
+    torn.write_bytes(b"II*\0")
+    with caplog.at_level(logging.WARNING, logger="minemap.predict"):
+        second = predict(model_dir, scene.imagery, [2019], out, PredictConfig(tile_size=128), progress=False)
+    assert scene_tif.is_file() and users.is_file()
+    assert not killed.exists() and not torn.exists()
+    new = {f"{tile.tile_id}.tif" for tile in make_tiles(grid, 128)}
+    assert {p.name for p in second} == new
+    assert {p.name for p in folder.glob("*.tif")} == new | {"scene.tif", "x7_y-7.tif"}
+    assert all(p.name in new or not p.exists() for p in first)  # the first tiling's other tiles are gone
+    warned = [r.getMessage() for r in caplog.records if "not written by minemap" in r.getMessage()]
+    assert len(warned) == 1 and "2 file(s)" in warned[0] and "scene.tif" in warned[0]
+
+
+def test_a_unit_reported_written_without_its_file_is_an_error(scene, tmp_path, monkeypatch):
+    """A unit is recorded done only once its file is where the run reads it: a worker that says it wrote a tile
+    which is not there (written in its own folder, on its own disk) stops the run with an error naming the
+    unit, and nothing of it is recorded."""
+    from minemap.errors import ExecutionError
+    from minemap.manifest import Manifest
+
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    real_load = load_model
+    monkeypatch.setattr("minemap.predict.load_model", lambda d, dev: (PixelModel(), real_load(d, dev)[1]))
+    monkeypatch.setattr("minemap.predict.write_cog", lambda *a, **k: None)  # 'written' elsewhere
+    out = tmp_path / "probs"
+    with pytest.raises(ExecutionError, match=r"^unit 2019/x-?\d+_y-?\d+: its worker reported .* not there") as e:
+        predict(model_dir, scene.imagery, [2019], out, PredictConfig(tile_size=200), progress=False)
+    assert "\n" not in str(e.value)
+    assert len(Manifest(out / "manifest.jsonl")) == 0 and not (out / "tiles.json").exists()
+
+
+def test_radiometry_cache_tells_a_rewritten_file_apart(tmp_path):
+    """Workers keep a year's normalisation loaded; a rerun that writes another into the same path (new imagery,
+    another mode) is read afresh, and a file whose content is not what the run sent is refused."""
+    from minemap import radiometry as rad
+
+    path = tmp_path / "radiometry" / "2020.npz"
+    one = {"mode": "global", "gain": np.ones(4, np.float32), "offset": np.zeros(4, np.float32),
+           "invariant_share": 0.9, "reference_year": 2019}
+    two = {**one, "gain": np.full(4, 2.0, np.float32)}
+    rad.save(one, path)
+    assert np.array_equal(rad.load_cached(path, rad.content_key(one))["gain"], one["gain"])
+    rad.save(two, path)  # rewritten in place
+    assert np.array_equal(rad.load_cached(path, rad.content_key(two))["gain"], two["gain"])
+    with pytest.raises(ImageryError, match="radiometry file changed"):
+        rad.load_cached(path, "0" * 16)

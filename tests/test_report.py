@@ -158,3 +158,102 @@ def test_a_large_panel_shows_each_years_largest_mines(monkeypatch):
     # two a year (6 over 3 years), the two largest: areas 5 and 4, never 3
     for y in (2019, 2020, 2021):
         assert f'"m{y}5"' in page and f'"m{y}4"' in page and f'"m{y}3"' not in page
+
+
+HOSTILE = "<img src=x onerror=alert(1)>"
+
+
+def _hostile_run(tmp_path):
+    """A run folder whose panel, model card and threshold file carry markup where names and numbers belong (a
+    country name from a user's --countries file, hand-edited JSON)."""
+    import json
+
+    from shapely.geometry import box
+
+    run = tmp_path / "run"
+    (run / "model").mkdir(parents=True)
+    rows = [{"mine_id": f"m{i}", "district_id": "d1", "year": y, "iso3": "GHA", "country": HOSTILE,
+             "first_year": 2019, "area_km2": 0.5 + i, "mean_probability": 0.9, "provisional": False}
+            for y in (2019, 2020) for i in range(2)]
+    gpd.GeoDataFrame(rows, geometry=[box(-2 + i * 0.01, 6, -1.995 + i * 0.01, 6.005) for _ in (0, 1) for i in range(2)],
+                     crs="EPSG:4326").to_parquet(run / "panel.parquet")
+    (run / "model" / "model.json").write_text(json.dumps({"encoder": "<script>alert(2)</script>",
+                                                          "train_year": "<b onmouseover=alert(3)>2019</b>",
+                                                          "threshold": "<svg onload=alert(4)>"}))
+    (run / "threshold.json").write_text(json.dumps({"threshold": "<iframe src=javascript:alert(5)>"}))
+    return run
+
+
+def test_values_from_files_are_text_in_the_page(tmp_path):
+    """A country named <img src=x onerror=alert(1)> (and markup in the model card or threshold file) appears in
+    report.html only escaped: the popups set their values as text (textContent), never as HTML (innerHTML),
+    and the Python-built parts escape what they quote."""
+    run = _hostile_run(tmp_path)
+    text = report(run, progress=False).read_text()
+    for raw in (HOSTILE, "<img src=x", "<script>alert(2)", "<b onmouseover", "<svg onload", "<iframe src=javascript"):
+        assert raw not in text, raw
+    assert "\\u003cimg src=x onerror=alert(1)\\u003e" in text  # the map's data holds the name, JSON-escaped
+    assert "&lt;script&gt;alert(2)&lt;/script&gt;" in text and "&lt;svg onload=alert(4)&gt;" in text
+    popups = re.findall(r"\.bindPopup\(function\(layer\) \{(.*?)\n\s*\}, \{", text, re.S)
+    assert len(popups) == 2  # one a year
+    for js in popups:
+        assert ".textContent = " in js and "innerHTML" not in js and "insertAdjacentHTML" not in js
+    assert re.findall(r'"name": "mines (\d+)"|mines (\d+)', text)  # layer names stay numbers
+
+
+@pytest.mark.skipif((not CHROMIUM or not CHROMEDRIVER) and not os.environ.get("MINEMAP_REQUIRE_BROWSER"),
+                    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
+def test_a_hostile_country_name_stays_text_in_a_real_browser(tmp_path):
+    """Headless Chromium opens the page and a mine's popup: the country cell holds the name as text and no
+    element was made of it."""
+    from selenium.webdriver.common.by import By
+
+    run = _hostile_run(tmp_path)
+    path = report(run, progress=False)
+    driver = _browser(tmp_path)
+    try:
+        driver.get(path.resolve().as_uri())
+        opened = driver.execute_script(
+            "let shown = [];"
+            "for (const k of Object.keys(window)) { const g = window[k];"
+            "  if (k.startsWith('geo_json_') && g instanceof L.GeoJSON) {"
+            "    g.eachLayer(l => { if (l._map) shown.push(l); }); } }"
+            "if (shown.length) { shown[0].openPopup(); } return shown.length;")
+        assert opened > 0
+        cells = driver.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content td")
+        assert HOSTILE in [c.text for c in cells]  # the name, as text
+        assert not driver.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content img")  # no element made of it
+        assert not [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+    finally:
+        driver.quit()
+
+
+def test_only_expected_failures_of_the_imagery_become_warnings(tmp_path, monkeypatch, caplog):
+    """Imagery that moved or cannot be read (a minemap error, an OS or raster error) leaves the report without
+    images, with a warning; any other exception is a bug and surfaces."""
+    import json
+    import logging
+
+    import minemap.imagery
+    from minemap.errors import ImageryError
+    from minemap.report import Rasters
+
+    run = tmp_path / "run"
+    (run / "probabilities").mkdir(parents=True)
+    (run / "probabilities" / "imagery.json").write_text(json.dumps({"source": {"source": "local",
+                                                                               "path": str(tmp_path)}}))
+
+    def moved(*a, **k):
+        raise ImageryError(f"{tmp_path}: no year folders")
+
+    monkeypatch.setattr(minemap.imagery, "open_imagery", moved)
+    with caplog.at_level(logging.WARNING, logger="minemap"):
+        assert Rasters(run).imagery is None
+    assert "no year folders" in caplog.text and "probabilities and polygons only" in caplog.text
+
+    def bug(*a, **k):
+        raise TypeError("a bug in minemap")
+
+    monkeypatch.setattr(minemap.imagery, "open_imagery", bug)
+    with pytest.raises(TypeError, match="a bug in minemap"):
+        Rasters(run)

@@ -57,3 +57,25 @@ def test_sigkill_during_prediction_then_resume(scene, tmp_path):
     for rel in names:
         with rasterio.open(out / rel) as a, rasterio.open(whole / rel) as b:
             assert np.array_equal(a.read(), b.read()), rel
+
+
+def test_relative_paths_resume_from_another_folder(scene, tmp_path, monkeypatch):
+    """Paths are made absolute before units are built, and fingerprints do not hold them: a prediction started
+    with relative paths resumes (nothing redone) when run again from elsewhere with absolute ones."""
+    from test_predict import _pixel_model_dir
+    from minemap.config import PredictConfig
+    from minemap.predict import predict
+
+    _pixel_model_dir(scene, tmp_path)
+    (tmp_path / "imagery").symlink_to(scene.imagery, target_is_directory=True)
+    cfg = PredictConfig(tile_size=192, window_size=128)
+    monkeypatch.chdir(tmp_path)
+    first = predict("model", "imagery", [2019], "out", cfg, progress=False)
+    assert first and all(p.is_absolute() and p.is_relative_to(tmp_path / "out") for p in first)
+    stamps = {p: p.stat().st_mtime_ns for p in first}
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    again = predict(tmp_path / "model", tmp_path / "imagery", [2019], tmp_path / "out", cfg, progress=False)
+    assert again == first and all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert not any(elsewhere.iterdir())

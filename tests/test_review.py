@@ -227,3 +227,67 @@ def test_a_verdicts_file_named_must_exist(scene, tmp_path):
     with pytest.raises(InputError, match="nope.parquet: review.verdicts: file not found"):
         _verdicts(tiny_config(scene, tmp_path / "out", review={"verdicts": tmp_path / "nope.parquet"}))
     assert _verdicts(tiny_config(scene, tmp_path / "out")).counts()["not_mine"] == 0  # none kept yet: none used
+
+
+def _mapped_with_a_model(tmp_path, threshold=0.3):
+    """A run folder as `minemap run --model DIR` leaves it (a panel; no threshold.json, no model/ folder, no
+    metrics.json without a reference) and the model it mapped with, whose card's threshold is ``threshold``."""
+    from minemap.model import ModelCard
+
+    run = tmp_path / "run"
+    run.mkdir(parents=True)
+    rows = [("a", 2019, 2019, 1.0, 0.95, box(0, 0, 0.01, 0.01)), ("a", 2020, 2019, 1.0, 0.95, box(0, 0, 0.01, 0.01)),
+            ("b", 2020, 2019, 0.2, 0.6, box(1, 1, 1.01, 1.01)), ("b", 2019, 2019, 0.2, 0.6, box(1, 1, 1.01, 1.01))]
+    _panel(rows).assign(provisional=False).to_parquet(run / "panel.parquet")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.json").write_text(ModelCard(
+        encoder="mit-b0", bands=["red", "green", "blue"], band_mean=[0.0] * 3, band_std=[1.0] * 3, gsd_m=4.77,
+        pixel_size=[4.77, 4.77], crs="EPSG:3857", chip_size=64, threshold=threshold).model_dump_json())
+    return run, model
+
+
+def test_the_threshold_is_the_runs_never_a_silent_half(tmp_path):
+    """The threshold low confidence is judged against is the one the run records (threshold.json, then
+    metrics.json, then model/model.json) or, for a run made with --model (which records none), that model's
+    card: never 0.5 unsaid. Known answer: a detection of mean probability 0.6 is 'low confidence' against
+    0.5 (0.6 < 0.5 + 0.15) but not against the card's 0.3."""
+    from minemap.review import review_threshold
+
+    run, model = _mapped_with_a_model(tmp_path)
+    with pytest.raises(InputError, match=r"run: the run records no threshold .* give --model, the model it "
+                                         r"mapped with, or --threshold"):
+        review_threshold(run)
+    assert review_threshold(run, model) == (0.3, str(model / "model.json"))
+    (run / "model").mkdir()
+    (run / "model" / "model.json").write_text(json.dumps({"threshold": 0.45}))
+    assert review_threshold(run, model) == (0.45, str(run / "model" / "model.json"))
+    (run / "metrics.json").write_text(json.dumps({"years": {}, "threshold": 0.4}))
+    assert review_threshold(run) == (0.4, str(run / "metrics.json"))
+    (run / "threshold.json").write_text(json.dumps({"threshold": 0.35, "rule": "..."}))
+    assert review_threshold(run) == (0.35, str(run / "threshold.json"))
+    (run / "threshold.json").write_text("{")
+    with pytest.raises(InputError, match=r"threshold.json: cannot read the threshold the run used"):
+        review_threshold(run)
+    (run / "threshold.json").write_text(json.dumps({"threshold": 7}))
+    with pytest.raises(InputError, match=r"threshold.json: threshold 7 is not a probability"):
+        review_threshold(run)
+
+    run, model = _mapped_with_a_model(tmp_path / "cli")
+    runner = CliRunner()
+    r = runner.invoke(app, ["review", "export", str(run), "--year", "2020"])
+    assert r.exit_code == 2 and "the run records no threshold" in r.output and "Traceback" not in r.output
+    assert not (run / "review").exists()
+    r = runner.invoke(app, ["review", "export", str(run), "--year", "2020", "--model", str(model)])
+    assert r.exit_code == 0, r.output
+    said = r.output.replace("\n", "")
+    assert "threshold 0.300 (from" in said and "model.json)" in said
+    items = gpd.read_file(run / "review" / "2020" / "review_2020.gpkg", layer="review")
+    assert "low confidence" not in ";".join(items.reasons)  # 0.6 is sure against 0.3
+    r = runner.invoke(app, ["review", "export", str(run), "--year", "2020", "--threshold", "0.5",
+                            "--out", str(tmp_path / "half")])
+    assert r.exit_code == 0 and "threshold 0.500 (from --threshold)" in r.output.replace("\n", ""), r.output
+    items = gpd.read_file(tmp_path / "half" / "review_2020.gpkg", layer="review")
+    assert items.set_index("mine_id").loc["b", "reasons"] == "low confidence"
+    r = runner.invoke(app, ["review", "export", str(run), "--year", "2020", "--threshold", "1.5"])
+    assert r.exit_code == 2 and "--threshold 1.5: a probability threshold lies between 0 and 1" in r.output

@@ -218,3 +218,37 @@ def test_a_server_that_never_answers_times_out(tmp_path, monkeypatch):
         assert time.perf_counter() - t0 < 10
     finally:
         silent.close()
+
+
+def test_a_missing_asset_names_the_scene_the_asset_and_the_address(stac, tmp_path, caplog):
+    """An asset the server answers 404 for stops the composite with one line naming the scene (item id), the
+    asset key and its address, without the query string of a signed address (its token is in neither the
+    error nor the warnings and errors logged)."""
+    import logging
+
+    from typer.testing import CliRunner
+
+    from minemap.cli import app
+    from minemap.imagery.stac import public_url
+
+    assert public_url("https://user:pw@data.example.com:8443/a/b.tif?sig=SECRET&se=2030#x") == \
+        "https://data.example.com:8443/a/b.tif"
+    assert public_url("s3://bucket/key.tif?X-Amz-Signature=SECRET") == "s3://bucket/key.tif"
+    assert public_url("/vsicurl/https://h/x.tif?token=SECRET") == "/vsicurl/https://h/x.tif"
+    for item in stac.items:  # signed addresses, as Planetary Computer's or pre-signed S3 links
+        for asset in item["assets"].values():
+            asset["href"] += "?token=SECRET&se=2030-01-01"
+    (stac.root / "S2_20190510_nir.tif").unlink()
+    src = open_imagery(_cfg(stac, tmp_path))
+    with caplog.at_level(logging.WARNING), pytest.raises(ImageryError) as e:  # what a user's log shows
+        src.read(2019, src.grid(2019))
+    msg = str(e.value)
+    assert f"sentinel-2-l2a scene S2_20190510, asset 'nir': cannot read {stac.url}/data/S2_20190510_nir.tif " in msg
+    assert "404" in msg and "\n" not in msg
+    assert "SECRET" not in msg and "token" not in msg and "SECRET" not in caplog.text
+    assert not list((tmp_path / "cache").rglob("*.tif"))  # nothing half-made is cached
+    cfg = _cfg(stac, tmp_path)
+    r = CliRunner().invoke(app, ["imagery", "fetch", "--years", "2019", "--url", stac.url, "--aoi",
+                                 ",".join(map(str, cfg.bbox)), "--months", "1-9", "--cache", str(tmp_path / "c2")])
+    assert r.exit_code == 2 and "scene S2_20190510, asset 'nir'" in r.output and "SECRET" not in r.output
+    assert "Traceback" not in r.output

@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 
 import pytest
 import torch
@@ -220,6 +221,20 @@ def test_windows_are_drawn_anywhere_inside_the_training_blocks(chips_dir, tmp_pa
     assert 0.4 < np.mean(close) < 0.9
     card = train(chips_dir, tmp_path / "model", TrainConfig(epochs=1, batch_size=8, min_val_pixels=10 ** 9),
                  progress=False)
-    assert card.selection["training"].startswith("windows drawn anywhere inside the training blocks")
+    assert re.match(r"\d+ windows drawn anywhere inside the training blocks each epoch", card.selection["training"])
+    assert int(card.selection["training"].split()[0]) >= TrainConfig().epoch_windows
     assert card.selection["validation"] == "blocks, wall to wall" and card.selection["test"] == "blocks, wall to wall"
     assert card.selection["rule"].startswith("a fixed schedule") and card.stopped == "at the cap of 1 epochs"
+
+
+def test_an_epoch_draws_at_least_epoch_windows():
+    """A small area's dozen chips still give an epoch of train.epoch_windows windows, in the chips' proportion of
+    positives; a large area's chips are all drawn; a kind the chips lack is never drawn."""
+    from minemap.train import epoch_windows
+
+    assert epoch_windows(6, 3, 128) == (85, 43)
+    assert epoch_windows(300, 100, 128) == (300, 100)
+    assert epoch_windows(1, 20, 128) == (6, 122)
+    assert epoch_windows(0, 5, 128) == (0, 128) and epoch_windows(5, 0, 128) == (128, 0)
+    assert epoch_windows(6, 3, 0) == (6, 3) and epoch_windows(0, 0, 128) == (0, 0)
+    assert epoch_windows(1, 400, 128) == (1, 400)

@@ -531,6 +531,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
             f"too few to split into train/val/test without overlap (the {', '.join(empty)} split gets none): add "
             "labels over a wider area, use smaller chips (chips.chip_size), or set chips.val_fraction and "
             "chips.test_fraction to 0")
+    ground = labelled_ground(all_blocks, set(weights), cfg.background_reach)
     boxes = _chip_boxes(grid, pos, chip)
     hit, _ = shapely.STRtree(geoms).query(boxes, predicate="intersects")
     positive = np.zeros(len(pos), dtype=bool)
@@ -538,11 +539,13 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     rng = np.random.default_rng(cfg.seed + 1)
     # background for each split from its own blocks, so that validation and test measure false alarms too
     chip_split = np.array([splits[tuple(b)] for b in blk])
+    on_ground = np.array([tuple(b) in ground for b in blk], bool)
     background = [np.zeros(0, np.int64)]
     for s in SPLITS:
         if targets[s] > 0 and cfg.background_per_positive > 0:
             n_bg = max(2, int(round(cfg.background_per_positive * (positive & (chip_split == s)).sum())))
-            background.append(select_background(source, year, grid, pos, np.flatnonzero(~positive & (chip_split == s)),
+            background.append(select_background(source, year, grid, pos,
+                                                np.flatnonzero(~positive & (chip_split == s) & on_ground),
                                                 n_bg, cfg, rng))
     background = np.concatenate(background)
     chosen = np.concatenate([np.flatnonzero(positive), background])
@@ -554,7 +557,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     kinds = np.array(["positive"] * int(positive.sum()) + ["background"] * len(background)
                      + ["reviewed_negative"] * len(negative))
 
-    with atomic_path(Path(dest)) as tmp:
+    with atomic_path(Path(dest), kind="chips") as tmp:
         rows = _write_chips(tmp, source, year, grid, pos, blk, boxes, chosen, kinds, splits, geoms, cfg,
                             ignore=unsure)
         rasters = _write_blocks(tmp, source, year, grid, {tuple(b) for b in blk[chosen]}, block, geoms, cfg,
@@ -569,13 +572,15 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
                                  f"{len(weights)} blocks of {block} px): add labels over a wider area or set "
                                  f"chips.{s}_fraction to 0")
         index.to_parquet(tmp / "index.parquet")
-        write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters)
+        write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters, ground)
         write_json(tmp / "meta.json", {
             "year": year, "bands": list(source.band_names), "crs": grid.crs.to_string(),
             "pixel_size": list(grid.res), "gsd_m": ground_sample_distance_m(grid.crs, grid.transform,
                                                                            grid.width, grid.height),
             "chip_size": chip, "block_size": block, "block_size_from": "config" if cfg.block_size else "labels",
             "blocks_with_labels": len(weights), "labels_fingerprint": labels_fingerprint(labels),
+            "labelled_ground": {"reach_blocks": cfg.background_reach, "blocks": len(ground),
+                                "blocks_left_out": len(all_blocks) - len(ground)},
             "ignore_border_m": cfg.ignore_border_m, "splits": summary,
             "land_cover_shares": _cover_shares(cover, splits),
             "review": {"not_mine_outlines": len(rejected), "reviewed_negative_chips": int(len(negative)),
@@ -587,13 +592,26 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     return index
 
 
-CHIPS_FORMAT = 3  # bumped when the chips folder's files change, so that a resumed run cuts them again
+def labelled_ground(blocks: set[tuple[int, int]], labelled: set[tuple[int, int]], reach: int | None
+                    ) -> set[tuple[int, int]]:
+    """The blocks within ``reach`` blocks (rows, columns or diagonals) of one holding a label: where the labels
+    are taken to be complete, so that unlabelled ground may teach background. Every block where ``reach`` is
+    None. Labels from the literature cover some places and not others: a block far from every label may hold a
+    mine nobody drew, and taught as background it would teach the model to miss such mines."""
+    if reach is None:
+        return set(blocks)
+    return {b for b in blocks if any(abs(b[0] - x) <= reach and abs(b[1] - y) <= reach for x, y in labelled)}
+
+
+CHIPS_FORMAT = 4  # bumped when the chips folder's files change, so that a resumed run cuts them again
 
 
 def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[tuple[int, int], float], grid: Grid,
-                 block: int, rasters: dict[tuple[int, int], dict] | None = None) -> None:
-    """``blocks.parquet``: each block's column and row, split, labelled pixels and footprint (the grid's CRS,
-    clipped to the grid), and where :func:`_write_blocks` wrote it whole, its image and mask (else empty)."""
+                 block: int, rasters: dict[tuple[int, int], dict] | None = None,
+                 ground: set[tuple[int, int]] | None = None) -> None:
+    """``blocks.parquet``: each block's column and row, split, labelled pixels, whether it is labelled ground
+    (:func:`labelled_ground`; every block where ``ground`` is None) and footprint (the grid's CRS, clipped to the
+    grid), and where :func:`_write_blocks` wrote it whole, its image and mask (else empty)."""
     keys = sorted(splits)
     rasters = rasters or {}
     bx = np.array([b[0] for b in keys], np.int64)
@@ -603,6 +621,7 @@ def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[t
     boxes = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
     gpd.GeoDataFrame({"bx": bx, "by": by, "split": [splits[b] for b in keys],
                       "label_pixels": [weights.get(b, 0.0) for b in keys],
+                      "labelled_ground": [ground is None or b in ground for b in keys],
                       "image": [rasters.get(b, {}).get("image") for b in keys],
                       "mask": [rasters.get(b, {}).get("mask") for b in keys],
                       "positive_pixels": [rasters.get(b, {}).get("positive_pixels", 0) for b in keys]},
@@ -771,10 +790,14 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
         reviewed_alarm = np.zeros(len(taught), bool)
         reviewed_alarm[shapely.STRtree(taught).query(rejected, predicate="intersects")[1]] = True
         taught = taught[~reviewed_alarm]
-    chosen = chips_over(taught, boxes, per_outline=1, most=n_max)
+    # false alarms are taught only on labelled ground: elsewhere a detection may be a mine nobody drew
+    allowed = boxes
+    if "labelled_ground" in blocks:
+        ground = {(int(r.bx), int(r.by)) for r in blocks.itertuples() if r.labelled_ground}
+        allowed = np.where([tuple(b) in ground for b in blk], boxes, None)
+    chosen = chips_over(taught, allowed, per_outline=1, most=n_max)
     splits = {(int(r.bx), int(r.by)): r.split for r in blocks.itertuples()}
-    with atomic_path(Path(dest)) as tmp:
-        tmp.mkdir(parents=True)
+    with atomic_path(Path(dest), kind="chips") as tmp:
         rows = []
         if chosen:
             sel = np.asarray(chosen, np.int64)

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from minemap.errors import MinemapError
@@ -30,8 +32,8 @@ def _stage(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except MinemapError as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        except MinemapError as e:  # the message is text: "[imagery]" in it is not rich's markup
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err.print("interrupted; rerun the same command to resume")
@@ -57,6 +59,69 @@ def _settings(model, **values):
         first = e.errors()[0]
         flag = "--" + str(first["loc"][0]).replace("_", "-") if first["loc"] else "settings"
         raise InputError(f"{flag}: {first['msg']}") from None
+
+
+def _flag(flag: str, dotted: str, value):
+    """``value`` of ``flag``, checked against the field ``dotted`` of :class:`~minemap.config.RunConfig` (e.g.
+    ``vectorize.min_area_m2``) before the whole configuration is: an invalid value is one line naming the flag
+    (as the stage commands name theirs), not the configuration's path to the field."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from minemap.config import RunConfig
+    from minemap.errors import InputError
+
+    *parents, leaf = dotted.split(".")
+    model = RunConfig
+    for part in parents:
+        model = model.model_fields[part].annotation
+    field = model.model_fields[leaf]
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    try:
+        TypeAdapter(kind).validate_python(value)
+    except ValidationError as e:
+        raise InputError(f"{flag}: {e.errors()[0]['msg']}") from None
+    return value
+
+
+SCHEDULER_FORMS = ("host:port, tcp://host:port (also tls://, ws://, wss://; an IPv6 host in brackets, "
+                   "[::1]:8786) or the path of a scheduler file (`dask scheduler --scheduler-file FILE`)")
+_ADDRESS = re.compile(r"(?:(?:tcp|tls|ws|wss)://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*):(\d{1,5})")
+
+
+def _scheduler(value: str | None, what: str = "--scheduler") -> str | None:
+    """A Dask scheduler's address, its form checked before any connection is tried: an address that cannot
+    be one is an error in one line at once, not a 20 s connection attempt followed by the client's 40 s
+    shutdown and a traceback. A scheduler file (JSON with ``address``, as ``dask scheduler --scheduler-file``
+    writes it) gives the address it holds. A well-formed address that does not answer still fails when it
+    is reached (minemap.execution.connect: one line after its time-out)."""
+    import json
+
+    from minemap.errors import InputError
+
+    if value is None:
+        return None
+    address = value.strip()
+    m = _ADDRESS.fullmatch(address)
+    if m:
+        if not 0 < int(m.group(1)) < 65536:
+            raise InputError(f"{what} {value!r}: port {m.group(1)} is not one (1-65535)")
+        return address
+    path = Path(address).expanduser()
+    if "://" not in address and (path.suffix.lower() == ".json" or "/" in address or path.is_file()):
+        if not path.is_file():
+            raise InputError(f"{what} {value!r}: no scheduler file there")
+        try:
+            inner = json.loads(path.read_text())["address"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"{what} {value!r}: not a Dask scheduler file (JSON with an address; "
+                             f"{type(e).__name__})") from None
+        if not isinstance(inner, str) or not _ADDRESS.fullmatch(inner.strip()):
+            raise InputError(f"{what} {value!r}: the scheduler file's address {inner!r} is not one of "
+                             f"{SCHEDULER_FORMS}")
+        return inner.strip()
+    raise InputError(f"{what} {value!r}: not a scheduler address; expected {SCHEDULER_FORMS}")
 
 
 def _years(spec: str) -> list[int]:
@@ -176,6 +241,7 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
 
     cfg = _settings(PredictConfig, tile_size=tile_size, window_overlap=window_overlap, batch_size=batch_size,
                     device=device)
+    scheduler = _scheduler(scheduler)
     area = parse_aoi(aoi) if aoi is not None else None
     paths = predict_fn(model_dir, imagery, _years(years), out_dir, cfg, _bands(bands), workers, overwrite,
                        aoi=area, scheduler=scheduler)
@@ -199,15 +265,15 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
     from minemap.model import read_card
     from minemap.vectorize import vectorize as vectorize_fn
 
+    cfg = _settings(VectorizeConfig, min_area_m2=min_area_m2, simplify_m=simplify_m)
+    scheduler = _scheduler(scheduler)
     if threshold is None:
         if model_dir is None:
             raise InputError("give --threshold or --model (whose card holds the validated threshold)")
         threshold = read_card(model_dir).threshold
     if not 0 < threshold < 1:
         raise InputError(f"--threshold {threshold:g}: a probability threshold lies between 0 and 1 (e.g. 0.5)")
-    paths = vectorize_fn(prob_dir, _years(years), out_dir, threshold,
-                         VectorizeConfig(min_area_m2=min_area_m2, simplify_m=simplify_m), workers, scheduler,
-                         progress=True)
+    paths = vectorize_fn(prob_dir, _years(years), out_dir, threshold, cfg, workers, scheduler, progress=True)
     out.print(f"{len(paths)} polygon files -> {out_dir} (threshold {threshold:.2f})")
 
 
@@ -227,9 +293,9 @@ def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.
     from minemap.postprocess import postprocess_stage
     from minemap.vectorize import read_polygons
 
+    cfg = _settings(PostprocessConfig, temporal=temporal, buffer_m=buffer_m, countries=countries)
     gdf = read_polygons([poly_dir / f"{y}.parquet" for y in _years(years)])
-    res = postprocess_stage(gdf, out_path, _settings(PostprocessConfig, temporal=temporal,
-                                                                  buffer_m=buffer_m, countries=countries))
+    res = postprocess_stage(gdf, out_path, cfg)
     out.print(f"{len(res)} of {len(gdf)} polygons kept -> {out_path}")
 
 
@@ -249,7 +315,7 @@ def panel(postprocessed: Annotated[list[Path], typer.Argument(
 
     study = len(postprocessed) > 1 or postprocessed[0].is_dir() or STUDY_PATTERN.search(postprocessed[0].name)
     polygons = read_study_polygons(postprocessed) if study else read_vector(postprocessed[0])
-    p, events, changes = build_panel(polygons, PanelConfig(max_gap=max_gap, buffer_m=buffer_m),
+    p, events, changes = build_panel(polygons, _settings(PanelConfig, max_gap=max_gap, buffer_m=buffer_m),
                                      where=", ".join(map(str, postprocessed)))
     paths = write_panel(p, events, out_dir, changes)
     out.print(f"{p.mine_id.nunique()} mines, {len(p)} mine-years -> {paths['parquet']}")
@@ -382,6 +448,14 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
     from minemap.config import load_config
     from minemap.pipeline import run as run_fn
 
+    flags = {"--workers": ("workers", workers), "--encoder": ("model.encoder", encoder),
+             "--epochs": ("train.epochs", epochs), "--chip-size": ("chips.chip_size", chip_size),
+             "--tile-size": ("predict.tile_size", tile_size), "--threshold": ("vectorize.threshold", threshold),
+             "--min-area-m2": ("vectorize.min_area_m2", min_area_m2), "--buffer-m": ("postprocess.buffer_m", buffer_m)}
+    for flag, (dotted, value) in flags.items():
+        if value is not None:
+            _flag(flag, dotted, value)
+    scheduler = _scheduler(scheduler)
     cfg = load_config(config, **{
         "labels": [str(p) for p in labels_paths] if labels_paths else None, "imagery": imagery,
         "train_year": train_year, "years": years, "out": out_dir, "reference": reference, "bands": _bands(bands),
@@ -394,6 +468,8 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         "hard_negatives.enabled": hard_negatives, "accept_weak_model": accept_weak_model or None,
         "model.path": model_dir, "predict.resample": resample or None,
     })
+    if cfg.scheduler and scheduler is None:  # the config file's
+        cfg.scheduler = _scheduler(cfg.scheduler, f"{config}: scheduler")
     _print_result(run_fn(cfg, overwrite=overwrite))
 
 
@@ -434,13 +510,26 @@ def review_export(run_dir: Annotated[Path, typer.Argument(help="a run folder (wi
                   year: Annotated[int, typer.Option(help="the year to review")],
                   out_dir: Annotated[Optional[Path], typer.Option("--out", help="folder (default: "
                                                                                "RUN_DIR/review/YEAR)")] = None,
-                  limit: Annotated[int, typer.Option(min=1, help="items, highest priority first")] = 200):
+                  limit: Annotated[int, typer.Option(min=1, help="items, highest priority first")] = 200,
+                  model_dir: Annotated[Optional[Path], typer.Option(
+                      "--model", help="the model a run made with --model mapped with: its card's threshold "
+                                      "(used where the run records none)")] = None,
+                  threshold: Annotated[Optional[float], typer.Option(
+                      help="the threshold the polygons were drawn at (default: the one the run records)")] = None):
     """The detections a person should look at first (new, unsure, large, away from labels; labels not found) as
     a GeoPackage with an empty `verdict` field, a QGIS style and an image chip each."""
-    from minemap.review import export_review
+    from minemap.errors import InputError
+    from minemap.review import export_review, review_threshold
 
-    gpkg = export_review(run_dir, year, out_dir, limit)
-    out.print(f"review {year} -> {gpkg} (set verdict to mine, not_mine or unsure; then `minemap review import`)")
+    if threshold is not None:
+        if not 0 < threshold < 1:
+            raise InputError(f"--threshold {threshold:g}: a probability threshold lies between 0 and 1 (e.g. 0.5)")
+        source = "--threshold"
+    else:
+        threshold, source = review_threshold(run_dir, model_dir)
+    gpkg = export_review(run_dir, year, out_dir, limit, threshold=threshold)
+    out.print(f"review {year} -> {gpkg}, low confidence judged against threshold {threshold:.3f} (from {source}); "
+              "set verdict to mine, not_mine or unsure, then `minemap review import`")
 
 
 @review_app.command("import")
@@ -484,9 +573,13 @@ def imagery_fetch(
     table: dict = {}
     if config is not None:
         try:
-            table = tomllib.loads(config.read_text()).get("imagery", {})
+            whole = tomllib.loads(config.read_text())
         except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{config}: not a readable TOML config ({e})") from None
+        if "imagery" not in whole:
+            raise InputError(f"{config}: no [imagery] table: name the remote source there (source, url, "
+                             "collection, bbox), or leave the config out and give --url and --aoi")
+        table = whole["imagery"]
         if not isinstance(table, dict):
             raise InputError(f"{config}: imagery is a local folder ({table}); only remote sources have a cache "
                              "to fill")
@@ -513,8 +606,17 @@ def imagery_fetch(
         table.pop("collection", None)
     try:
         desc = kinds[table["source"]].model_validate(table)
-    except ValidationError as e:
-        raise InputError(f"imagery: {_flatten_error(e)}") from None
+    except ValidationError as e:  # named by the option that gave the value, else by the config's table
+        first = e.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        options = {"url": url, "api_url": url, "collection": collection, "bbox": aoi, "months": months,
+                   "cache_dir": cache, "source": source}
+        flag = {"url": "--url", "api_url": "--url", "bbox": "--aoi", "cache_dir": "--cache"}.get(field, f"--{field}")
+        if options.get(field) is not None:
+            raise InputError(f"{flag}: {first['msg']}") from None
+        where = f"{config}: " if config is not None else ""
+        hint = f" (give {flag})" if config is None and field in options else ""
+        raise InputError(f"{where}imagery: {_flatten_error(e)}{hint}") from None
     src = open_imagery(desc)
     records = src.fetch(parse_years(years))
     if table["source"] == "stac":

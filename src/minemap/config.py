@@ -46,6 +46,12 @@ class ChipConfig(_Section):
                                                   "year, sampled per block) among the splits in their target "
                                                   "proportions too, not only the labelled pixels")
     max_background_pool: int = Field(4000, ge=10, description="candidates whose spectra are compared")
+    background_reach: int | None = Field(1, ge=0, description="background and hard-negative chips come only from "
+                                                              "blocks within this many blocks of one holding a "
+                                                              "label (the labelled ground): ground nobody labelled "
+                                                              "may hold mines nobody drew, which it would teach "
+                                                              "as background; null: from anywhere (labels known "
+                                                              "to be complete over the imagery)")
     ignore_border_m: float = Field(5.0, ge=0, description="width of the band along label outlines left out of "
                                                           "the loss (digitised outlines are metres off)")
     val_fraction: float = Field(0.15, ge=0, lt=1)
@@ -98,6 +104,11 @@ class TrainConfig(_Section):
                                                         "schedule of `epochs` (the rate halved every `patience` "
                                                         "epochs) and keeps the last weights")
     batch_size: int = Field(8, ge=1)
+    epoch_windows: int = Field(128, ge=0, description="an epoch draws at least this many windows inside the "
+                                                      "training blocks (positives and others in the proportion of "
+                                                      "the chips cut), however few chips a small area gives: "
+                                                      "without it a district with a dozen chips trains a few "
+                                                      "dozen steps in all; 0: as many as the chips")
     crop_size: int | None = Field(None, ge=32, description="training sees a random square of this side from each "
                                                            "chip (a multiple of 32); default: the chip less 64 px "
                                                            "for chips of 256 px or more (60 % of the compute of "

@@ -26,3 +26,8 @@ class ModelError(MinemapError):
 
 class ExecutionError(MinemapError):
     """A cluster that cannot be reached, or a unit of work whose workers kept dying."""
+
+
+class OutputError(MinemapError):
+    """An output path that minemap may not write: a folder holding files it did not write, or a file where a
+    folder belongs. minemap never replaces or deletes what it did not write."""

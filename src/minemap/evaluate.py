@@ -30,7 +30,7 @@ import rasterio
 import shapely
 from rasterio.features import rasterize
 
-from minemap._io import write_json
+from minemap._io import outputs, write_json
 from minemap.errors import InputError
 from minemap.geo import WGS84, units_per_metre
 from minemap.imagery import Grid
@@ -70,7 +70,7 @@ def read_reference(path: Path) -> gpd.GeoDataFrame:
 
 def _year_tiles(prob_dir: Path, year: int) -> list[Path]:
     folder = Path(prob_dir) / str(year)
-    return sorted(folder.glob("*.tif")) if folder.is_dir() else []
+    return outputs(folder, "*.tif")  # not the hidden temporaries of tiles being (or left half) written
 
 
 def _burn(gdf: gpd.GeoDataFrame, shape: tuple[int, int], transform, crs) -> np.ndarray:

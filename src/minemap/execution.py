@@ -9,6 +9,10 @@
   ``func``, the initializer and the units travel by pickle, so they must be importable functions and plain data
   (an imagery source travels as its description and is opened on the worker). A unit whose worker dies is
   run again elsewhere, up to ``retries`` times; after that the run stops with :class:`ExecutionError`.
+  Every call submits its units under keys of its own (a fresh run token and the unit's number): the scheduler
+  gives one result to every client that submits the same key, so keys shared between runs (two halves of an
+  area mapped at once with the same model) would hand one run the other's results. Paths in units and
+  ``initargs`` must be absolute: workers run in folders of their own, on other machines too.
 
 Results come back in completion order, with a progress bar: units done, and with ``sizes`` (e.g. km2 per unit)
 the rate and the time left in those units.
@@ -17,7 +21,9 @@ the rate and the time left in those units.
 from __future__ import annotations
 
 import os
+import re
 import threading
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from typing import Any, TypeVar
@@ -103,13 +109,32 @@ _READY: set[str] = set()
 _READY_LOCK = threading.Lock()
 
 
+class _UnitError:
+    """A user's error (:class:`MinemapError`) raised by a unit on a worker, sent back as the unit's result and
+    raised on the client as it was. Raised on the worker, Dask would retry it like a dead worker (the same error,
+    ``retries`` times more) and pickle its whole chain of causes, some of which (rasterio's) do not unpickle:
+    the client would get a bare ``Exception`` in place of the one-line error."""
+
+    def __init__(self, error: MinemapError) -> None:
+        self.kind, self.args = type(error), error.args
+
+    def rebuild(self) -> MinemapError:
+        try:
+            return self.kind(*self.args)
+        except Exception:  # pragma: no cover - a subclass with another signature
+            return MinemapError(*self.args)
+
+
 def _run_on_worker(func: Callable, initializer: Callable | None, initargs: tuple, key: str, unit: Any) -> Any:
-    if initializer is not None and key not in _READY:
-        with _READY_LOCK:  # a worker may run several units at once in threads: load once
-            if key not in _READY:
-                initializer(*initargs)
-                _READY.add(key)
-    return func(unit)
+    try:
+        if initializer is not None and key not in _READY:
+            with _READY_LOCK:  # a worker may run several units at once in threads: load once
+                if key not in _READY:
+                    initializer(*initargs)
+                    _READY.add(key)
+        return func(unit)
+    except MinemapError as e:
+        return _UnitError(e)
 
 
 def _on_cluster(func, units: list, initializer, initargs: tuple, scheduler: str, retries: int, tick):
@@ -122,12 +147,15 @@ def _on_cluster(func, units: list, initializer, initargs: tuple, scheduler: str,
         from distributed import KilledWorker
 
     client = connect(scheduler)
-    key = stable_hash([getattr(func, "__qualname__", str(func)), repr(initargs)])
+    # the initializer's key: the same function and arguments (a model's path and content fingerprint) are
+    # loaded once per worker process, across runs; new arguments (a model changed in place) load again
+    ready = stable_hash([getattr(func, "__qualname__", str(func)), repr(initargs)])
+    prefix = task_prefix(func)
     try:
         futures = {}
         for i, u in enumerate(units):
-            f = client.submit(_run_on_worker, func, initializer, initargs, key, u, pure=False, retries=retries,
-                              key=f"minemap-{key[:12]}-{i}")
+            f = client.submit(_run_on_worker, func, initializer, initargs, ready, u, pure=False, retries=retries,
+                              key=f"{prefix}-{i}")
             futures[f] = i
         with client.as_current():  # as_completed looks for the current client
             completed = dask_completed(list(futures))
@@ -140,10 +168,22 @@ def _on_cluster(func, units: list, initializer, initargs: tuple, scheduler: str,
             except (KilledWorker, FutureCancelledError) as e:
                 raise ExecutionError(f"unit {_name(units[i])}: its workers died on every try ({e.__class__.__name__}"
                                      f"; retries {retries}): see the workers' logs (memory, time limits)") from None
+            if isinstance(result, _UnitError):
+                raise result.rebuild()
             yield result
             tick(i)
     finally:
         client.close()
+
+
+def task_prefix(func: Callable) -> str:
+    """``minemap-<function>-<run token>``: the Dask keys of one call's units are this and the unit's number.
+
+    The token is new at every call, so no two runs (nor two calls of one run) share a key: the scheduler
+    deduplicates by key alone, and a run whose keys matched another's in flight would be handed that run's
+    results (other tiles, written elsewhere) as its own."""
+    name = re.sub(r"[^A-Za-z0-9_]", "", getattr(func, "__name__", "")).strip("_") or "unit"
+    return f"minemap-{name}-{uuid.uuid4().hex}"
 
 
 def _name(unit: Any) -> str:

@@ -158,11 +158,23 @@ def write_study_year(panel_year: gpd.GeoDataFrame, dest: Path) -> None:
     gdf.to_file(dest, driver="GPKG", layer=dest.stem)
 
 
-def _read_json(path: Path) -> dict | None:
+def _read_json(path: Path) -> tuple[dict | None, str | None]:
+    """(the JSON object at ``path``, None); (None, None) where there is no such file (nothing to cite); (None,
+    why) where the file is there but cannot be read, so that the card says so instead of leaving a section out
+    as if the run had none."""
+    path = Path(path)
+    if not path.exists():
+        return None, None
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+        log.warning("%s: cannot be read (%s); the dataset card says so", path, why)
+        return None, why
+    if not isinstance(data, dict):
+        log.warning("%s: not a JSON object; the dataset card says so", path)
+        return None, f"not a JSON object but a {type(data).__name__}"
+    return data, None
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -173,10 +185,12 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
                  formats: list[str] | tuple[str, ...] = FORMATS) -> str:
     """The dataset card (Markdown) of a panel, citing what the run directory holds; its contents list the
     exports in ``formats``."""
-    card = _read_json(run_dir / "model" / "model.json")
-    thr = _read_json(run_dir / "threshold.json")
-    imagery = _read_json(run_dir / "probabilities" / "imagery.json")
-    metrics = _read_json(run_dir / "metrics.json")
+    card_path, thr_path = run_dir / "model" / "model.json", run_dir / "threshold.json"
+    imagery_path, metrics_path = run_dir / "probabilities" / "imagery.json", run_dir / "metrics.json"
+    card, card_why = _read_json(card_path)
+    thr, thr_why = _read_json(thr_path)
+    imagery, imagery_why = _read_json(imagery_path)
+    metrics, metrics_why = _read_json(metrics_path)
     years = sorted(int(y) for y in panel["year"].unique())
     lines = [
         "# Mining areas panel", "",
@@ -209,8 +223,14 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
         lines.append(f"- Imagery: {src.get('source', 'unknown')} source"
                      + (f" ({src.get('collection') or src.get('url') or ''})" if src.get("collection") or src.get("url")
                         else "") + f", bands {', '.join(imagery.get('bands', []))}.")
+    elif imagery_why:
+        lines.append(f"- Imagery: its record `{imagery_path}` could not be read ({imagery_why}).")
     else:
         lines.append("- Imagery: not recorded beside this panel (built from polygons alone).")
+    if card_why:
+        lines.append(f"- Model: its card `{card_path}` could not be read ({card_why}).")
+    if thr_why:
+        lines.append(f"- Threshold: its record `{thr_path}` could not be read ({thr_why}).")
     if card:
         lines.append(f"- Model: SegFormer {card.get('encoder')}, trained on {card.get('train_year')} chips of "
                      f"{card.get('chip_size')} px at {_fmt(card.get('gsd_m'), 1)} m; best of "
@@ -234,23 +254,13 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
               "- Mine identities: an outline continues the mine it overlaps most in the previous year (gaps of up "
               "to `panel.max_gap` years kept); merges and splits are events.", "",
               "## Accuracy", ""]
-    if metrics and metrics.get("years"):
-        lines += [f"Against the reference polygons given to the run, pixel level, on {metrics.get('scope', 'every pixel')}; "
-                  "reference pixels without an observation (no imagery, or masked as cloud or shadow) count as "
-                  "missed; 95 % intervals from a bootstrap over 1 km blocks. 'All blocks' adds the blocks the model "
-                  "was trained and tuned on (in-sample, for comparison only).", "",
-                  "| year | precision | recall | F1 | reference unobserved | F1 all blocks (in-sample) | "
-                  "calibration ECE / MCE |", "| --- | --- | --- | --- | --- | --- | --- |"]
-        for y, m in sorted(metrics["years"].items()):
-            px = m.get("pixel", {})
-            ci = px.get("ci95", {}).get("f1")
-            f1 = _fmt(px.get("f1")) + (f" ({_fmt(ci[0])}-{_fmt(ci[1])})" if ci else "")
-            unseen = m.get("unobserved", {}).get("reference_share")
-            every = m.get("all_blocks", {}).get("pixel", {}).get("f1")
-            cal = m.get("calibration", {})
-            lines.append(f"| {y} | {_fmt(px.get('precision'))} | {_fmt(px.get('recall'))} | {f1} | "
-                         f"{'' if unseen is None else f'{unseen:.1%}'} | {_fmt(every) if every is not None else ''} | "
-                         f"{_fmt(cal.get('ece'))} / {_fmt(cal.get('mce'))} |")
+    accuracy = _accuracy_lines(metrics) if metrics is not None else None
+    if metrics_why or (metrics is not None and accuracy is None):
+        why = metrics_why or "it holds no per-year accuracy in the form minemap writes"
+        lines.append(f"**The accuracy could not be read** from `{metrics_path}` ({why}): this panel's accuracy is "
+                     "not stated here. Run `minemap evaluate` (or the run with its reference) again to write it.")
+    elif accuracy:
+        lines += accuracy
     else:
         lines.append("No reference was given: the accuracy of this panel is not measured here; the model card's "
                      "test metrics above are on held-out chips of the training year.")
@@ -270,3 +280,32 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
               "- The method: Sepin, P., Vashold, L. & Kuschnig, N. Mapping mining areas in the tropics from 2016 to "
               "2024. Nature Sustainability (2025).", ""]
     return "\n".join(lines)
+
+
+def _accuracy_lines(metrics: dict) -> list[str] | None:
+    """The card's accuracy section from ``metrics.json`` (None: it holds no per-year accuracy in the form
+    minemap writes, e.g. a hand-edited or foreign file)."""
+    if not isinstance(metrics.get("years"), dict) or not metrics["years"]:
+        return None
+    lines: list[str] = []
+    try:
+        lines += [f"Against the reference polygons given to the run, pixel level, on {metrics.get('scope', 'every pixel')}; "
+                  "reference pixels without an observation (no imagery, or masked as cloud or shadow) count as "
+                  "missed; 95 % intervals from a bootstrap over 1 km blocks. 'All blocks' adds the blocks the model "
+                  "was trained and tuned on (in-sample, for comparison only).", "",
+                  "| year | precision | recall | F1 | reference unobserved | F1 all blocks (in-sample) | "
+                  "calibration ECE / MCE |", "| --- | --- | --- | --- | --- | --- | --- |"]
+        for y, m in sorted(metrics["years"].items()):
+            px = m.get("pixel", {})
+            ci = px.get("ci95", {}).get("f1")
+            f1 = _fmt(px.get("f1")) + (f" ({_fmt(ci[0])}-{_fmt(ci[1])})" if ci else "")
+            unseen = m.get("unobserved", {}).get("reference_share")
+            every = m.get("all_blocks", {}).get("pixel", {}).get("f1")
+            cal = m.get("calibration", {})
+            lines.append(f"| {y} | {_fmt(px.get('precision'))} | {_fmt(px.get('recall'))} | {f1} | "
+                         f"{'' if unseen is None else f'{unseen:.1%}'} | {_fmt(every) if every is not None else ''} | "
+                         f"{_fmt(cal.get('ece'))} / {_fmt(cal.get('mce'))} |")
+    except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:  # a value not of minemap's form
+        log.warning("metrics.json: not in the form minemap writes (%s: %s)", type(e).__name__, e)
+        return None
+    return lines

@@ -11,6 +11,7 @@ zone. The same naming as the STAC source's cache tiles. A tile is cut short wher
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,8 @@ import shapely
 
 from minemap.errors import ImageryError
 from minemap.imagery import Grid
+
+TILE_FILE = re.compile(r"x-?\d+_y-?\d+\.tif")  # a tile's file, named by :func:`make_tiles`
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,11 @@ class Manifest:
     def __len__(self) -> int:
         return len(self._data)
 
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is recorded, with any fingerprint: what a run made, current or not (its files are its
+        own to replace or remove)."""
+        return key in self._data
+
     def items(self) -> list[tuple[str, str]]:
         """(key, fingerprint) of every finished unit."""
         return list(self._data.items())

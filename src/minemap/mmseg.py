@@ -192,47 +192,82 @@ def _fold(weight: torch.Tensor, bias: torch.Tensor | None, state: dict, bn: str)
 
 
 class _Inert:
-    """Stands for any class a checkpoint pickles outside torch: takes whatever it is given, runs nothing."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
+    """Stands for an object of MMEngine's own that its training checkpoints carry beside the weights (the
+    message hub's history buffers): built empty, its state thrown away, MMEngine never imported or run."""
 
     def __setstate__(self, state) -> None:
         pass
 
 
-class _InertUnpickler(pickle.Unpickler):
-    """Unpickles tensors and plain containers; every other class becomes :class:`_Inert`, so that reading a
-    checkpoint never runs code from it (mmengine training checkpoints carry logging objects beside the weights)."""
-
-    PLAIN = {("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"),
-             ("builtins", "slice"), ("builtins", "complex")}
-
-    def find_class(self, module: str, name: str):
-        if (module == "torch" or module.startswith("torch.")) and not module.startswith("torch.nn") \
-                or (module, name) in self.PLAIN:
-            return super().find_class(module, name)
-        return _Inert
+# Globals of MMEngine that a training checkpoint pickles beside the weights, read as :class:`_Inert` (exact
+# names: a module prefix would admit whatever a crafted file names under it)
+INERT_GLOBALS = ("mmengine.logging.history_buffer.HistoryBuffer",)
 
 
-class _inert_pickle:  # noqa: N801 - a stand-in for the pickle module, as torch.load expects one
-    Unpickler = _InertUnpickler
-    load = pickle.load
-    __name__ = "pickle"
+def _numpy_globals() -> list[tuple[object, str]]:
+    """The globals of numpy arrays and scalars as numpy pickles them (MMEngine's history buffers and metas hold
+    them): the array and scalar rebuilders, ``numpy.ndarray``, ``numpy.dtype`` and the classes of the numeric
+    dtypes (never the object dtype, whose arrays hold arbitrary objects), under numpy 1's and numpy 2's names."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    out: list[tuple[object, str]] = [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        out += [(core.multiarray._reconstruct, f"{mod}._reconstruct"), (core.multiarray.scalar, f"{mod}.scalar")]
+    for code in "?bBhHiIlLqQefdgFDG":
+        cls = type(np.dtype(code))
+        out.append((cls, f"numpy.dtypes.{cls.__name__}"))
+    return out
+
+
+def _safe_globals() -> list:
+    """What a checkpoint may name beyond torch's own weights-only set (tensors, storages, dtypes, OrderedDict,
+    set, complex, bytes): frozenset, numpy arrays and scalars, and :data:`INERT_GLOBALS` as inert stand-ins."""
+    return [frozenset, *_numpy_globals(), *((_Inert, name) for name in INERT_GLOBALS)]
+
+
+def _refused(e: Exception) -> str | None:
+    """The global a weights-only load refused, from torch's message (None: it failed for another reason)."""
+    msg = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", msg) or \
+        re.search(r"(?:unrecognized function|but got) (.+?)(?: which belongs|\n|$)", msg)
+    return m.group(1).strip() if m else None
+
+
+def _why(e: Exception) -> str:
+    """One line of what torch says about an unreadable file (its own words after its boilerplate)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error:" in ln:
+            rest = (ln.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines)
+                                                                          else ""))[:160]
+            if rest.startswith("Unsupported operand"):  # a pickle opcode the weights-only reader lacks
+                rest += ": not a pickle, or one of another protocol than torch.save's default (2)"
+            return rest
+    return (lines[0] if lines else type(e).__name__)[:160]
 
 
 def read_mmseg(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of an MMSegmentation checkpoint file (.pth with ``state_dict``, or a bare state dict)."""
+    """The state dict of an MMSegmentation checkpoint file (.pth with ``state_dict``, or a bare state dict).
+
+    The file is read as data, never as code: torch's weights-only unpickler with an allow-list of exact globals
+    (:func:`_safe_globals`); a file that names any other function or class (``os.system``, a torch helper that
+    executes source, a class of another program) is refused with :class:`ModelError` naming it, and nothing of
+    it runs. A checkpoint is a pickle, and a pickle may call whatever it names."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: checkpoint not found")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # mmengine's checkpoints pickle its own classes (message_hub): read them inertly
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_inert_pickle)
-        except Exception as e:  # pickles of other programs, truncated files
-            raise ModelError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:160]})") from None
+        with torch.serialization.safe_globals(_safe_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        name = _refused(e)
+        if name is not None:
+            raise ModelError(f"{path}: refused: the checkpoint names {name}, which is not weights or plain data "
+                             "(a checkpoint is read as data only, never run)") from None
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({_why(e)})") from None
+    except Exception as e:  # truncated files, archives of other programs
+        raise ModelError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {_why(e)})") from None
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -295,7 +330,7 @@ def write_layout(chips_dir: Path, dest: Path) -> int:
     meta = read_meta(chips_dir)
     index = read_index([Path(chips_dir)])
     year = str(meta["year"])
-    with atomic_path(Path(dest) / year) as tmp:
+    with atomic_path(Path(dest) / year, kind="mmseg") as tmp:
         for row in index.itertuples():
             img = tmp / "img_dir" / row.split / f"{row.chip_id}.tif"
             ann = tmp / "ann_dir" / row.split / f"{row.chip_id}.png"
@@ -371,8 +406,7 @@ def read_layout(year_dir: Path, dest: Path, bands: list[str] | None = None, gsd_
             "gsd_m": gsd_m, "chip_size": int(size[0]), "block_size": int(size[0]), "block_size_from": "mmseg layout",
             "labels_fingerprint": stable_hash(sorted((r["image"], r["positive_pixels"]) for r in rows)),
             "source": {"mmseg_layout": str(year_dir)}}
-    with atomic_path(Path(dest)) as tmp:
-        tmp.mkdir(parents=True)
+    with atomic_path(Path(dest), kind="chips") as tmp:
         index.to_parquet(tmp / "index.parquet")
         write_json(tmp / "meta.json", meta)
     return len(rows)

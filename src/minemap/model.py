@@ -158,8 +158,7 @@ def build_model(encoder: str, num_channels: int, head: str = "segformer",
 def save_model(model: torch.nn.Module, card: ModelCard, dest: Path) -> Path:
     """Write ``weights.safetensors`` and ``model.json`` into ``dest`` atomically (the folder is swapped whole)."""
     dest = Path(dest)
-    with atomic_path(dest) as tmp:
-        tmp.mkdir(parents=True)
+    with atomic_path(dest, kind="model") as tmp:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         (tmp / CARD).write_text(card.model_dump_json(indent=2) + "\n")

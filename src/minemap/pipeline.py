@@ -54,7 +54,7 @@ from minemap.report import REPORT, REPORT_FORMAT, report
 from minemap.review import VERDICT_FILE, TrainingVerdicts, apply_to_labels, training_verdicts
 from minemap.panel import PANEL_FILES, PANEL_FORMAT, build_panel, write_panel
 from minemap.postprocess import postprocess_stage
-from minemap.predict import predict
+from minemap.predict import absolute_imagery, absolute_path, predict
 from minemap.train import STATE, train, weak_model_error
 from minemap.vectorize import read_polygons, vectorize, vectorize_year
 
@@ -85,6 +85,7 @@ def _file_key(path: Path) -> str:
 
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunResult:
     """Run every stage of ``cfg`` into ``cfg.out``; see the module docstring for the layout and resuming."""
+    cfg = _absolute(cfg)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output path exists and is not a directory")
@@ -278,6 +279,17 @@ def _block_threshold(cfg: RunConfig, source, prob_dir: Path, out: Path, card_thr
                       "blocks hold too few labelled pixels"}
     write_json(out / "threshold.json", record)
     return record["threshold"]
+
+
+def _absolute(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the paths that travel to workers absolute: the run directory (tiles to write and to
+    vectorise), the imagery and the model. Workers of a cluster run in folders of their own, often on other
+    machines; a relative path there names another place (tiles written where this process never looks) or none.
+    Stage keys do not hold these paths, so a run started with relative ones resumes as it was."""
+    update = {"out": absolute_path(cfg.out), "imagery": absolute_imagery(cfg.imagery)}
+    if cfg.model.path is not None:
+        update["model"] = cfg.model.model_copy(update={"path": absolute_path(cfg.model.path)})
+    return cfg.model_copy(update=update)
 
 
 def _imagery_settings(cfg: RunConfig) -> dict:

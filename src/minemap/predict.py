@@ -8,10 +8,15 @@ seams. Output per unit::
 
     probabilities/<year>/<tile_id>.tif   COG, uint8 = round(P(mining) x 250), nodata 255 where no imagery
 
-A manifest (``probabilities/manifest.jsonl``) records finished units with the model's fingerprint; a rerun
-skips them unless ``overwrite``. Imagery whose bands or ground sample distance differ from the model card's
-is refused before anything is written. With ``normalise_years``, each year other than the model's training
-year is first brought to that year's reflectance (:mod:`minemap.radiometry`, ``probabilities/radiometry/``).
+A manifest (``probabilities/manifest.jsonl``) records finished units with the model's fingerprint, each once its
+file is there (a worker's word is not taken for it: on a cluster, a worker may write where the client cannot
+see); a rerun skips them unless ``overwrite``. Tiles of another tiling or area are removed before a run, so that
+vectorising never mixes two tilings; only files this tool wrote (tile-named, and in the manifest or marked as
+probability rasters) are ever removed. Paths sent to workers are absolute, and workers key what they keep
+loaded (the model, the normalisations) by path and content, so a model retrained in place is used at once.
+Imagery whose bands or ground sample distance differ from the model card's is refused before anything is
+written. With ``normalise_years``, each year other than the model's training year is first brought to that
+year's reflectance (:mod:`minemap.radiometry`, ``probabilities/radiometry/``).
 With ``mask_clouds``, opaque clouds (brighter in every band than anything in the training chips,
 :func:`cloud_mask`) are nodata, and so, for sources that do not mask clouds themselves (``masks_clouds``
 false: local files, Planet basemaps), are thin clouds and cloud shadows found in each year's own pixels by their
@@ -23,9 +28,15 @@ observed.
 from __future__ import annotations
 
 import logging
+import os
+import re
+import threading
+from collections import OrderedDict
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
+import rasterio
 import shapely
 import torch
 from scipy.ndimage import binary_dilation
@@ -33,10 +44,10 @@ from scipy.ndimage import binary_dilation
 from minemap._io import file_sha256, stable_hash, write_json
 from minemap.aoi import aoi_in
 from minemap.config import PredictConfig
-from minemap.errors import ImageryError
+from minemap.errors import ExecutionError, ImageryError, ModelError
 from minemap.execution import map_units
 from minemap.geo import ground_sample_distance_m
-from minemap.grid import Tile, make_tiles
+from minemap.grid import TILE_FILE, Tile, make_tiles
 from minemap.imagery import ImagerySource, Resampled, describe, open_imagery
 from minemap.manifest import Manifest
 from minemap.masks import obscured_mask
@@ -51,6 +62,9 @@ DEFAULT_WINDOW = 384  # inference window side when not set: larger than the trai
 # overlap, and on CPU mit-b0 runs about 1.2 x faster per pixel at 384 px than at 256 px (768 px and more: slower)
 DEFAULT_OVERLAP = 32  # pixels shared by neighbouring windows, blended with linear ramps
 EMPTY = ":no-imagery"  # appended to a unit's fingerprint in the manifest: done, and nothing to write
+TILE_TMP = re.compile(r"\.x-?\d+_y-?\d+\.tif\.[0-9a-f]{8}\.tmp\.tif")  # one's write killed half-way (atomic_path)
+PROBABILITY_BAND = "P(mining) x 250"  # the band description :func:`minemap.rasters.write_cog` gives a tile
+MAX_STATES = 2  # models (with their sources) kept loaded per process: workers outlive runs
 MASKS = "signature-masks-1"  # the method of the thin cloud and shadow masks, in the fingerprints of units using it
 
 
@@ -172,8 +186,78 @@ def cloud_mask(pixels: np.ndarray, card: ModelCard, grow_px: int = 2) -> np.ndar
     return binary_dilation(cloud, iterations=grow_px) if cloud.any() and grow_px else cloud
 
 
-# -- worker state: the model is loaded once per process ----------------------------------------------------
-_WORKER: dict = {}
+# -- worker state: a model is loaded once per process and content ----------------------------------------
+class _Context(NamedTuple):
+    """What a unit needs loaded on its worker: the model (absolute path and content fingerprint) and the source.
+
+    Workers outlive runs, so what they keep is keyed by the model's content, not its path: a model retrained
+    into the same folder, or its card edited, is another context and is loaded afresh."""
+    model_dir: str
+    model_fp: str
+    imagery: Any
+    bands: list[str] | None
+    device: str
+    factor: float | None
+
+    @property
+    def key(self) -> str:
+        return stable_hash([self.model_dir, self.model_fp, repr(self.imagery), self.bands, self.device, self.factor])
+
+
+_STATES: OrderedDict[str, dict] = OrderedDict()
+_STATES_LOCK = threading.Lock()
+
+
+def model_fingerprint(model_dir: Path | str) -> str:
+    """The content of a model directory: its weights and its card (calibration, cloud level, bands)."""
+    model_dir = Path(model_dir)
+    try:
+        return stable_hash([file_sha256(model_dir / WEIGHTS), file_sha256(model_dir / CARD)])
+    except FileNotFoundError:
+        raise ModelError(f"{model_dir}: model not found on this machine (workers must see it at the same "
+                         "path, e.g. on shared storage)") from None
+
+
+def _model_stat(model_dir: Path) -> list:
+    return [(s.st_ino, s.st_size, s.st_mtime_ns) for s in ((model_dir / f).stat() for f in (WEIGHTS, CARD))]
+
+
+def _load_state(ctx: _Context) -> dict:
+    """The model and source of ``ctx``, loaded; the model's files must still be the ones the run fingerprinted
+    (its manifest records that fingerprint as what the tiles were made by)."""
+    model_dir = Path(ctx.model_dir)
+    changed = ModelError(f"{model_dir}: the model changed while this prediction ran (its files differ from "
+                         "those it started with); run predict again")
+    if model_fingerprint(model_dir) != ctx.model_fp:
+        raise changed
+    before = _model_stat(model_dir)
+    dev = resolve_device(ctx.device)
+    model, card = load_model(model_dir, dev)
+    if _model_stat(model_dir) != before:  # replaced while it was read
+        raise changed
+    source = open_imagery(ctx.imagery, ctx.bands, resampling="bilinear" if ctx.factor else "nearest")
+    return dict(model_dir=ctx.model_dir, model_fp=ctx.model_fp, model=model, card=card, device=dev,
+                source=Resampled(source, ctx.factor) if ctx.factor else source)
+
+
+def _state(ctx: _Context) -> dict:
+    """The loaded state of ``ctx`` in this process, loading it once (threads of a worker wait for one load).
+    A state of an older content of the same model is dropped; at most :data:`MAX_STATES` are kept."""
+    key = ctx.key
+    state = _STATES.get(key)
+    if state is not None:
+        return state
+    with _STATES_LOCK:
+        state = _STATES.get(key)
+        if state is None:
+            state = _load_state(ctx)
+            for k, v in list(_STATES.items()):  # an older content of that model: never used again
+                if v["model_dir"] == ctx.model_dir and v["model_fp"] != ctx.model_fp:
+                    del _STATES[k]
+            _STATES[key] = state
+            while len(_STATES) > MAX_STATES:
+                _STATES.popitem(last=False)
+        return state
 
 
 def open_for_model(imagery, bands: list[str] | None, card: ModelCard, resample: bool = False, where: str = "",
@@ -201,16 +285,17 @@ def open_for_model(imagery, bands: list[str] | None, card: ModelCard, resample: 
     return Resampled(open_imagery(imagery, bands, resampling="bilinear"), factor), factor, bands
 
 
-def _init_predict(model_dir: str, imagery, bands: list[str] | None, device: str, factor: float | None) -> None:
-    dev = resolve_device(device)
-    model, card = load_model(Path(model_dir), dev)
-    source = open_imagery(imagery, bands, resampling="bilinear" if factor else "nearest")
-    _WORKER.update(model=model, card=card, device=dev, source=Resampled(source, factor) if factor else source)
+def _init_predict(ctx: _Context) -> None:
+    _state(ctx)  # load the model before the first unit (units load it themselves where it is not loaded)
 
 
-def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None]) -> tuple[int, str, bool]:
-    year, tile, dest, cfg, radiometry = unit
-    model, card, source = _WORKER["model"], _WORKER["card"], _WORKER["source"]
+def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, tuple[str, str] | None, _Context]
+                  ) -> tuple[int, str, bool]:
+    """One (tile, year): ``dest`` written (True), or removed where the tile has no imagery (False).
+    ``radiometry``: (path, content key) of the year's normalisation, or None."""
+    year, tile, dest, cfg, radiometry, ctx = unit
+    state = _state(ctx)
+    model, card, source, device = state["model"], state["card"], state["source"], state["device"]
     parent = source.grid(year)
     window, stride = window_layout(card, cfg)
     # the windows of the global lattice over the tile, and the pixels they cover (read with no data past the
@@ -227,9 +312,7 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None]) -> tup
         Path(dest).unlink(missing_ok=True)
         return year, tile.tile_id, False
     if radiometry is not None:
-        if radiometry not in _WORKER:
-            _WORKER[radiometry] = rad.load(Path(radiometry))
-        pixels = rad.apply(pixels, _WORKER[radiometry], c0, r0)
+        pixels = rad.apply(pixels, rad.load_cached(*radiometry), c0, r0)
     if cfg.mask_clouds:  # after normalising: the cloud level is in the training year's units
         hidden = cloud_mask(pixels, card)
         if not getattr(source, "masks_clouds", False):  # thin clouds and shadows, by their own signature (the
@@ -237,8 +320,7 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, str | None]) -> tup
         valid &= ~hidden
     batch = max(1, cfg.batch_size * card.chip_size ** 2 // window ** 2)  # batch_size counts training chips
     prob = blend_windows(model, card, pixels, valid, [r - rows[0] for r in rows], [q - cols[0] for q in cols],
-                         window, window - stride, batch, _WORKER["device"], cfg.tta,
-                         resolve_precision(cfg.precision, _WORKER["device"]))
+                         window, window - stride, batch, device, cfg.tta, resolve_precision(cfg.precision, device))
     out = quantise(prob[inner])
     out[~valid[inner]] = NODATA
     write_cog(Path(dest), out, tile.grid(parent))
@@ -260,12 +342,16 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     :mod:`minemap.aoi`): only the tiles of the global grid that touch it. ``workers`` local processes or a Dask
     ``scheduler`` address run the units (see :mod:`minemap.execution`). Tiles with no valid imagery are
     skipped (no file); ``out_dir/tiles.json`` counts, per year, the tiles in the area, predicted and skipped.
-    Returns the probability COGs written or already there."""
+    Returns the probability COGs written or already there.
+
+    Paths may be relative to this process's folder: they are made absolute here, before any unit is built,
+    since workers run in folders of their own (on other machines too), where a relative path names another
+    place or none."""
     cfg = cfg or PredictConfig()
-    out_dir = Path(out_dir)
+    where = f"{describe(imagery)}: "
+    model_dir, out_dir, imagery = absolute_path(model_dir), absolute_path(out_dir), absolute_imagery(imagery)
     card = read_card(model_dir)
     load_model(model_dir, "cpu")  # corrupt or mismatched weights: one error here, before any unit is sent anywhere
-    where = f"{describe(imagery)}: "
     source, factor, bands = open_for_model(imagery, bands, card, cfg.resample, where, years)
     for year in years:
         check_compatible(card, source, year, where=where)
@@ -278,12 +364,14 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
         log.warning("%sno imagery of the model's training year %s: years are not normalised to it", where,
                     card.train_year)
     fitted = rad.year_radiometry(source, years, card.train_year, cfg.normalise_years)
-    for year, r in fitted.items():
-        radiometry[year] = str(rad.save(r, out_dir / "radiometry" / f"{year}.npz"))
+    for year, r in fitted.items():  # sent with its content key: a worker's cache tells a rewritten file apart
+        radiometry[year] = (str(rad.save(r, out_dir / "radiometry" / f"{year}.npz")), rad.content_key(r))
     if fitted:
         write_json(out_dir / "radiometry.json", {str(y): rad.summary(r) for y, r in fitted.items()})
     # a unit is done when made by these weights and card (calibration, cloud level), settings and radiometry
-    model_key = [file_sha256(Path(model_dir) / WEIGHTS), file_sha256(Path(model_dir) / CARD), factor,
+    weights_sha, card_sha = file_sha256(model_dir / WEIGHTS), file_sha256(model_dir / CARD)
+    ctx = _Context(str(model_dir), stable_hash([weights_sha, card_sha]), imagery, bands, cfg.device, factor)
+    model_key = [weights_sha, card_sha, factor,
                  window_layout(card, cfg),  # the layout in effect (defaults included), not the raw settings
                  cfg.tta, cfg.precision, cfg.mask_clouds, {y: rad.content_key(r) for y, r in fitted.items()}]
     def grid_key(g) -> list:  # tiles are named by position: a new grid or tile size is another tiling
@@ -293,7 +381,7 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     fingerprints = {y: stable_hash([model_key, source.fingerprint(y), grid_key(source.grid(y)), masks])
                     for y in years}
     manifest = Manifest(out_dir / "manifest.jsonl")
-    units, outputs, counts = [], {}, {}
+    units, outputs, counts, foreign = [], {}, {}, []
     for year in years:
         grid = source.grid(year)
         area = None
@@ -305,9 +393,13 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
         counts[year] = {"tiles": len(tiles), "predicted": 0, "no_imagery": 0}
         names = {f"{t.tile_id}.tif" for t in tiles}
         folder = out_dir / str(year)
-        for stale in (folder.glob("*.tif") if folder.is_dir() else []):
-            if stale.name not in names:  # a tile of another tiling or area would be vectorised with these
-                stale.unlink()
+        for stale in (sorted(folder.glob("*.tif")) if folder.is_dir() else []):
+            if stale.name in names:
+                continue
+            if _written_here(stale, year, manifest):  # a tile of another tiling or area: vectorised with these
+                stale.unlink(missing_ok=True)
+            else:  # never delete what this tool did not write (imagery, a user's rasters)
+                foreign.append(stale)
         for tile in tiles:
             dest = out_dir / str(year) / f"{tile.tile_id}.tif"
             key = f"{year}/{tile.tile_id}"
@@ -317,7 +409,12 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
             elif not overwrite and manifest.done(key, fingerprints[year] + EMPTY):
                 counts[year]["no_imagery"] += 1
             else:
-                units.append((year, tile, str(dest), cfg, radiometry.get(year)))
+                units.append((year, tile, str(dest), cfg, radiometry.get(year), ctx))
+    if foreign:
+        log.warning("%s: %d file(s) not written by minemap left as they are (%s%s); vectorize reads every .tif "
+                    "of a year's folder: keep other rasters out of the probabilities' folders", out_dir,
+                    len(foreign), ", ".join(str(p.relative_to(out_dir)) for p in foreign[:3]),
+                    ", ..." if len(foreign) > 3 else "")
     if aoi is not None and not any(c["tiles"] for c in counts.values()):
         raise ImageryError(f"{where}the area of interest {_describe_area(aoi)} misses the imagery of every year "
                            f"({', '.join(map(str, years))})")
@@ -327,20 +424,82 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     km2 = {y: ground_sample_distance_m(g.crs, g.transform, g.width, g.height) ** 2 / 1e6
            for y, g in ((y, source.grid(y)) for y in years)}
     sizes = [u[1].width * u[1].height * km2[u[0]] for u in units]
-    for year, tile_id, wrote in map_units(_predict_unit, units, workers, _init_predict,
-                                          (str(Path(model_dir).resolve()), imagery, bands, cfg.device, factor),
-                                          desc="predict", progress=progress, scheduler=scheduler, sizes=sizes,
-                                          size_unit="km²"):
-        manifest.mark(f"{year}/{tile_id}", fingerprints[year] + ("" if wrote else EMPTY))
-        if wrote:
-            outputs[f"{year}/{tile_id}"] = out_dir / str(year) / f"{tile_id}.tif"
-        counts[year]["predicted" if wrote else "no_imagery"] += 1
-    _WORKER.clear()
+    pending = {f"{u[0]}/{u[1].tile_id}": u for u in units}
+    try:
+        for year, tile_id, wrote in map_units(_predict_unit, units, workers, _init_predict, (ctx,),
+                                              desc="predict", progress=progress, scheduler=scheduler, sizes=sizes,
+                                              size_unit="km²"):
+            key = f"{year}/{tile_id}"
+            unit = pending.pop(key, None)
+            if unit is None:
+                raise ExecutionError(f"unit {key}: a result this run did not ask for, or got twice (is another "
+                                     "run sharing its task names?)")
+            if wrote:  # recorded done only once its file is where this run reads it from
+                outputs[key] = _check_written(key, Path(unit[2]), unit[1])
+            manifest.mark(key, fingerprints[year] + ("" if wrote else EMPTY))
+            counts[year]["predicted" if wrote else "no_imagery"] += 1
+    finally:
+        _STATES.pop(ctx.key, None)  # loaded here by a serial run: not kept past it
+    if pending:
+        raise ExecutionError(f"unit {next(iter(pending))}: no result came back ({len(pending)} unit(s) missing)")
     write_json(out_dir / "tiles.json", {str(y): c for y, c in counts.items()})
     for y, c in counts.items():
         if c["no_imagery"]:
             log.info("predict %s: %d of %d tiles have no valid imagery, skipped", y, c["no_imagery"], c["tiles"])
     return sorted(outputs.values())
+
+
+def absolute_path(path: Path | str) -> Path:
+    """``path`` made absolute against this process's folder, ``~`` and ``..`` folded; symlinks are kept (the
+    name a shared mount has is the one other machines know)."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def absolute_imagery(imagery):
+    """An imagery description whose paths (a local folder, a cache folder) are absolute: it travels to workers
+    that run in other folders. A bare path becomes an absolute :class:`~pathlib.Path`."""
+    if isinstance(imagery, (str, Path)):
+        return absolute_path(imagery)
+    update = {k: absolute_path(getattr(imagery, k)) for k in ("path", "cache_dir")
+              if getattr(imagery, k, None) is not None}
+    return imagery.model_copy(update=update) if update and hasattr(imagery, "model_copy") else imagery
+
+
+def _written_here(path: Path, year: int, manifest: Manifest) -> bool:
+    """Whether ``path`` in a year's folder is a file this tool wrote: named like a tile and recorded in the
+    manifest, or named like a tile and marked as a probability raster (a unit killed before it was recorded),
+    or the temporary file of a write killed half-way. Nothing else is ever deleted."""
+    if TILE_TMP.fullmatch(path.name):
+        return True
+    if not TILE_FILE.fullmatch(path.name):
+        return False
+    if f"{year}/{path.stem}" in manifest:
+        return True
+    try:
+        with rasterio.open(path) as src:
+            return (src.count == 1 and src.dtypes[0] == "uint8" and src.nodata == NODATA
+                    and src.descriptions[0] == PROBABILITY_BAND)
+    except rasterio.errors.RasterioError:
+        return False
+
+
+def _check_written(key: str, dest: Path, tile: Tile) -> Path:
+    """``dest``, which a worker reported written for unit ``key``; :class:`ExecutionError` unless it is there, opens
+    and has the tile's size (a worker on another machine, or in another folder, may write where this process
+    does not read)."""
+    if not dest.is_file():
+        raise ExecutionError(f"unit {key}: its worker reported {dest} written, but it is not there (workers must "
+                             "write to the same folder: on other machines, shared storage at the same path)")
+    try:
+        with rasterio.open(dest) as src:
+            size = (src.width, src.height)
+    except rasterio.errors.RasterioError as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ExecutionError(f"unit {key}: {dest} cannot be read ({msg})") from None
+    if size != (tile.width, tile.height):
+        raise ExecutionError(f"unit {key}: {dest} is {size[0]} x {size[1]} px, the tile {tile.width} x "
+                             f"{tile.height}")
+    return dest
 
 
 def _describe_area(aoi: shapely.Geometry) -> str:

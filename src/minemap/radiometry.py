@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +32,14 @@ from affine import Affine
 from scipy.ndimage import gaussian_filter, uniform_filter
 
 from minemap._io import atomic_path
+from minemap.errors import ImageryError
 from minemap.imagery import Grid, ImagerySource
 
 log = logging.getLogger(__name__)
 QUANTILES = (10, 30, 50, 70, 90)  # matched between a year and the training year
 MIN_PIXELS = 1000
 GAIN_RANGE = (0.5, 3.0)  # a local gain outside this is a cell that changed, not haze
+CACHE_SIZE = 8  # normalisations kept loaded per process (a year each; long-lived workers serve many runs)
 
 
 def _quantile_fit(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -204,6 +208,36 @@ def save(rad: dict, dest: Path) -> Path:
 def load(path: Path) -> dict:
     with np.load(path) as z:
         return {k: (z[k].item() if z[k].ndim == 0 else z[k]) for k in z.files}
+
+
+_CACHE: OrderedDict[tuple[str, str], dict] = OrderedDict()
+_CACHE_LOCK = threading.Lock()
+
+
+def load_cached(path: Path | str, key: str) -> dict:
+    """The normalisation at ``path`` whose :func:`content_key` is ``key``, loaded once per process.
+
+    Cached by path *and* content: a worker that outlives a run sees the same path rewritten by the next run
+    into that folder (new imagery, another mode), and a cache by path alone would apply the old gains. A file
+    whose content is not ``key`` (rewritten since the run that sent it started) is an error, not used."""
+    k = (str(path), key)
+    with _CACHE_LOCK:
+        if k in _CACHE:
+            _CACHE.move_to_end(k)
+            return _CACHE[k]
+    try:
+        rad = load(Path(path))
+    except FileNotFoundError:
+        raise ImageryError(f"{path}: radiometry file not found on this machine (workers must see the output "
+                           "folder at the same path)") from None
+    if content_key(rad) != key:
+        raise ImageryError(f"{path}: radiometry file changed since this prediction started (another run writing "
+                           "into the same folder?); run predict again")
+    with _CACHE_LOCK:
+        _CACHE[k] = rad
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return rad
 
 
 def _axis_weights(start: int, n: int, cell_px: int, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

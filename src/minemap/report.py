@@ -29,12 +29,13 @@ import pandas as pd
 import rasterio
 import shapely
 from rasterio.enums import Resampling
+from rasterio.errors import RasterioError
 from rasterio.merge import merge
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from minemap._io import atomic_path
-from minemap.errors import InputError
+from minemap.errors import InputError, MinemapError
 from minemap.geo import WGS84
 from minemap.rasters import LEVELS, NODATA
 
@@ -165,7 +166,7 @@ class Rasters:
                 from minemap.imagery import open_imagery
 
                 self.imagery = open_imagery(Path(source["path"]), desc.get("bands"))
-            except Exception as e:  # the imagery moved or changed: views without it
+            except (MinemapError, OSError, RasterioError) as e:  # the imagery moved or changed: views without it
                 log.warning("imagery at %s: %s; the report shows probabilities and polygons only", source["path"], e)
 
     def tiles(self, year: int) -> list[Path]:
@@ -192,7 +193,7 @@ class Rasters:
                 try:
                     pixels, valid = self.imagery.read(year, grid)
                     rgb = _stretch(pixels, valid)
-                except Exception as e:
+                except (MinemapError, OSError, RasterioError) as e:  # a year missing, a file gone or damaged
                     log.warning("imagery of %d could not be read for the report: %s", year, e)
             return rgb, prob, grid
         return None
@@ -360,6 +361,41 @@ def _leaflet_assets() -> tuple[str, str]:
     return (base / "leaflet.js").read_text(encoding="utf-8"), css
 
 
+# A popup of a mine's record whose values are set as text (``textContent``), never parsed as HTML: folium's own
+# GeoJsonPopup joins the values into a string given to ``innerHTML``, so that a country name from a user's
+# countries file (``<img src=x onerror=...>``) would run as script in the page. Numbers are shown as they are
+# (rounded before), not localised ("2,019" for a year).
+_POPUP_JS = """
+    {% macro script(this, kwargs) %}
+    {{ this._parent.get_name() }}.bindPopup(function(layer) {
+        let div = L.DomUtil.create('div');
+        let table = L.DomUtil.create('table', '', div);
+        let fields = {{ this.fields | tojson }};
+        let aliases = {{ this.aliases | tojson }};
+        fields.forEach(function(field, i) {
+            let row = L.DomUtil.create('tr', '', table);
+            L.DomUtil.create('th', '', row).textContent = aliases[i];
+            let v = layer.feature.properties[field];
+            L.DomUtil.create('td', '', row).textContent = (v === null || v === undefined) ? '' :
+                (typeof v === 'object' ? JSON.stringify(v) : String(v));
+        });
+        return div;
+    }, {{ this.popup_options | tojavascript }});
+    {% endmacro %}
+"""
+
+
+def _text_popup(fields: list[str], aliases: list[str]):
+    """A folium popup of ``fields`` (shown as ``aliases``) whose values are text, never HTML; see _POPUP_JS."""
+    import folium
+    from folium.template import Template
+
+    class TextPopup(folium.GeoJsonPopup):
+        _template = Template(_POPUP_JS)
+
+    return TextPopup(fields=fields, aliases=aliases, localize=False)
+
+
 def build_map(panel: gpd.GeoDataFrame, overlay: tuple[int, np.ndarray, list] | None = None):
     """A folium map with no network needs: one layer of mines a year (the last shown), popups, an optional
     probability overlay (year, RGBA, bounds), a layer control."""
@@ -391,25 +427,26 @@ def build_map(panel: gpd.GeoDataFrame, overlay: tuple[int, np.ndarray, list] | N
         gdf["mean_probability"] = gdf.mean_probability.round(3)
         gdf["country"] = gdf.country.fillna("(none)")
         colour = COLOURS[i % len(COLOURS)]
-        layer = folium.FeatureGroup(name=f"mines {year}", show=bool(year == years[-1]))
+        # layer names are HTML to Leaflet's layer control: a number, never text from the data
+        layer = folium.FeatureGroup(name=f"mines {int(year)}", show=bool(year == years[-1]))
         folium.GeoJson(
-            gdf.to_json(drop_id=True, to_wgs84=True), name=f"mines {year}",
+            gdf.to_json(drop_id=True, to_wgs84=True), name=f"mines {int(year)}",
             style_function=lambda _f, c=colour: {"color": c, "weight": 2, "fillColor": c, "fillOpacity": 0.35},
-            popup=folium.GeoJsonPopup(fields=["mine_id", "year", "area_km2", "country", "first_year",
-                                              "mean_probability"],
-                                      aliases=["mine", "year", "km²", "country", "first year", "mean probability"]),
+            popup=_text_popup(["mine_id", "year", "area_km2", "country", "first_year", "mean_probability"],
+                              ["mine", "year", "km²", "country", "first year", "mean probability"]),
         ).add_to(layer)
         layer.add_to(fmap)
     if overlay is not None:
         year, rgba, bounds = overlay
-        folium.raster_layers.ImageOverlay(rgba, bounds=bounds, name=f"probability {year}", opacity=0.8,
+        folium.raster_layers.ImageOverlay(rgba, bounds=bounds, name=f"probability {int(year)}", opacity=0.8,
                                           show=False).add_to(fmap)
     folium.LayerControl(collapsed=False).add_to(fmap)
     return fmap
 
 
 def _table(df: pd.DataFrame, floats: int = 3) -> str:
-    return df.to_html(index=False, float_format=lambda v: f"{v:.{floats}f}", border=0, classes="t", na_rep="")
+    return df.to_html(index=False, float_format=lambda v: f"{v:.{floats}f}", border=0, classes="t", na_rep="",
+                      escape=True)  # values from files are text, not HTML
 
 
 def report(run_dir: Path, dest: Path | None = None, reference: Path | None = None, progress: bool = True) -> Path:
@@ -485,11 +522,11 @@ def report(run_dir: Path, dest: Path | None = None, reference: Path | None = Non
     steps.update()
     facts = [f"run: {html.escape(str(run_dir.resolve()))}", f"years: {years[0]}-{years[-1]}",
              f"mines: {panel.mine_id.nunique():,}", f"mine-years: {len(panel):,}"]
-    if card:
-        facts.append(f"model: {html.escape(str(card.get('encoder')))}, trained on {card.get('train_year')}, "
-                     f"threshold {card.get('threshold')}")
+    if card:  # every value from a file is escaped: the page is HTML
+        facts.append(f"model: {html.escape(str(card.get('encoder')))}, trained on "
+                     f"{html.escape(str(card.get('train_year')))}, threshold {html.escape(str(card.get('threshold')))}")
     if threshold.get("threshold") is not None:
-        facts.append(f"threshold used: {threshold['threshold']}")
+        facts.append(f"threshold used: {html.escape(str(threshold['threshold']))}")
     shown = int(np.minimum(panel.groupby("year").size(), max(1, MAX_MAP_POLYGONS // len(years))).sum())
     head = ("<h1>minemap report</h1><p>" + " &middot; ".join(facts) + '</p><p><a href="#the-map">The map</a> is at '
             "the end" + (f" (the largest mines of each year, {shown:,} of {len(panel):,} mine-years)"

@@ -104,19 +104,52 @@ def qgis_style() -> str:
             "</editWidget></field></fieldConfiguration></qgis>\n")
 
 
-def _threshold(run_dir: Path) -> float:
-    for path, key in ((run_dir / "threshold.json", "threshold"), (run_dir / "model" / "model.json", "threshold")):
-        try:
-            return float(json.loads(path.read_text())[key])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return 0.5
+def _recorded(path: Path) -> float | None:
+    """The ``threshold`` a run's JSON file records (None: no such file, or it records none); a file that is
+    there but cannot be read is an error, not a reason to guess."""
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("threshold")
+    except (OSError, ValueError, AttributeError) as e:  # unreadable, not JSON, not a JSON object
+        raise InputError(f"{path}: cannot read the threshold the run used ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{path}: threshold {value!r} is not a number") from None
+    if not 0 < value < 1:
+        raise InputError(f"{path}: threshold {value:g} is not a probability between 0 and 1")
+    return value
+
+
+def review_threshold(run_dir: Path, model_dir: Path | None = None) -> tuple[float, str]:
+    """The threshold the run's polygons were drawn at (low confidence is judged against it) and the file it
+    was read from: the run's ``threshold.json`` (a run that trained its model), its ``metrics.json`` (a run
+    with a reference), its ``model/model.json``; else the card of ``model_dir``, the model a run made with
+    ``--model`` mapped with (such a run keeps no model folder). None of them: :class:`InputError`, never a
+    guess of 0.5, which would misjudge every detection of a model whose threshold is another."""
+    from minemap.model import read_card
+
+    run_dir = Path(run_dir)
+    for path in (run_dir / "threshold.json", run_dir / "metrics.json", run_dir / "model" / "model.json"):
+        value = _recorded(path)
+        if value is not None:
+            return value, str(path)
+    if model_dir is not None:
+        return read_card(model_dir).threshold, str(Path(model_dir) / "model.json")
+    raise InputError(f"{run_dir}: the run records no threshold (no threshold.json, metrics.json or model/model.json: "
+                     "a run made with --model keeps none): give --model, the model it mapped with, or --threshold")
 
 
 def export_review(run_dir: Path, year: int, out_dir: Path | None = None, limit: int = 200,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, threshold: float | None = None, model_dir: Path | None = None) -> Path:
     """Write the review file of ``year`` for the run at ``run_dir`` (default ``run_dir/review/<year>/``): the
-    ``limit`` items of highest priority, their QGIS style and image chips. Returns the GeoPackage's path."""
+    ``limit`` items of highest priority, their QGIS style and image chips. Returns the GeoPackage's path.
+    ``threshold``: the one the polygons were drawn at (default: :func:`review_threshold` of the run, or of
+    ``model_dir``'s card)."""
     from minemap.export import read_panel
     from minemap.report import Rasters, plot_outline
 
@@ -125,9 +158,14 @@ def export_review(run_dir: Path, year: int, out_dir: Path | None = None, limit: 
     if year not in set(panel.year.astype(int)):
         raise InputError(f"{run_dir / 'panel.parquet'}: no mines in {year} (years: "
                          f"{', '.join(map(str, sorted(set(panel.year.astype(int)))))})")
+    if threshold is None:
+        threshold, source = review_threshold(run_dir, model_dir)
+    else:
+        source = "given"
+    log.info("review %d: threshold %.3f (%s)", year, threshold, source)
     labels_path = run_dir / "labels.parquet"
     labels = gpd.read_parquet(labels_path) if labels_path.is_file() else None
-    items = review_candidates(panel, year, labels, _threshold(run_dir)).head(limit)
+    items = review_candidates(panel, year, labels, threshold).head(limit)
     out_dir = Path(out_dir) if out_dir else run_dir / "review" / str(year)
     (out_dir / "chips").mkdir(parents=True, exist_ok=True)
     rasters = Rasters(run_dir)

@@ -47,7 +47,7 @@ from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.features import rasterize
 from tqdm.auto import tqdm
 
-from minemap._io import atomic_path
+from minemap._io import atomic_path, check_output_dir
 from minemap.chips import MISSED, read_meta, split_summary
 from minemap.config import ModelConfig, TrainConfig
 from minemap.errors import InputError, ModelError
@@ -398,6 +398,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     model_cfg = model_cfg or ModelConfig()
     dirs = [Path(d) for d in ([chips_dirs] if isinstance(chips_dirs, (str, Path)) else chips_dirs)]
     model_dir = Path(model_dir)
+    check_output_dir(model_dir, "model")  # a folder of the user's is refused now, not after the first epoch
     meta = read_meta(dirs[0])
     index = read_index(dirs)
     max_epochs = epochs or cfg.epochs
@@ -418,6 +419,8 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     drawn = tr.kind.isin(["positive", "background"]).to_numpy() if blocks is not None else np.zeros(len(tr), bool)
     fixed = tr[~drawn]
     n_positive, n_other = int((tr.kind[drawn] == "positive").sum()), int((tr.kind[drawn] == "background").sum())
+    if blocks is not None:
+        n_positive, n_other = epoch_windows(n_positive, n_other, cfg.epoch_windows)
     x_tr, y_tr, n = _read_chips(fixed, missed) if len(fixed) else (np.zeros((0, len(meta["bands"]), size, size),
                                                                              np.float32), np.zeros((0, size, size),
                                                                                                    np.uint8), 0)
@@ -459,8 +462,10 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
         precision="bf16" if amp is not None else "fp32", review=review or {},
         selection={
-            "training": ("windows drawn anywhere inside the training blocks each epoch (random place, flips, "
-                         "rotations)" if blocks is not None else "the training chips"),
+            "training": (f"{n_positive + n_other} windows drawn anywhere inside the training blocks each epoch "
+                         f"({n_positive} holding a label; random place, flips, rotations)"
+                         + (f" and {len(fixed)} chips" if len(fixed) else "")
+                         if blocks is not None else "the training chips"),
             "validation": val.kind, "validation_positive_pixels": val.positive_pixels,
             "rule": (f"early stopping on validation F1 (patience {patience})" if early else
                      f"a fixed schedule of {max_epochs} epochs (the rate halved every {patience}), the last weights "
@@ -476,7 +481,8 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     avg = AveragedModel(model, avg_fn=_ema(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
     base_lr = cfg.learning_rate / 3 if init_from is not None else cfg.learning_rate
     opt = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
-    warmup = -(-len(tr) // cfg.batch_size) if init_from is None else 0  # one epoch of steps
+    per_epoch = len(fixed) + (n_positive + n_other if blocks is not None else 0)
+    warmup = -(-per_epoch // cfg.batch_size) if init_from is None else 0  # one epoch of steps
     augment = _Augment(p99, cfg.seed, crop_size(cfg, meta["chip_size"]))
     st = {"epoch": -1, "best_f1": -1.0, "best_epoch": None, "lr": base_lr, "bad": 0, "since_cut": 0,
           "curve": [], "step": 0}
@@ -484,7 +490,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     saved = None
     if resume and state_path.is_file():
         try:
-            saved = torch.load(state_path, map_location="cpu", weights_only=False)
+            saved = _load_state(state_path)
         except Exception as e:  # a truncated or foreign file
             raise ModelError(f"{state_path}: cannot resume from this training state ({e})") from None
         if saved.get("progress", {}).get("key") != run_key:
@@ -593,6 +599,17 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     return card
 
 
+def epoch_windows(n_positive: int, n_other: int, least: int) -> tuple[int, int]:
+    """Windows an epoch draws inside the training blocks, positives and others: as many as the chips cut, or
+    ``least`` in all in the same proportion (at least one of each kind the chips had)."""
+    n = n_positive + n_other
+    if n == 0 or n >= least:
+        return n_positive, n_other
+    pos = int(round(least * n_positive / n))
+    pos = min(max(pos, int(n_positive > 0)), least - int(n_other > 0))
+    return pos, least - pos
+
+
 def _held(chips_dir: Path, split: str, chips: pd.DataFrame, missed) -> tuple[_Held, int]:
     """A held-out split: its blocks where the folder has them, else its chips; and the possible missed mines'
     pixels ignored in it."""
@@ -661,3 +678,20 @@ def _save_state(path: Path, model, opt, augment: _Augment, progress: dict, avg=N
                     "average": avg.state_dict() if avg is not None else None,
                     "augment_rng": augment.gen.get_state(), "torch_rng": torch.get_rng_state(),
                     "progress": progress}, tmp)
+
+
+def _load_state(path: Path) -> dict:
+    """The training state :func:`_save_state` wrote, read as data (torch's weights-only unpickler: tensors, the
+    RNG states' byte tensors, numbers, text, lists and dicts): a model folder may come from elsewhere, and a
+    pickle may call whatever it names. Anything else is refused in one line naming what the file names."""
+    import pickle
+    import re
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if m:
+            raise ValueError(f"it names {m.group(1)}, which is not plain data: refused, never run") from None
+        said = [ln.strip() for ln in str(e).splitlines() if ln.strip().startswith("Unsupported")]
+        raise ValueError(f"not a training state ({said[0] if said else type(e).__name__})"[:200]) from None

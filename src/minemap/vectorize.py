@@ -23,6 +23,7 @@ from scipy.ndimage import label as cc_label
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from minemap._io import outputs
 from minemap.config import VectorizeConfig
 from minemap.errors import InputError
 from minemap.execution import map_units
@@ -86,7 +87,7 @@ def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: Vectoriz
     must see the tiles' paths, e.g. on shared storage); the seams are merged here."""
     cfg = cfg or VectorizeConfig()
     cut = int(np.ceil(threshold * LEVELS - 1e-9))
-    units = [(i, str(p), cut) for i, p in enumerate(paths)]
+    units = [(i, str(Path(p).absolute()), cut) for i, p in enumerate(paths)]  # workers run in other folders
     by_tile = dict(map_units(_tile_unit, units, workers, desc=f"vectorize {year}", progress=progress,
                              scheduler=scheduler))
     geoms, weights, crs, pixel = [], [], None, None
@@ -125,7 +126,7 @@ def vectorize(prob_dir: Path, years: list[int], out_dir: Path, threshold: float,
     out = {}
     for year in years:
         folder = Path(prob_dir) / str(year)
-        paths = sorted(folder.glob("*.tif")) if folder.is_dir() else []
+        paths = outputs(folder, "*.tif")  # not the hidden temporaries of tiles being (or left half) written
         if not paths:
             raise InputError(f"{folder}: no probability rasters for year {year} (run predict first)")
         gdf = vectorize_year(paths, year, threshold, cfg, workers, scheduler, progress)

@@ -9,18 +9,31 @@ without data). The choice is recorded per quad and year beside the cached quad (
 
 The API key comes from the environment (``PL_API_KEY``) only and travels in the Authorization header: it never
 appears in a stored URL, a log line, an error message or an output (links the API returns are stripped of any
-``api_key`` parameter before use). Downloads resume where they stopped (HTTP range requests on a ``.part``
-file); a quad is checked, rewritten as a 4-band COG (nodata 0 where the quad's alpha is 0) and renamed into the
-cache only when complete. Requests are retried with backoff on 429 (honouring Retry-After), 5xx, dropped
-connections and time-outs.
+``api_key`` parameter before use). It goes only to the configured API's own host (same scheme, host and port as
+``api_url``; for Planet's API also to its download host, :data:`KEY_HOSTS`): a link the API returns that names
+another host (a signed asset URL, or a response that would send the key elsewhere) is fetched without it, and so
+is a redirect to another host. Quad ids become file names and are refused unless they are plain ones
+(:func:`safe_quad_id`).
+
+Downloads resume where they stopped, in this process or a later one: each quad of each mosaic is written to a
+partial file of its own, ``.<quad>.<mosaic hash>.part`` beside the cached quads, continued with an HTTP range
+request from its size. A process holds an exclusive lock on the partial file while it writes and converts it; a
+second one fetching the same quad at once writes a name of its own instead (not resumable, removed when done). A
+quad is checked, rewritten as a 4-band COG (nodata 0 where the quad's alpha is 0) and renamed into the cache only
+when complete, and its partial file removed. Requests are retried with backoff on 429 (honouring Retry-After),
+5xx, dropped connections and time-outs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import time
+import uuid
+from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
@@ -39,12 +52,43 @@ from minemap.imagery.local import file_info, read_files
 from minemap.imagery.stac import cache_root
 from minemap.rasters import write_cog
 
+try:  # POSIX: a partial download is locked by the process writing it
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: partial downloads are not shared between processes
+    fcntl = None
+
 log = logging.getLogger(__name__)
 KEY_ENV = "PL_API_KEY"
+# hosts besides the API's own that get the key, by the API's origin: Planet serves quad downloads from
+# link.planet.com (which needs the key, and redirects to a signed URL, fetched without it)
+KEY_HOSTS = {("https", "api.planet.com", 443): frozenset({("https", "link.planet.com", 443)})}
+QUAD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")  # ids become file names: no separator, no leading dot
 RETRY_STATUS = (429, 500, 502, 503, 504)
 CHUNK = 1 << 16
 QUAD_RES = 40075016.685578488 / (256 * 2 ** 15)  # a zoom-15 basemap pixel, ~4.777 m
 CLOUD_LEVEL = 2500  # a quad pixel brighter than this in every visible band (reflectance x 10,000) looks cloudy
+
+
+def origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port of ``url`` (the port the scheme implies where none is given), in lower case."""
+    u = urlparse(url)
+    scheme = u.scheme.lower()
+    try:
+        port = u.port
+    except ValueError:  # not a number
+        return scheme, "", -1
+    return scheme, (u.hostname or "").lower(), port or {"http": 80, "https": 443}.get(scheme)
+
+
+def safe_quad_id(quad_id, api_url: str) -> str:
+    """``quad_id`` if it is a plain file name (letters, digits, ``_``, ``.``, ``-``; no leading dot, no ``..``; at
+    most 100 characters), else :class:`ImageryError`: quad ids come from the API and become file names."""
+    if not isinstance(quad_id, str) or not QUAD_ID.fullmatch(quad_id) or ".." in quad_id:
+        shown = repr(quad_id)
+        shown = shown[:60] + "..." if len(shown) > 60 else shown
+        raise ImageryError(f"{api_url}: the API named a quad {shown}, which is not a safe file name (letters, "
+                           "digits, '_', '.', '-' only, no leading dot, no '..', at most 100 characters)")
+    return quad_id
 
 
 def strip_key(url: str) -> str:
@@ -137,14 +181,14 @@ class PlanetImagery:
         record = self._quads_record(year)
         if not record.is_file():
             return False
-        ids = json.loads(record.read_text())
+        ids = [safe_quad_id(q, self.cfg.api_url) for q in json.loads(record.read_text())]
         return all((self.root / str(year) / f"{q}.tif").is_file() for q in ids)
 
     def quads_over(self, year: int, box: shapely.Geometry) -> list[str]:
         """Ids of the year's quads (in any of its mosaics) that touch ``box`` (EPSG:4326)."""
         record = self._quads_record(year)
         if record.is_file():
-            ids = json.loads(record.read_text())
+            ids = [safe_quad_id(q, self.cfg.api_url) for q in json.loads(record.read_text())]
             bboxes = {q: json.loads((self.root / str(year) / f"{q}.json").read_text())["bbox"]
                       for q in ids if (self.root / str(year) / f"{q}.json").is_file()}
             if len(bboxes) == len(ids):
@@ -159,6 +203,7 @@ class PlanetImagery:
 
     def quad(self, year: int, quad_id: str) -> Path:
         """The cached quad of ``year`` (the least cloudy of its mosaics), downloaded first if need be."""
+        quad_id = safe_quad_id(quad_id, self.cfg.api_url)
         path = self.root / str(year) / f"{quad_id}.tif"
         if path.is_file():
             return path
@@ -167,45 +212,55 @@ class PlanetImagery:
         if not candidates:
             raise ImageryError(f"{self.cfg.api_url}: no mosaic of {year} has quad {quad_id}")
         scored = [(self._metadata_cloud(name, q), name, q) for name, q in candidates]
-        if all(s is not None for s, _, _ in scored):
-            how = "scene metadata (mean of cloud and heavy haze percent)"
-            score, name, q = min(scored, key=lambda t: t[0])
-            part = self._download(name, q, path.with_name(f".{quad_id}.{os.getpid()}.part"))
-        else:
-            how = "the quad's pixels (share bright in every visible band or without data)"
-            best = None
-            for _, name, q in scored:
-                part = self._download(name, q, self.root / str(year) / f".{quad_id}.{name}.{os.getpid()}.part")
-                s = _pixel_cloud(part, self.cfg.bands)
-                if best is None or s < best[0]:
-                    if best is not None:
-                        best[3].unlink(missing_ok=True)
-                    best = (s, name, q, part)
-                else:
-                    part.unlink(missing_ok=True)
-            score, name, q, part = best
-        record = {"year": year, "quad": quad_id, "mosaic": name, "cloud_score": round(float(score), 3),
-                  "chosen_by": how, "candidates": [n for n, _ in candidates], "bbox": q["bbox"]}
-        write_json(path.with_suffix(".json"), record)
-        _write_quad(part, path, len(self.cfg.bands))
-        part.unlink(missing_ok=True)
+
+        def part_of(name: str) -> Path:  # one per quad and mosaic, the same in every process: a rerun resumes it
+            return held.enter_context(_partial(path.with_name(f".{quad_id}.{stable_hash(name)[:8]}.part")))
+
+        with contextlib.ExitStack() as held:  # the partial files stay locked until converted or dropped
+            if all(s is not None for s, _, _ in scored):
+                how = "scene metadata (mean of cloud and heavy haze percent)"
+                score, name, q = min(scored, key=lambda t: t[0])
+                part = self._download(name, q, part_of(name))
+            else:
+                how = "the quad's pixels (share bright in every visible band or without data)"
+                best = None
+                for _, name, q in scored:
+                    part = self._download(name, q, part_of(name))
+                    s = _pixel_cloud(part, self.cfg.bands)
+                    if best is None or s < best[0]:
+                        if best is not None:
+                            best[3].unlink(missing_ok=True)
+                        best = (s, name, q, part)
+                    else:
+                        part.unlink(missing_ok=True)
+                score, name, q, part = best
+            record = {"year": year, "quad": quad_id, "mosaic": name, "cloud_score": round(float(score), 3),
+                      "chosen_by": how, "candidates": [n for n, _ in candidates], "bbox": q["bbox"]}
+            write_json(path.with_suffix(".json"), record)
+            _write_quad(part, path, len(self.cfg.bands))
+            part.unlink(missing_ok=True)
         record["bytes"] = path.stat().st_size
         self.fetched.append(record)
         return path
 
     # -- the API ---------------------------------------------------------------------------------------------
     @cached_property
+    def _auth(self) -> dict[str, str]:
+        """The header that carries the key: given per request, to the API's host only (never a session's)."""
+        key = os.environ.get(KEY_ENV, "").strip()
+        if not key:
+            raise ImageryError(f"{KEY_ENV} is not set: Planet basemaps need an API key in the environment "
+                               f"(export {KEY_ENV}=...)")
+        return {"Authorization": f"api-key {key}"}
+
+    @cached_property
     def _session(self):
         import requests
         from requests.adapters import HTTPAdapter
         from urllib3 import Retry
 
-        key = os.environ.get(KEY_ENV, "").strip()
-        if not key:
-            raise ImageryError(f"{KEY_ENV} is not set: Planet basemaps need an API key in the environment "
-                               f"(export {KEY_ENV}=...)")
+        self._auth  # noqa: B018 - no request at all without a key
         s = requests.Session()
-        s.headers["Authorization"] = f"api-key {key}"
         s.trust_env = True
         retry = Retry(total=self.cfg.retries, backoff_factor=0.5, status_forcelist=RETRY_STATUS,
                       allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
@@ -213,14 +268,24 @@ class PlanetImagery:
         s.mount("https://", HTTPAdapter(max_retries=retry))
         return s
 
+    def _keyed(self, url: str) -> bool:
+        """Whether ``url`` is on a host that gets the key: the configured API's (see :data:`KEY_HOSTS`)."""
+        api = origin(self.cfg.api_url)
+        return origin(url) in {api} | KEY_HOSTS.get(api, frozenset())
+
+    def _headers(self, url: str) -> dict:
+        auth = self._auth  # raises where the key is not set, wherever the request goes
+        return dict(auth) if self._keyed(url) else {}
+
     def _get(self, url: str, **kw):
         import requests
 
+        url = strip_key(url)
         try:
-            r = self._session.get(strip_key(url), timeout=self.cfg.timeout_s, **kw)
+            r = self._session.get(url, headers=self._headers(url), timeout=self.cfg.timeout_s, **kw)
         except requests.RequestException as e:
             raise ImageryError(f"{self.cfg.api_url}: no answer from the Planet API ({type(e).__name__})") from None
-        if r.status_code in (401, 403):
+        if r.status_code in (401, 403) and self._keyed(url):
             raise ImageryError(f"{self.cfg.api_url}: the Planet API refused the key (HTTP {r.status_code}): set "
                                f"{KEY_ENV} to a key with access to these basemaps")
         return r
@@ -252,7 +317,7 @@ class PlanetImagery:
             quads = {}
             while True:
                 for q in page.get("items", []):
-                    quads[q["id"]] = q
+                    quads[safe_quad_id(q.get("id"), self.cfg.api_url)] = q
                 nxt = page.get("_links", {}).get("_next")
                 if not nxt:
                     break
@@ -287,23 +352,36 @@ class PlanetImagery:
         link = quad.get("_links", {}).get("download")
         if not link:
             raise ImageryError(f"{self.cfg.api_url}: quad {quad['id']} of {name} has no download link")
+        link = strip_key(link)
+        keyed = self._keyed(link)
         part.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(self.cfg.retries + 1):
             have = part.stat().st_size if part.exists() else 0
             try:
-                r = self._session.get(strip_key(link), headers={"Range": f"bytes={have}-"} if have else {},
-                                      stream=True, timeout=self.cfg.timeout_s)
+                headers = self._headers(link)
+                if have:
+                    headers["Range"] = f"bytes={have}-"
+                r = self._session.get(link, headers=headers, stream=True, timeout=self.cfg.timeout_s)
                 with r:
-                    if r.status_code in (401, 403):
+                    if r.status_code in (401, 403) and keyed:
                         raise ImageryError(f"{self.cfg.api_url}: the Planet API refused the key (HTTP "
                                            f"{r.status_code}): set {KEY_ENV} to a key with access to these basemaps")
-                    if r.status_code == 416:  # the part is not a prefix of this file: start again
-                        part.unlink(missing_ok=True)
+                    if r.status_code in (401, 403):
+                        raise ImageryError(f"{self.cfg.api_url}: quad {quad['id']} of {name}: HTTP {r.status_code} "
+                                           f"from {urlparse(link).hostname}, which its download link names (it "
+                                           "gets no key: not the API's host)")
+                    span = r.headers.get("Content-Range", "")
+                    if r.status_code == 416:
+                        if have and span.rpartition("/")[2] == str(have):
+                            return part  # whole already: a run stopped between its download and its conversion
+                        os.truncate(part, 0)  # not a prefix of this file: start again (in the same, locked file)
                         raise requests.ConnectionError("range not satisfiable")
                     if r.status_code not in (200, 206):
                         raise ImageryError(f"{self.cfg.api_url}: quad {quad['id']} of {name}: HTTP {r.status_code}")
-                    total = (r.headers.get("Content-Range", "").rpartition("/")[2] if r.status_code == 206
-                             else r.headers.get("Content-Length", ""))
+                    if r.status_code == 206 and not span.startswith(f"bytes {have}-"):
+                        os.truncate(part, 0)  # another range than the one asked for: start again
+                        raise requests.ConnectionError("unexpected range")
+                    total = span.rpartition("/")[2] if r.status_code == 206 else r.headers.get("Content-Length", "")
                     with open(part, "ab" if r.status_code == 206 else "wb") as f:
                         for chunk in r.iter_content(CHUNK):
                             f.write(chunk)
@@ -318,6 +396,37 @@ class PlanetImagery:
                          part.stat().st_size if part.exists() else 0)
                 time.sleep(min(0.5 * 2 ** attempt, 10))
         return part
+
+
+@contextlib.contextmanager
+def _partial(path: Path) -> Iterator[Path]:
+    """The partial download ``path``, locked for this process while the block runs (left in place, to be resumed,
+    where the block fails). Where another process holds it (fetching the same quad at once), a name of this
+    process's own instead, removed after the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield path
+        return
+    f = open(path, "ab")
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # still the file at ``path``: its owner may have finished (and removed it) between our opening and locking
+        ours = path.exists() and os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+    except OSError:
+        ours = False
+    if ours:
+        try:
+            yield path
+        finally:
+            f.close()
+        return
+    f.close()
+    own = path.with_name(f"{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.part")
+    log.info("%s is being downloaded by another process: this one writes %s", path.name, own.name)
+    try:
+        yield own
+    finally:
+        own.unlink(missing_ok=True)
 
 
 def _pixel_cloud(path: Path, bands: list[str]) -> float:

@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import warnings
 from functools import cached_property
 from pathlib import Path
@@ -62,6 +63,38 @@ def boa_offset(properties: dict) -> int:
     except (TypeError, ValueError):
         baseline = 0.0
     return -1000 if baseline >= 4.0 else 0
+
+
+def public_url(url: str) -> str:
+    """``url`` without its query string, fragment and user:password: signed asset addresses (SAS tokens,
+    pre-signed S3 links, API keys) carry their secret there, and an error message or a log keeps no secret."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(str(url))
+    if not parts.scheme or not parts.netloc:
+        return re.split(r"[?#]", str(url), maxsplit=1)[0]
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
+
+
+def _public_text(text: str) -> str:
+    """``text`` (a library's error message) with every URL in it made :func:`public_url`."""
+    return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+", lambda m: public_url(m.group(0)), text)
+
+
+class _FailedReads(logging.Filter):
+    """Catches the address odc-stac logs when it fails to read an asset (the error it raises names none), and
+    keeps that record out of the logs: the address may carry a token; the error minemap raises names the
+    scene, the asset and the address without its query."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.uris: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Failed to load") and record.args:
+            self.uris.append(str(record.args[0]))
+            return False
+        return True
 
 
 def utm_crs(lon: float, lat: float) -> CRS:
@@ -224,7 +257,10 @@ class StacImagery:
         geobox = GeoBox((h, w), grid.transform, grid.crs)
         odc.stac.configure_rio(cloud_defaults=True, GDAL_HTTP_MAX_RETRY=str(self.cfg.retries),
                                GDAL_HTTP_RETRY_DELAY="1", GDAL_HTTP_TIMEOUT=str(int(self.cfg.timeout_s)))
+        odc_log = logging.getLogger("odc.loader._rio")
         for offset, group in sorted(groups.items()):
+            failed = _FailedReads()
+            odc_log.addFilter(failed)
             try:
                 ds = odc.stac.load(
                     group, bands=[*bands, self.cfg.scl_asset], geobox=geobox, groupby="solar_day", chunks=None,
@@ -232,8 +268,9 @@ class StacImagery:
                     dtype={**{b: "uint16" for b in bands}, self.cfg.scl_asset: "uint8"}, nodata=0,
                     use_overviews=False)
             except Exception as e:  # rasterio, GDAL or HTTP errors from deep inside odc-stac
-                raise ImageryError(f"{self.cfg.url}: cannot read {self.cfg.collection} scenes "
-                                   f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+                raise self._read_error(e, group, [*bands, self.cfg.scl_asset], failed.uris) from None
+            finally:
+                odc_log.removeFilter(failed)
             scl = ds[self.cfg.scl_asset].values
             refl = np.stack([ds[b].values for b in bands])  # (bands, time, h, w)
             clear = (scl != 0) & ~np.isin(scl, self.cfg.mask_classes) & (refl > 0).all(0)
@@ -248,6 +285,22 @@ class StacImagery:
             med = np.nanmedian(np.concatenate(stacks, axis=1), axis=1)
         out = np.where(clear_any[None] > 0, np.rint(np.nan_to_num(med, nan=0.0)), 0)
         return np.clip(out, 0, 65535).astype(np.uint16), clear_any
+
+    def _read_error(self, e: Exception, items: list, keys: list[str], uris: list[str]) -> ImageryError:
+        """One line naming the scene (item id), the asset key and the address (without its query: it may hold a
+        token) of an asset that could not be read, e.g. one the server answers 404 for; where odc-stac did not
+        say which, the scenes' error alone."""
+        detail = _public_text(str(e).splitlines()[0][:200]) if str(e) else ""
+        said = [*uris, *re.findall(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+", str(e))]
+        for uri in said:
+            for it in items:
+                for key in keys:
+                    asset = it.assets.get(key)
+                    if asset is not None and public_url(asset.href) == public_url(uri):
+                        return ImageryError(f"{self.cfg.url}: {self.cfg.collection} scene {it.id}, asset {key!r}: "
+                                            f"cannot read {public_url(asset.href)} ({type(e).__name__}: {detail})")
+        return ImageryError(f"{self.cfg.url}: cannot read {self.cfg.collection} scenes "
+                            f"{', '.join(it.id for it in items)} ({type(e).__name__}: {detail})")
 
     def _client(self):
         import pystac_client
