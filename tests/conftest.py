@@ -29,7 +29,8 @@ def tiny_config(scene, out: Path, **over) -> RunConfig:
         "labels": [scene.labels], "imagery": scene.imagery, "train_year": 2019, "years": list(YEARS),
         "out": out, "reference": scene.truth,
         "chips": {"chip_size": 64, "stride": 32, "block_size": 128, "background_per_positive": 0.3},
-        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3},
+        # a tiny scene's dozen chips: train.epoch_windows (128) would make every test's epochs 8 times longer
+        "train": {"epochs": 2, "batch_size": 8, "learning_rate": 1e-3, "epoch_windows": 16},
         "predict": {"tile_size": 256},
         "vectorize": {"min_area_m2": 200},
         "accept_weak_model": True,  # two epochs are not meant to converge; the floor is tested on its own

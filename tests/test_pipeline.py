@@ -71,7 +71,8 @@ def test_interrupted_training_resumes(scene, tmp_path, monkeypatch, caplog):
 
     import minemap.train as train_mod
 
-    cfg = tiny_config(scene, tmp_path / "out", train={"epochs": 3, "batch_size": 8, "learning_rate": 1e-3})
+    cfg = tiny_config(scene, tmp_path / "out", train={"epochs": 3, "batch_size": 8, "learning_rate": 1e-3,
+                                                              "epoch_windows": 16})
     real = train_mod._save_state
     calls = []
 

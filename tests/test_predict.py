@@ -339,7 +339,7 @@ def test_another_tiling_leaves_no_stale_tiles(scene, tmp_path):
     from minemap.imagery import open_imagery
     from minemap.pipeline import run
 
-    cfg = tiny_config(scene, tmp_path / "out", years=[2019], train={"epochs": 1, "batch_size": 8},
+    cfg = tiny_config(scene, tmp_path / "out", years=[2019], train={"epochs": 1, "batch_size": 8, "epoch_windows": 16},
                       hard_negatives={"enabled": False}, predict={"tile_size": 128})
     run(cfg, progress=False)
     grid = open_imagery(cfg.imagery).grid(2019)

@@ -140,7 +140,8 @@ def test_verdicts_go_back_into_training(scene, tmp_path):
     from minemap.review import export_review
 
     cfg = tiny_config(scene, tmp_path / "out", export={"formats": [], "report": False},
-                      train={"epochs": 20, "patience": 20, "batch_size": 8, "learning_rate": 1e-3})
+                      train={"epochs": 20, "patience": 20, "batch_size": 8, "learning_rate": 1e-3,
+                             "epoch_windows": 16})
     truth = gpd.read_file(scene.truth)
     on_truth = shapely.union_all(np.asarray(truth[truth.year == 2019].geometry.values))
 
