@@ -47,13 +47,19 @@ KINDS: dict[str, tuple[frozenset[str] | None, frozenset[str]]] = {
     "mmseg": (None, frozenset({"img_dir", "ann_dir"})),
 }
 LITTER = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})  # written by file browsers, not by a person
-_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.(?:tmp.*|old)", re.DOTALL)  # names atomic_path gives its temporaries
+_TEMPORARY = re.compile(r"\.(.+)\.[0-9a-f]{8}\.(?:tmp.*|old)", re.DOTALL)  # names atomic_path gives its temporaries
 
 
 def is_temporary(name: str) -> bool:
     """Whether ``name`` is that of a temporary :func:`atomic_path` writes (a file or folder being written, or an
     old folder being dropped), which no reader must take for an output."""
-    return bool(_TEMPORARY.fullmatch(name))
+    return temporary_of(name) is not None
+
+
+def temporary_of(name: str) -> str | None:
+    """The name of the output whose temporary ``name`` is (see :func:`is_temporary`), or None."""
+    m = _TEMPORARY.fullmatch(name)
+    return m.group(1) if m else None
 
 
 def outputs(folder: Path, pattern: str) -> list[Path]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -41,7 +40,7 @@ import shapely
 import torch
 from scipy.ndimage import binary_dilation
 
-from minemap._io import file_sha256, stable_hash, write_json
+from minemap._io import file_sha256, stable_hash, temporary_of, write_json
 from minemap.aoi import aoi_in
 from minemap.config import PredictConfig
 from minemap.errors import ExecutionError, ImageryError, ModelError
@@ -62,7 +61,6 @@ DEFAULT_WINDOW = 384  # inference window side when not set: larger than the trai
 # overlap, and on CPU mit-b0 runs about 1.2 x faster per pixel at 384 px than at 256 px (768 px and more: slower)
 DEFAULT_OVERLAP = 32  # pixels shared by neighbouring windows, blended with linear ramps
 EMPTY = ":no-imagery"  # appended to a unit's fingerprint in the manifest: done, and nothing to write
-TILE_TMP = re.compile(r"\.x-?\d+_y-?\d+\.tif\.[0-9a-f]{8}\.tmp\.tif")  # one's write killed half-way (atomic_path)
 PROBABILITY_BAND = "P(mining) x 250"  # the band description :func:`minemap.rasters.write_cog` gives a tile
 MAX_STATES = 2  # models (with their sources) kept loaded per process: workers outlive runs
 MASKS = "signature-masks-1"  # the method of the thin cloud and shadow masks, in the fingerprints of units using it
@@ -469,8 +467,9 @@ def _written_here(path: Path, year: int, manifest: Manifest) -> bool:
     """Whether ``path`` in a year's folder is a file this tool wrote: named like a tile and recorded in the
     manifest, or named like a tile and marked as a probability raster (a unit killed before it was recorded),
     or the temporary file of a write killed half-way. Nothing else is ever deleted."""
-    if TILE_TMP.fullmatch(path.name):
-        return True
+    of = temporary_of(path.name)  # a tile's write killed half-way
+    if of is not None:
+        return bool(TILE_FILE.fullmatch(of))
     if not TILE_FILE.fullmatch(path.name):
         return False
     if f"{year}/{path.stem}" in manifest:
