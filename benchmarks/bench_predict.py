@@ -32,7 +32,8 @@ from minemap.config import PredictConfig
 from minemap.grid import make_tiles
 from minemap.imagery import open_imagery
 from minemap.model import ModelCard, build_model, forward_logits, save_model
-from minemap.predict import predict, window_layout, window_origins, _lattice_offset
+from minemap.lattice import pixel_offset, window_origins
+from minemap.predict import predict, window_layout
 
 CHIP = 256
 MEM_TILE = 1024  # the memory case: tiles of this side, the base case one tile, the larger 16 of them
@@ -83,7 +84,7 @@ def stage_windows(imagery: Path, cfg: PredictConfig, card: ModelCard, tiles) -> 
     """(windows the stage runs over ``tiles``, their side)."""
     grid = open_imagery(imagery).grid(2020)
     window, stride = window_layout(card, cfg)
-    gx, gy = _lattice_offset(grid)
+    gx, gy = pixel_offset(grid)
     n = sum(len(window_origins(gy + t.row_off, t.height, window, stride)) *
             len(window_origins(gx + t.col_off, t.width, window, stride)) for t in tiles)
     return n, window

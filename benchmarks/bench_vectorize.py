@@ -15,7 +15,7 @@ from affine import Affine
 from scipy.ndimage import gaussian_filter
 
 from minemap.config import VectorizeConfig
-from minemap.imagery import Grid
+from minemap.lattice import Grid
 from minemap.postprocess import postprocess
 from minemap.rasters import write_cog
 from minemap.vectorize import read_polygons, vectorize

@@ -102,7 +102,7 @@ def test_splits_share_labelled_pixels_for_any_seed():
     """Small scenes with a dozen mines: whatever the seeds, train gets 60-80 % of the labelled pixels and the
     largest share, val and test get some."""
     from minemap.chips import assign_splits, choose_block_size
-    from minemap.imagery import Grid
+    from minemap.lattice import Grid
 
     grid = Grid(CRS.from_epsg(3857), T, 768, 768)
     shares = []

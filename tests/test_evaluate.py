@@ -8,7 +8,7 @@ from shapely.geometry import box
 
 from minemap.errors import InputError
 from minemap.evaluate import evaluate, evaluate_stage, read_reference
-from minemap.imagery import Grid
+from minemap.lattice import Grid
 from minemap.rasters import write_cog
 
 T = Affine(4.0, 0, 0.0, 0, -4.0, 0.0)

@@ -8,7 +8,7 @@ from affine import Affine
 
 from minemap.errors import ImageryError
 from minemap.grid import make_tiles
-from minemap.imagery import Grid
+from minemap.lattice import Grid
 
 
 def _ground(grid: Grid, tile) -> tuple[float, ...]:

@@ -4,7 +4,8 @@ from affine import Affine
 from rasterio.warp import Resampling, reproject
 
 from minemap.errors import ImageryError
-from minemap.imagery import Grid, open_imagery
+from minemap.imagery import open_imagery
+from minemap.lattice import Grid
 from minemap.imagery.local import LocalImagery
 
 from conftest import write_raster

@@ -9,7 +9,8 @@ import torch
 from minemap.config import PredictConfig
 from minemap.errors import ImageryError
 from minemap.model import load_model, read_card, save_model
-from minemap.predict import blend_weights, check_compatible, predict, predict_array, window_origins
+from minemap.lattice import window_origins
+from minemap.predict import blend_weights, check_compatible, predict, predict_array
 from minemap.rasters import NODATA
 from minemap.imagery import open_imagery
 

@@ -5,7 +5,6 @@ import io
 import os
 import re
 import shutil
-from pathlib import Path
 
 import geopandas as gpd
 import numpy as np

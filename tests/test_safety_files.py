@@ -241,7 +241,7 @@ def test_models_never_replace_a_users_folder(tmp_path):
 
 # -- readers skip temporaries ------------------------------------------------------------------------------------
 def test_vectorize_ignores_a_tile_left_half_written(tmp_path):
-    from minemap.imagery import Grid
+    from minemap.lattice import Grid
     from minemap.rasters import write_cog
     from minemap.vectorize import vectorize
 

@@ -9,7 +9,7 @@ from affine import Affine
 from pyproj import CRS
 from shapely.geometry import box
 
-from minemap.imagery import Grid
+from minemap.lattice import Grid
 from minemap.rasters import quantise, write_cog
 from minemap.threshold import block_threshold
 

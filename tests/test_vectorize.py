@@ -6,7 +6,7 @@ from affine import Affine
 from minemap.config import VectorizeConfig
 from minemap.errors import InputError
 from minemap.geo import area_km2
-from minemap.imagery import Grid
+from minemap.lattice import Grid
 from minemap.rasters import NODATA, write_cog
 from minemap.vectorize import vectorize, vectorize_year
 

@@ -62,7 +62,8 @@ from minemap._io import atomic_path, write_json
 from minemap.config import ChipConfig, HardNegativeConfig
 from minemap.errors import InputError
 from minemap.geo import WGS84, ground_sample_distance_m, units_per_metre
-from minemap.imagery import Grid, ImagerySource
+from minemap.imagery import ImagerySource
+from minemap.lattice import Grid, neighbours, pixel_boxes
 from minemap.rasters import zonal_mean
 
 if TYPE_CHECKING:
@@ -90,9 +91,7 @@ def block_weights(grid: Grid, geoms: np.ndarray, block: int) -> dict[tuple[int, 
     nx, ny = -(-grid.width // block), -(-grid.height // block)
     bx, by = np.meshgrid(np.arange(nx), np.arange(ny))
     bx, by = bx.ravel(), by.ravel()
-    x0, y0 = grid.transform @ (bx * block, by * block)
-    x1, y1 = grid.transform @ (np.minimum((bx + 1) * block, grid.width), np.minimum((by + 1) * block, grid.height))
-    boxes = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
+    boxes = pixel_boxes(grid, bx * block, by * block, block, block, clip=True)
     ib, ig = shapely.STRtree(boxes).query(geoms, predicate="intersects")[::-1]
     area = shapely.area(shapely.intersection(boxes[ib], geoms[ig])) / (grid.res[0] * grid.res[1])
     total = np.bincount(ib, weights=area, minlength=len(boxes))
@@ -350,9 +349,7 @@ def chip_positions(grid: Grid, cfg: ChipConfig, block: int) -> tuple[np.ndarray,
 
 
 def _chip_boxes(grid: Grid, pos: np.ndarray, chip: int) -> np.ndarray:
-    x0, y0 = grid.transform @ (pos[:, 0], pos[:, 1])
-    x1, y1 = grid.transform @ (pos[:, 0] + chip, pos[:, 1] + chip)
-    return shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
+    return pixel_boxes(grid, pos[:, 0], pos[:, 1], chip, chip)
 
 
 # -- background chips that cover the scene's variety --------------------------------------------------------
@@ -600,7 +597,7 @@ def labelled_ground(blocks: set[tuple[int, int]], labelled: set[tuple[int, int]]
     mine nobody drew, and taught as background it would teach the model to miss such mines."""
     if reach is None:
         return set(blocks)
-    return {b for b in blocks if any(abs(b[0] - x) <= reach and abs(b[1] - y) <= reach for x, y in labelled)}
+    return neighbours(blocks, labelled, reach)
 
 
 CHIPS_FORMAT = 4  # bumped when the chips folder's files change, so that a resumed run cuts them again
@@ -616,9 +613,7 @@ def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[t
     rasters = rasters or {}
     bx = np.array([b[0] for b in keys], np.int64)
     by = np.array([b[1] for b in keys], np.int64)
-    x0, y0 = grid.transform @ (bx * block, by * block)
-    x1, y1 = grid.transform @ (np.minimum((bx + 1) * block, grid.width), np.minimum((by + 1) * block, grid.height))
-    boxes = shapely.box(np.minimum(x0, x1), np.minimum(y0, y1), np.maximum(x0, x1), np.maximum(y0, y1))
+    boxes = pixel_boxes(grid, bx * block, by * block, block, block, clip=True)
     gpd.GeoDataFrame({"bx": bx, "by": by, "split": [splits[b] for b in keys],
                       "label_pixels": [weights.get(b, 0.0) for b in keys],
                       "labelled_ground": [ground is None or b in ground for b in keys],

@@ -33,7 +33,7 @@ from rasterio.features import rasterize
 from minemap._io import outputs, write_json
 from minemap.errors import InputError
 from minemap.geo import WGS84, units_per_metre
-from minemap.imagery import Grid
+from minemap.lattice import Grid
 from minemap.labels import VECTOR_SUFFIXES, clean_labels, read_vector
 from minemap.postprocess import load_countries
 from minemap.metrics import (binary_metrics, block_bootstrap, histograms, metrics_at, object_statistics,

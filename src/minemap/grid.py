@@ -10,15 +10,13 @@ zone. The same naming as the STAC source's cache tiles. A tile is cut short wher
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import shapely
 
 from minemap.errors import ImageryError
-from minemap.imagery import Grid
+from minemap.lattice import Grid, Lattice, pixel_boxes, pixel_cells
 
 TILE_FILE = re.compile(r"x-?\d+_y-?\d+\.tif")  # a tile's file, named by :func:`make_tiles`
 
@@ -36,22 +34,6 @@ class Tile:
         return parent.window(self.col_off - halo, self.row_off - halo, self.width + 2 * halo, self.height + 2 * halo)
 
 
-def _cells(origin: float, step: float, side: float, n: int) -> list[tuple[int, int, int]]:
-    """Lattice cells of size ``side`` crossed by ``n`` pixels of size ``step`` starting at ``origin`` (all in the
-    axis' own direction): (cell index, first pixel, pixel count), by pixel centres."""
-    def cell(k: float) -> int:  # the cell of pixel k's centre
-        return math.floor((origin + (k + 0.5) * step) / side + 1e-9)
-
-    out = []
-    first, last = cell(0), cell(n - 1)
-    for i in range(first, last + 1):
-        start = max(0, math.ceil((i * side - origin) / step - 0.5 - 1e-9))
-        stop = min(n, math.ceil(((i + 1) * side - origin) / step - 0.5 - 1e-9))
-        if stop > start:
-            out.append((i, start, stop - start))
-    return out
-
-
 def make_tiles(grid: Grid, tile_size: int, aoi: shapely.Geometry | None = None) -> list[Tile]:
     """Tiles of the global lattice (``tile_size`` pixels a side) that hold pixels of ``grid``; with ``aoi`` (in
     the grid's CRS), only those whose pixels touch it."""
@@ -59,10 +41,11 @@ def make_tiles(grid: Grid, tile_size: int, aoi: shapely.Geometry | None = None) 
     if t.b or t.d or t.a <= 0 or t.e >= 0:
         raise ImageryError(f"imagery grid {tuple(t)[:6]}: tiles need a north-up grid (rotated or flipped rasters "
                            "are not supported; warp them first)")
-    cols = _cells(t.c, t.a, tile_size * t.a, grid.width)
-    rows = _cells(-t.f, -t.e, tile_size * -t.e, grid.height)  # southwards: -y grows with the row
-    tiles = [Tile(f"x{i}_y{j}", c0, r0, w, h) for j, r0, h in rows for i, c0, w in cols]
+    cols = pixel_cells(t.c, t.a, tile_size * t.a, grid.width)
+    rows = pixel_cells(-t.f, -t.e, tile_size * -t.e, grid.height)  # southwards: -y grows with the row
+    tiles = [Tile(Lattice.cell_id(i, j), c0, r0, w, h) for j, r0, h in rows for i, c0, w in cols]
     if aoi is not None:
-        boxes = np.array([shapely.box(*t.grid(grid).bounds) for t in tiles], dtype=object)
+        boxes = pixel_boxes(grid, [t.col_off for t in tiles], [t.row_off for t in tiles],
+                            [t.width for t in tiles], [t.height for t in tiles])
         tiles = [t for t, hit in zip(tiles, shapely.intersects(boxes, aoi)) if hit]
     return tiles

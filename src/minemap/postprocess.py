@@ -32,6 +32,7 @@ from minemap.errors import InputError
 from minemap.geo import (EQUAL_AREA, WGS84, area_km2, in_threads, inner_points, pairs_across_years, polygons_meet,
                          units_per_metre)
 from minemap.labels import read_vector, write_geoparquet
+from minemap.lattice import Lattice
 
 log = logging.getLogger(__name__)
 NEAREST_MAX_M = 25_000.0
@@ -134,7 +135,8 @@ def inland_cells(countries: gpd.GeoDataFrame, bounds: tuple[float, float, float,
     from scipy.ndimage import binary_dilation
 
     minx, miny, maxx, maxy = bounds
-    x0, y0 = np.floor(minx / cell) * cell - cell, np.ceil(maxy / cell) * cell + cell
+    left, top, _, _ = Lattice(cell).snapped(bounds)
+    x0, y0 = left - cell, top + cell  # a cell of margin
     shape = (int(np.ceil((y0 - miny) / cell)) + 2, int(np.ceil((maxx - x0) / cell)) + 2)
     transform = from_origin(x0, y0, cell, cell)
     c_geoms = np.asarray(countries.geometry.values)

@@ -47,6 +47,7 @@ from minemap.errors import ExecutionError, ImageryError, ModelError
 from minemap.execution import map_units
 from minemap.geo import ground_sample_distance_m
 from minemap.grid import TILE_FILE, Tile, make_tiles
+from minemap.lattice import pixel_offset, window_origins
 from minemap.imagery import ImagerySource, Resampled, describe, open_imagery
 from minemap.manifest import Manifest
 from minemap.masks import obscured_mask
@@ -89,15 +90,6 @@ def blend_weights(size: int, ramp: int | None = None) -> np.ndarray:
     i = np.arange(size) + 0.5
     w = np.minimum(1.0, np.minimum(i, size - i) / ramp)
     return np.outer(w, w).astype(np.float32)
-
-
-def window_origins(start: int, length: int, window: int, stride: int) -> list[int]:
-    """Origins of the windows of a global lattice (``k * stride``, in pixels from the CRS's origin) that overlap
-    ``[start, start + length)``: every tiling of the same ground runs the same windows, so tiles agree with one
-    pass over their union exactly."""
-    first = (start - window) // stride + 1  # the first k with k * stride + window > start
-    last = -(-(start + length) // stride) - 1  # the last k with k * stride < start + length
-    return [k * stride for k in range(first, last + 1)]
 
 
 def window_layout(card: ModelCard, cfg: PredictConfig) -> tuple[int, int]:
@@ -298,7 +290,7 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, tuple[str, str] | N
     window, stride = window_layout(card, cfg)
     # the windows of the global lattice over the tile, and the pixels they cover (read with no data past the
     # imagery's edge): whatever the tiling, a pixel is blended from the same windows
-    gx, gy = _lattice_offset(parent)
+    gx, gy = pixel_offset(parent)
     rows = window_origins(gy + tile.row_off, tile.height, window, stride)
     cols = window_origins(gx + tile.col_off, tile.width, window, stride)
     r0, c0 = rows[0] - gy, cols[0] - gx  # the read region's origin in the parent grid
@@ -323,13 +315,6 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, tuple[str, str] | N
     out[~valid[inner]] = NODATA
     write_cog(Path(dest), out, tile.grid(parent))
     return year, tile.tile_id, True
-
-
-def _lattice_offset(grid) -> tuple[int, int]:
-    """The grid's first pixel in whole pixels from the CRS's origin (columns eastwards, rows southwards): the
-    anchor of the inference windows' lattice, the same for any extent of the same pixel lattice."""
-    t = grid.transform
-    return int(round(t.c / t.a)), int(round(-t.f / -t.e))
 
 
 def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: PredictConfig | None = None,

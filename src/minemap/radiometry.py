@@ -33,7 +33,8 @@ from scipy.ndimage import gaussian_filter, uniform_filter
 
 from minemap._io import atomic_path
 from minemap.errors import ImageryError
-from minemap.imagery import Grid, ImagerySource
+from minemap.imagery import ImagerySource
+from minemap.lattice import Grid
 
 log = logging.getLogger(__name__)
 QUANTILES = (10, 30, 50, 70, 90)  # matched between a year and the training year

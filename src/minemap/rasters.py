@@ -15,7 +15,7 @@ import rasterio.shutil
 from rasterio.io import MemoryFile
 
 from minemap._io import atomic_path
-from minemap.imagery import Grid
+from minemap.lattice import Grid
 
 LEVELS = 250
 NODATA = 255

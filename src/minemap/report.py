@@ -175,7 +175,7 @@ class Rasters:
 
     def window(self, year: int, centre: shapely.Point, side: int = WINDOW_PX):
         """(rgb or None, probability, grid) around ``centre`` (EPSG:4326), or None where no tile holds it."""
-        from minemap.imagery import Grid
+        from minemap.lattice import Grid
 
         for path in self.tiles(year):
             with rasterio.open(path) as src:

@@ -21,7 +21,7 @@ from rasterio.features import rasterize
 
 from minemap.chips import read_meta
 from minemap.geo import units_per_metre
-from minemap.imagery import Grid
+from minemap.lattice import Grid
 from minemap.metrics import best_threshold, histograms
 from minemap.rasters import NODATA
 

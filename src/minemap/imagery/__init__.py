@@ -12,7 +12,6 @@ float32 array ``(bands, rows, cols)`` with a validity mask, without loading the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -20,30 +19,7 @@ import numpy as np
 from affine import Affine
 from pyproj import CRS
 
-
-@dataclass(frozen=True)
-class Grid:
-    """A raster grid: CRS, affine transform of the top-left pixel corner, size in pixels."""
-
-    crs: CRS
-    transform: Affine
-    width: int
-    height: int
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        """(left, bottom, right, top) in the grid's CRS."""
-        x0, y0 = self.transform @ (0, 0)
-        x1, y1 = self.transform @ (self.width, self.height)
-        return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
-
-    @property
-    def res(self) -> tuple[float, float]:
-        return abs(self.transform.a), abs(self.transform.e)
-
-    def window(self, col_off: int, row_off: int, width: int, height: int) -> Grid:
-        """The sub-grid starting at pixel (col_off, row_off); it may reach outside this grid."""
-        return Grid(self.crs, self.transform @ Affine.translation(col_off, row_off), width, height)
+from minemap.lattice import Grid, snapped_grid
 
 
 @runtime_checkable
@@ -104,13 +80,10 @@ def describe(desc: Any) -> str:
 
 def area_grid(bbox: tuple[float, float, float, float], crs: CRS, res: float) -> Grid:
     """The grid of ``res`` pixels in ``crs`` covering ``bbox`` (EPSG:4326), snapped to multiples of ``res`` from
-    the CRS origin, so that grids of overlapping areas share their pixels."""
+    the CRS origin (:func:`minemap.lattice.snapped_grid`), so that grids of overlapping areas share their pixels."""
     from rasterio.warp import transform_bounds
 
-    left, bottom, right, top = transform_bounds("EPSG:4326", crs, *bbox, densify_pts=21)
-    x0, y1 = np.floor(left / res) * res, np.ceil(top / res) * res
-    return Grid(crs, Affine(res, 0, x0, 0, -res, y1), int(np.ceil((right - x0) / res)),
-                int(np.ceil((y1 - bottom) / res)))
+    return snapped_grid(transform_bounds("EPSG:4326", crs, *bbox, densify_pts=21), crs, res)
 
 
 class Resampled:
@@ -140,4 +113,4 @@ class Resampled:
         return self.inner.read(year, grid)
 
 
-__all__ = ["Grid", "ImagerySource", "Resampled", "area_grid", "describe", "open_imagery"]
+__all__ = ["ImagerySource", "Resampled", "area_grid", "describe", "open_imagery"]

@@ -29,7 +29,7 @@ from rasterio.warp import transform_bounds
 
 from minemap._io import stable_hash
 from minemap.errors import ImageryError
-from minemap.imagery import Grid
+from minemap.lattice import Grid
 
 log = logging.getLogger(__name__)
 _SUFFIXES = {".tif", ".tiff", ".vrt"}

@@ -47,7 +47,8 @@ from rasterio.warp import transform_bounds
 from minemap._io import stable_hash, write_json
 from minemap.config import PlanetImageryConfig
 from minemap.errors import ImageryError
-from minemap.imagery import Grid, area_grid
+from minemap.imagery import area_grid
+from minemap.lattice import Grid
 from minemap.imagery.local import file_info, read_files
 from minemap.imagery.stac import cache_root
 from minemap.rasters import write_cog

@@ -30,14 +30,14 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import shapely
-from affine import Affine
 from pyproj import CRS
 from rasterio.warp import transform_bounds
 
 from minemap._io import stable_hash, write_json
 from minemap.config import StacImageryConfig
 from minemap.errors import ImageryError
-from minemap.imagery import Grid, area_grid
+from minemap.imagery import area_grid
+from minemap.lattice import Grid, Lattice
 from minemap.imagery.local import file_info, read_files
 from minemap.rasters import write_cog
 
@@ -190,25 +190,23 @@ class StacImagery:
         return records
 
     # -- composites ------------------------------------------------------------------------------------------
+    @property
+    def lattice(self) -> Lattice:
+        """The cache tiles: cells of ``tile_px`` pixels from the CRS origin."""
+        return Lattice(self.cfg.tile_px * self.res)
+
     def tiles_over(self, grid: Grid) -> list[tuple[int, int]]:
         """Lattice tiles (column, row indices from the CRS origin) that ``grid`` touches."""
-        left, bottom, right, top = grid.bounds if grid.crs == self.crs else \
+        bounds = grid.bounds if grid.crs == self.crs else \
             transform_bounds(grid.crs, self.crs, *grid.bounds, densify_pts=21)
-        side = self.cfg.tile_px * self.res
-        eps = 1e-6 * side
-        cols = range(int(np.floor(left / side)), int(np.floor((right - eps) / side)) + 1)
-        rows = range(int(np.floor(-top / side)), int(np.floor((-bottom - eps) / side)) + 1)
-        return [(c, r) for r in rows for c in cols]
+        return self.lattice.cells_over(bounds)
 
     def tile_grid(self, tile: tuple[int, int]) -> Grid:
-        c, r = tile
-        side = self.cfg.tile_px * self.res
-        return Grid(self.crs, Affine(self.res, 0, c * side, 0, -self.res, -r * side), self.cfg.tile_px,
-                    self.cfg.tile_px)
+        return self.lattice.cell_grid(*tile, self.res, self.crs)
 
     def tile_path(self, year: int, tile: tuple[int, int]) -> Path:
         c, r = tile
-        return self.root / self._year_dir(year) / f"x{c}_y{r}.tif"
+        return self.root / self._year_dir(year) / f"{Lattice.cell_id(c, r)}.tif"
 
     def composite(self, year: int, tile: tuple[int, int]) -> Path:
         """The cached composite of ``tile`` and ``year``, built (and cached) first if need be."""
