@@ -35,7 +35,7 @@ import geopandas as gpd
 import shapely
 import torch
 
-from minemap.chips import split_blocks
+from minemap.formats.chips import split_blocks
 from minemap.config import load_config
 from minemap.evaluate import evaluate, read_reference
 from minemap.geo import WGS84

@@ -37,7 +37,7 @@ import shapely
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from minemap.postprocess import load_countries
+from minemap.formats.countries import load_countries
 
 FIRST_YEAR = 2016
 VERTICES = 32

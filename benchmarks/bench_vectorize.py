@@ -17,7 +17,7 @@ from scipy.ndimage import gaussian_filter
 from minemap.config import VectorizeConfig
 from minemap.lattice import Grid
 from minemap.postprocess import postprocess
-from minemap.rasters import write_cog
+from minemap.formats.rasters import write_cog
 from minemap.vectorize import read_polygons, vectorize
 
 SIZE, TILE = 4096, 1024

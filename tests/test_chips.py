@@ -285,7 +285,7 @@ def test_a_field_touching_a_mine_is_judged_on_its_own(tmp_path):
     part beyond the buffer (from the probability tiles), the field is a false alarm to teach, not a missed mine."""
     from minemap.chips import hard_negative_chips
     from minemap.config import HardNegativeConfig
-    from minemap.rasters import quantise, write_cog
+    from minemap.formats.rasters import quantise, write_cog
 
     src, lab, cfg = _six_mines_chipped(tmp_path)
     prob = np.zeros((512, 512), np.float32)

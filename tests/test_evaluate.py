@@ -9,7 +9,7 @@ from shapely.geometry import box
 from minemap.errors import InputError
 from minemap.evaluate import evaluate, evaluate_stage, read_reference
 from minemap.lattice import Grid
-from minemap.rasters import write_cog
+from minemap.formats.rasters import write_cog
 
 T = Affine(4.0, 0, 0.0, 0, -4.0, 0.0)
 
@@ -71,7 +71,7 @@ def test_reference_folder_and_errors(tmp_path):
 
 def test_reliability_known_answers():
     from minemap.metrics import reliability
-    from minemap.rasters import LEVELS
+    from minemap.formats.rasters import LEVELS
 
     pos, neg = np.zeros(LEVELS + 1), np.zeros(LEVELS + 1)
     pos[LEVELS], neg[0] = 30, 70  # sure and right
@@ -87,7 +87,7 @@ def test_reliability_known_answers():
 
 def test_maximum_calibration_error_sees_the_bins_of_the_mines():
     from minemap.metrics import reliability
-    from minemap.rasters import LEVELS
+    from minemap.formats.rasters import LEVELS
 
     pos, neg = np.zeros(LEVELS + 1), np.zeros(LEVELS + 1)
     neg[0] = 1_000_000  # sure background, right: the lowest bin holds nearly every pixel

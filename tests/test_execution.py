@@ -155,7 +155,7 @@ def test_corrupt_weights_stop_prediction_before_any_unit(scene, tmp_path, monkey
 
 def test_vectorize_tiles_on_a_cluster_equal_serial(cluster, tmp_path):
     from test_vectorize import _tiles
-    from minemap.rasters import NODATA
+    from minemap.formats.rasters import NODATA
     from minemap.vectorize import vectorize_year
 
     q = np.zeros((64, 64), np.uint8)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 from minemap.cli import app
 from minemap.errors import InputError
 from minemap.export import export
-from minemap.panel import CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, PANEL_COLUMNS, build_panel, \
-    read_study_polygons, write_panel
+from minemap.panel import build_panel, read_study_polygons, write_panel
+from minemap.formats.panel import CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, PANEL_COLUMNS
 
 
 def _panel_dir(tmp_path):

@@ -99,7 +99,7 @@ def test_large_frames_written_in_row_groups_read_back_the_same(tmp_path, monkeyp
     import pandas as pd
     import pyarrow.parquet as pq
 
-    import minemap.labels as labels_mod
+    import minemap.formats.vectors as labels_mod
 
     monkeypatch.setattr(labels_mod, "PARQUET_CHUNK_ROWS", 4)
     n = 10

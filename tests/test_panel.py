@@ -9,8 +9,8 @@ import shapely
 from minemap.config import PanelConfig
 from minemap.errors import InputError
 from minemap.geo import area_km2
-from minemap.panel import (CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, build_panel, change_statistics, geohash,
-                           lineage_table, write_panel)
+from minemap.panel import build_panel, change_statistics, geohash, lineage_table, write_panel
+from minemap.formats.panel import CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS
 
 
 def _pp(rows):

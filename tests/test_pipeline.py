@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from minemap.cli import app
 from minemap.pipeline import run
-from minemap.train import STATE
+from minemap.formats.run import STATE
 
 from conftest import YEARS, tiny_config
 
@@ -25,7 +25,7 @@ def test_run_outputs_and_schemas(tiny_run):
     cfg, res = tiny_run
     out = cfg.out
     panel = gpd.read_parquet(out / "panel.parquet")
-    from minemap.panel import CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, PANEL_COLUMNS
+    from minemap.formats.panel import CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, PANEL_COLUMNS
 
     assert list(panel.columns) == PANEL_COLUMNS
     assert panel.crs.to_epsg() == 4326 and panel.geometry.is_valid.all()

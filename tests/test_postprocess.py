@@ -9,7 +9,8 @@ from shapely.geometry import box
 from minemap.config import PostprocessConfig
 from minemap.errors import InputError
 from minemap.geo import area_km2
-from minemap.postprocess import attribute_countries, load_countries, postprocess, temporal_filter
+from minemap.postprocess import attribute_countries, postprocess, temporal_filter
+from minemap.formats.countries import load_countries
 
 DEG_PER_M = 1 / 111_320  # at the equator
 

@@ -11,7 +11,7 @@ from minemap.errors import ImageryError
 from minemap.model import load_model, read_card, save_model
 from minemap.lattice import window_origins
 from minemap.predict import blend_weights, check_compatible, predict, predict_array
-from minemap.rasters import NODATA
+from minemap.formats.rasters import NODATA
 from minemap.imagery import open_imagery
 
 
@@ -380,7 +380,7 @@ def test_only_tiles_this_tool_wrote_are_cleaned_up(scene, tmp_path, monkeypatch,
 
     from conftest import write_raster
     from minemap.grid import make_tiles
-    from minemap.rasters import write_cog
+    from minemap.formats.rasters import write_cog
 
     model_dir = _pixel_model_dir(scene, tmp_path)
     real_load = load_model

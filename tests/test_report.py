@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from minemap.cli import app
 from minemap.errors import InputError
-from minemap.report import REPORT, report
+from minemap.report import report
+from minemap.formats.run import REPORT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -50,7 +51,7 @@ def test_run_writes_a_self_contained_report(page):
 def test_sample_tiles_are_drawn_reproducibly_from_the_years_tiles(page):
     import rasterio
 
-    from minemap.report import SAMPLE_TILES, Rasters
+    from minemap.views import SAMPLE_TILES, Rasters
 
     cfg, _ = page
     rasters = Rasters(cfg.out)
@@ -81,7 +82,7 @@ def test_report_command_and_refusals(page, tmp_path):
     empty.mkdir()
     import geopandas as gpd
 
-    from minemap.panel import PANEL_COLUMNS
+    from minemap.formats.panel import PANEL_COLUMNS
 
     gpd.GeoDataFrame({c: [] for c in PANEL_COLUMNS[:-1]}, geometry=[], crs="EPSG:4326").to_parquet(
         empty / "panel.parquet")
@@ -236,9 +237,9 @@ def test_only_expected_failures_of_the_imagery_become_warnings(tmp_path, monkeyp
     import json
     import logging
 
-    import minemap.imagery
+    import minemap.views
     from minemap.errors import ImageryError
-    from minemap.report import Rasters
+    from minemap.views import Rasters
 
     run = tmp_path / "run"
     (run / "probabilities").mkdir(parents=True)
@@ -248,7 +249,7 @@ def test_only_expected_failures_of_the_imagery_become_warnings(tmp_path, monkeyp
     def moved(*a, **k):
         raise ImageryError(f"{tmp_path}: no year folders")
 
-    monkeypatch.setattr(minemap.imagery, "open_imagery", moved)
+    monkeypatch.setattr(minemap.views, "open_imagery", moved)
     with caplog.at_level(logging.WARNING, logger="minemap"):
         assert Rasters(run).imagery is None
     assert "no year folders" in caplog.text and "probabilities and polygons only" in caplog.text
@@ -256,6 +257,6 @@ def test_only_expected_failures_of_the_imagery_become_warnings(tmp_path, monkeyp
     def bug(*a, **k):
         raise TypeError("a bug in minemap")
 
-    monkeypatch.setattr(minemap.imagery, "open_imagery", bug)
+    monkeypatch.setattr(minemap.views, "open_imagery", bug)
     with pytest.raises(TypeError, match="a bug in minemap"):
         Rasters(run)

@@ -88,8 +88,9 @@ def test_verdicts_of_the_training_year_edit_the_labels(tmp_path):
     """Kept verdicts, as `review import` keeps them: the training year's confirmed detection becomes a label, its
     rejected label is dropped (matched by outline), rejected detections and unsure outlines are for the hard
     negatives, and other years' verdicts are counted, not used."""
-    from minemap.labels import write_geoparquet
-    from minemap.review import VERDICT_FILE, apply_to_labels, training_verdicts
+    from minemap.formats.vectors import write_geoparquet
+    from minemap.review import apply_to_labels, training_verdicts
+    from minemap.formats.run import VERDICT_FILE
 
     kept = gpd.GeoDataFrame({
         "review_id": [1, 2, 3, 4, 5, 6], "kind": ["detection", "label", "detection", "detection", "label", "detection"],
@@ -133,11 +134,12 @@ def test_verdicts_go_back_into_training(scene, tmp_path):
     from conftest import tiny_config
 
     from minemap.chips import _chip_boxes, chip_positions
-    from minemap.export import dataset_card, read_panel
+    from minemap.export import dataset_card
+    from minemap.formats.panel import read_panel
     from minemap.imagery import open_imagery
     from minemap.model import read_card
     from minemap.pipeline import run
-    from minemap.rasters import zonal_mean
+    from minemap.formats.rasters import zonal_mean
     from minemap.review import export_review
 
     cfg = tiny_config(scene, tmp_path / "out", export={"formats": [], "report": False},

@@ -242,7 +242,7 @@ def test_models_never_replace_a_users_folder(tmp_path):
 # -- readers skip temporaries ------------------------------------------------------------------------------------
 def test_vectorize_ignores_a_tile_left_half_written(tmp_path):
     from minemap.lattice import Grid
-    from minemap.rasters import write_cog
+    from minemap.formats.rasters import write_cog
     from minemap.vectorize import vectorize
 
     q = np.zeros((64, 64), np.uint8)

@@ -10,7 +10,7 @@ from pyproj import CRS
 from shapely.geometry import box
 
 from minemap.lattice import Grid
-from minemap.rasters import quantise, write_cog
+from minemap.formats.rasters import quantise, write_cog
 from minemap.threshold import block_threshold
 
 

@@ -11,7 +11,8 @@ from minemap.errors import InputError
 from minemap.imagery import open_imagery
 from minemap.labels import read_labels
 from minemap.model import read_card, resolve_precision
-from minemap.train import STATE, segmentation_loss, train
+from minemap.train import segmentation_loss, train
+from minemap.formats.run import STATE
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +137,8 @@ def test_possible_missed_mines_are_ignored_in_every_chip(chips_dir, tmp_path):
     import geopandas as gpd
     import shapely
 
-    from minemap.train import _read_chips, possible_missed_mines, read_index
+    from minemap.train import _read_chips
+    from minemap.formats.chips import possible_missed_mines, read_index
 
     index = read_index([chips_dir])
     chip = gpd.read_parquet(chips_dir / "index.parquet").iloc[[0]]
@@ -210,7 +212,7 @@ def test_windows_are_drawn_anywhere_inside_the_training_blocks(chips_dir, tmp_pa
     # anywhere, not on a grid: many distinct places, offsets that are not multiples of a stride
     assert len(set(windows)) > 350 and len({(r % 32, c % 32) for _, r, c in windows}) > 100
     # half the windows that need no label lie around the background chips' places (the surfaces they cover)
-    from minemap.train import read_index
+    from minemap.formats.chips import read_index
 
     index = read_index([chips_dir])
     anchored, _ = read_blocks(chips_dir, "train", chips=index[index.split == "train"])

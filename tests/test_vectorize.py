@@ -7,7 +7,7 @@ from minemap.config import VectorizeConfig
 from minemap.errors import InputError
 from minemap.geo import area_km2
 from minemap.lattice import Grid
-from minemap.rasters import NODATA, write_cog
+from minemap.formats.rasters import NODATA, write_cog
 from minemap.vectorize import vectorize, vectorize_year
 
 RES = 4.0

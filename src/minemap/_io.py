@@ -20,6 +20,7 @@ import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -29,7 +30,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from minemap import __version__
 from minemap.errors import OutputError
+
+log = logging.getLogger(__name__)
 
 try:  # POSIX: a writer holds a lock on its folder's marker, so that a live write is never taken for a stale one
     import fcntl
@@ -154,8 +158,6 @@ def _output_folder(dest: Path, kind: str) -> Iterator[Path]:
     _clean_stale(dest)
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.tmp{dest.suffix}")
     tmp.mkdir()
-    from minemap import __version__
-
     marker = _hold_marker(tmp / MARKER)
     try:
         _write_marker(marker, {"kind": kind, "version": __version__, "complete": False})
@@ -291,6 +293,25 @@ def _list(names: set[str], most: int = 3) -> str:
 def write_json(dest: Path, obj: Any) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> tuple[dict | None, str | None]:
+    """A record a stage wrote: (the JSON object at ``path``, None); (None, None) where there is no such file;
+    (None, why) where the file is there but cannot be read (unreadable, not JSON, not an object), logged, so that
+    a reader (the dataset card, the report) can say so instead of leaving a section out as if the run had none."""
+    path = Path(path)
+    if not path.exists():
+        return None, None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
+    else:
+        if isinstance(data, dict):
+            return data, None
+        why = f"not a JSON object but a {type(data).__name__}"
+    log.warning("%s: cannot be read (%s)", path, why)
+    return None, why
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

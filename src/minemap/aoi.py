@@ -24,6 +24,8 @@ import shapely
 from pyproj import Transformer
 
 from minemap.errors import InputError
+from minemap.formats.countries import load_countries
+from minemap.formats.vectors import read_vector
 from minemap.geo import WGS84, units_per_metre
 
 TROPICS = (-180.0, -30.0, 180.0, 30.0)
@@ -92,8 +94,6 @@ def _around_labels(labels: gpd.GeoDataFrame | None, metres: float, where: str) -
 
 
 def _countries(codes: list[str], path: Path | None, where: str) -> shapely.Geometry:
-    from minemap.postprocess import load_countries
-
     layer = load_countries(path)
     known = set(layer["iso3"])
     unknown = [c for c in codes if c not in known]
@@ -107,8 +107,6 @@ def _vector_file(path: Path) -> shapely.Geometry:
     if not path.is_file():
         raise InputError(f"aoi {str(path)!r}: not a bbox, ISO3 code, 'tropics' or 'labels:<metres>', and no such "
                          "file")
-    from minemap.labels import read_vector
-
     gdf = read_vector(path)  # one-line errors for files that are not vector layers or have no CRS
     geoms = shapely.make_valid(np.asarray(gdf.to_crs(WGS84).geometry.values))
     return _nonempty(shapely.union_all(geoms[~shapely.is_empty(geoms)]), f"{path}")

@@ -42,7 +42,6 @@ Writes, atomically as one folder::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import warnings
 from pathlib import Path
@@ -61,20 +60,18 @@ from tqdm.auto import tqdm
 from minemap._io import atomic_path, write_json
 from minemap.config import ChipConfig, HardNegativeConfig
 from minemap.errors import InputError
+from minemap.formats.chips import IGNORE, MISSED, SPLITS, read_meta, split_summary, write_blocks
 from minemap.geo import WGS84, ground_sample_distance_m, units_per_metre
 from minemap.imagery import ImagerySource
 from minemap.lattice import Grid, neighbours, pixel_boxes
-from minemap.rasters import zonal_mean
+from minemap.formats.rasters import zonal_mean
 
 if TYPE_CHECKING:
     from minemap.review import TrainingVerdicts
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 MARGIN_PX = 1
 MAX_BLOCK_SHARE = 0.25  # an automatic block size keeps any one block below this share of the labelled pixels
-IGNORE = 255
-MISSED = "possible_missed_mines.parquet"  # beside hard-negative chips: pixels no chip teaches
 REVIEWED_CHIPS = 4  # at most this many chips over one detection a reviewer rejected (a large one)
 
 
@@ -478,16 +475,6 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
     return rows
 
 
-def split_summary(index: pd.DataFrame) -> dict[str, dict]:
-    """Per split: chips, positive chips, positive (mining) pixels, and chips of each kind."""
-    out = {}
-    for s in SPLITS:
-        part = index[index.split == s]
-        out[s] = {"chips": int(len(part)), "positive_chips": int((part.positive_pixels > 0).sum()),
-                  "positive_pixels": int(part.positive_pixels.sum()),
-                  "by_kind": {str(k): int(v) for k, v in part.kind.value_counts().items()}}
-    return out
-
 
 def _labels_in_grid(labels: gpd.GeoDataFrame, grid: Grid, year: int, labels_path: Path | None) -> np.ndarray:
     geoms = np.asarray(labels.to_crs(grid.crs).geometry.values)
@@ -600,28 +587,6 @@ def labelled_ground(blocks: set[tuple[int, int]], labelled: set[tuple[int, int]]
     return neighbours(blocks, labelled, reach)
 
 
-CHIPS_FORMAT = 4  # bumped when the chips folder's files change, so that a resumed run cuts them again
-
-
-def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[tuple[int, int], float], grid: Grid,
-                 block: int, rasters: dict[tuple[int, int], dict] | None = None,
-                 ground: set[tuple[int, int]] | None = None) -> None:
-    """``blocks.parquet``: each block's column and row, split, labelled pixels, whether it is labelled ground
-    (:func:`labelled_ground`; every block where ``ground`` is None) and footprint (the grid's CRS, clipped to the
-    grid), and where :func:`_write_blocks` wrote it whole, its image and mask (else empty)."""
-    keys = sorted(splits)
-    rasters = rasters or {}
-    bx = np.array([b[0] for b in keys], np.int64)
-    by = np.array([b[1] for b in keys], np.int64)
-    boxes = pixel_boxes(grid, bx * block, by * block, block, block, clip=True)
-    gpd.GeoDataFrame({"bx": bx, "by": by, "split": [splits[b] for b in keys],
-                      "label_pixels": [weights.get(b, 0.0) for b in keys],
-                      "labelled_ground": [ground is None or b in ground for b in keys],
-                      "image": [rasters.get(b, {}).get("image") for b in keys],
-                      "mask": [rasters.get(b, {}).get("mask") for b in keys],
-                      "positive_pixels": [rasters.get(b, {}).get("positive_pixels", 0) for b in keys]},
-                     geometry=boxes, crs=grid.crs).to_parquet(dest)
-
 
 def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys: set[tuple[int, int]], block: int,
                   geoms: np.ndarray, cfg: ChipConfig, ignore: np.ndarray | None = None) -> dict[tuple[int, int], dict]:
@@ -649,22 +614,6 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
                          "positive_pixels": int((mask == 1).sum())}
     return out
 
-
-def split_blocks(chips_dir: Path) -> gpd.GeoDataFrame:
-    """The blocks of a chips folder with their split and footprint (the training grid's CRS)."""
-    path = Path(chips_dir) / "blocks.parquet"
-    try:
-        blocks = gpd.read_parquet(path)
-    except (ValueError, OSError) as e:  # a folder cut by an older minemap holds no footprints
-        raise InputError(f"{path}: no block footprints ({e}); cut the chips again") from None
-    return blocks[["split", "geometry"]]
-
-
-def read_meta(chips_dir: Path) -> dict:
-    path = Path(chips_dir) / "meta.json"
-    if not path.is_file() or not (Path(chips_dir) / "index.parquet").is_file():
-        raise InputError(f"{chips_dir}: not a chips folder (index.parquet or meta.json missing)")
-    return json.loads(path.read_text())
 
 
 def _in_grid(outlines, grid: Grid) -> np.ndarray:

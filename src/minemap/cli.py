@@ -310,8 +310,9 @@ def panel(postprocessed: Annotated[list[Path], typer.Argument(
     """Track mines across years (mine_id, lineage events, district_id) and write the panel, its summary, the
     lineage tables and the change statistics."""
     from minemap.config import PanelConfig
-    from minemap.labels import read_vector
-    from minemap.panel import STUDY_PATTERN, build_panel, read_study_polygons, write_panel
+    from minemap.formats.vectors import read_vector
+    from minemap.panel import build_panel, read_study_polygons, write_panel
+    from minemap.formats.panel import STUDY_PATTERN
 
     study = len(postprocessed) > 1 or postprocessed[0].is_dir() or STUDY_PATTERN.search(postprocessed[0].name)
     polygons = read_study_polygons(postprocessed) if study else read_vector(postprocessed[0])
@@ -364,9 +365,9 @@ def evaluate(predicted: Annotated[Path, typer.Argument(help="panel or polygons w
              chips: Annotated[Optional[Path], typer.Option(help="the training's chips folder: its test blocks are "
                                                                "the headline, every block beside it (in-sample)")] = None):
     """Pixel and object metrics per year against reference polygons (unobserved reference counted as missed)."""
-    from minemap.chips import split_blocks
+    from minemap.formats.chips import split_blocks
     from minemap.evaluate import evaluate_stage
-    from minemap.labels import read_vector
+    from minemap.formats.vectors import read_vector
 
     res = evaluate_stage(read_vector(predicted), reference, probabilities, out_path, threshold,
                          splits=split_blocks(chips) if chips is not None else None)

@@ -34,11 +34,12 @@ from minemap._io import outputs, write_json
 from minemap.errors import InputError
 from minemap.geo import WGS84, units_per_metre
 from minemap.lattice import Grid
-from minemap.labels import VECTOR_SUFFIXES, clean_labels, read_vector
-from minemap.postprocess import load_countries
+from minemap.labels import clean_labels
+from minemap.formats.vectors import VECTOR_SUFFIXES, read_vector
+from minemap.formats.countries import load_countries
 from minemap.metrics import (binary_metrics, block_bootstrap, histograms, metrics_at, object_statistics,
                              pixel_statistics, reliability, sweep)
-from minemap.rasters import LEVELS, NODATA
+from minemap.formats.rasters import LEVELS, NODATA
 
 log = logging.getLogger(__name__)
 BLOCK_M = 1000.0  # side of the bootstrap's spatial blocks: wider than a mine and its surroundings

@@ -17,7 +17,6 @@ and CSV, beside ``panel.parquet``.
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import date
 from pathlib import Path
@@ -28,14 +27,15 @@ import pandas as pd
 import shapely
 
 from minemap import __version__
-from minemap._io import atomic_path
+from minemap._io import atomic_path, read_json
 from minemap.errors import InputError
-from minemap.panel import CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, PANEL_COLUMNS
+from minemap.formats.run import RunFolder
+from minemap.formats.panel import (CHANGE_COLUMNS, EVENT_COLUMNS, LINEAGE_COLUMNS, PANEL_COLUMNS, STUDY_NAME,
+                                   read_panel)
 
 log = logging.getLogger(__name__)
 FORMATS = ("gpkg", "fgb", "csv", "study", "card")
 DEFAULT_LICENCE = "CC-BY-4.0"
-STUDY_NAME = "global_mining_polygons_predicted_{year}_postprocessed.gpkg"
 EXPORT_FILES = {"gpkg": "panel.gpkg", "fgb": "panel.fgb", "csv": "panel.csv", "study": "study", "card": "DATASET.md"}
 
 CONTENTS = {
@@ -80,24 +80,6 @@ COLUMNS: dict[str, dict[str, str]] = {
     },
 }
 
-
-def read_panel(path: Path) -> gpd.GeoDataFrame:
-    """A panel written by ``minemap panel`` (or ``run``), checked: one line naming the file if it is not one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "panel.parquet"
-    if not path.is_file():
-        raise InputError(f"{path}: no panel here (run `minemap panel` or `minemap run` first)")
-    try:
-        panel = gpd.read_parquet(path)
-    except Exception as e:  # not a GeoParquet file
-        raise InputError(f"{path}: not a GeoParquet panel ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    missing = [c for c in PANEL_COLUMNS if c not in panel.columns]
-    if missing:
-        raise InputError(f"{path}: missing panel column(s) {', '.join(missing)}")
-    if panel.crs is None or panel.crs.to_epsg() != 4326:
-        raise InputError(f"{path}: a panel is in EPSG:4326, not {panel.crs}")
-    return panel
 
 
 def export(panel_path: Path, out_dir: Path, formats: list[str] | tuple[str, ...] = FORMATS,
@@ -158,25 +140,6 @@ def write_study_year(panel_year: gpd.GeoDataFrame, dest: Path) -> None:
     gdf.to_file(dest, driver="GPKG", layer=dest.stem)
 
 
-def _read_json(path: Path) -> tuple[dict | None, str | None]:
-    """(the JSON object at ``path``, None); (None, None) where there is no such file (nothing to cite); (None,
-    why) where the file is there but cannot be read, so that the card says so instead of leaving a section out
-    as if the run had none."""
-    path = Path(path)
-    if not path.exists():
-        return None, None
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
-        why = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}" if str(e) else type(e).__name__
-        log.warning("%s: cannot be read (%s); the dataset card says so", path, why)
-        return None, why
-    if not isinstance(data, dict):
-        log.warning("%s: not a JSON object; the dataset card says so", path)
-        return None, f"not a JSON object but a {type(data).__name__}"
-    return data, None
-
-
 def _fmt(v, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
 
@@ -185,12 +148,12 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
                  formats: list[str] | tuple[str, ...] = FORMATS) -> str:
     """The dataset card (Markdown) of a panel, citing what the run directory holds; its contents list the
     exports in ``formats``."""
-    card_path, thr_path = run_dir / "model" / "model.json", run_dir / "threshold.json"
-    imagery_path, metrics_path = run_dir / "probabilities" / "imagery.json", run_dir / "metrics.json"
-    card, card_why = _read_json(card_path)
-    thr, thr_why = _read_json(thr_path)
-    imagery, imagery_why = _read_json(imagery_path)
-    metrics, metrics_why = _read_json(metrics_path)
+    folder = RunFolder(run_dir)
+    card_path, thr_path, imagery_path, metrics_path = folder.card, folder.threshold, folder.imagery_record, folder.metrics
+    card, card_why = read_json(card_path)
+    thr, thr_why = read_json(thr_path)
+    imagery, imagery_why = read_json(imagery_path)
+    metrics, metrics_why = read_json(metrics_path)
     years = sorted(int(y) for y in panel["year"].unique())
     lines = [
         "# Mining areas panel", "",

@@ -144,3 +144,11 @@ def snapped_grid(bounds: tuple[float, float, float, float], crs: CRS, res: float
     x0, y1 = np.floor(left / res) * res, np.ceil(top / res) * res
     return Grid(crs, Affine(res, 0, x0, 0, -res, y1), int(np.ceil((right - x0) / res)),
                 int(np.ceil((y1 - bottom) / res)))
+
+
+def area_grid(bbox: tuple[float, float, float, float], crs: CRS, res: float) -> Grid:
+    """The grid of ``res`` pixels in ``crs`` covering ``bbox`` (EPSG:4326), snapped to multiples of ``res`` from
+    the CRS origin (:func:`snapped_grid`), so that grids of overlapping areas share their pixels."""
+    from rasterio.warp import transform_bounds
+
+    return snapped_grid(transform_bounds("EPSG:4326", crs, *bbox, densify_pts=21), crs, res)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from minemap.rasters import LEVELS
+from minemap.formats.rasters import LEVELS
 
 
 def binary_metrics(tp: float, fp: float, fn: float, tn: float) -> dict[str, float]:

@@ -25,7 +25,10 @@ from pathlib import Path
 import torch
 from rasterio.errors import NotGeoreferencedWarning
 
-from minemap.errors import ModelError
+from minemap._io import atomic_path, stable_hash, write_json
+from minemap.errors import InputError, ModelError
+from minemap.formats.chips import SPLITS, read_index, read_meta
+from minemap.model import ENCODERS, ModelCard, build_model, save_model
 
 EPS = 1e-5  # BatchNorm's default epsilon in both libraries
 
@@ -68,7 +71,6 @@ def _shape(state: dict[str, torch.Tensor]) -> tuple[list[int], list[int], int, i
 
 def encoder_of(state: dict[str, torch.Tensor]) -> tuple[str, int]:
     """The minemap encoder name (mit-b0..b5) and band count of an MMSegmentation SegFormer state dict."""
-    from minemap.model import ENCODERS
 
     depths, hidden, bands, _, _ = _shape(state)
     for name, spec in ENCODERS.items():
@@ -285,9 +287,7 @@ def import_mmseg(checkpoint: Path, dest: Path, bands: list[str], band_mean: list
     ``band_std``: the bands the model was trained on, in order, and the normalisation its pipeline applied to
     them (MMSegmentation's ``data_preprocessor`` mean and std, in the units of the imagery minemap will read);
     ``gsd_m``: the ground sample distance of its training imagery."""
-    from minemap.model import ModelCard, build_model, save_model
 
-    from minemap.model import ENCODERS
 
     state = read_mmseg(checkpoint)
     encoder, n = encoder_of(state)
@@ -310,7 +310,6 @@ def import_mmseg(checkpoint: Path, dest: Path, bands: list[str], band_mean: list
 
 
 # -- the dataset layout ---------------------------------------------------------------------------------------
-SPLITS = ("train", "val", "test")
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff", ".jpg")
 
 
@@ -323,9 +322,6 @@ def write_layout(chips_dir: Path, dest: Path) -> int:
 
     import rasterio
 
-    from minemap._io import atomic_path
-    from minemap.chips import read_meta
-    from minemap.train import read_index
 
     meta = read_meta(chips_dir)
     index = read_index([Path(chips_dir)])
@@ -357,8 +353,6 @@ def read_layout(year_dir: Path, dest: Path, bands: list[str] | None = None, gsd_
     import rasterio
     from rasterio.errors import RasterioError
 
-    from minemap._io import atomic_path, stable_hash, write_json
-    from minemap.errors import InputError
 
     year_dir = Path(year_dir).resolve()
     rows, size, count = [], None, None

@@ -28,6 +28,7 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation, Segf
 from minemap import __version__
 from minemap._io import atomic_path
 from minemap.errors import InputError, ModelError
+from minemap.formats.run import CARD, WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ ENCODERS: dict[str, dict] = {
     "mit-b4": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 8, 27, 3], decoder_hidden_size=768),
     "mit-b5": dict(hidden_sizes=[64, 128, 320, 512], depths=[3, 6, 40, 3], decoder_hidden_size=768),
 }
-WEIGHTS = "weights.safetensors"
-CARD = "model.json"
 DOWNLOAD_HINT = (
     "minemap downloads nothing at run time: fetch the encoder once where you have network, e.g. "
     "`huggingface-cli download nvidia/mit-b0 --local-dir models/mit-b0` (or mit-b1..b5), "

@@ -31,15 +31,11 @@ from minemap.config import PanelConfig
 from minemap.errors import InputError
 from minemap.geo import (WGS84, area_km2, in_threads, inner_points, pairs_across_years, polygons_meet,
                          units_per_metre)
-from minemap.labels import write_geoparquet
+from minemap.formats.panel import (CHANGE_COLUMNS, EVENT_COLUMNS, EVENT_KINDS, LINEAGE_COLUMNS, PANEL_COLUMNS,
+                                   PANEL_FILES, STUDY_PATTERN)
+from minemap.formats.vectors import read_vector, write_geoparquet
 
 log = logging.getLogger(__name__)
-PANEL_COLUMNS = ["mine_id", "district_id", "year", "iso3", "country", "first_year", "area_km2", "mean_probability",
-                 "provisional", "geometry"]
-LINEAGE_COLUMNS = ["mine_id", "district_id", "first_year", "last_year", "years_seen", "years", "max_area_km2",
-                   "iso3", "country", "split_from"]
-CHANGE_COLUMNS = ["iso3", "country", "year", "n_mines", "area_km2", "new_km2", "expanded_km2", "shrunk_km2",
-                  "abandoned_km2"]
 _BASE32 = "0123456789bcdefghjkmnpqrstuvwxyz"
 
 
@@ -123,9 +119,6 @@ def _overlap(geoms: np.ndarray, a: np.ndarray, b: np.ndarray, buffer_m: float) -
 
     return in_threads(areas, ga, geoms[b])
 
-
-EVENT_COLUMNS = ["year", "kind", "mine_id", "parent_ids", "child_ids"]
-EVENT_KINDS = ("appeared", "reappeared", "split", "merged", "disappeared")
 
 
 def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 0.0,
@@ -265,15 +258,12 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
     return ids[mine], district_of[comp], out
 
 
-STUDY_PATTERN = re.compile(r"global_mining_polygons_predicted_((?:19|20)\d{2})_postprocessed\.gpkg$")
-
 
 def read_study_polygons(paths: list[Path]) -> gpd.GeoDataFrame:
     """The published study's per-year polygons (``global_mining_polygons_predicted_<year>_postprocessed.gpkg``:
     id, iso_a3, country_name, year, area; EPSG:4326) as post-processed polygons (year, iso3, country,
     geometry), so that its data gets mine identities and a summary without any imagery. ``paths``: such files,
     or folders holding them (the ``_buffer`` variants are left out of a folder; name them to use them)."""
-    from minemap.labels import read_vector
 
     files: list[tuple[Path, int | None]] = []
     for p in map(Path, paths):
@@ -470,11 +460,6 @@ def summarise(panel: gpd.GeoDataFrame) -> pd.DataFrame:
         n_mines=("mine_id", "nunique"), n_districts=("district_id", "nunique"), area_km2=("area_km2", "sum"))
     return out.sort_values(["iso3", "year"]).reset_index(drop=True)
 
-
-PANEL_FORMAT = 3  # bumped when the panel's files change, so that a resumed run rebuilds them
-PANEL_FILES = {"parquet": "panel.parquet", "summary": "summary.csv",
-               "mines": "mines.parquet", "mines_csv": "mines.csv", "events": "events.parquet",
-               "events_csv": "events.csv", "changes": "changes.parquet", "changes_csv": "changes.csv"}
 
 
 def write_panel(panel: gpd.GeoDataFrame, events: pd.DataFrame, out_dir: Path, changes: pd.DataFrame | None = None

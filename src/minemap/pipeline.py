@@ -41,21 +41,28 @@ import shapely
 
 from minemap._io import file_sha256, stable_hash, write_json
 from minemap.aoi import parse_aoi
-from minemap.chips import CHIPS_FORMAT, hard_negative_chips, make_chips, split_blocks
+from minemap.chips import hard_negative_chips, make_chips
 from minemap.config import RunConfig, VectorizeConfig
 from minemap.errors import ImageryError, InputError, ModelError
 from minemap.evaluate import EVALUATE_FORMAT, evaluate_stage
-from minemap.imagery import describe, open_imagery
-from minemap.labels import read_labels, write_geoparquet
-from minemap.manifest import Manifest
-from minemap.model import CARD, WEIGHTS, read_card
+from minemap.execution import connect
 from minemap.export import EXPORT_FILES, export
-from minemap.report import REPORT, REPORT_FORMAT, report
-from minemap.review import VERDICT_FILE, TrainingVerdicts, apply_to_labels, training_verdicts
-from minemap.panel import PANEL_FILES, PANEL_FORMAT, build_panel, write_panel
+from minemap.formats.chips import CHIPS_FORMAT, possible_missed_mines, split_blocks
+from minemap.formats.panel import PANEL_FORMAT
+from minemap.formats.run import CARD, STATE, WEIGHTS, RunFolder
+from minemap.formats.vectors import write_geoparquet
+from minemap.imagery import describe, open_imagery
+from minemap.labels import read_labels
+from minemap.manifest import Manifest
+from minemap.model import read_card
+from minemap.panel import build_panel, write_panel
 from minemap.postprocess import postprocess_stage
 from minemap.predict import absolute_imagery, absolute_path, predict
-from minemap.train import STATE, train, weak_model_error
+from minemap.report import REPORT_FORMAT, report
+from minemap.review import TrainingVerdicts, apply_to_labels, training_verdicts
+from minemap.synthetic import make_scene
+from minemap.threshold import block_threshold
+from minemap.train import train, weak_model_error
 from minemap.vectorize import read_polygons, vectorize, vectorize_year
 
 log = logging.getLogger(__name__)
@@ -87,10 +94,11 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     """Run every stage of ``cfg`` into ``cfg.out``; see the module docstring for the layout and resuming."""
     cfg = _absolute(cfg)
     out = Path(cfg.out)
+    folder = RunFolder(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output path exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = Manifest(out / "manifest.jsonl")
+    manifest = Manifest(folder.manifest)
     if overwrite:
         manifest.forget()
     skipped: list[str] = []
@@ -120,8 +128,6 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     aoi = parse_aoi(cfg.aoi, countries=cfg.postprocess.countries) if cfg.aoi is not None and not around_labels \
         else None
     if cfg.scheduler:  # an unreachable cluster is an error before any long work, not after training
-        from minemap.execution import connect
-
         connect(cfg.scheduler).close()
     ref_key = _file_key(cfg.reference) if cfg.reference else None
     # what the pixels depend on: new imagery redoes chips and prediction
@@ -149,10 +155,10 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     else:
         model_dir, k_train, card = _fit(cfg, source, manifest, stage, finished, overwrite, progress)
     if around_labels:  # the labels, cleaned by the labels stage (or read now, with a trained model)
-        labels = gpd.read_parquet(out / "labels.parquet") if not trained else read_labels(cfg.labels)[0]
+        labels = gpd.read_parquet(folder.labels) if not trained else read_labels(cfg.labels)[0]
         aoi = parse_aoi(cfg.aoi, labels=labels)
 
-    prob_dir = out / "probabilities"
+    prob_dir = folder.probabilities
     k_predict = stable_hash(["predict", k_train, imagery_key, _predict_settings(cfg), cfg.years, cfg.bands,
                              None if aoi is None else shapely.to_wkb(aoi, hex=True)])
     if stage("predict", k_predict, [prob_dir / str(y) for y in cfg.years]):
@@ -163,21 +169,21 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     threshold = cfg.vectorize.threshold or card.threshold
     if not trained and cfg.vectorize.threshold is None and cfg.train_year in cfg.years:
         threshold = _block_threshold(cfg, source, prob_dir, out, card.threshold)
-    poly_dir = out / "polygons"
+    poly_dir = folder.polygons
     poly_paths = {y: poly_dir / f"{y}.parquet" for y in cfg.years}
     k_vec = stable_hash(["vectorize", k_predict, threshold, cfg.vectorize.model_dump()])
     if stage("vectorize", k_vec, list(poly_paths.values())):
         vectorize(prob_dir, cfg.years, poly_dir, threshold, cfg.vectorize, cfg.workers, cfg.scheduler, progress)
         finished("vectorize", k_vec)
 
-    pp_path = out / "postprocessed.parquet"
+    pp_path = folder.postprocessed
     countries_key = _file_key(cfg.postprocess.countries) if cfg.postprocess.countries else None
     k_pp = stable_hash(["postprocess", k_vec, cfg.postprocess.model_dump(), countries_key])
     if stage("postprocess", k_pp, [pp_path]):
         postprocess_stage(read_polygons(poly_paths), pp_path, cfg.postprocess)
         finished("postprocess", k_pp)
 
-    panel_paths = {k: out / v for k, v in PANEL_FILES.items()}
+    panel_paths = folder.panel_files
     k_panel = stable_hash(["panel", k_pp, cfg.panel.model_dump(), PANEL_FORMAT])
     if stage("panel", k_panel, list(panel_paths.values())):
         built = build_panel(gpd.read_parquet(pp_path), cfg.panel, where=str(pp_path))
@@ -188,9 +194,9 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
                        skipped=skipped, seconds=seconds)
     k_eval = None
     if cfg.reference:
-        metrics_path = out / "metrics.json"
+        metrics_path = folder.metrics
         # a run that trained its own model is scored on its test blocks; a model trained elsewhere everywhere
-        splits = None if trained else split_blocks(out / "chips")
+        splits = None if trained else split_blocks(folder.chips)
         k_eval = stable_hash(["evaluate", k_panel, ref_key, threshold, EVALUATE_FORMAT])
         if stage("evaluate", k_eval, [metrics_path]):
             evaluate_stage(gpd.read_parquet(panel_paths["parquet"]), cfg.reference, prob_dir, metrics_path,
@@ -205,9 +211,9 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         finished("export", k_export)
     k_report = stable_hash(["report", k_export, ref_key, REPORT_FORMAT])
     if cfg.export.report and pq.ParquetFile(panel_paths["parquet"]).metadata.num_rows == 0:
-        log.warning("no mines in any year: %s not written", out / REPORT)
-    elif cfg.export.report and stage("report", k_report, [out / REPORT]):
-        report(out, out / REPORT, cfg.reference, progress=progress)
+        log.warning("no mines in any year: %s not written", folder.report)
+    elif cfg.export.report and stage("report", k_report, [folder.report]):
+        report(out, folder.report, cfg.reference, progress=progress)
         finished("report", k_report)
     return result
 
@@ -215,21 +221,21 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
 def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite: bool, progress: bool):
     """Stages labels, chips, train, hard_negatives and finetune: the model of a run that trains its own.
     Returns the model directory, the key of its training and its card."""
-    out = Path(cfg.out)
+    folder = RunFolder(cfg.out)
     # the training year's pixels: new imagery of that year redoes chips and training
     imagery_key = stable_hash([_imagery_settings(cfg), source.fingerprint(cfg.train_year)])
     verdicts = _verdicts(cfg)
     # verdicts enter a stage's key only where they change it, so runs without any keep their keys
     labels_key, negatives_key = verdicts.labels_key(), verdicts.negatives_key()
     k_labels = stable_hash(["labels", [_file_key(p) for p in cfg.labels]] + ([labels_key] if labels_key else []))
-    labels_path = out / "labels.parquet"
+    labels_path = folder.labels
     if stage("labels", k_labels, [labels_path]):
         labels, _ = read_labels(cfg.labels)
         write_geoparquet(apply_to_labels(labels, verdicts), labels_path)
         finished("labels", k_labels)
     review = verdicts.counts() if labels_key or negatives_key else {}
 
-    chips_dir = out / "chips"
+    chips_dir = folder.chips
     k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands, cfg.chips.model_dump(),
                            CHIPS_FORMAT]
                           + ([negatives_key] if negatives_key else []))
@@ -238,24 +244,24 @@ def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite:
                    labels_path=cfg.labels[0] if len(cfg.labels) == 1 else None, reviewed=verdicts)
         finished("chips", k_chips)
 
-    model_dir = out / "model"
+    model_dir = folder.model
     hn = cfg.hard_negatives
-    first_dir = out / "model_initial" if hn.enabled else model_dir
+    first_dir = folder.model_initial if hn.enabled else model_dir
     k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), _train_settings(cfg), first_dir.name])
-    if stage("train", k_train, [first_dir / "model.json"]):
+    if stage("train", k_train, [first_dir / CARD]):
         _train_resumable(manifest, "train", k_train, [chips_dir], first_dir, cfg, progress, review=review)
         finished("train", k_train)
     _check_floor(cfg, first_dir)  # a model that learnt nothing would mine the whole scene as hard negatives
     if hn.enabled:
-        hn_dir = out / "hard_negatives"
+        hn_dir = folder.hard_negatives
         k_hn = stable_hash(["hard_negatives", k_train, imagery_key, hn.model_dump(exclude={"epochs", "patience"}),
                             _predict_settings(cfg, "tile_size", "normalise_years")])
-        if stage("hard_negatives", k_hn, [hn_dir / "chips" / "index.parquet"]):
+        if stage("hard_negatives", k_hn, [folder.hard_negative_chips / "index.parquet"]):
             _hard_negatives(cfg, source, labels_path, chips_dir, first_dir, hn_dir, overwrite, progress, verdicts)
             finished("hard_negatives", k_hn)
         k_train = stable_hash(["finetune", k_hn, hn.epochs, hn.patience])
-        if stage("finetune", k_train, [model_dir / "model.json"]):
-            _train_resumable(manifest, "finetune", k_train, [chips_dir, hn_dir / "chips"], model_dir, cfg,
+        if stage("finetune", k_train, [model_dir / CARD]):
+            _train_resumable(manifest, "finetune", k_train, [chips_dir, folder.hard_negative_chips], model_dir, cfg,
                              progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience, review=review)
             finished("finetune", k_train)
     return model_dir, k_train, _check_floor(cfg, model_dir)
@@ -265,19 +271,17 @@ def _block_threshold(cfg: RunConfig, source, prob_dir: Path, out: Path, card_thr
     """The threshold of best F1 on the validation blocks of the training year, mapped wall to wall (see
     minemap.threshold), recorded in ``threshold.json``; the card's (validation chips') where they hold too few
     labelled pixels."""
-    from minemap.threshold import block_threshold
-    from minemap.train import possible_missed_mines
-
-    chips_dirs = [out / "chips"] + ([out / "hard_negatives" / "chips"] if cfg.hard_negatives.enabled else [])
+    folder = RunFolder(out)
+    chips_dirs = [folder.chips] + ([folder.hard_negative_chips] if cfg.hard_negatives.enabled else [])
     found = block_threshold(sorted((prob_dir / str(cfg.train_year)).glob("*.tif")), source.grid(cfg.train_year),
-                            out / "chips", gpd.read_parquet(out / "labels.parquet"),
+                            folder.chips, gpd.read_parquet(folder.labels),
                             possible_missed_mines([d for d in chips_dirs if d.is_dir()]))
     record = {"threshold": found["threshold"] if found else card_threshold, "validation_chips": card_threshold,
               "validation_blocks": found,
               "rule": "the threshold of best F1 over the validation blocks of the training year, mapped wall to "
                       "wall (outline band and possible missed mines left out); the validation chips' where the "
                       "blocks hold too few labelled pixels"}
-    write_json(out / "threshold.json", record)
+    write_json(folder.threshold, record)
     return record["threshold"]
 
 
@@ -332,7 +336,7 @@ def _verdicts(cfg: RunConfig) -> TrainingVerdicts:
         return TrainingVerdicts.none()
     if cfg.review.verdicts is not None and not Path(cfg.review.verdicts).is_file():
         raise InputError(f"{cfg.review.verdicts}: review.verdicts: file not found")
-    got = training_verdicts(cfg.review.verdicts or Path(cfg.out) / "review" / VERDICT_FILE, cfg.train_year)
+    got = training_verdicts(cfg.review.verdicts or RunFolder(cfg.out).verdicts, cfg.train_year)
     if got.labels_key() or got.negatives_key() or got.other_years:
         log.info("review verdicts of %d used in training: %s", cfg.train_year, got.counts())
     return got
@@ -377,8 +381,6 @@ def demo_config(out: Path, epochs: int | None = None) -> RunConfig:
 
 def run_demo(out: Path, epochs: int | None = None, overwrite: bool = False, progress: bool = True) -> RunResult:
     """Write the synthetic demo scene under ``out/scene`` (once) and run the pipeline into ``out/run``."""
-    from minemap.synthetic import make_scene
-
     scene = Path(out) / "scene"
     if overwrite or not (scene / "truth.gpkg").is_file():
         make_scene(scene, years=DEMO_YEARS, train_year=DEMO_YEARS[0])

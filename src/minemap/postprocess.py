@@ -19,7 +19,6 @@ Reads ``polygons/<year>.parquet``; writes ``postprocessed.parquet`` (EPSG:4326, 
 from __future__ import annotations
 
 import logging
-from importlib import resources
 from pathlib import Path
 
 import geopandas as gpd
@@ -28,17 +27,14 @@ import pandas as pd
 import shapely
 
 from minemap.config import PostprocessConfig
-from minemap.errors import InputError
 from minemap.geo import (EQUAL_AREA, WGS84, area_km2, in_threads, inner_points, pairs_across_years, polygons_meet,
                          units_per_metre)
-from minemap.labels import read_vector, write_geoparquet
+from minemap.formats.countries import load_countries
+from minemap.formats.vectors import write_geoparquet
 from minemap.lattice import Lattice
 
 log = logging.getLogger(__name__)
 NEAREST_MAX_M = 25_000.0
-_ISO_COLUMNS = ("iso3", "ISO3", "ISO_A3", "iso_a3", "ISO3_CODE", "GID_0", "shapeGroup", "ADM0_A3", "adm0_a3")
-_NAME_COLUMNS = ("country", "COUNTRY", "NAME", "name", "NAME_0", "ADMIN", "COUNTRY_NAME", "shapeName", "NAME_EN")
-
 
 def temporal_support(polygons: gpd.GeoDataFrame, buffer_m: float = 0.0) -> np.ndarray:
     """Per polygon, whether a (buffered) polygon of an adjacent processed year meets it (the study's rule)."""
@@ -98,24 +94,6 @@ def temporal_rule(polygons: gpd.GeoDataFrame, mode: str = "provisional", buffer_
              int((keep | provisional).sum()), len(keep), int(provisional.sum()))
     return out.loc[keep | provisional].reset_index(drop=True)
 
-
-def load_countries(path: Path | None = None) -> gpd.GeoDataFrame:
-    """Country polygons (EPSG:4326, columns iso3, country): the embedded Natural Earth layer, or ``path``."""
-    if path is None:
-        with resources.as_file(resources.files("minemap") / "data" / "countries_ne110m.parquet") as p:
-            return gpd.read_parquet(p)
-    gdf = read_vector(path)
-    iso = next((c for c in _ISO_COLUMNS if c in gdf.columns), None)
-    name = next((c for c in _NAME_COLUMNS if c in gdf.columns), None)
-    if iso is None or name is None:
-        raise InputError(f"{path}: no country code or name column (looked for {', '.join(_ISO_COLUMNS[:4])}, ... "
-                         f"and {', '.join(_NAME_COLUMNS[:4])}, ...)")
-    out = gpd.GeoDataFrame({"iso3": gdf[iso].astype(str), "country": gdf[name].astype(str)},
-                           geometry=shapely.make_valid(np.asarray(gdf.to_crs(WGS84).geometry.values)), crs=WGS84)
-    if "ADM0_A3" in gdf.columns and iso != "ADM0_A3":  # Natural Earth's -99 (France, Norway, ...)
-        bad = out["iso3"] == "-99"
-        out.loc[bad, "iso3"] = gdf.loc[bad, "ADM0_A3"].astype(str)
-    return out
 
 
 GRID_DEG = 0.05  # cell of the grid that settles the polygons far from any border (~5.5 km at the equator)

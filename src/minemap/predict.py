@@ -52,9 +52,9 @@ from minemap.imagery import ImagerySource, Resampled, describe, open_imagery
 from minemap.manifest import Manifest
 from minemap.masks import obscured_mask
 from minemap import radiometry as rad
-from minemap.rasters import NODATA, quantise, write_cog
-from minemap.model import (CARD, WEIGHTS, ModelCard, forward_logits, load_model, read_card, resolve_device,
-                           resolve_precision)
+from minemap.formats.rasters import NODATA, quantise, write_cog
+from minemap.model import ModelCard, forward_logits, load_model, read_card, resolve_device, resolve_precision
+from minemap.formats.run import CARD, WEIGHTS
 
 log = logging.getLogger(__name__)
 GSD_TOLERANCE = 0.25
@@ -62,7 +62,7 @@ DEFAULT_WINDOW = 384  # inference window side when not set: larger than the trai
 # overlap, and on CPU mit-b0 runs about 1.2 x faster per pixel at 384 px than at 256 px (768 px and more: slower)
 DEFAULT_OVERLAP = 32  # pixels shared by neighbouring windows, blended with linear ramps
 EMPTY = ":no-imagery"  # appended to a unit's fingerprint in the manifest: done, and nothing to write
-PROBABILITY_BAND = "P(mining) x 250"  # the band description :func:`minemap.rasters.write_cog` gives a tile
+PROBABILITY_BAND = "P(mining) x 250"  # the band description :func:`minemap.formats.rasters.write_cog` gives a tile
 MAX_STATES = 2  # models (with their sources) kept loaded per process: workers outlive runs
 MASKS = "signature-masks-1"  # the method of the thin cloud and shadow masks, in the fingerprints of units using it
 

@@ -2,11 +2,11 @@
 
 ``report.html`` holds PNG plots (km2 a year by country; new, expanded, shrunk and abandoned area; per-year
 metrics with their 95 % intervals; precision-recall and reliability curves; image / probability / polygons side
-by side for the largest mines, :data:`SAMPLE_TILES` places drawn at random from the last year's tiles and, where a
+by side for the largest mines, :data:`minemap.views.SAMPLE_TILES` places drawn at random from the last year's tiles and, where a
 reference exists, the largest errors) and an interactive map
 (Leaflet through folium): the mines coloured by year, one layer a year in a layer control, popups with mine_id,
 area, country, first year and mean probability, and the probability raster of one year as an overlay where it
-is small enough (:data:`MAX_OVERLAY_PIXELS`).
+is small enough (:data:`minemap.views.MAX_OVERLAY_PIXELS`).
 
 Self-contained: it opens with no network. Leaflet's JavaScript and CSS are inlined from the installed
 ``xstatic-leaflet`` package, folium's other CDN assets (jQuery, Bootstrap, icon fonts) are left out, there is no
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import base64
 import html
-import io
-import json
 import logging
 import re
 from pathlib import Path
@@ -26,60 +24,24 @@ from pathlib import Path
 import geopandas as gpd
 import numpy as np
 import pandas as pd
-import rasterio
 import shapely
-from rasterio.enums import Resampling
-from rasterio.errors import RasterioError
-from rasterio.merge import merge
-from rasterio.windows import Window
 from tqdm.auto import tqdm
 
-from minemap._io import atomic_path
-from minemap.errors import InputError, MinemapError
-from minemap.geo import WGS84
-from minemap.rasters import LEVELS, NODATA
+from minemap._io import atomic_path, read_json
+from minemap.errors import InputError
+from minemap.evaluate import read_reference
+from minemap.formats.panel import read_panel
+from minemap.formats.run import RunFolder
+from minemap.panel import change_statistics
+from minemap.views import Rasters, _figure, _plt, _png, plot_views
 
 log = logging.getLogger(__name__)
-REPORT = "report.html"
 REPORT_FORMAT = 1  # bumped when the report changes, so that a resumed run writes it again
-MAX_OVERLAY_PIXELS = 2048 * 2048  # a larger probability raster is read at a coarser resolution for the overlay
-SAMPLE_TILES = 2  # views of places drawn at random from the last year's tiles, beside the largest mines and errors
 MAX_MAP_POLYGONS = 10_000  # on the map, all years together; each year shows its largest where it has more
 MAP_GRID_DEG = 1e-6  # coordinates on the map rounded to ~0.1 m: half the page's size, nothing visible lost
 SIMPLIFY_DEG = 0.00002  # ~2 m: outlines on the map lose vertices no one can see
-WINDOW_PX = 160  # side of the side-by-side views, in imagery pixels
 COLOURS = ["#440154", "#3b528b", "#21918c", "#5ec962", "#fde725", "#e76f51", "#9d4edd", "#f4a261", "#2a9d8f"]
 
-
-def _plt():
-    """matplotlib's pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _png(fig) -> str:
-    """A matplotlib figure as an inline PNG (data URI), closed."""
-    plt = _plt()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=96, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def _figure(w: float = 7.0, h: float = 3.2):
-    return _plt().subplots(figsize=(w, h))
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text()) if Path(path).is_file() else {}
-    except (OSError, ValueError):
-        log.warning("%s: unreadable, left out of the report", path)
-        return {}
 
 
 def plot_area(changes: pd.DataFrame, top: int = 8) -> str:
@@ -152,180 +114,6 @@ def plot_curves(metrics: dict) -> str:
     rel.legend(fontsize=8)
     return _png(fig)
 
-
-class Rasters:
-    """The run's probability tiles (and, where local, its imagery) read over windows in EPSG:4326 terms."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.prob_dir = run_dir / "probabilities"
-        self.imagery = None
-        desc = _read_json(self.prob_dir / "imagery.json")
-        source = desc.get("source", {})
-        if source.get("source") == "local" and Path(source.get("path", "")).is_dir():
-            try:
-                from minemap.imagery import open_imagery
-
-                self.imagery = open_imagery(Path(source["path"]), desc.get("bands"))
-            except (MinemapError, OSError, RasterioError) as e:  # the imagery moved or changed: views without it
-                log.warning("imagery at %s: %s; the report shows probabilities and polygons only", source["path"], e)
-
-    def tiles(self, year: int) -> list[Path]:
-        folder = self.prob_dir / str(year)
-        return sorted(folder.glob("*.tif")) if folder.is_dir() else []
-
-    def window(self, year: int, centre: shapely.Point, side: int = WINDOW_PX):
-        """(rgb or None, probability, grid) around ``centre`` (EPSG:4326), or None where no tile holds it."""
-        from minemap.lattice import Grid
-
-        for path in self.tiles(year):
-            with rasterio.open(path) as src:
-                x, y = gpd.GeoSeries([centre], crs=WGS84).to_crs(src.crs).iloc[0].coords[0]
-                row, col = src.index(x, y)
-                if not (0 <= row < src.height and 0 <= col < src.width):
-                    continue
-                r0, c0 = max(0, row - side // 2), max(0, col - side // 2)
-                win = Window(c0, r0, min(side, src.width - c0), min(side, src.height - r0))
-                q = src.read(1, window=win)
-                grid = Grid(src.crs, src.window_transform(win), int(win.width), int(win.height))
-            prob = np.where(q == NODATA, np.nan, q / LEVELS)
-            rgb = None
-            if self.imagery is not None:
-                try:
-                    pixels, valid = self.imagery.read(year, grid)
-                    rgb = _stretch(pixels, valid)
-                except (MinemapError, OSError, RasterioError) as e:  # a year missing, a file gone or damaged
-                    log.warning("imagery of %d could not be read for the report: %s", year, e)
-            return rgb, prob, grid
-        return None
-
-    def sample_places(self, year: int, n: int = SAMPLE_TILES, seed: int = 0) -> list[shapely.Point]:
-        """``n`` places (EPSG:4326) drawn at random, reproducibly, from ``year``'s tiles: a tile each where there
-        are enough, uniformly within it, wherever the mines are or not."""
-        tiles = self.tiles(year)
-        rng = np.random.default_rng(seed)
-        out = []
-        for i in sorted(rng.choice(len(tiles), size=min(n, len(tiles)), replace=False)) if tiles else []:
-            with rasterio.open(tiles[i]) as src:
-                b = src.bounds
-                x, y = rng.uniform(b.left, b.right), rng.uniform(b.bottom, b.top)
-                out.append(gpd.GeoSeries([shapely.Point(x, y)], crs=src.crs).to_crs(WGS84).iloc[0])
-        return out
-
-    def overlay(self, year: int) -> tuple[np.ndarray, list[list[float]]] | None:
-        """The year's probabilities mosaicked (at most :data:`MAX_OVERLAY_PIXELS`) as RGBA, and the bounds in
-        EPSG:4326 ([[south, west], [north, east]]), or None without tiles or with tiles in several CRSs."""
-        tiles = self.tiles(year)
-        if not tiles:
-            return None
-        srcs = [rasterio.open(p) for p in tiles]
-        try:
-            if len({s.crs.to_string() for s in srcs}) > 1:
-                return None
-            w = sum(s.width for s in srcs)
-            h = sum(s.height for s in srcs)
-            scale = max(1.0, np.sqrt(w * h / MAX_OVERLAY_PIXELS))
-            res = (srcs[0].res[0] * scale, srcs[0].res[1] * scale)
-            mosaic, transform = merge(srcs, res=res, nodata=NODATA, resampling=Resampling.nearest)
-            crs = srcs[0].crs
-        finally:
-            for s in srcs:
-                s.close()
-        q = mosaic[0]
-        if crs.to_epsg() != 4326:  # Leaflet lays an image between two corners of latitude and longitude
-            from rasterio.warp import calculate_default_transform, reproject
-
-            h0, w0 = q.shape
-            left, top = transform.c, transform.f
-            right, bottom = left + transform.a * w0, top + transform.e * h0
-            dst_t, dw, dh = calculate_default_transform(crs, WGS84, w0, h0, left, bottom, right, top)
-            out = np.full((dh, dw), NODATA, np.uint8)
-            reproject(q, out, src_transform=transform, src_crs=crs, dst_transform=dst_t, dst_crs=WGS84,
-                      src_nodata=NODATA, dst_nodata=NODATA, resampling=Resampling.nearest)
-            q, transform = out, dst_t
-        import matplotlib
-
-        rgba = (matplotlib.colormaps["magma"](q / LEVELS) * 255).astype(np.uint8)
-        rgba[..., 3] = np.where(q == NODATA, 0, np.clip(q / LEVELS * 255 * 1.2, 40, 220)).astype(np.uint8)
-        west, north = transform.c, transform.f
-        east, south = west + transform.a * q.shape[1], north + transform.e * q.shape[0]
-        return rgba, [[south, west], [north, east]]
-
-
-def _stretch(pixels: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """A natural-colour picture (bands red, green, blue first) stretched between the 2nd and 98th percentiles."""
-    rgb = pixels[:3].astype(np.float32).transpose(1, 2, 0)
-    vals = rgb[valid] if valid.any() else rgb.reshape(-1, 3)
-    lo, hi = np.percentile(vals, 2, axis=0), np.percentile(vals, 98, axis=0)
-    out = np.clip((rgb - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
-    out[~valid] = 1.0
-    return out
-
-
-def _extent(grid) -> tuple[float, float, float, float]:
-    """(left, right, bottom, top) of a north-up grid, as matplotlib's ``imshow`` takes it."""
-    t = grid.transform
-    return t.c, t.c + t.a * grid.width, t.f + t.e * grid.height, t.f
-
-
-def _draw_outlines(ax, geoms: gpd.GeoSeries, crs, extent, colour: str) -> None:
-    """The exteriors of polygons (any CRS) drawn in ``crs``, clipped to ``extent``."""
-    box = shapely.box(extent[0], extent[2], extent[1], extent[3])
-    for g in geoms.to_crs(crs).intersection(box):
-        for part in getattr(g, "geoms", [g]):
-            if isinstance(part, shapely.Polygon) and not part.is_empty:
-                ax.plot(*part.exterior.xy, color=colour, lw=1.2)
-
-
-def plot_views(rasters: Rasters, cases: list[tuple[str, int, shapely.Geometry]], panel: gpd.GeoDataFrame,
-               reference: gpd.GeoDataFrame | None) -> str | None:
-    """A row per case (title, year, geometry): image, calibrated probability, and the outlines (mines in red,
-    the reference in cyan) over the image, side by side."""
-    rows = []
-    for title, year, geom in cases:
-        got = rasters.window(year, shapely.point_on_surface(geom))
-        if got is not None:
-            rows.append((title, year, *got))
-    if not rows:
-        return None
-    fig, axes = _plt().subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
-    for (title, year, rgb, prob, grid), (a_img, a_prob, a_poly) in zip(rows, axes):
-        extent = _extent(grid)
-        base = rgb if rgb is not None else np.nan_to_num(prob)
-        a_img.imshow(base, extent=extent, cmap=None if rgb is not None else "gray")
-        a_img.set_title(f"{title}: image {year}" if rgb is not None else f"{title}: no imagery", fontsize=9)
-        a_prob.imshow(prob, extent=extent, cmap="magma", vmin=0, vmax=1)
-        a_prob.set_title("probability", fontsize=9)
-        a_poly.imshow(base, extent=extent, cmap=None if rgb is not None else "gray")
-        for gdf, colour in ((panel[panel.year == year], "red"),
-                            (reference[reference.year == year] if reference is not None else None, "cyan")):
-            if gdf is not None and len(gdf):
-                _draw_outlines(a_poly, gdf.geometry, grid.crs, extent, colour)
-        a_poly.set_title("mines (red), reference (cyan)", fontsize=9)
-        for a in (a_img, a_prob, a_poly):
-            a.set_xlim(extent[0], extent[1])
-            a.set_ylim(extent[2], extent[3])
-            a.set_xticks([])
-            a.set_yticks([])
-    return _png(fig)
-
-
-def plot_outline(rasters: Rasters, year: int, geom: shapely.Geometry, side: int = WINDOW_PX) -> bytes | None:
-    """A PNG of the image (or, without imagery, the probabilities) around ``geom`` (EPSG:4326) with its outline
-    in red, or None where no probability raster of ``year`` holds it."""
-    got = rasters.window(year, shapely.point_on_surface(geom), side)
-    if got is None:
-        return None
-    rgb, prob, grid = got
-    extent = _extent(grid)
-    fig, ax = _figure(3.2, 3.2)
-    ax.imshow(rgb if rgb is not None else np.nan_to_num(prob), extent=extent,
-              cmap=None if rgb is not None else "magma")
-    _draw_outlines(ax, gpd.GeoSeries([geom], crs=WGS84), grid.crs, extent, "red")
-    ax.set(xlim=extent[:2], ylim=extent[2:], xticks=[], yticks=[])
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
-    _plt().close(fig)
-    return buf.getvalue()
 
 
 def largest_errors(panel: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, n: int = 3) -> list[tuple[str, int, shapely.Geometry]]:
@@ -452,26 +240,22 @@ def _table(df: pd.DataFrame, floats: int = 3) -> str:
 def report(run_dir: Path, dest: Path | None = None, reference: Path | None = None, progress: bool = True) -> Path:
     """Write ``report.html`` (default in ``run_dir``) for the run at ``run_dir``; ``reference``: polygons to
     show the largest errors against (default: none, the metrics of ``metrics.json`` are shown either way)."""
-    from minemap.export import read_panel
-    from minemap.panel import change_statistics
-
     run_dir = Path(run_dir)
-    dest = Path(dest) if dest else run_dir / REPORT
+    folder = RunFolder(run_dir)
+    dest = Path(dest) if dest else folder.report
     panel = read_panel(run_dir)
     if len(panel) == 0 or panel.year.nunique() == 0:
-        raise InputError(f"{run_dir / 'panel.parquet'}: the panel holds no years: nothing to report")
+        raise InputError(f"{folder.panel}: the panel holds no years: nothing to report")
     ref = None
     if reference is not None:
-        from minemap.evaluate import read_reference
-
         ref = read_reference(Path(reference))
     steps = tqdm(total=6, desc="report", unit="part", disable=not progress, leave=False)
-    changes_path = run_dir / "changes.parquet"
+    changes_path = folder.changes
     changes = pd.read_parquet(changes_path) if changes_path.is_file() else change_statistics(panel)
     changes["country"] = changes["country"].fillna("(none)")
-    metrics = _read_json(run_dir / "metrics.json")
-    card = _read_json(run_dir / "model" / "model.json")
-    threshold = _read_json(run_dir / "threshold.json")
+    metrics = read_json(folder.metrics)[0] or {}
+    card = read_json(folder.card)[0] or {}
+    threshold = read_json(folder.threshold)[0] or {}
     years = sorted(int(y) for y in panel.year.unique())
     sections = []
     summary = panel.groupby("year").agg(mines=("mine_id", "nunique"), km2=("area_km2", "sum")).reset_index()

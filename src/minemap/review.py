@@ -28,8 +28,12 @@ from tqdm.auto import tqdm
 
 from minemap._io import atomic_path, stable_hash
 from minemap.errors import InputError
+from minemap.formats.panel import read_panel
+from minemap.formats.run import CARD, RunFolder
+from minemap.model import read_card
+from minemap.views import Rasters, plot_outline
 from minemap.geo import WGS84, area_km2
-from minemap.labels import read_vector, write_geoparquet
+from minemap.formats.vectors import read_vector, write_geoparquet
 
 log = logging.getLogger(__name__)
 VERDICTS = ("mine", "not_mine", "unsure")
@@ -37,7 +41,6 @@ REASONS = {"away from labels": 3, "label not detected": 3, "new this year": 2, "
 LOW_MARGIN = 0.15
 REVIEW_COLUMNS = ["review_id", "kind", "mine_id", "year", "priority", "reasons", "area_km2", "mean_probability",
                   "chip", "verdict", "note", "geometry"]
-VERDICT_FILE = "verdicts.parquet"
 _STYLE = {"": ("255,215,0,70", "230,180,0,255", "to review"), "mine": ("220,60,40,90", "200,30,20,255", "mine"),
           "not_mine": ("60,120,220,60", "30,80,200,255", "not a mine"),
           "unsure": ("160,160,160,70", "90,90,90,255", "unsure")}
@@ -131,15 +134,14 @@ def review_threshold(run_dir: Path, model_dir: Path | None = None) -> tuple[floa
     with a reference), its ``model/model.json``; else the card of ``model_dir``, the model a run made with
     ``--model`` mapped with (such a run keeps no model folder). None of them: :class:`InputError`, never a
     guess of 0.5, which would misjudge every detection of a model whose threshold is another."""
-    from minemap.model import read_card
-
     run_dir = Path(run_dir)
-    for path in (run_dir / "threshold.json", run_dir / "metrics.json", run_dir / "model" / "model.json"):
+    folder = RunFolder(run_dir)
+    for path in (folder.threshold, folder.metrics, folder.card):
         value = _recorded(path)
         if value is not None:
             return value, str(path)
     if model_dir is not None:
-        return read_card(model_dir).threshold, str(Path(model_dir) / "model.json")
+        return read_card(model_dir).threshold, str(Path(model_dir) / CARD)
     raise InputError(f"{run_dir}: the run records no threshold (no threshold.json, metrics.json or model/model.json: "
                      "a run made with --model keeps none): give --model, the model it mapped with, or --threshold")
 
@@ -150,23 +152,21 @@ def export_review(run_dir: Path, year: int, out_dir: Path | None = None, limit: 
     ``limit`` items of highest priority, their QGIS style and image chips. Returns the GeoPackage's path.
     ``threshold``: the one the polygons were drawn at (default: :func:`review_threshold` of the run, or of
     ``model_dir``'s card)."""
-    from minemap.export import read_panel
-    from minemap.report import Rasters, plot_outline
-
     run_dir = Path(run_dir)
+    folder = RunFolder(run_dir)
     panel = read_panel(run_dir)
     if year not in set(panel.year.astype(int)):
-        raise InputError(f"{run_dir / 'panel.parquet'}: no mines in {year} (years: "
+        raise InputError(f"{folder.panel}: no mines in {year} (years: "
                          f"{', '.join(map(str, sorted(set(panel.year.astype(int)))))})")
     if threshold is None:
         threshold, source = review_threshold(run_dir, model_dir)
     else:
         source = "given"
     log.info("review %d: threshold %.3f (%s)", year, threshold, source)
-    labels_path = run_dir / "labels.parquet"
+    labels_path = folder.labels
     labels = gpd.read_parquet(labels_path) if labels_path.is_file() else None
     items = review_candidates(panel, year, labels, threshold).head(limit)
-    out_dir = Path(out_dir) if out_dir else run_dir / "review" / str(year)
+    out_dir = Path(out_dir) if out_dir else folder.review / str(year)
     (out_dir / "chips").mkdir(parents=True, exist_ok=True)
     rasters = Rasters(run_dir)
     for row in tqdm(items.itertuples(), total=len(items), desc=f"review chips {year}", disable=not progress,
@@ -209,7 +209,7 @@ def import_review(path: Path, run_dir: Path) -> dict[str, int]:
     """Keep the verdicts of a reviewed file in ``run_dir/review/verdicts.parquet`` (a later verdict on the same
     item replaces the earlier). Returns the count of each verdict kept there."""
     got = read_verdicts(path)
-    dest = Path(run_dir) / "review" / VERDICT_FILE
+    dest = RunFolder(run_dir).verdicts
     cols = ["review_id", "kind", "mine_id", "year", "verdict", "note", "geometry"]
     got = got.assign(**{c: "" for c in ("mine_id", "note") if c not in got.columns})[cols]
     if dest.is_file():

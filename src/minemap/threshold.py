@@ -19,11 +19,11 @@ import rasterio
 import shapely
 from rasterio.features import rasterize
 
-from minemap.chips import read_meta
+from minemap.formats.chips import read_meta
 from minemap.geo import units_per_metre
 from minemap.lattice import Grid
 from minemap.metrics import best_threshold, histograms
-from minemap.rasters import NODATA
+from minemap.formats.rasters import NODATA
 
 MIN_POSITIVE_PIXELS = 500  # fewer labelled pixels in the validation blocks: keep the card's threshold
 

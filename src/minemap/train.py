@@ -48,42 +48,21 @@ from rasterio.features import rasterize
 from tqdm.auto import tqdm
 
 from minemap._io import atomic_path, check_output_dir
-from minemap.chips import MISSED, read_meta, split_summary
+from minemap.formats.chips import possible_missed_mines, read_index, read_meta, split_summary
 from minemap.config import ModelConfig, TrainConfig
 from minemap.errors import InputError, ModelError
-from minemap.geo import WGS84
+from minemap.formats.run import STATE
 from minemap.metrics import best_threshold, fit_platt, histograms, metrics_at, reliability
-from minemap.rasters import quantise
+from minemap.formats.rasters import quantise
 from minemap.model import (ModelCard, build_model, forward_logits, load_model, load_pretrained_encoder,
                            resolve_device, resolve_precision, save_model)
 
 log = logging.getLogger(__name__)
-STATE = "train_state.pt"
 CALIBRATION_PIXELS = 2_000_000
 MIN_DELTA = 0.002  # a gain in validation F1 smaller than this is noise, not progress
 CLOUD_FACTOR = 1.5  # brighter than this x the training chips' 99.9th percentile in every band: a cloud
 REVIEWED_REPEAT = 4  # chips over detections a reviewer rejected are seen this many times an epoch
 
-
-def read_index(chips_dirs: list[Path]) -> pd.DataFrame:
-    """The chips of every folder, with the folder each lies in (column ``root``)."""
-    frames = []
-    for d in chips_dirs:
-        read_meta(d)
-        frame = pd.DataFrame(gpd.read_parquet(Path(d) / "index.parquet").drop(columns="geometry"))
-        missing = {"chip_id", "split", "kind", "image", "mask", "positive_pixels"} - set(frame.columns)
-        if missing and len(frame):
-            raise InputError(f"{Path(d) / 'index.parquet'}: lacks columns {sorted(missing)} (made by an older "
-                             "minemap?): cut the chips again")
-        frames.append(frame.assign(root=str(d)))
-    return pd.concat(frames, ignore_index=True)
-
-
-def possible_missed_mines(chips_dirs: list[Path]) -> gpd.GeoDataFrame | None:
-    """Detections that hard-negative mining judged to be mines the labels may miss (EPSG:4326), if any."""
-    frames = [gpd.read_parquet(Path(d) / MISSED) for d in chips_dirs if (Path(d) / MISSED).is_file()]
-    frames = [f for f in frames if len(f)]
-    return gpd.GeoDataFrame(pd.concat(frames, ignore_index=True), crs=WGS84) if frames else None
 
 
 def _ignore_missed(mask: np.ndarray, transform, crs, bounds, ignore: gpd.GeoDataFrame | None) -> int:

@@ -28,8 +28,8 @@ from minemap.config import VectorizeConfig
 from minemap.errors import InputError
 from minemap.execution import map_units
 from minemap.geo import WGS84, area_km2, units_per_metre
-from minemap.labels import read_geoparquet, write_geoparquet
-from minemap.rasters import LEVELS, NODATA
+from minemap.formats.vectors import read_geoparquet, write_geoparquet
+from minemap.formats.rasters import LEVELS, NODATA
 
 log = logging.getLogger(__name__)
 COLUMNS = ["year", "area_km2", "mean_probability", "geometry"]

@@ -17,9 +17,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from affine import Affine
-from pyproj import CRS
 
-from minemap.lattice import Grid, snapped_grid
+from minemap.config import LocalImageryConfig, PlanetImageryConfig, StacImageryConfig
+from minemap.imagery.local import LocalImagery
+from minemap.imagery.planet import PlanetImagery
+from minemap.imagery.stac import StacImagery
+from minemap.lattice import Grid
 
 
 @runtime_checkable
@@ -52,20 +55,13 @@ def open_imagery(desc: Any, bands: list[str] | None = None, resampling: str = "n
     """Open the source a description names: an imagery config (``source = "local"``, ...), or a bare path, which
     is a local directory of year folders. Stages and worker processes receive the description, which pickles,
     and open the source themselves. ``resampling``: how pixels are read onto a grid other than the source's."""
-    from minemap.config import LocalImageryConfig, PlanetImageryConfig, StacImageryConfig
-    from minemap.imagery.local import LocalImagery
-
     if isinstance(desc, (str, Path)):
         desc = LocalImageryConfig(path=Path(desc))
     if isinstance(desc, LocalImageryConfig):
         return LocalImagery(desc.path, bands=bands, resampling=resampling)
     if isinstance(desc, StacImageryConfig):
-        from minemap.imagery.stac import StacImagery
-
         return StacImagery(desc, bands=bands)
     if isinstance(desc, PlanetImageryConfig):
-        from minemap.imagery.planet import PlanetImagery
-
         return PlanetImagery(desc, bands=bands)
     raise TypeError(f"not an imagery description: {desc!r}")
 
@@ -76,14 +72,6 @@ def describe(desc: Any) -> str:
         if getattr(desc, attr, None) is not None:
             return str(getattr(desc, attr))
     return str(desc)
-
-
-def area_grid(bbox: tuple[float, float, float, float], crs: CRS, res: float) -> Grid:
-    """The grid of ``res`` pixels in ``crs`` covering ``bbox`` (EPSG:4326), snapped to multiples of ``res`` from
-    the CRS origin (:func:`minemap.lattice.snapped_grid`), so that grids of overlapping areas share their pixels."""
-    from rasterio.warp import transform_bounds
-
-    return snapped_grid(transform_bounds("EPSG:4326", crs, *bbox, densify_pts=21), crs, res)
 
 
 class Resampled:
@@ -113,4 +101,4 @@ class Resampled:
         return self.inner.read(year, grid)
 
 
-__all__ = ["ImagerySource", "Resampled", "area_grid", "describe", "open_imagery"]
+__all__ = ["ImagerySource", "Resampled", "describe", "open_imagery"]

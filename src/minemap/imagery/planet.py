@@ -47,11 +47,10 @@ from rasterio.warp import transform_bounds
 from minemap._io import stable_hash, write_json
 from minemap.config import PlanetImageryConfig
 from minemap.errors import ImageryError
-from minemap.imagery import area_grid
-from minemap.lattice import Grid
+from minemap.imagery.remote import cache_root, retry_policy
+from minemap.lattice import Grid, area_grid
 from minemap.imagery.local import file_info, read_files
-from minemap.imagery.stac import cache_root
-from minemap.rasters import write_cog
+from minemap.formats.rasters import write_cog
 
 try:  # POSIX: a partial download is locked by the process writing it
     import fcntl
@@ -64,7 +63,6 @@ KEY_ENV = "PL_API_KEY"
 # link.planet.com (which needs the key, and redirects to a signed URL, fetched without it)
 KEY_HOSTS = {("https", "api.planet.com", 443): frozenset({("https", "link.planet.com", 443)})}
 QUAD_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}")  # ids become file names: no separator, no leading dot
-RETRY_STATUS = (429, 500, 502, 503, 504)
 CHUNK = 1 << 16
 QUAD_RES = 40075016.685578488 / (256 * 2 ** 15)  # a zoom-15 basemap pixel, ~4.777 m
 CLOUD_LEVEL = 2500  # a quad pixel brighter than this in every visible band (reflectance x 10,000) looks cloudy
@@ -113,7 +111,7 @@ class PlanetImagery:
         self._order = [cfg.bands.index(b) for b in self.band_names]
         self.key = stable_hash([cfg.api_url.rstrip("/"), {str(k): v for k, v in sorted(cfg.mosaics.items())},
                                 cfg.mosaic_template, cfg.months, cfg.bands])
-        self.root = cache_root(cfg) / f"planet-{self.key}"
+        self.root = cache_root(cfg.cache_dir) / f"planet-{self.key}"
         self._mosaics: dict[str, dict] = {}
         self._quads: dict[str, dict[str, dict]] = {}
         self.fetched: list[dict] = []
@@ -258,13 +256,11 @@ class PlanetImagery:
     def _session(self):
         import requests
         from requests.adapters import HTTPAdapter
-        from urllib3 import Retry
 
         self._auth  # noqa: B018 - no request at all without a key
         s = requests.Session()
         s.trust_env = True
-        retry = Retry(total=self.cfg.retries, backoff_factor=0.5, status_forcelist=RETRY_STATUS,
-                      allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
+        retry = retry_policy(self.cfg.retries)
         s.mount("http://", HTTPAdapter(max_retries=retry))
         s.mount("https://", HTTPAdapter(max_retries=retry))
         return s

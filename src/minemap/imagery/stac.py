@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import re
 import warnings
 from functools import cached_property
@@ -36,20 +35,13 @@ from rasterio.warp import transform_bounds
 from minemap._io import stable_hash, write_json
 from minemap.config import StacImageryConfig
 from minemap.errors import ImageryError
-from minemap.imagery import area_grid
-from minemap.lattice import Grid, Lattice
+from minemap.imagery.remote import cache_root, retry_policy
+from minemap.lattice import Grid, Lattice, area_grid
 from minemap.imagery.local import file_info, read_files
-from minemap.rasters import write_cog
+from minemap.formats.rasters import write_cog
 
 log = logging.getLogger(__name__)
 FIRST_YEAR = 2015  # Sentinel-2A's launch
-RETRY_STATUS = (429, 500, 502, 503, 504)
-
-
-def cache_root(cfg: StacImageryConfig) -> Path:
-    if cfg.cache_dir is not None:
-        return Path(cfg.cache_dir)
-    return Path(os.environ.get("MINEMAP_CACHE") or Path.home() / ".cache" / "minemap")
 
 
 def boa_offset(properties: dict) -> int:
@@ -123,7 +115,7 @@ class StacImagery:
         self.key = stable_hash([cfg.url.rstrip("/"), cfg.collection, [cfg.assets[b] for b in self.band_names],
                                 cfg.scl_asset, sorted(cfg.mask_classes), cfg.months, cfg.max_cloud_cover, self.res,
                                 self.crs.to_wkt(), cfg.harmonise, cfg.tile_px])
-        self.root = cache_root(cfg) / f"stac-{self.key}"
+        self.root = cache_root(cfg.cache_dir) / f"stac-{self.key}"
         self._items: dict[tuple, list] = {}
         self.fetched: list[dict] = []  # the composites built by this process (for reports)
 
@@ -303,11 +295,8 @@ class StacImagery:
     def _client(self):
         import pystac_client
         from pystac_client.stac_api_io import StacApiIO
-        from urllib3 import Retry
 
-        retry = Retry(total=self.cfg.retries, backoff_factor=0.5, status_forcelist=RETRY_STATUS,
-                      allowed_methods=None, respect_retry_after_header=True, raise_on_status=False)
-        io = StacApiIO(max_retries=retry, timeout=self.cfg.timeout_s)
+        io = StacApiIO(max_retries=retry_policy(self.cfg.retries), timeout=self.cfg.timeout_s)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # catalogues that omit optional links or conformance classes
             return pystac_client.Client.open(self.cfg.url, stac_io=io, timeout=self.cfg.timeout_s)

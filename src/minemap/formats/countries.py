@@ -1,0 +1,39 @@
+"""Country layers: the embedded Natural Earth layer, or a user's file with a code and a name column."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+import geopandas as gpd
+import numpy as np
+import shapely
+
+from minemap.errors import InputError
+from minemap.formats.vectors import read_vector
+from minemap.geo import WGS84
+
+
+_ISO_COLUMNS = ("iso3", "ISO3", "ISO_A3", "iso_a3", "ISO3_CODE", "GID_0", "shapeGroup", "ADM0_A3", "adm0_a3")
+
+
+_NAME_COLUMNS = ("country", "COUNTRY", "NAME", "name", "NAME_0", "ADMIN", "COUNTRY_NAME", "shapeName", "NAME_EN")
+
+
+def load_countries(path: Path | None = None) -> gpd.GeoDataFrame:
+    """Country polygons (EPSG:4326, columns iso3, country): the embedded Natural Earth layer, or ``path``."""
+    if path is None:
+        with resources.as_file(resources.files("minemap") / "data" / "countries_ne110m.parquet") as p:
+            return gpd.read_parquet(p)
+    gdf = read_vector(path)
+    iso = next((c for c in _ISO_COLUMNS if c in gdf.columns), None)
+    name = next((c for c in _NAME_COLUMNS if c in gdf.columns), None)
+    if iso is None or name is None:
+        raise InputError(f"{path}: no country code or name column (looked for {', '.join(_ISO_COLUMNS[:4])}, ... "
+                         f"and {', '.join(_NAME_COLUMNS[:4])}, ...)")
+    out = gpd.GeoDataFrame({"iso3": gdf[iso].astype(str), "country": gdf[name].astype(str)},
+                           geometry=shapely.make_valid(np.asarray(gdf.to_crs(WGS84).geometry.values)), crs=WGS84)
+    if "ADM0_A3" in gdf.columns and iso != "ADM0_A3":  # Natural Earth's -99 (France, Norway, ...)
+        bad = out["iso3"] == "-99"
+        out.loc[bad, "iso3"] = gdf.loc[bad, "ADM0_A3"].astype(str)
+    return out

@@ -1,0 +1,79 @@
+"""The command line's defaults cannot drift from the config models': every option of a stage command named as a
+field of that stage's settings defaults to the field's default (or to None, meaning "the settings' default"),
+and every option of `run` that sets a field names one that exists."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+from minemap import cli
+from minemap.config import (ChipConfig, ExportConfig, ModelConfig, PanelConfig, PostprocessConfig, PredictConfig,
+                            RunConfig, TrainConfig, VectorizeConfig)
+
+# each stage command and the settings its options stand for
+COMMANDS = {
+    "chips": [ChipConfig],
+    "train": [TrainConfig, ModelConfig],
+    "predict": [PredictConfig],
+    "vectorize": [VectorizeConfig],
+    "postprocess": [PostprocessConfig],
+    "panel": [PanelConfig],
+    "export_cmd": [ExportConfig],
+}
+# options that share a field's name but not its meaning
+NOT_SETTINGS = {("vectorize", "workers"), ("predict", "workers")}
+
+
+def _options(name: str) -> dict[str, object]:
+    fn = inspect.unwrap(getattr(cli, name))
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _default(model, field: str):
+    value = model.model_fields[field].get_default(call_default_factory=True)
+    if isinstance(value, (list, tuple)):  # a list option is given comma-separated on the command line
+        return ",".join(map(str, value))
+    return value
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_stage_options_default_to_the_settings_defaults(command):
+    checked, drift = 0, []
+    for option, default in _options(command).items():
+        if (command, option) in NOT_SETTINGS:
+            continue
+        for model in COMMANDS[command]:
+            if option in model.model_fields:
+                checked += 1
+                want = _default(model, option)
+                if default is not None and default != want:
+                    drift.append(f"--{option.replace('_', '-')}: {default!r}, {model.__name__}.{option}: {want!r}")
+    assert not drift, drift
+    assert checked, f"{command}: no option checked (the command's settings changed?)"
+
+
+def test_run_options_name_fields_that_exist():
+    """`run`'s flags reach the configuration through dotted keys (cli._RUN_FLAGS): each names a real field, and
+    `run`'s own defaults are None (the configuration's then apply)."""
+    for option, dotted in cli._RUN_FLAGS.items():
+        model = RunConfig
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            model = model.model_fields[part].annotation
+        assert leaf in model.model_fields, f"--{option}: {dotted} is not a setting"
+    opts = _options("run")
+    assert all(opts[o] is None for o in cli._RUN_FLAGS if o in opts), \
+        {o: opts[o] for o in cli._RUN_FLAGS if o in opts and opts[o] is not None}
+
+
+def test_the_check_finds_a_drift(monkeypatch):
+    """The check above can fail: a command whose default differs from its settings' is caught."""
+    def fake(min_area_m2: float = 123.0):
+        return min_area_m2
+
+    monkeypatch.setattr(cli, "vectorize", fake)
+    with pytest.raises(AssertionError, match="min-area-m2"):
+        test_stage_options_default_to_the_settings_defaults("vectorize")
