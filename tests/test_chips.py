@@ -101,7 +101,7 @@ def _blob_labels(rng, n, size, r_px=(6, 30)):
 def test_splits_share_labelled_pixels_for_any_seed():
     """Small scenes with a dozen mines: whatever the seeds, train gets 60-80 % of the labelled pixels and the
     largest share, val and test get some."""
-    from minemap.chips import assign_splits, choose_block_size
+    from minemap.chips.splits import assign_splits, choose_block_size
     from minemap.lattice import Grid
 
     grid = Grid(CRS.from_epsg(3857), T, 768, 768)
@@ -272,7 +272,7 @@ def test_reviewed_verdicts_overrule_the_models_confidence(tmp_path):
 
 
 def test_every_split_gets_a_labelled_block_when_there_are_enough():
-    from minemap.chips import assign_splits
+    from minemap.chips.splits import assign_splits
 
     three = {(0, 0): 100.0, (1, 0): 100.0, (2, 0): 100.0}
     assert sorted(assign_splits(three, [], ChipConfig()).values()) == ["test", "train", "val"]
@@ -325,7 +325,7 @@ def test_cover_balance_gives_train_its_share_of_every_surface():
     """A surface found in four blocks of sixteen: split by labelled pixels alone, train gets it by chance (for some
     seeds hardly any); balanced by cover, train holds most of it for every seed, and the labelled-pixel shares
     stay near their targets, train the largest, val and test each with a block."""
-    from minemap.chips import assign_splits
+    from minemap.chips.splits import assign_splits
 
     cover, weights = _rare_surface_cover()
     field_total = sum(h[1] for h in cover.values())
@@ -348,7 +348,7 @@ def test_cover_balance_gives_train_its_share_of_every_surface():
 def test_cover_places_unlabelled_blocks_where_surfaces_are_missing():
     """Blocks without labels go to the split whose surfaces they bring nearest the targets: a rare surface found
     only in unlabelled blocks is shared out, not left to the draw of a coin."""
-    from minemap.chips import assign_splits
+    from minemap.chips.splits import assign_splits
 
     cover, weights = _rare_surface_cover(rare=())
     extra = {(4, y): np.array([200.0, 56.0]) for y in range(10)}  # ten unlabelled blocks with the field surface
@@ -362,7 +362,7 @@ def test_cover_places_unlabelled_blocks_where_surfaces_are_missing():
 def test_block_cover_groups_surfaces_from_the_imagery(tmp_path):
     """block_cover reads each block at low resolution and groups its pixels by spectra: a bright field in one
     block is a group of its own, found there only; make_chips records the shares per split."""
-    from minemap.chips import block_cover
+    from minemap.chips.splits import block_cover
 
     size = 256
     data = np.full((4, size, size), 1000, np.uint16)
@@ -391,7 +391,7 @@ def test_block_cover_groups_surfaces_from_the_imagery(tmp_path):
 
 
 def test_labelled_ground_is_the_blocks_around_labels():
-    from minemap.chips import labelled_ground
+    from minemap.chips.splits import labelled_ground
 
     blocks = {(x, y) for x in range(5) for y in range(4)}
     assert labelled_ground(blocks, {(0, 0)}, 1) == {(0, 0), (1, 0), (0, 1), (1, 1)}

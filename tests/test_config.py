@@ -54,3 +54,77 @@ def test_bad_configs_name_the_file(tmp_path):
         load_config(tmp_path / "typo.toml")
     with pytest.raises(InputError, match="invalid configuration: .*labels are needed to train a model"):
         load_config(None, imagery="i", train_year=2019, years="2019", out="o")
+
+
+def _path_keys(model, prefix=""):
+    """Every dotted key of the settings whose field holds paths (the imagery sources' tables each)."""
+    from minemap.config import _holds_paths, _sections
+
+    out = []
+    for name, field in model.model_fields.items():
+        subs = _sections(field.annotation)
+        if subs:
+            for sub in subs:
+                out += [(sub, k) for _, k in _path_keys(sub, f"{prefix}{name}.")]
+        elif _holds_paths(field.annotation):
+            out.append((model, prefix + name))
+    return out
+
+
+def test_every_path_in_a_config_is_relative_to_its_folder(tmp_path, monkeypatch):
+    """One rule for every path key, in every table: relative to the config's folder, whatever the working
+    directory (countries, verdicts and the pretrained checkpoint used to follow the working directory)."""
+    from minemap.config import LocalImageryConfig, PlanetImageryConfig, RunConfig, StacImageryConfig
+
+    keys = _path_keys(RunConfig)
+    names = {k for _, k in keys}
+    # the keys the rule must reach (a new path key is found by the walk and checked below as well)
+    assert {"labels", "out", "reference", "model.path", "model.pretrained", "postprocess.countries",
+            "review.verdicts", "imagery.path", "imagery.cache_dir"} <= names
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for source in (LocalImageryConfig, StacImageryConfig, PlanetImageryConfig):
+        tables: dict[str, dict] = {}
+        top = {"train_year": 2019, "years": "2019"}
+        for model, key in keys:
+            if key.startswith("imagery.") and model is not source:
+                continue
+            *parents, leaf = key.split(".")
+            node = tables.setdefault(parents[0], {}) if parents else top
+            node[leaf] = [f"rel/{leaf}.gpkg"] if key == "labels" else f"rel/{leaf}"
+        imagery = tables.setdefault("imagery", {})
+        imagery["source"] = source.model_fields["source"].default
+        if source is not LocalImageryConfig:  # the remote sources need an area and, for STAC, an API
+            imagery["bbox"] = [-2.0, 5.0, -1.9, 5.1]
+        if source is StacImageryConfig:
+            imagery["url"] = "https://example.org/stac/v1"
+        lines = [f"{k} = {_toml(v)}" for k, v in top.items()]
+        for table, values in tables.items():
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {_toml(v)}" for k, v in values.items()]
+        (conf / "run.toml").write_text("\n".join(lines) + "\n")
+        cfg = load_config(conf / "run.toml")
+        for model, key in keys:
+            if key.startswith("imagery.") and model is not source:
+                continue
+            value = cfg
+            for part in key.split("."):
+                value = getattr(value, part)
+            for v in value if isinstance(value, list) else [value]:
+                assert v.is_absolute() and v.parent == conf / "rel", (source.__name__, key, v)
+
+
+def _toml(v) -> str:
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return f'"{v}"' if isinstance(v, str) else str(v)
+
+
+def test_flags_stay_relative_to_the_working_directory(tmp_path):
+    (tmp_path / "run.toml").write_text('labels = "l.gpkg"\nimagery = "tiles"\ntrain_year = 2019\nyears = "2019"\nout = "out"\n')
+    cfg = load_config(tmp_path / "run.toml", **{"postprocess.countries": "c.gpkg", "out": "flag-out"})
+    assert str(cfg.postprocess.countries) == "c.gpkg" and str(cfg.out) == "flag-out"
+    assert cfg.imagery.path == tmp_path / "tiles" and cfg.labels == [tmp_path / "l.gpkg"]

@@ -7,7 +7,7 @@ import shapely
 from affine import Affine
 from pyproj import CRS
 
-from minemap.chips import labelled_ground
+from minemap.chips.splits import labelled_ground
 from minemap.grid import make_tiles
 from minemap.lattice import (Grid, Lattice, neighbours, pixel_boxes, pixel_cells, pixel_offset, snapped_grid,
                              window_origins)

@@ -133,7 +133,7 @@ def test_verdicts_go_back_into_training(scene, tmp_path):
     0.768."""
     from conftest import tiny_config
 
-    from minemap.chips import _chip_boxes, chip_positions
+    from minemap.chips.splits import _chip_boxes, chip_positions
     from minemap.export import dataset_card
     from minemap.formats.panel import read_panel
     from minemap.imagery import open_imagery

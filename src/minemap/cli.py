@@ -18,7 +18,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from minemap.config import (ChipConfig, ExportConfig, ModelConfig, PanelConfig, PostprocessConfig, PredictConfig,
+                            TrainConfig, VectorizeConfig)
 from minemap.errors import MinemapError
+
+# the commands' defaults are the settings' own (tests/test_cli_defaults.py checks that no option drifts from them)
+_CHIPS, _MODEL, _TRAIN, _PREDICT = ChipConfig(), ModelConfig(), TrainConfig(), PredictConfig()
+_VECTORIZE, _POSTPROCESS, _PANEL, _EXPORT = VectorizeConfig(), PostprocessConfig(), PanelConfig(), ExportConfig()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Map mining areas in satellite imagery, year after year, as a panel dataset.")
@@ -165,7 +171,6 @@ def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file
                                                             "(OUT/mmseg/<year>/img_dir|ann_dir/<split>/)")] = "minemap"):
     """Cut training chips (images, masks, spatial train/val/test splits) at native resolution."""
     from minemap.chips import make_chips
-    from minemap.config import ChipConfig
     from minemap.errors import InputError
     from minemap.imagery import open_imagery
     from minemap.labels import read_labels
@@ -188,18 +193,18 @@ def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file
 @_stage
 def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
           out_dir: Annotated[Path, typer.Option("--out", help="model directory to write")],
-          encoder: str = "mit-b0", epochs: int = 30, batch_size: int = 8, learning_rate: float = 6e-4,
+          encoder: str = _MODEL.encoder, epochs: int = _TRAIN.epochs, batch_size: int = _TRAIN.batch_size,
+          learning_rate: float = _TRAIN.learning_rate,
           pretrained: Annotated[Optional[str], typer.Option(help="local encoder checkpoint (file or folder)")] = None,
           resume: Annotated[bool, typer.Option(help="continue from out/train_state.pt")] = False,
-          device: str = "auto", seed: int = 0, patience: int = 8,
-          min_val_f1: Annotated[float, typer.Option(help="validation F1 below this is an error")] = 0.5,
+          device: str = _TRAIN.device, seed: int = _TRAIN.seed, patience: int = _TRAIN.patience,
+          min_val_f1: Annotated[float, typer.Option(help="validation F1 below this is an error")] = _TRAIN.min_val_f1,
           accept_weak_model: Annotated[bool, typer.Option(help="keep a model below --min-val-f1 without error")] = False,
           bands: Annotated[Optional[str], typer.Option(help="MMSegmentation layout: the chips' bands")] = None,
           gsd_m: Annotated[float, typer.Option(help="MMSegmentation layout: the chips' pixel size, metres")] = 4.77):
     """Train a SegFormer on chips until validation F1 stalls; keeps the best epoch, calibrated. The chips folder
     may be the published study's MMSegmentation layout (<year>/img_dir|ann_dir/<split>/): it is indexed into
     OUT-chips/ first."""
-    from minemap.config import ModelConfig, TrainConfig
     from minemap.train import train as train_fn
     from minemap.train import weak_model_error
 
@@ -228,15 +233,15 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
             imagery: Annotated[Path, typer.Option(help="imagery directory with one folder per year")],
             years: Annotated[str, typer.Option(help="e.g. 2019-2021 or 2016,2019")],
             out_dir: Annotated[Path, typer.Option("--out", help="folder of probability COGs")],
-            tile_size: int = 4096, window_overlap: Optional[float] = None, batch_size: int = 16,
+            tile_size: int = _PREDICT.tile_size, window_overlap: Optional[float] = _PREDICT.window_overlap,
+            batch_size: int = _PREDICT.batch_size,
             workers: int = 1,
-            device: str = "auto", bands: BandsOpt = None, overwrite: bool = False,
+            device: str = _PREDICT.device, bands: BandsOpt = None, overwrite: bool = False,
             aoi: Annotated[Optional[str], typer.Option(help=AOI_HELP)] = None,
             scheduler: Annotated[Optional[str], typer.Option(
                 help="Dask scheduler address, e.g. tcp://host:8786")] = None):
     """Probability COGs per tile and year (uint8, P x 250, nodata 255); resumes unfinished tiles."""
     from minemap.aoi import parse_aoi
-    from minemap.config import PredictConfig
     from minemap.predict import predict as predict_fn
 
     cfg = _settings(PredictConfig, tile_size=tile_size, window_overlap=window_overlap, batch_size=batch_size,
@@ -255,12 +260,11 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
               out_dir: Annotated[Path, typer.Option("--out", help="folder of <year>.parquet")],
               threshold: Annotated[Optional[float], typer.Option(help="default: the model card's")] = None,
               model_dir: Annotated[Optional[Path], typer.Option("--model", help="model whose threshold to use")] = None,
-              min_area_m2: float = 1000.0, simplify_m: float = 0.0,
+              min_area_m2: float = _VECTORIZE.min_area_m2, simplify_m: float = _VECTORIZE.simplify_m,
               workers: Annotated[int, typer.Option(help="local processes that polygonise tiles")] = 1,
               scheduler: Annotated[Optional[str], typer.Option(
                   help="Dask scheduler address (its workers must see the tiles' paths)")] = None):
     """Threshold probabilities into valid polygons (EPSG:4326), one GeoParquet a year."""
-    from minemap.config import VectorizeConfig
     from minemap.errors import InputError
     from minemap.model import read_card
     from minemap.vectorize import vectorize as vectorize_fn
@@ -282,14 +286,13 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
 def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.parquet polygons")],
                 years: Annotated[str, typer.Option(help="e.g. 2019-2021")],
                 out_path: Annotated[Path, typer.Option("--out", help="post-processed GeoParquet")],
-                buffer_m: float = 0.0,
+                buffer_m: float = _POSTPROCESS.buffer_m,
                 temporal: Annotated[str, typer.Option(help="provisional (default): drop polygons without a "
                                                            "neighbour-year overlap, but keep a confident one of the "
                                                            "first or last year as provisional; study: drop them all; "
-                                                           "off")] = "provisional",
+                                                           "off")] = _POSTPROCESS.temporal,
                 countries: Annotated[Optional[Path], typer.Option(help="country polygons (default: embedded Natural Earth 1:110m)")] = None):
     """Temporal consistency rule, country attribution, areas in km2."""
-    from minemap.config import PostprocessConfig
     from minemap.postprocess import postprocess_stage
     from minemap.vectorize import read_polygons
 
@@ -304,12 +307,11 @@ def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.
 def panel(postprocessed: Annotated[list[Path], typer.Argument(
               help="post-processed GeoParquet, or the published study's per-year GeoPackages (files or a folder)")],
           out_dir: Annotated[Path, typer.Option("--out", help="folder for the panel, its lineage and change tables")],
-          max_gap: Annotated[int, typer.Option(min=0, help="years a mine may go unseen and keep its identity")] = 1,
+          max_gap: Annotated[int, typer.Option(min=0, help="years a mine may go unseen and keep its identity")] = _PANEL.max_gap,
           buffer_m: Annotated[float, typer.Option(min=0.0, help="polygons of different years within this distance "
-                                                               "count as overlapping")] = 0.0):
+                                                               "count as overlapping")] = _PANEL.buffer_m):
     """Track mines across years (mine_id, lineage events, district_id) and write the panel, its summary, the
     lineage tables and the change statistics."""
-    from minemap.config import PanelConfig
     from minemap.formats.vectors import read_vector
     from minemap.panel import build_panel, read_study_polygons, write_panel
     from minemap.formats.panel import STUDY_PATTERN
@@ -333,7 +335,7 @@ def export_cmd(panel_path: Annotated[Path, typer.Argument(help="panel.parquet, o
                run_dir: Annotated[Optional[Path], typer.Option("--run", help="run folder the dataset card cites "
                                                                          "(default: the panel's folder)")] = None,
                licence: Annotated[str, typer.Option(help="licence of the polygons and tables, for the card")]
-               = "CC-BY-4.0"):
+               = _EXPORT.licence):
     """Export a panel: GeoPackage, FlatGeobuf, CSV, the published study's layout, and a dataset card."""
     from minemap.export import export
 
@@ -407,6 +409,18 @@ def _print_result(res) -> None:
         _print_metrics(res.metrics_data)
 
 
+# `run`'s options that set settings: option -> the settings (dotted keys of RunConfig) it sets; its defaults are
+# None (or off), so that the configuration's apply (tests/test_cli_defaults.py checks both)
+_RUN_FLAGS = {
+    "workers": ("workers",), "encoder": ("model.encoder",), "epochs": ("train.epochs",),
+    "chip_size": ("chips.chip_size",), "tile_size": ("predict.tile_size",), "threshold": ("vectorize.threshold",),
+    "min_area_m2": ("vectorize.min_area_m2",), "buffer_m": ("postprocess.buffer_m",),
+    "countries": ("postprocess.countries",), "device": ("train.device", "predict.device"),
+    "hard_negatives": ("hard_negatives.enabled",), "model_dir": ("model.path",), "resample": ("predict.resample",),
+    "accept_weak_model": ("accept_weak_model",),
+}
+
+
 @app.command()
 @_stage
 def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flags override it)")] = None,
@@ -418,16 +432,16 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         reference: Annotated[Optional[Path], typer.Option(help="reference polygons for metrics.json")] = None,
         aoi: Annotated[Optional[str], typer.Option(help=AOI_HELP)] = None,
         bands: BandsOpt = None,
-        encoder: Annotated[Optional[str], typer.Option(help="mit-b0 ... mit-b5 (default mit-b0)")] = None,
+        encoder: Annotated[Optional[str], typer.Option(help=f"mit-b0 ... mit-b5 (default {_MODEL.encoder})")] = None,
         epochs: Annotated[Optional[int], typer.Option(help="most training epochs (stops earlier when validation "
                                                            "stalls)")] = None,
-        chip_size: Annotated[Optional[int], typer.Option(help="training chip side in pixels (default 256)")] = None,
+        chip_size: Annotated[Optional[int], typer.Option(help=f"training chip side in pixels (default {_CHIPS.chip_size})")] = None,
         tile_size: Annotated[Optional[int], typer.Option(help="prediction tile side in pixels, on the global grid "
-                                                              "(default 4096)")] = None,
+                                                              f"(default {_PREDICT.tile_size})")] = None,
         threshold: Annotated[Optional[float], typer.Option(help="probability threshold of the polygons (default: "
                                                                 "validated on the training year)")] = None,
         min_area_m2: Annotated[Optional[float], typer.Option(help="drop polygons smaller than this, m2 (default "
-                                                                  "1000)")] = None,
+                                                                  f"{_VECTORIZE.min_area_m2:g})")] = None,
         buffer_m: Annotated[Optional[float], typer.Option(help="temporal rule: a polygon is kept if one of an "
                                                                "adjacent year lies within this distance, m")] = None,
         countries: Annotated[Optional[Path], typer.Option(help="country polygons with iso3 and country columns "
@@ -449,25 +463,20 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
     from minemap.config import load_config
     from minemap.pipeline import run as run_fn
 
-    flags = {"--workers": ("workers", workers), "--encoder": ("model.encoder", encoder),
-             "--epochs": ("train.epochs", epochs), "--chip-size": ("chips.chip_size", chip_size),
-             "--tile-size": ("predict.tile_size", tile_size), "--threshold": ("vectorize.threshold", threshold),
-             "--min-area-m2": ("vectorize.min_area_m2", min_area_m2), "--buffer-m": ("postprocess.buffer_m", buffer_m)}
-    for flag, (dotted, value) in flags.items():
+    given = {"workers": workers, "encoder": encoder, "epochs": epochs, "chip_size": chip_size, "tile_size": tile_size,
+             "threshold": threshold, "min_area_m2": min_area_m2, "buffer_m": buffer_m, "countries": countries,
+             "device": device, "hard_negatives": hard_negatives, "model_dir": model_dir,
+             "resample": resample or None, "accept_weak_model": accept_weak_model or None}
+    for option, value in given.items():
         if value is not None:
-            _flag(flag, dotted, value)
+            for dotted in _RUN_FLAGS[option]:
+                _flag("--" + option.replace("_", "-") if option != "model_dir" else "--model", dotted, value)
     scheduler = _scheduler(scheduler)
     cfg = load_config(config, **{
         "labels": [str(p) for p in labels_paths] if labels_paths else None, "imagery": imagery,
         "train_year": train_year, "years": years, "out": out_dir, "reference": reference, "bands": _bands(bands),
-        "aoi": aoi,
-        "workers": workers, "scheduler": scheduler, "model.encoder": encoder, "train.epochs": epochs,
-        "train.device": device,
-        "predict.device": device, "chips.chip_size": chip_size, "predict.tile_size": tile_size,
-        "vectorize.threshold": threshold, "vectorize.min_area_m2": min_area_m2,
-        "postprocess.buffer_m": buffer_m, "postprocess.countries": countries,
-        "hard_negatives.enabled": hard_negatives, "accept_weak_model": accept_weak_model or None,
-        "model.path": model_dir, "predict.resample": resample or None,
+        "aoi": aoi, "scheduler": scheduler,
+        **{dotted: value for option, value in given.items() for dotted in _RUN_FLAGS[option]},
     })
     if cfg.scheduler and scheduler is None:  # the config file's
         cfg.scheduler = _scheduler(cfg.scheduler, f"{config}: scheduler")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -89,7 +89,7 @@ class ModelConfig(_Section):
     path: Path | None = Field(None, description="a trained model directory (weights.safetensors, model.json): map "
                                                 "with it; no labels, chips or training")
     encoder: Literal["mit-b0", "mit-b1", "mit-b2", "mit-b3", "mit-b4", "mit-b5"] = "mit-b0"
-    pretrained: str | None = Field(None, description="local checkpoint (file or directory) for the encoder")
+    pretrained: Path | None = Field(None, description="local checkpoint (file or directory) for the encoder")
 
 
 class TrainConfig(_Section):
@@ -389,11 +389,45 @@ def _flatten_error(e: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
+def _holds_paths(annotation: Any) -> bool:
+    """Whether a field's type holds paths: Path, Path | None, list[Path]."""
+    return annotation is Path or any(_holds_paths(a) for a in get_args(annotation))
+
+
+def _sections(annotation: Any) -> list[type[BaseModel]]:
+    """The settings models a field's type may hold (a section, or a union of them such as the imagery sources)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for a in get_args(annotation) for m in _sections(a)]
+
+
+def _resolve_paths(model: type[BaseModel], data: dict, base: Path) -> None:
+    """Every relative path of ``data`` (a TOML table read for ``model``) resolved against ``base``, in place: a
+    key whose field holds paths, given as text or a list of texts, and the same in every table below (a bare
+    ``imagery`` path too: it stands for a local source's path)."""
+    def resolve(v: str) -> str:
+        return str(base / Path(v).expanduser())
+
+    for name, field in model.model_fields.items():
+        value = data.get(name)
+        if isinstance(value, dict):
+            for section in _sections(field.annotation):
+                _resolve_paths(section, value, base)
+        elif _holds_paths(field.annotation) or (name == "imagery" and model is RunConfig):
+            if isinstance(value, str):
+                data[name] = resolve(value)
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                data[name] = [resolve(v) for v in value]
+
+
 def load_config(path: Path | None = None, **overrides: Any) -> RunConfig:
     """Read a TOML config (optional), apply overrides (``None`` values ignored), validate.
 
-    Overrides use dotted keys for stage tables, e.g. ``{"train.epochs": 3}``. Relative paths in the file are
-    resolved against the file's folder.
+    Overrides use dotted keys for stage tables, e.g. ``{"train.epochs": 3}``. One rule for paths in the file:
+    every relative path (``~`` expanded) is resolved against the file's folder, whatever its key or table
+    (:func:`_resolve_paths`), so a config means the same from any working directory; ``aoi`` and ``scheduler``,
+    which name a file or something else, are resolved so where that file lies beside the config. Paths given as
+    overrides (flags) stay relative to the working directory, as a shell user expects.
     """
     data: dict[str, Any] = {}
     base = Path.cwd()
@@ -406,17 +440,10 @@ def load_config(path: Path | None = None, **overrides: Any) -> RunConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise InputError(f"{path}: not a valid TOML file ({e})") from None
         base = path.parent
-        for key in ("imagery", "out", "reference"):
-            if isinstance(data.get(key), str):
+        _resolve_paths(RunConfig, data, base)
+        for key in ("aoi", "scheduler"):  # a value that may name a file: resolved where the file is beside the config
+            if isinstance(data.get(key), str) and (base / data[key]).is_file():
                 data[key] = str(base / data[key])
-        for table, key in (("imagery", "path"), ("imagery", "cache_dir"), ("model", "path")):
-            if isinstance(data.get(table), dict) and isinstance(data[table].get(key), str):
-                data[table][key] = str(base / data[table][key])
-        if isinstance(data.get("aoi"), str) and (base / data["aoi"]).is_file():  # a vector file beside the config
-            data["aoi"] = str(base / data["aoi"])
-        if isinstance(data.get("labels"), (str, list)):
-            labels = [data["labels"]] if isinstance(data["labels"], str) else data["labels"]
-            data["labels"] = [str(base / p) for p in labels]
     for key, value in overrides.items():
         if value is None:
             continue

@@ -105,7 +105,7 @@ def _read_chips(index: pd.DataFrame, ignore: gpd.GeoDataFrame | None = None) -> 
 
 
 class BlockSet:
-    """Blocks of one split read whole (:func:`minemap.chips._write_blocks`): training draws its windows anywhere
+    """Blocks of one split read whole (:func:`minemap.chips.writing._write_blocks`): training draws its windows anywhere
     inside them, validation and test map them wall to wall. ``keys``: each block's (column, row) of blocks;
     ``anchors``: (block, row, col) of the background chips cut inside them, around which half the windows that
     need no label are drawn, so the surfaces the chips were chosen to cover (fields, sand, roads: drawn evenly
@@ -436,7 +436,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         encoder=encoder, bands=meta["bands"], band_mean=mean_np.tolist(), band_std=std_np.tolist(),
         gsd_m=meta["gsd_m"], pixel_size=meta["pixel_size"], crs=meta["crs"], chip_size=meta["chip_size"],
         train_year=meta.get("year"), labels_fingerprint=meta.get("labels_fingerprint"),
-        pretrained=model_cfg.pretrained, splits=split_summary(index),
+        pretrained=str(model_cfg.pretrained) if model_cfg.pretrained else None, splits=split_summary(index),
         cloud_level=(CLOUD_FACTOR * p999).round(1).tolist() if init_from is None else base.cloud_level,
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
         precision="bf16" if amp is not None else "fp32", review=review or {},

@@ -1,0 +1,171 @@
+"""Training chips at the imagery's native resolution, with spatially separated train/val/test splits.
+
+The stages :func:`make_chips` (here) and :func:`~minemap.chips.sampling.hard_negative_chips`; block sizes and
+splits in :mod:`~minemap.chips.splits`, background and hard-negative sampling in :mod:`~minemap.chips.sampling`,
+masks and files in :mod:`~minemap.chips.writing`; the folder's format in :mod:`minemap.formats.chips`.
+
+The grid of the training year is cut into square blocks; every block goes wholly to one split, and chips lie
+inside one block with a one-pixel margin, so no chip of one split overlaps or touches a chip of another.
+
+- Block size: unless the config fixes it, the largest of 8, 4, 2 and 1.5 chips (or one chip plus its margins)
+  that gives at least ``min_positive_blocks`` blocks holding labels, none with more than a quarter of all labelled
+  pixels: a district with a dozen mines gets small blocks, a continent large ones.
+- Splits: blocks holding labels are shared out to reach the target shares of *labelled pixels* (largest blocks
+  first, each to the split furthest below its target), so the train split always gets the largest share.
+  The scene's surfaces are balanced too (``balance_cover``): every block's land cover is sampled at low
+  resolution and grouped by spectra (k-means); labelled blocks are then moved or swapped between splits while
+  that brings each group's shares nearer the targets (labelled-pixel shares kept within a tolerance), and
+  blocks without labels go each to the split whose surfaces it brings nearest the targets. A surface that
+  only validation holds (a few fields, a sand bar) would be one the model never learns as background, and
+  one that fools every epoch after the first on validation.
+- Chips intersecting a label are positives; background chips are drawn from the rest of each split's blocks
+  (so that validation and test measure false alarms too) so that they cover the scene's variety: candidates
+  are grouped by their coarse spectra (k-means) and drawn evenly from each group.
+- Masks are rasterised from the polygons on the chip's own grid (no interpolation; holes stay holes). Pixels
+  without imagery and a band of ``ignore_border_m`` along label outlines (digitised outlines are metres off)
+  are 255 (ignored by the loss).
+- Hard negatives (:func:`hard_negative_chips`): after a first fit, chips where the model fires away from the
+  labels, placed in the same blocks, so the split guarantee holds for them too.
+
+Writes, atomically as one folder::
+
+    chips/images/<chip_id>.tif   float32, the source's bands, with band descriptions
+    chips/masks/<chip_id>.tif    uint8: 0 background, 1 mining, 255 ignore
+    chips/index.parquet          GeoParquet (EPSG:4326): chip_id, split, kind (positive, background,
+                                 hard_negative), year, image, mask, block, col and row (of the chip's first pixel
+                                 in the year's grid), positive_fraction, valid_fraction, geometry (footprint)
+    chips/blocks/<year>_<bx>_<by>.tif, ..._mask.tif   every block holding a chip, whole (training draws its
+                                 windows anywhere inside the training blocks and validates on the validation
+                                 blocks wall to wall)
+    chips/blocks.parquet         GeoParquet (the grid's CRS): block column/row, split, labelled pixels, footprint
+                                 (evaluation scores the test blocks) and image/mask of every block with chips
+    chips/meta.json              bands, CRS, pixel size, ground sample distance, chip and block size, labels
+                                 fingerprint, and per split: chips, positive chips, positive pixels, kinds
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import geopandas as gpd
+import numpy as np
+import shapely
+
+from minemap._io import atomic_path, write_json
+from minemap.config import ChipConfig
+from minemap.errors import InputError
+from minemap.formats.chips import SPLITS, split_summary, write_blocks
+from minemap.geo import WGS84, ground_sample_distance_m
+from minemap.imagery import ImagerySource
+from minemap.chips.sampling import _in_grid, chips_over, hard_negative_chips, select_background
+from minemap.chips.splits import (_chip_boxes, _cover_shares, _labels_in_grid, _split_targets, assign_splits,
+                                  block_cover, choose_block_size, labelled_ground)
+from minemap.chips.writing import _write_blocks, _write_chips
+
+if TYPE_CHECKING:
+    from minemap.review import TrainingVerdicts
+
+__all__ = ["hard_negative_chips", "labels_fingerprint", "make_chips"]
+
+log = logging.getLogger(__name__)
+REVIEWED_CHIPS = 4  # at most this many chips over one detection a reviewer rejected (a large one)
+
+
+def labels_fingerprint(labels: gpd.GeoDataFrame) -> str:
+    """sha256 of the labels' sorted geometries: identifies the training data in a model card."""
+    wkb = sorted(shapely.to_wkb(shapely.normalize(np.asarray(labels.geometry.values)), hex=True))
+    return hashlib.sha256("".join(wkb).encode()).hexdigest()
+
+
+def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
+               labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None) -> gpd.GeoDataFrame:
+    """Stage ``chips``: cut training chips of ``year`` around ``labels`` into the folder ``dest``.
+
+    ``reviewed``: reviewers' verdicts on ``year`` (minemap.review). Each detection they rejected gets chips over
+    it (kind ``reviewed_negative``, up to :data:`REVIEWED_CHIPS` for a large one, even where another chip holds
+    the place), taught as background and seen :data:`minemap.train.REVIEWED_REPEAT` times an epoch; the outlines
+    they were unsure of are ignored (255) in every chip."""
+    where = f"{labels_path}: " if labels_path else ""
+    grid = source.grid(year)
+    geoms = _labels_in_grid(labels, grid, year, labels_path)
+    chip = cfg.chip_size
+    block, weights, pos, blk = choose_block_size(grid, geoms, cfg)
+    if len(pos) == 0:
+        raise InputError(f"the {year} imagery ({grid.width} x {grid.height} px) is smaller than one chip ({chip} px)")
+    targets = _split_targets(cfg)
+    all_blocks = {tuple(b) for b in map(tuple, blk)}
+    cover = block_cover(source, year, grid, sorted(all_blocks), block, cfg.background_groups,
+                        np.random.default_rng(cfg.seed + 2), first=sorted(weights)) if cfg.balance_cover else None
+    splits = assign_splits(weights, sorted(all_blocks - set(weights)), cfg, cover)
+    empty = [x for x in SPLITS if targets[x] > 0 and x not in {splits[b] for b in weights}]
+    if empty:
+        gsd = ground_sample_distance_m(grid.crs, grid.transform, grid.width, grid.height)
+        raise InputError(
+            f"{where}the {len(geoms)} labels fall in {len(weights)} block(s) of {block} px ({block * gsd:.0f} m), "
+            f"too few to split into train/val/test without overlap (the {', '.join(empty)} split gets none): add "
+            "labels over a wider area, use smaller chips (chips.chip_size), or set chips.val_fraction and "
+            "chips.test_fraction to 0")
+    ground = labelled_ground(all_blocks, set(weights), cfg.background_reach)
+    boxes = _chip_boxes(grid, pos, chip)
+    hit, _ = shapely.STRtree(geoms).query(boxes, predicate="intersects")
+    positive = np.zeros(len(pos), dtype=bool)
+    positive[hit] = True
+    rng = np.random.default_rng(cfg.seed + 1)
+    # background for each split from its own blocks, so that validation and test measure false alarms too
+    chip_split = np.array([splits[tuple(b)] for b in blk])
+    on_ground = np.array([tuple(b) in ground for b in blk], bool)
+    background = [np.zeros(0, np.int64)]
+    for s in SPLITS:
+        if targets[s] > 0 and cfg.background_per_positive > 0:
+            n_bg = max(2, int(round(cfg.background_per_positive * (positive & (chip_split == s)).sum())))
+            background.append(select_background(source, year, grid, pos,
+                                                np.flatnonzero(~positive & (chip_split == s) & on_ground),
+                                                n_bg, cfg, rng))
+    background = np.concatenate(background)
+    chosen = np.concatenate([np.flatnonzero(positive), background])
+    rejected, unsure = (_in_grid(g, grid) for g in ((reviewed.rejected, reviewed.unsure) if reviewed else ([], [])))
+    # chips of their own, even where a positive or background chip holds the place: a person's verdict on a place
+    # the model got wrong is worth more than one more look at it among the others (training repeats them)
+    negative = np.asarray(chips_over(rejected, boxes, per_outline=REVIEWED_CHIPS, edges=True), np.int64)
+    chosen = np.concatenate([chosen, negative])
+    kinds = np.array(["positive"] * int(positive.sum()) + ["background"] * len(background)
+                     + ["reviewed_negative"] * len(negative))
+
+    with atomic_path(Path(dest), kind="chips") as tmp:
+        rows = _write_chips(tmp, source, year, grid, pos, blk, boxes, chosen, kinds, splits, geoms, cfg,
+                            ignore=unsure)
+        rasters = _write_blocks(tmp, source, year, grid, {tuple(b) for b in blk[chosen]}, block, geoms, cfg,
+                                ignore=unsure)
+        if not rows:
+            raise InputError(f"{where}no chip of the {year} imagery under the labels has enough valid pixels")
+        index = gpd.GeoDataFrame(rows, geometry="geometry", crs=grid.crs).to_crs(WGS84)
+        summary = split_summary(index)
+        for s in SPLITS:
+            if targets[s] > 0 and summary[s]["positive_pixels"] == 0:
+                raise InputError(f"{where}no labelled pixel with imagery falls in the {s} split (labels in "
+                                 f"{len(weights)} blocks of {block} px): add labels over a wider area or set "
+                                 f"chips.{s}_fraction to 0")
+        index.to_parquet(tmp / "index.parquet")
+        write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters, ground)
+        write_json(tmp / "meta.json", {
+            "year": year, "bands": list(source.band_names), "crs": grid.crs.to_string(),
+            "pixel_size": list(grid.res), "gsd_m": ground_sample_distance_m(grid.crs, grid.transform,
+                                                                           grid.width, grid.height),
+            "chip_size": chip, "block_size": block, "block_size_from": "config" if cfg.block_size else "labels",
+            "blocks_with_labels": len(weights), "labels_fingerprint": labels_fingerprint(labels),
+            "labelled_ground": {"reach_blocks": cfg.background_reach, "blocks": len(ground),
+                                "blocks_left_out": len(all_blocks) - len(ground)},
+            "ignore_border_m": cfg.ignore_border_m, "splits": summary,
+            "land_cover_shares": _cover_shares(cover, splits),
+            "review": {"not_mine_outlines": len(rejected), "reviewed_negative_chips": int(len(negative)),
+                       "unsure_outlines_ignored": len(unsure)},
+        })
+    total = sum(v["positive_pixels"] for v in summary.values()) or 1
+    log.info("chips: block %d px, %s; positive pixel shares %s", block, {s: v["chips"] for s, v in summary.items()},
+             {s: round(v["positive_pixels"] / total, 3) for s, v in summary.items()})
+    return index
+
+

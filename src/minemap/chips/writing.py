@@ -1,0 +1,123 @@
+"""Writing chips and blocks: masks rasterised on each chip's own grid, images and masks as GeoTIFFs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import shapely
+from rasterio.features import rasterize
+from tqdm.auto import tqdm
+
+from minemap.config import ChipConfig
+from minemap.formats.chips import IGNORE
+from minemap.geo import units_per_metre
+from minemap.imagery import ImagerySource
+from minemap.lattice import Grid
+
+log = logging.getLogger(__name__)
+
+
+def chip_mask(cgrid: Grid, labels: np.ndarray, valid: np.ndarray, ignore_border_m: float,
+              ignore: np.ndarray | None = None) -> np.ndarray:
+    """uint8 mask of a chip: 1 inside ``labels``, 255 along their outlines, over ``ignore`` and without imagery.
+
+    ``labels`` and ``ignore`` are polygons in the chip's CRS that intersect it. The outline band is
+    ``ignore_border_m`` wide in ground metres (half inside, half outside), pixel centres inside it are ignored.
+    """
+    shape = (cgrid.height, cgrid.width)
+    mask = np.zeros(shape, dtype=np.uint8)
+    if len(labels):
+        mask = rasterize([(g, 1) for g in labels], out_shape=shape, transform=cgrid.transform, dtype=np.uint8)
+        if ignore_border_m > 0:
+            cx, cy = cgrid.transform @ (cgrid.width / 2, cgrid.height / 2)
+            half = ignore_border_m / 2 * float(units_per_metre(cgrid.crs, cx, cy)[0])
+            band = shapely.buffer(shapely.boundary(shapely.union_all(labels)), half)  # touching labels: one outline
+            edge = rasterize([(band, 1)], out_shape=shape, transform=cgrid.transform, dtype=np.uint8)
+            mask[edge > 0] = IGNORE
+    if ignore is not None and len(ignore):
+        off = rasterize([(g, 1) for g in ignore], out_shape=shape, transform=cgrid.transform, dtype=np.uint8)
+        mask[(off > 0) & (mask != 1)] = IGNORE
+    mask[~valid] = IGNORE
+    return mask
+
+
+class _Outlines:
+    """Labels and outlines to ignore, indexed once, for the masks of many chips or blocks (:func:`chip_mask`)."""
+
+    def __init__(self, geoms: np.ndarray, ignore: np.ndarray | None, cfg: ChipConfig) -> None:
+        self.geoms, self.ignore, self.band_m = geoms, ignore, cfg.ignore_border_m
+        self.tree = shapely.STRtree(geoms)
+        self.ignore_tree = shapely.STRtree(ignore) if ignore is not None and len(ignore) else None
+
+    def mask(self, cgrid: Grid, box: shapely.Geometry, valid: np.ndarray) -> np.ndarray:
+        near = self.geoms[self.tree.query(box, predicate="intersects")]
+        off = self.ignore[self.ignore_tree.query(box, predicate="intersects")] if self.ignore_tree is not None \
+            else None
+        return chip_mask(cgrid, near, valid, self.band_m, off)
+
+
+def _write_chip(path: Path, data: np.ndarray, grid: Grid, names: list[str]) -> None:
+    profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=data.shape[0], dtype=data.dtype,
+                   crs=grid.crs, transform=grid.transform, compress="deflate")
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+        dst.descriptions = tuple(names)
+
+
+def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: np.ndarray, blk: np.ndarray,
+                 boxes: np.ndarray, chosen: np.ndarray, kinds: np.ndarray, splits: dict, geoms: np.ndarray,
+                 cfg: ChipConfig, ignore: np.ndarray | None = None, desc: str = "chips") -> list[dict]:
+    """Read, mask and write the ``chosen`` chips into ``tmp/images`` and ``tmp/masks``; their index rows."""
+    (tmp / "images").mkdir(parents=True, exist_ok=True)
+    (tmp / "masks").mkdir(exist_ok=True)
+    outlines = _Outlines(geoms, ignore, cfg)
+    chip = cfg.chip_size
+    rows = []
+    for i, kind in tqdm(list(zip(chosen, kinds)), desc=f"{desc} {year}", unit="chip", leave=False):
+        c, r = (int(v) for v in pos[i])
+        cgrid = grid.window(c, r, chip, chip)
+        pixels, valid = source.read(year, cgrid)
+        if valid.mean() < 0.5:
+            continue
+        mask = outlines.mask(cgrid, boxes[i], valid)
+        chip_id = f"{year}_{c:06d}_{r:06d}" + ("_reviewed" if kind == "reviewed_negative" else "")
+        _write_chip(tmp / "images" / f"{chip_id}.tif", pixels, cgrid, source.band_names)
+        _write_chip(tmp / "masks" / f"{chip_id}.tif", mask[None], cgrid, ["mask"])
+        rows.append({
+            "chip_id": chip_id, "split": splits.get(tuple(blk[i]), "train"), "kind": str(kind), "year": year,
+            "image": f"images/{chip_id}.tif", "mask": f"masks/{chip_id}.tif",
+            "block": f"{blk[i][0]}_{blk[i][1]}", "col": c, "row": r,
+            "positive_fraction": float((mask == 1).mean()), "valid_fraction": float(valid.mean()),
+            "positive_pixels": int((mask == 1).sum()), "geometry": boxes[i],
+        })
+    return rows
+
+
+def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys: set[tuple[int, int]], block: int,
+                  geoms: np.ndarray, cfg: ChipConfig, ignore: np.ndarray | None = None) -> dict[tuple[int, int], dict]:
+    """Write each block of ``keys`` whole (image and mask, as a chip's) into ``tmp/blocks``, so that training
+    draws its windows anywhere inside the training blocks and validates on the validation blocks wall to wall;
+    returns their paths and labelled pixels. Blocks too small to hold a chip, or mostly without imagery, are
+    left out."""
+    (tmp / "blocks").mkdir(parents=True, exist_ok=True)
+    outlines = _Outlines(geoms, ignore, cfg)
+    out = {}
+    for bx, by in tqdm(sorted(keys), desc=f"blocks {year}", unit="block", leave=False):
+        c, r = bx * block, by * block
+        w, h = min(block, grid.width - c), min(block, grid.height - r)
+        if min(w, h) < cfg.chip_size:
+            continue
+        bgrid = grid.window(c, r, w, h)
+        pixels, valid = source.read(year, bgrid)
+        if valid.mean() < 0.2:
+            continue
+        mask = outlines.mask(bgrid, shapely.box(*bgrid.bounds), valid)
+        name = f"{year}_{bx:05d}_{by:05d}"
+        _write_chip(tmp / "blocks" / f"{name}.tif", pixels, bgrid, source.band_names)
+        _write_chip(tmp / "blocks" / f"{name}_mask.tif", mask[None], bgrid, ["mask"])
+        out[(bx, by)] = {"image": f"blocks/{name}.tif", "mask": f"blocks/{name}_mask.tif",
+                         "positive_pixels": int((mask == 1).sum())}
+    return out
