@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from stac_server import Scene, StacServer  # noqa: E402
 
-from minemap.config import StacImageryConfig  # noqa: E402
+from minemap.imagery.stac import StacImageryConfig
 from minemap.imagery import open_imagery  # noqa: E402
 
 

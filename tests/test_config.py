@@ -74,7 +74,10 @@ def _path_keys(model, prefix=""):
 def test_every_path_in_a_config_is_relative_to_its_folder(tmp_path, monkeypatch):
     """One rule for every path key, in every table: relative to the config's folder, whatever the working
     directory (countries, verdicts and the pretrained checkpoint used to follow the working directory)."""
-    from minemap.config import LocalImageryConfig, PlanetImageryConfig, RunConfig, StacImageryConfig
+    from minemap.config import RunConfig
+    from minemap.imagery.local import LocalImageryConfig
+    from minemap.imagery.planet import PlanetImageryConfig
+    from minemap.imagery.stac import StacImageryConfig
 
     keys = _path_keys(RunConfig)
     names = {k for _, k in keys}

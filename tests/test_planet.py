@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from rasterio.warp import transform_bounds
 
-from minemap.config import PlanetImageryConfig
+from minemap.imagery.planet import PlanetImageryConfig
 from minemap.errors import ImageryError
 from minemap.imagery import open_imagery
 from minemap.imagery.planet import strip_key
@@ -186,7 +186,7 @@ def test_a_partial_download_is_resumed_by_another_process(planet, tmp_path):
     whole = planet.mosaics["nicfi_2021-06"].files[QUADS[0]].stat().st_size
     assert len(parts) == 1 and parts[0].name.startswith(f".{QUADS[0]}.") and 0 < parts[0].stat().st_size < whole
     have, n = parts[0].stat().st_size, len(planet.requests)
-    script = ("import sys; from minemap.config import PlanetImageryConfig; from minemap.imagery import open_imagery; "
+    script = ("import sys; from minemap.imagery.planet import PlanetImageryConfig; from minemap.imagery import open_imagery; "
               "open_imagery(PlanetImageryConfig.model_validate_json(sys.argv[1])).quad(2021, sys.argv[2])")
     r = subprocess.run([sys.executable, "-c", script, cfg.model_dump_json(), QUADS[0]], capture_output=True,
                        text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})

@@ -8,7 +8,7 @@ import pytest
 import rasterio
 from affine import Affine
 
-from minemap.config import StacImageryConfig
+from minemap.imagery.stac import StacImageryConfig
 from minemap.errors import ImageryError
 from minemap.imagery import open_imagery
 from minemap.imagery.stac import boa_offset

@@ -576,7 +576,9 @@ def imagery_fetch(
 
     from pydantic import ValidationError
 
-    from minemap.config import PlanetImageryConfig, StacImageryConfig, _flatten_error, parse_years
+    from minemap.config import _flatten_error, parse_years
+    from minemap.imagery.planet import PlanetImageryConfig
+    from minemap.imagery.stac import StacImageryConfig
     from minemap.errors import InputError
     from minemap.imagery import open_imagery
 

@@ -22,16 +22,18 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from minemap.errors import InputError
+from minemap.imagery.local import LocalImageryConfig
+from minemap.imagery.planet import PlanetImageryConfig
+from minemap.imagery.stac import StacImageryConfig
+from minemap.settings import Section
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
-class ChipConfig(_Section):
+class ChipConfig(Section):
     chip_size: int = Field(256, ge=32, description="chip side in pixels, at the imagery's native resolution")
     stride: int | None = Field(None, description="step between chips inside a block; default chip_size // 2, "
                                                  "chip_size // 4 in blocks under four chips wide (few labels)")
@@ -65,7 +67,7 @@ class ChipConfig(_Section):
         return self
 
 
-class HardNegativeConfig(_Section):
+class HardNegativeConfig(Section):
     """After a first fit, chips where the model fires away from the labels, then a fine-tune."""
 
     enabled: bool = True
@@ -85,14 +87,14 @@ class HardNegativeConfig(_Section):
                                                "validation F1")
 
 
-class ModelConfig(_Section):
+class ModelConfig(Section):
     path: Path | None = Field(None, description="a trained model directory (weights.safetensors, model.json): map "
                                                 "with it; no labels, chips or training")
     encoder: Literal["mit-b0", "mit-b1", "mit-b2", "mit-b3", "mit-b4", "mit-b5"] = "mit-b0"
     pretrained: Path | None = Field(None, description="local checkpoint (file or directory) for the encoder")
 
 
-class TrainConfig(_Section):
+class TrainConfig(Section):
     epochs: int = Field(30, ge=1, description="most epochs; training stops earlier when validation stalls")
     patience: int = Field(8, ge=1, description="stop after this many epochs without a better validation F1 (the "
                                                 "learning rate halves after half as many)")
@@ -127,7 +129,7 @@ class TrainConfig(_Section):
                             "with AMX or AVX512-BF16, a recent GPU), fp32 elsewhere")
 
 
-class PredictConfig(_Section):
+class PredictConfig(Section):
     tile_size: int = Field(4096, ge=64, description="tile side in pixels; the unit of work with a year (windows "
                                                       "that straddle a tile's edge run in both tiles: larger tiles "
                                                       "waste less, smaller ones need less memory)")
@@ -159,13 +161,13 @@ class PredictConfig(_Section):
                             "computes it natively, fp32 elsewhere (probabilities differ by less than 0.01)")
 
 
-class VectorizeConfig(_Section):
+class VectorizeConfig(Section):
     threshold: float | None = Field(None, gt=0, lt=1, description="default: the model card's threshold")
     min_area_m2: float = Field(1000.0, ge=0)
     simplify_m: float = Field(0.0, ge=0)
 
 
-class PostprocessConfig(_Section):
+class PostprocessConfig(Section):
     temporal: Literal["provisional", "study", "off"] = Field(
         "provisional", description="study: a polygon stays only if one of an adjacent processed year overlaps it "
                                    "(the first and last year lose every mine without a neighbour); provisional: "
@@ -189,7 +191,7 @@ class PostprocessConfig(_Section):
         return data
 
 
-class PanelConfig(_Section):
+class PanelConfig(Section):
     """Mine identities across years: a polygon continues the mine it overlaps most in the previous year."""
 
     max_gap: int = Field(1, ge=0, description="years a mine may go unseen and keep its identity when it returns "
@@ -199,7 +201,7 @@ class PanelConfig(_Section):
                                                    "overlapping (0: their interiors must meet)")
 
 
-class ExportConfig(_Section):
+class ExportConfig(Section):
     """What ``run`` writes beside panel.parquet (``minemap export`` writes any of them later)."""
 
     formats: list[Literal["gpkg", "fgb", "csv", "study", "card"]] = Field(
@@ -210,7 +212,7 @@ class ExportConfig(_Section):
                                            "the run's last step (`minemap report` writes it later)")
 
 
-class ReviewConfig(_Section):
+class ReviewConfig(Section):
     """Verdicts of `minemap review import` back into training (see minemap.review.training_verdicts)."""
 
     use_verdicts: bool = Field(True, description="train with the verdicts of the training year: confirmed detections "
@@ -221,101 +223,11 @@ class ReviewConfig(_Section):
                                                     "`minemap review import --run OUT` keeps them)")
 
 
-class LocalImageryConfig(_Section):
-    """GeoTIFF/COG files on disk, one folder per year: ``path/<year>/*.tif``."""
-
-    source: Literal["local"] = "local"
-    path: Path
-
-
-def _month_spec(v: Any) -> Any:
-    """'6-11' (or '11-2', across the new year) -> a list of months; lists pass."""
-    if isinstance(v, str):
-        m = re.fullmatch(r"\s*(\d{1,2})\s*-\s*(\d{1,2})\s*", v)
-        if not m:
-            raise ValueError(f"months {v!r}: expected e.g. '6-11' or a list of months")
-        a, b = int(m.group(1)), int(m.group(2))
-        return list(range(a, b + 1)) if a <= b else list(range(a, 13)) + list(range(1, b + 1))
-    return v
-
-
-def _bbox(v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-    w, s, e, n = v
-    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-        raise ValueError(f"bbox {list(v)}: expected west < east and south < north, in degrees")
-    return v
-
-
-def _month_list(v: list[int]) -> list[int]:
-    if not v or any(not 1 <= m <= 12 for m in v):
-        raise ValueError("months must be 1-12")
-    return sorted(set(v))
-
-
-class StacImageryConfig(_Section):
-    """Yearly cloud-masked median composites of a STAC collection with a scene classification band (Sentinel-2
-    L2A by default), cached on disk; see :mod:`minemap.imagery.stac`."""
-
-    source: Literal["stac"] = "stac"
-    url: str = Field(description="root of the STAC API, e.g. https://earth-search.aws.element84.com/v1")
-    collection: str = "sentinel-2-l2a"
-    bbox: tuple[float, float, float, float] = Field(description="the area: west, south, east, north (EPSG:4326)")
-    assets: dict[str, str] = Field({"red": "red", "green": "green", "blue": "blue", "nir": "nir"},
-                                   description="band name -> the collection's asset key, in band order (catalogues "
-                                               "name assets differently, e.g. B04 for red)")
-    scl_asset: str = Field("scl", description="asset of the scene classification (SCL)")
-    mask_classes: list[int] = Field([0, 1, 3, 8, 9, 10], description="SCL classes left out of the composite: no "
-                                                                     "data, saturated, cloud shadow, cloud medium "
-                                                                     "and high probability, thin cirrus")
-    months: list[int] = Field(list(range(1, 13)), description="months whose scenes enter a year's composite, e.g. "
-                                                              "[6, 7, 8, 9, 10, 11] or '6-11'")
-    max_cloud_cover: float | None = Field(None, ge=0, le=100, description="skip scenes cloudier than this (%)")
-    resolution_m: float = Field(10.0, gt=0)
-    crs: str | None = Field(None, description="a projected CRS; default the UTM zone of the area's centre")
-    harmonise: bool = Field(True, description="undo the +1000 offset of processing baseline 04.00 and later, "
-                                              "unless the item says it is removed, so years compare")
-    tile_px: int = Field(512, ge=64, description="side of a cached composite tile in pixels")
-    cache_dir: Path | None = Field(None, description="default: $MINEMAP_CACHE or ~/.cache/minemap")
-    timeout_s: float = Field(60.0, gt=0)
-    retries: int = Field(5, ge=0, description="retries with backoff on 429 (honouring Retry-After), 5xx and "
-                                              "time-outs")
-
-    _months = field_validator("months", mode="before")(classmethod(lambda cls, v: _month_spec(v)))
-    _month_range = field_validator("months")(classmethod(lambda cls, v: _month_list(v)))
-
-    _area = field_validator("bbox")(classmethod(lambda cls, v: _bbox(v)))
-
-
-class PlanetImageryConfig(_Section):
-    """Planet basemap quads (the API the NICFI mosaics were served from), the least cloudy of a year's mosaics
-    per quad, cached on disk; the key comes from ``PL_API_KEY`` only. See :mod:`minemap.imagery.planet`."""
-
-    source: Literal["planet"] = "planet"
-    api_url: str = "https://api.planet.com/basemaps/v1"
-    bbox: tuple[float, float, float, float] = Field(description="the area: west, south, east, north (EPSG:4326)")
-    mosaics: dict[int, list[str]] = Field({}, description="per year, the mosaics to choose from, e.g. {2021 = "
-                                                          "['planet_medres_normalized_analytic_2021-11_mosaic']}")
-    mosaic_template: str = Field("planet_medres_normalized_analytic_{year}-{month:02d}_mosaic",
-                                 description="names of a year's monthly mosaics, for years not in ``mosaics``")
-    months: list[int] = Field([6, 7, 8, 9, 10, 11], description="months of the template's mosaics, e.g. '6-11'")
-    bands: list[str] = Field(["blue", "green", "red", "nir"], description="the quads' bands, in file order "
-                                                                        "(PlanetScope analytic: B, G, R, NIR, "
-                                                                        "then alpha)")
-    cache_dir: Path | None = Field(None, description="default: $MINEMAP_CACHE or ~/.cache/minemap")
-    timeout_s: float = Field(120.0, gt=0)
-    retries: int = Field(5, ge=0)
-
-    _months = field_validator("months", mode="before")(classmethod(lambda cls, v: _month_spec(v)))
-    _month_range = field_validator("months")(classmethod(lambda cls, v: _month_list(v)))
-
-    _area = field_validator("bbox")(classmethod(lambda cls, v: _bbox(v)))
-
-
 # one entry per kind of source; ``source`` tells which (a bare path is the local source)
 ImageryConfig = Annotated[LocalImageryConfig | StacImageryConfig | PlanetImageryConfig, Field(discriminator="source")]
 
 
-class RunConfig(_Section):
+class RunConfig(Section):
     labels: list[Path] = Field([], description="training polygons; not needed with model.path")
     imagery: ImageryConfig
     train_year: int | None = Field(None, description="year of the imagery the labels were drawn on; not needed "

@@ -18,10 +18,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from affine import Affine
 
-from minemap.config import LocalImageryConfig, PlanetImageryConfig, StacImageryConfig
-from minemap.imagery.local import LocalImagery
-from minemap.imagery.planet import PlanetImagery
-from minemap.imagery.stac import StacImagery
+from minemap.imagery.local import LocalImagery, LocalImageryConfig
+from minemap.imagery.planet import PlanetImagery, PlanetImageryConfig
+from minemap.imagery.stac import StacImagery, StacImageryConfig
 from minemap.lattice import Grid
 
 

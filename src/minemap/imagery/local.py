@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import rasterio
@@ -27,9 +28,18 @@ from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 
+from minemap.settings import Section
 from minemap._io import stable_hash
 from minemap.errors import ImageryError
 from minemap.lattice import Grid
+
+
+class LocalImageryConfig(Section):
+    """GeoTIFF/COG files on disk, one folder per year: ``path/<year>/*.tif``."""
+
+    source: Literal["local"] = "local"
+    path: Path
+
 
 log = logging.getLogger(__name__)
 _SUFFIXES = {".tif", ".tiff", ".vrt"}

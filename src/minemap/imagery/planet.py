@@ -36,6 +36,7 @@ import uuid
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 from urllib.parse import parse_qsl, urlencode, urlparse, urlunparse
 
 import numpy as np
@@ -43,11 +44,12 @@ import rasterio
 import shapely
 from pyproj import CRS
 from rasterio.warp import transform_bounds
+from pydantic import Field, field_validator
 
+from minemap.settings import Section
 from minemap._io import stable_hash, write_json
-from minemap.config import PlanetImageryConfig
 from minemap.errors import ImageryError
-from minemap.imagery.remote import cache_root, retry_policy
+from minemap.imagery.remote import cache_root, check_bbox, check_months, month_spec, retry_policy
 from minemap.lattice import Grid, area_grid
 from minemap.imagery.local import file_info, read_files
 from minemap.formats.rasters import write_cog
@@ -56,6 +58,32 @@ try:  # POSIX: a partial download is locked by the process writing it
     import fcntl
 except ImportError:  # pragma: no cover - Windows: partial downloads are not shared between processes
     fcntl = None
+
+
+class PlanetImageryConfig(Section):
+    """Planet basemap quads (the API the NICFI mosaics were served from), the least cloudy of a year's mosaics
+    per quad, cached on disk; the key comes from ``PL_API_KEY`` only. See :mod:`minemap.imagery.planet`."""
+
+    source: Literal["planet"] = "planet"
+    api_url: str = "https://api.planet.com/basemaps/v1"
+    bbox: tuple[float, float, float, float] = Field(description="the area: west, south, east, north (EPSG:4326)")
+    mosaics: dict[int, list[str]] = Field({}, description="per year, the mosaics to choose from, e.g. {2021 = "
+                                                          "['planet_medres_normalized_analytic_2021-11_mosaic']}")
+    mosaic_template: str = Field("planet_medres_normalized_analytic_{year}-{month:02d}_mosaic",
+                                 description="names of a year's monthly mosaics, for years not in ``mosaics``")
+    months: list[int] = Field([6, 7, 8, 9, 10, 11], description="months of the template's mosaics, e.g. '6-11'")
+    bands: list[str] = Field(["blue", "green", "red", "nir"], description="the quads' bands, in file order "
+                                                                        "(PlanetScope analytic: B, G, R, NIR, "
+                                                                        "then alpha)")
+    cache_dir: Path | None = Field(None, description="default: $MINEMAP_CACHE or ~/.cache/minemap")
+    timeout_s: float = Field(120.0, gt=0)
+    retries: int = Field(5, ge=0)
+
+    _months = field_validator("months", mode="before")(classmethod(lambda cls, v: month_spec(v)))
+    _month_range = field_validator("months")(classmethod(lambda cls, v: check_months(v)))
+
+    _area = field_validator("bbox")(classmethod(lambda cls, v: check_bbox(v)))
+
 
 log = logging.getLogger(__name__)
 KEY_ENV = "PL_API_KEY"

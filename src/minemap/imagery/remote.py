@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 RETRY_STATUS = (429, 500, 502, 503, 504)
 
@@ -22,3 +24,27 @@ def retry_policy(retries: int):
 
     return Retry(total=retries, backoff_factor=0.5, status_forcelist=RETRY_STATUS, allowed_methods=None,
                  respect_retry_after_header=True, raise_on_status=False)
+
+
+def month_spec(v: Any) -> Any:
+    """'6-11' (or '11-2', across the new year) -> a list of months; lists pass."""
+    if isinstance(v, str):
+        m = re.fullmatch(r"\s*(\d{1,2})\s*-\s*(\d{1,2})\s*", v)
+        if not m:
+            raise ValueError(f"months {v!r}: expected e.g. '6-11' or a list of months")
+        a, b = int(m.group(1)), int(m.group(2))
+        return list(range(a, b + 1)) if a <= b else list(range(a, 13)) + list(range(1, b + 1))
+    return v
+
+
+def check_bbox(v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    w, s, e, n = v
+    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+        raise ValueError(f"bbox {list(v)}: expected west < east and south < north, in degrees")
+    return v
+
+
+def check_months(v: list[int]) -> list[int]:
+    if not v or any(not 1 <= m <= 12 for m in v):
+        raise ValueError("months must be 1-12")
+    return sorted(set(v))

@@ -25,20 +25,57 @@ import re
 import warnings
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import rasterio
 import shapely
 from pyproj import CRS
 from rasterio.warp import transform_bounds
+from pydantic import Field, field_validator
 
+from minemap.settings import Section
 from minemap._io import stable_hash, write_json
-from minemap.config import StacImageryConfig
 from minemap.errors import ImageryError
-from minemap.imagery.remote import cache_root, retry_policy
+from minemap.imagery.remote import cache_root, check_bbox, check_months, month_spec, retry_policy
 from minemap.lattice import Grid, Lattice, area_grid
 from minemap.imagery.local import file_info, read_files
 from minemap.formats.rasters import write_cog
+
+
+class StacImageryConfig(Section):
+    """Yearly cloud-masked median composites of a STAC collection with a scene classification band (Sentinel-2
+    L2A by default), cached on disk; see :mod:`minemap.imagery.stac`."""
+
+    source: Literal["stac"] = "stac"
+    url: str = Field(description="root of the STAC API, e.g. https://earth-search.aws.element84.com/v1")
+    collection: str = "sentinel-2-l2a"
+    bbox: tuple[float, float, float, float] = Field(description="the area: west, south, east, north (EPSG:4326)")
+    assets: dict[str, str] = Field({"red": "red", "green": "green", "blue": "blue", "nir": "nir"},
+                                   description="band name -> the collection's asset key, in band order (catalogues "
+                                               "name assets differently, e.g. B04 for red)")
+    scl_asset: str = Field("scl", description="asset of the scene classification (SCL)")
+    mask_classes: list[int] = Field([0, 1, 3, 8, 9, 10], description="SCL classes left out of the composite: no "
+                                                                     "data, saturated, cloud shadow, cloud medium "
+                                                                     "and high probability, thin cirrus")
+    months: list[int] = Field(list(range(1, 13)), description="months whose scenes enter a year's composite, e.g. "
+                                                              "[6, 7, 8, 9, 10, 11] or '6-11'")
+    max_cloud_cover: float | None = Field(None, ge=0, le=100, description="skip scenes cloudier than this (%)")
+    resolution_m: float = Field(10.0, gt=0)
+    crs: str | None = Field(None, description="a projected CRS; default the UTM zone of the area's centre")
+    harmonise: bool = Field(True, description="undo the +1000 offset of processing baseline 04.00 and later, "
+                                              "unless the item says it is removed, so years compare")
+    tile_px: int = Field(512, ge=64, description="side of a cached composite tile in pixels")
+    cache_dir: Path | None = Field(None, description="default: $MINEMAP_CACHE or ~/.cache/minemap")
+    timeout_s: float = Field(60.0, gt=0)
+    retries: int = Field(5, ge=0, description="retries with backoff on 429 (honouring Retry-After), 5xx and "
+                                              "time-outs")
+
+    _months = field_validator("months", mode="before")(classmethod(lambda cls, v: month_spec(v)))
+    _month_range = field_validator("months")(classmethod(lambda cls, v: check_months(v)))
+
+    _area = field_validator("bbox")(classmethod(lambda cls, v: check_bbox(v)))
+
 
 log = logging.getLogger(__name__)
 FIRST_YEAR = 2015  # Sentinel-2A's launch
