@@ -80,3 +80,39 @@ def test_the_check_finds_a_drift(monkeypatch):
     monkeypatch.setattr(cli, "vectorize", fake)
     with pytest.raises(AssertionError, match="min-area-m2"):
         test_stage_options_default_to_the_settings_defaults("vectorize")
+
+
+def test_the_stage_list_names_real_commands_settings_and_inputs():
+    """`run`'s stages are declared once (minemap.pipeline.STAGES): each names a command of the CLI, a table of
+    the settings, stages before it, and outputs inside the run folder."""
+    import typer.main
+
+    from minemap.pipeline import STAGES
+
+    commands = {c.name or c.callback.__name__ for c in typer.main.get_command(cli.app).commands.values()}
+    seen = {"model"}  # the model mapped with: the fit's, or one given (model.path)
+    for stage in STAGES:
+        assert stage.command in commands, stage
+        assert stage.section is None or stage.section in RunConfig.model_fields, stage
+        assert set(stage.after) <= seen, (stage.name, set(stage.after) - seen)
+        seen.add(stage.name)
+    assert [s.name for s in STAGES][:3] == ["labels", "chips", "train"] and STAGES[-1].name == "report"
+    assert len(seen) == len(STAGES) + 1  # names are unique
+
+
+def test_stages_command_lists_the_stages_and_what_a_run_finished(tmp_path):
+    from typer.testing import CliRunner
+
+    from minemap.manifest import Manifest
+    from minemap.pipeline import STAGES
+
+    Manifest(tmp_path / "manifest.jsonl").mark("stage:labels", "k")
+    res = CliRunner().invoke(cli.app, ["stages", str(tmp_path)], terminal_width=200)
+    assert res.exit_code == 0, res.output
+    # a row's first line (a narrow terminal wraps long cells onto more lines)
+    rows = [line.split("│") for line in res.output.splitlines() if line.startswith("│")]
+    rows = [r for r in rows if r[1].strip()]
+    assert [r[1].strip() for r in rows] == [s.name for s in STAGES]
+    assert rows[0][-2].strip() == "yes" and rows[1][-2].strip() == ""
+    res = CliRunner().invoke(cli.app, ["stages", str(tmp_path / "nothing")])
+    assert res.exit_code == 2 and "not a run folder" in res.output

@@ -26,7 +26,7 @@ from pyproj import Transformer
 from minemap.errors import InputError
 from minemap.formats.countries import load_countries
 from minemap.formats.vectors import read_vector
-from minemap.geo import WGS84, units_per_metre
+from minemap.geo import WGS84, check_bbox, units_per_metre
 
 TROPICS = (-180.0, -30.0, 180.0, 30.0)
 _NUMBER = r"\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*"
@@ -76,10 +76,10 @@ def aoi_in(aoi: shapely.Geometry, crs, bounds: tuple[float, float, float, float]
 def _bbox(v: list[float], where: str) -> shapely.Geometry:
     if len(v) != 4:
         raise InputError(f"{where}: a bbox has four numbers: west, south, east, north")
-    w, s, e, n = v
-    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-        raise InputError(f"{where}: expected west < east and south < north, in degrees")
-    return shapely.box(w, s, e, n)
+    try:
+        return shapely.box(*check_bbox(tuple(v)))
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def _around_labels(labels: gpd.GeoDataFrame | None, metres: float, where: str) -> shapely.Geometry:

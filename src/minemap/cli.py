@@ -649,6 +649,31 @@ def imagery_fetch(
 
 @app.command()
 @_stage
+def stages(run_dir: Annotated[Optional[Path], typer.Argument(help="a run folder: also which stages it finished")]
+           = None):
+    """The stages of `run` in order: the command that runs each alone, its settings table, what it is made from."""
+    from minemap.formats.run import RunFolder
+    from minemap.manifest import Manifest
+    from minemap.pipeline import STAGES
+
+    done = set()
+    if run_dir is not None:
+        folder = RunFolder(run_dir)
+        if not folder.manifest.is_file():
+            from minemap.errors import InputError
+
+            raise InputError(f"{run_dir}: not a run folder (no {folder.manifest.name})")
+        done = {k.split(":", 1)[1] for k, _ in Manifest(folder.manifest).items() if k.startswith("stage:")}
+    table = Table("stage", "command", "settings", "made from", *(["finished"] if run_dir is not None else []))
+    for s in STAGES:
+        table.add_row(s.name, f"minemap {s.command}", escape(f"[{s.section}]") if s.section else "",
+                      ", ".join(s.after) or "the labels' files",
+                      *(["yes" if s.name in done else ""] if run_dir is not None else []))
+    out.print(table)
+
+
+@app.command()
+@_stage
 def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the scene and the run")] = Path("demo-out"),
          epochs: Annotated[Optional[int], typer.Option(help="most training epochs (default: the run's)")] = None,
          overwrite: bool = False):

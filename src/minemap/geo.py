@@ -155,3 +155,11 @@ def ground_sample_distance_m(crs: CRS | str, transform, width: int, height: int)
     """Ground size in metres of one pixel at the centre of a raster grid (x resolution, eastwards)."""
     cx, cy = transform @ (width / 2, height / 2)
     return float(abs(transform.a) / units_per_metre(crs, cx, cy)[0])
+
+
+def check_bbox(v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
+    """A bbox of longitudes and latitudes (west, south, east, north), checked: ValueError where it is not one."""
+    w, s, e, n = v
+    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
+        raise ValueError(f"bbox {list(v)}: expected west < east and south < north, in degrees")
+    return v

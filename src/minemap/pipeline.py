@@ -1,30 +1,19 @@
-"""The whole pipeline in a row, resumable: labels -> chips -> train -> predict -> vectorize -> postprocess ->
-panel -> evaluate, inside one run directory.
+"""The whole pipeline in a row, resumable, inside one run folder (its layout: :mod:`minemap.formats.run`).
 
-Run directory::
-
-    OUT/labels.parquet            cleaned labels
-    OUT/chips/                    training chips (images/, masks/, index.parquet, meta.json)
-    OUT/model_initial/            the first fit (with hard negatives on)
-    OUT/hard_negatives/           the training year mapped by the first fit, and chips where it fired away
-                                  from the labels (probabilities/, chips/)
-    OUT/model/                    weights.safetensors, model.json (+ train_state.pt): the model used
-    OUT/probabilities/<year>/     probability COGs per tile (+ manifest.jsonl of finished tiles)
-    OUT/threshold.json            the threshold vectorised with: best F1 on the training year's validation blocks
-    OUT/polygons/<year>.parquet   vectorised polygons
-    OUT/postprocessed.parquet     temporal filter, countries, areas
-    OUT/panel.parquet, panel.gpkg, summary.csv, mines.*, events.*, changes.*  (see minemap.panel)
-    OUT/metrics.json              with a reference
-    OUT/manifest.jsonl            finished stages and the fingerprint of what they were made from
+The stages are declared once, in :data:`STAGES`: each names the command that runs it alone, the table of the
+settings it reads, the stages its key is made from, its outputs, and the rest of what its key depends on.
+:func:`run` goes down that list: labels -> chips -> train -> hard_negatives -> finetune -> predict -> vectorize
+-> postprocess -> panel -> evaluate -> export -> report (``minemap stages`` prints it).
 
 Training is a first fit, then (``hard_negatives.enabled``) hard-negative mining and a fine-tune on all chips.
 A model whose validation F1 is below ``train.min_val_f1`` stops the run unless ``accept_weak_model``. With
 ``model.path`` (``--model DIR``) the run maps with that trained model instead: no labels, chips or training
-(OUT/model/ is not written; the model is used where it lies).
+(OUT/model/ is not written; the model is used where it lies). Between predict and vectorize the threshold is
+chosen on the training year's validation blocks (``threshold.json``).
 
-A stage is skipped when the manifest holds it with the same fingerprint (its inputs and settings, chained
-through the stages before it) and its outputs exist; an interrupted training resumes from its last epoch;
-prediction resumes per (tile, year). ``overwrite=True`` redoes everything.
+A stage is skipped when the manifest holds it with the same key (its inputs and settings, chained through the
+stages before it) and its outputs exist; an interrupted training resumes from its last epoch; prediction
+resumes per (tile, year). ``overwrite=True`` redoes everything.
 """
 
 from __future__ import annotations
@@ -32,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,20 +80,151 @@ def _file_key(path: Path) -> str:
     return file_sha256(Path(path))
 
 
+@dataclass(frozen=True)
+class Stage:
+    """A stage of :func:`run`, declared once: its name (in the manifest and in messages), the command that runs it
+    alone, the table of RunConfig that holds its settings, the stages its key is made from, its outputs (a stage
+    is done when the manifest holds its key and they exist) and the rest of its key (the settings and inputs that
+    change its outputs), and whether it runs for a configuration."""
+
+    name: str
+    command: str
+    section: str | None
+    after: tuple[str, ...]
+    outputs: Callable[[_Run], list[Path]]
+    key_parts: Callable[[_Run], list]
+    applies: Callable[[_Run], bool] = lambda r: True
+    action: Callable[[_Run], None] = lambda r: None
+
+
+@dataclass
+class _Run:
+    """What the stages of one run share: its settings, folder, manifest, source, and each stage's key."""
+
+    cfg: RunConfig
+    folder: RunFolder
+    manifest: Manifest
+    source: object
+    overwrite: bool
+    progress: bool
+    trained: bool
+    imagery_key: str = ""  # the pixels of every year mapped (and the settings that change them)
+    train_imagery_key: str = ""  # the training year's
+    verdicts: TrainingVerdicts | None = None
+    aoi: shapely.Geometry | None = None
+    ref_key: str | None = None
+    threshold: float | None = None
+    model_dir: Path | None = None
+    keys: dict[str, str | None] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def first_dir(self) -> Path:
+        """The first fit's folder: model_initial/ where a fine-tune follows, else model/."""
+        return self.folder.model_initial if self.cfg.hard_negatives.enabled else self.folder.model
+
+    def review_counts(self) -> dict:
+        v = self.verdicts
+        return v.counts() if v is not None and (v.labels_key() or v.negatives_key()) else {}
+
+
+def _optional(value) -> list:
+    return [value] if value else []
+
+
+# the stages in order. A stage's key is stable_hash([name, the keys of `after`..., key_parts...]): a change
+# upstream, or of the stage's own settings, redoes it and every stage after it
+STAGES: tuple[Stage, ...] = (
+    Stage("labels", "labels", None, (), lambda r: [r.folder.labels],
+          lambda r: [[_file_key(p) for p in r.cfg.labels]] + _optional(r.verdicts.labels_key()),
+          applies=lambda r: not r.trained, action=lambda r: _labels(r)),
+    Stage("chips", "chips", "chips", ("labels",), lambda r: [r.folder.chips / "index.parquet"],
+          lambda r: [r.train_imagery_key, r.cfg.train_year, r.cfg.bands, r.cfg.chips.model_dump(), CHIPS_FORMAT]
+          + _optional(r.verdicts.negatives_key()),
+          applies=lambda r: not r.trained, action=lambda r: _chips(r)),
+    Stage("train", "train", "train", ("chips",), lambda r: [r.first_dir / CARD],
+          lambda r: [r.cfg.model.model_dump(), _train_settings(r.cfg), r.first_dir.name],
+          applies=lambda r: not r.trained,
+          action=lambda r: _train_resumable(r, "train", [r.folder.chips], r.first_dir)),
+    Stage("hard_negatives", "train", "hard_negatives", ("train",),
+          lambda r: [r.folder.hard_negative_chips / "index.parquet"],
+          lambda r: [r.train_imagery_key, r.cfg.hard_negatives.model_dump(exclude={"epochs", "patience"}),
+                     _predict_settings(r.cfg, "tile_size", "normalise_years")],
+          applies=lambda r: not r.trained and r.cfg.hard_negatives.enabled, action=lambda r: _hard_negatives(r)),
+    Stage("finetune", "train", "hard_negatives", ("hard_negatives",), lambda r: [r.folder.model / CARD],
+          lambda r: [r.cfg.hard_negatives.epochs, r.cfg.hard_negatives.patience],
+          applies=lambda r: not r.trained and r.cfg.hard_negatives.enabled,
+          action=lambda r: _train_resumable(r, "finetune", [r.folder.chips, r.folder.hard_negative_chips],
+                                            r.folder.model, init_from=r.first_dir,
+                                            epochs=r.cfg.hard_negatives.epochs,
+                                            patience=r.cfg.hard_negatives.patience)),
+    Stage("predict", "predict", "predict", ("model",), lambda r: [r.folder.probabilities / str(y) for y in r.cfg.years],
+          lambda r: [r.imagery_key, _predict_settings(r.cfg), r.cfg.years, r.cfg.bands,
+                     None if r.aoi is None else shapely.to_wkb(r.aoi, hex=True)],
+          action=lambda r: predict(r.model_dir, r.cfg.imagery, r.cfg.years, r.folder.probabilities, r.cfg.predict,
+                                   r.cfg.bands, r.cfg.workers, overwrite=r.overwrite, progress=r.progress,
+                                   aoi=r.aoi, scheduler=r.cfg.scheduler)),
+    Stage("vectorize", "vectorize", "vectorize", ("predict",), lambda r: list(_polygon_paths(r).values()),
+          lambda r: [r.threshold, r.cfg.vectorize.model_dump()],
+          action=lambda r: vectorize(r.folder.probabilities, r.cfg.years, r.folder.polygons, r.threshold,
+                                     r.cfg.vectorize, r.cfg.workers, r.cfg.scheduler, r.progress)),
+    Stage("postprocess", "postprocess", "postprocess", ("vectorize",), lambda r: [r.folder.postprocessed],
+          lambda r: [r.cfg.postprocess.model_dump(),
+                     _file_key(r.cfg.postprocess.countries) if r.cfg.postprocess.countries else None],
+          action=lambda r: postprocess_stage(read_polygons(_polygon_paths(r)), r.folder.postprocessed,
+                                             r.cfg.postprocess)),
+    Stage("panel", "panel", "panel", ("postprocess",), lambda r: list(r.folder.panel_files.values()),
+          lambda r: [r.cfg.panel.model_dump(), PANEL_FORMAT], action=lambda r: _panel(r)),
+    Stage("evaluate", "evaluate", None, ("panel",), lambda r: [r.folder.metrics],
+          lambda r: [r.ref_key, r.threshold, EVALUATE_FORMAT],
+          applies=lambda r: bool(r.cfg.reference), action=lambda r: _evaluate(r)),
+    # exports last: the dataset card cites the accuracy
+    Stage("export", "export", "export", ("panel", "evaluate"),
+          lambda r: [r.folder.root / EXPORT_FILES[f] for f in r.cfg.export.formats],
+          lambda r: [r.cfg.export.model_dump(exclude={"report"})],
+          applies=lambda r: bool(r.cfg.export.formats),
+          action=lambda r: export(r.folder.panel, r.folder.root, r.cfg.export.formats, run_dir=r.folder.root,
+                                  licence=r.cfg.export.licence)),
+    Stage("report", "report", "export", ("export",), lambda r: [r.folder.report],
+          lambda r: [r.ref_key, REPORT_FORMAT], applies=lambda r: r.cfg.export.report and _has_mines(r),
+          action=lambda r: report(r.folder.root, r.folder.report, r.cfg.reference, progress=r.progress)),
+)
+STAGE = {s.name: s for s in STAGES}
+
+
+def stage_key(stage: Stage, r: _Run) -> str:
+    return stable_hash([stage.name, *(r.keys.get(a) for a in stage.after), *stage.key_parts(r)])
+
+
+def _step(r: _Run, stage: Stage) -> None:
+    """The stage's key, then the stage itself unless the manifest holds that key and its outputs exist."""
+    key = r.keys[stage.name] = stage_key(stage, r)
+    if not stage.applies(r):
+        return
+    if r.manifest.done(f"stage:{stage.name}", key) and all(p.exists() for p in stage.outputs(r)):
+        r.skipped.append(stage.name)
+        log.info("%s: up to date, skipped", stage.name)
+        return
+    t0 = time.perf_counter()
+    stage.action(r)
+    r.manifest.mark(f"stage:{stage.name}", key)
+    r.seconds[stage.name] = round(time.perf_counter() - t0, 2)
+    log.info("%s: done in %.1f s", stage.name, r.seconds[stage.name])
+
+
 def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunResult:
-    """Run every stage of ``cfg`` into ``cfg.out``; see the module docstring for the layout and resuming."""
+    """Run every stage of ``cfg`` into ``cfg.out`` (:data:`STAGES`, in order); see the module docstring for the
+    layout and resuming."""
     cfg = _absolute(cfg)
     out = Path(cfg.out)
-    folder = RunFolder(out)
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: output path exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    folder = RunFolder(out)
     manifest = Manifest(folder.manifest)
     if overwrite:
         manifest.forget()
-    skipped: list[str] = []
-    started: dict[str, float] = {}
-    seconds: dict[str, float] = {}
 
     # check every input before any long work starts
     trained = cfg.model.path is not None  # map with a model trained before: no labels, chips or training
@@ -125,146 +246,81 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     around_labels = isinstance(cfg.aoi, str) and cfg.aoi.strip().startswith("labels:")
     if around_labels and not cfg.labels:
         raise InputError(f"aoi {cfg.aoi!r}: needs labels (give labels, or another kind of AOI)")
-    aoi = parse_aoi(cfg.aoi, countries=cfg.postprocess.countries) if cfg.aoi is not None and not around_labels \
+    r = _Run(cfg, folder, manifest, source, overwrite, progress, trained)
+    r.aoi = parse_aoi(cfg.aoi, countries=cfg.postprocess.countries) if cfg.aoi is not None and not around_labels \
         else None
     if cfg.scheduler:  # an unreachable cluster is an error before any long work, not after training
         connect(cfg.scheduler).close()
-    ref_key = _file_key(cfg.reference) if cfg.reference else None
+    r.ref_key = _file_key(cfg.reference) if cfg.reference else None
     # what the pixels depend on: new imagery redoes chips and prediction
     image_keys = {y: source.fingerprint(y) for y in have if y in needed or (trained and y == card.train_year)}
-    imagery_key = stable_hash([_imagery_settings(cfg), image_keys])
-
-    def stage(name: str, key: str, outputs: list[Path]) -> bool:
-        """True if the stage must run."""
-        if manifest.done(f"stage:{name}", key) and all(p.exists() for p in outputs):
-            skipped.append(name)
-            log.info("%s: up to date, skipped", name)
-            return False
-        started[name] = time.perf_counter()
-        return True
-
-    def finished(name: str, key: str) -> None:
-        manifest.mark(f"stage:{name}", key)
-        seconds[name] = round(time.perf_counter() - started[name], 2)
-        log.info("%s: done in %.1f s", name, seconds[name])
+    r.imagery_key = stable_hash([_imagery_settings(cfg), image_keys])
 
     if trained:
-        model_dir = Path(cfg.model.path)
-        k_train = stable_hash(["model", file_sha256(model_dir / WEIGHTS), file_sha256(model_dir / CARD)])
-        card = _check_floor(cfg, model_dir)
+        r.model_dir = Path(cfg.model.path)
+        r.keys["model"] = stable_hash(["model", file_sha256(r.model_dir / WEIGHTS), file_sha256(r.model_dir / CARD)])
+        card = _check_floor(cfg, r.model_dir)
     else:
-        model_dir, k_train, card = _fit(cfg, source, manifest, stage, finished, overwrite, progress)
+        # the training year's pixels: new imagery of that year redoes chips and training
+        r.train_imagery_key = stable_hash([_imagery_settings(cfg), source.fingerprint(cfg.train_year)])
+        r.verdicts = _verdicts(cfg)
+        for name in ("labels", "chips", "train"):
+            _step(r, STAGE[name])
+        _check_floor(cfg, r.first_dir)  # a model that learnt nothing would mine the whole scene as hard negatives
+        for name in ("hard_negatives", "finetune"):
+            _step(r, STAGE[name])
+        r.model_dir = folder.model
+        r.keys["model"] = r.keys["finetune" if cfg.hard_negatives.enabled else "train"]
+        card = _check_floor(cfg, r.model_dir)
     if around_labels:  # the labels, cleaned by the labels stage (or read now, with a trained model)
         labels = gpd.read_parquet(folder.labels) if not trained else read_labels(cfg.labels)[0]
-        aoi = parse_aoi(cfg.aoi, labels=labels)
+        r.aoi = parse_aoi(cfg.aoi, labels=labels)
 
-    prob_dir = folder.probabilities
-    k_predict = stable_hash(["predict", k_train, imagery_key, _predict_settings(cfg), cfg.years, cfg.bands,
-                             None if aoi is None else shapely.to_wkb(aoi, hex=True)])
-    if stage("predict", k_predict, [prob_dir / str(y) for y in cfg.years]):
-        predict(model_dir, cfg.imagery, cfg.years, prob_dir, cfg.predict, cfg.bands, cfg.workers,
-                overwrite=overwrite, progress=progress, aoi=aoi, scheduler=cfg.scheduler)
-        finished("predict", k_predict)
-
-    threshold = cfg.vectorize.threshold or card.threshold
+    _step(r, STAGE["predict"])
+    r.threshold = cfg.vectorize.threshold or card.threshold
     if not trained and cfg.vectorize.threshold is None and cfg.train_year in cfg.years:
-        threshold = _block_threshold(cfg, source, prob_dir, out, card.threshold)
-    poly_dir = folder.polygons
-    poly_paths = {y: poly_dir / f"{y}.parquet" for y in cfg.years}
-    k_vec = stable_hash(["vectorize", k_predict, threshold, cfg.vectorize.model_dump()])
-    if stage("vectorize", k_vec, list(poly_paths.values())):
-        vectorize(prob_dir, cfg.years, poly_dir, threshold, cfg.vectorize, cfg.workers, cfg.scheduler, progress)
-        finished("vectorize", k_vec)
-
-    pp_path = folder.postprocessed
-    countries_key = _file_key(cfg.postprocess.countries) if cfg.postprocess.countries else None
-    k_pp = stable_hash(["postprocess", k_vec, cfg.postprocess.model_dump(), countries_key])
-    if stage("postprocess", k_pp, [pp_path]):
-        postprocess_stage(read_polygons(poly_paths), pp_path, cfg.postprocess)
-        finished("postprocess", k_pp)
-
-    panel_paths = folder.panel_files
-    k_panel = stable_hash(["panel", k_pp, cfg.panel.model_dump(), PANEL_FORMAT])
-    if stage("panel", k_panel, list(panel_paths.values())):
-        built = build_panel(gpd.read_parquet(pp_path), cfg.panel, where=str(pp_path))
-        write_panel(built.panel, built.events, out, built.changes)
-        finished("panel", k_panel)
-    export_paths = {k: out / v for k, v in EXPORT_FILES.items()}
-    result = RunResult(out, model_dir, panel_paths["parquet"], export_paths["gpkg"], panel_paths["summary"],
-                       skipped=skipped, seconds=seconds)
-    k_eval = None
-    if cfg.reference:
-        metrics_path = folder.metrics
-        # a run that trained its own model is scored on its test blocks; a model trained elsewhere everywhere
-        splits = None if trained else split_blocks(folder.chips)
-        k_eval = stable_hash(["evaluate", k_panel, ref_key, threshold, EVALUATE_FORMAT])
-        if stage("evaluate", k_eval, [metrics_path]):
-            evaluate_stage(gpd.read_parquet(panel_paths["parquet"]), cfg.reference, prob_dir, metrics_path,
-                           threshold, splits=splits, source=source)
-            finished("evaluate", k_eval)
-        result.metrics = metrics_path
-        result.metrics_data = json.loads(metrics_path.read_text())
-    # exports last: the dataset card cites the accuracy
-    k_export = stable_hash(["export", k_panel, k_eval, cfg.export.model_dump(exclude={"report"})])
-    if cfg.export.formats and stage("export", k_export, [export_paths[f] for f in cfg.export.formats]):
-        export(panel_paths["parquet"], out, cfg.export.formats, run_dir=out, licence=cfg.export.licence)
-        finished("export", k_export)
-    k_report = stable_hash(["report", k_export, ref_key, REPORT_FORMAT])
-    if cfg.export.report and pq.ParquetFile(panel_paths["parquet"]).metadata.num_rows == 0:
+        r.threshold = _block_threshold(cfg, source, folder.probabilities, out, card.threshold)
+    for name in ("vectorize", "postprocess", "panel", "evaluate", "export"):
+        _step(r, STAGE[name])
+    if cfg.export.report and not _has_mines(r):
         log.warning("no mines in any year: %s not written", folder.report)
-    elif cfg.export.report and stage("report", k_report, [folder.report]):
-        report(out, folder.report, cfg.reference, progress=progress)
-        finished("report", k_report)
+    _step(r, STAGE["report"])
+    result = RunResult(out, r.model_dir, folder.panel, folder.root / EXPORT_FILES["gpkg"],
+                       folder.panel_files["summary"], skipped=r.skipped, seconds=r.seconds)
+    if cfg.reference:
+        result.metrics = folder.metrics
+        result.metrics_data = json.loads(folder.metrics.read_text())
     return result
 
 
-def _fit(cfg: RunConfig, source, manifest: Manifest, stage, finished, overwrite: bool, progress: bool):
-    """Stages labels, chips, train, hard_negatives and finetune: the model of a run that trains its own.
-    Returns the model directory, the key of its training and its card."""
-    folder = RunFolder(cfg.out)
-    # the training year's pixels: new imagery of that year redoes chips and training
-    imagery_key = stable_hash([_imagery_settings(cfg), source.fingerprint(cfg.train_year)])
-    verdicts = _verdicts(cfg)
-    # verdicts enter a stage's key only where they change it, so runs without any keep their keys
-    labels_key, negatives_key = verdicts.labels_key(), verdicts.negatives_key()
-    k_labels = stable_hash(["labels", [_file_key(p) for p in cfg.labels]] + ([labels_key] if labels_key else []))
-    labels_path = folder.labels
-    if stage("labels", k_labels, [labels_path]):
-        labels, _ = read_labels(cfg.labels)
-        write_geoparquet(apply_to_labels(labels, verdicts), labels_path)
-        finished("labels", k_labels)
-    review = verdicts.counts() if labels_key or negatives_key else {}
+def _polygon_paths(r: _Run) -> dict[int, Path]:
+    return {y: r.folder.polygons / f"{y}.parquet" for y in r.cfg.years}
 
-    chips_dir = folder.chips
-    k_chips = stable_hash(["chips", k_labels, imagery_key, cfg.train_year, cfg.bands, cfg.chips.model_dump(),
-                           CHIPS_FORMAT]
-                          + ([negatives_key] if negatives_key else []))
-    if stage("chips", k_chips, [chips_dir / "index.parquet"]):
-        make_chips(gpd.read_parquet(labels_path), source, cfg.train_year, chips_dir, cfg.chips,
-                   labels_path=cfg.labels[0] if len(cfg.labels) == 1 else None, reviewed=verdicts)
-        finished("chips", k_chips)
 
-    model_dir = folder.model
-    hn = cfg.hard_negatives
-    first_dir = folder.model_initial if hn.enabled else model_dir
-    k_train = stable_hash(["train", k_chips, cfg.model.model_dump(), _train_settings(cfg), first_dir.name])
-    if stage("train", k_train, [first_dir / CARD]):
-        _train_resumable(manifest, "train", k_train, [chips_dir], first_dir, cfg, progress, review=review)
-        finished("train", k_train)
-    _check_floor(cfg, first_dir)  # a model that learnt nothing would mine the whole scene as hard negatives
-    if hn.enabled:
-        hn_dir = folder.hard_negatives
-        k_hn = stable_hash(["hard_negatives", k_train, imagery_key, hn.model_dump(exclude={"epochs", "patience"}),
-                            _predict_settings(cfg, "tile_size", "normalise_years")])
-        if stage("hard_negatives", k_hn, [folder.hard_negative_chips / "index.parquet"]):
-            _hard_negatives(cfg, source, labels_path, chips_dir, first_dir, hn_dir, overwrite, progress, verdicts)
-            finished("hard_negatives", k_hn)
-        k_train = stable_hash(["finetune", k_hn, hn.epochs, hn.patience])
-        if stage("finetune", k_train, [model_dir / CARD]):
-            _train_resumable(manifest, "finetune", k_train, [chips_dir, folder.hard_negative_chips], model_dir, cfg,
-                             progress, init_from=first_dir, epochs=hn.epochs, patience=hn.patience, review=review)
-            finished("finetune", k_train)
-    return model_dir, k_train, _check_floor(cfg, model_dir)
+def _has_mines(r: _Run) -> bool:
+    return pq.ParquetFile(r.folder.panel).metadata.num_rows > 0
+
+
+def _labels(r: _Run) -> None:
+    labels, _ = read_labels(r.cfg.labels)
+    write_geoparquet(apply_to_labels(labels, r.verdicts), r.folder.labels)
+
+
+def _chips(r: _Run) -> None:
+    make_chips(gpd.read_parquet(r.folder.labels), r.source, r.cfg.train_year, r.folder.chips, r.cfg.chips,
+               labels_path=r.cfg.labels[0] if len(r.cfg.labels) == 1 else None, reviewed=r.verdicts)
+
+
+def _panel(r: _Run) -> None:
+    built = build_panel(gpd.read_parquet(r.folder.postprocessed), r.cfg.panel, where=str(r.folder.postprocessed))
+    write_panel(built.panel, built.events, r.folder.root, built.changes)
+
+
+def _evaluate(r: _Run) -> None:
+    # a run that trained its own model is scored on its test blocks; a model trained elsewhere everywhere
+    splits = None if r.trained else split_blocks(r.folder.chips)
+    evaluate_stage(gpd.read_parquet(r.folder.panel), r.cfg.reference, r.folder.probabilities, r.folder.metrics,
+                   r.threshold, splits=splits, source=r.source)
 
 
 def _block_threshold(cfg: RunConfig, source, prob_dir: Path, out: Path, card_threshold: float) -> float:
@@ -322,12 +378,13 @@ def _check_floor(cfg: RunConfig, model_dir: Path):
     return card
 
 
-def _train_resumable(manifest: Manifest, name: str, key: str, chips_dirs: list[Path], model_dir: Path,
-                     cfg: RunConfig, progress: bool, **kwargs) -> None:
-    """Train, resuming only a training started with these very settings."""
-    resume = manifest.done(f"started:{name}", key) and (model_dir / STATE).is_file()
-    manifest.mark(f"started:{name}", key)
-    train(chips_dirs, model_dir, cfg.train, cfg.model, resume=resume, progress=progress, run_key=key, **kwargs)
+def _train_resumable(r: _Run, name: str, chips_dirs: list[Path], model_dir: Path, **kwargs) -> None:
+    """Train, resuming only a training started with these very settings (the stage's key)."""
+    key = r.keys[name]
+    resume = r.manifest.done(f"started:{name}", key) and (model_dir / STATE).is_file()
+    r.manifest.mark(f"started:{name}", key)
+    train(chips_dirs, model_dir, r.cfg.train, r.cfg.model, resume=resume, progress=r.progress, run_key=key,
+          review=r.review_counts(), **kwargs)
 
 
 def _verdicts(cfg: RunConfig) -> TrainingVerdicts:
@@ -342,19 +399,18 @@ def _verdicts(cfg: RunConfig) -> TrainingVerdicts:
     return got
 
 
-def _hard_negatives(cfg: RunConfig, source, labels_path: Path, chips_dir: Path, first_dir: Path, hn_dir: Path,
-                    overwrite: bool, progress: bool, verdicts: TrainingVerdicts | None = None) -> None:
+def _hard_negatives(r: _Run) -> None:
     """Map the training year with the first model and cut chips where it fires away from the labels (never
     sparing a detection a reviewer rejected as a possible missed mine)."""
-    year = cfg.train_year
-    prob_dir = hn_dir / "probabilities"
-    predict(first_dir, cfg.imagery, [year], prob_dir, cfg.predict, cfg.bands, cfg.workers, overwrite=overwrite,
-            progress=progress, scheduler=cfg.scheduler)
-    level = min(cfg.hard_negatives.search_level, read_card(first_dir).threshold)
+    cfg, year = r.cfg, r.cfg.train_year
+    prob_dir = r.folder.hard_negative_probabilities
+    predict(r.first_dir, cfg.imagery, [year], prob_dir, cfg.predict, cfg.bands, cfg.workers, overwrite=r.overwrite,
+            progress=r.progress, scheduler=cfg.scheduler)
+    level = min(cfg.hard_negatives.search_level, read_card(r.first_dir).threshold)
     tiles = sorted((prob_dir / str(year)).glob("*.tif"))
     detections = vectorize_year(tiles, year, level, VectorizeConfig(min_area_m2=0.0))
-    hard_negative_chips(detections, gpd.read_parquet(labels_path), source, chips_dir, hn_dir / "chips",
-                        cfg.chips, cfg.hard_negatives, level, tiles, verdicts)
+    hard_negative_chips(detections, gpd.read_parquet(r.folder.labels), r.source, r.folder.chips,
+                        r.folder.hard_negative_chips, cfg.chips, cfg.hard_negatives, level, tiles, r.verdicts)
 
 
 DEMO_YEARS = (2019, 2020, 2021)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import geopandas as gpd
@@ -360,6 +361,123 @@ def _best_f1(logits: np.ndarray, truth: np.ndarray) -> dict:
     return best_threshold(*histograms(quantise(1 / (1 + np.exp(-logits))), truth))[1]
 
 
+@dataclass
+class _Data:
+    """What a training reads: the training blocks (windows are drawn inside them) and the chips taught as cut
+    (hard negatives, reviewed detections), the held-out validation and test, and how many pixels of possible
+    missed mines were left out of them."""
+
+    blocks: BlockSet | None
+    fixed: pd.DataFrame
+    x_fixed: np.ndarray
+    y_fixed: np.ndarray
+    n_positive: int
+    n_other: int
+    val: _Held
+    test: _Held
+    cleaned: int
+    cleaned_val: int
+
+
+def _read_data(dirs: list[Path], index: pd.DataFrame, meta: dict, cfg: TrainConfig) -> _Data:
+    tr, va, te = (index[index.split == s] for s in ("train", "val", "test"))
+    if len(tr) == 0:
+        raise InputError(f"{dirs[0] / 'index.parquet'}: no training chips")
+    missed = possible_missed_mines(dirs)
+    size = meta["chip_size"]
+    # the training blocks whole: each epoch draws its windows anywhere inside them, in place of the fixed grid
+    # of positive and background chips; chips of other kinds (hard negatives, reviewed detections) stay as cut
+    blocks, cleaned = read_blocks(dirs[0], "train", missed, tr[tr.root == str(dirs[0])])
+    drawn = tr.kind.isin(["positive", "background"]).to_numpy() if blocks is not None else np.zeros(len(tr), bool)
+    fixed = tr[~drawn]
+    n_positive, n_other = int((tr.kind[drawn] == "positive").sum()), int((tr.kind[drawn] == "background").sum())
+    if blocks is not None:
+        n_positive, n_other = epoch_windows(n_positive, n_other, cfg.epoch_windows)
+    if len(fixed):
+        x_tr, y_tr, n = _read_chips(fixed, missed)
+    else:
+        x_tr, y_tr, n = np.zeros((0, len(meta["bands"]), size, size), np.float32), np.zeros((0, size, size), np.uint8), 0
+    val, cleaned_va = _held(dirs[0], "val", va, missed)
+    test, _ = _held(dirs[0], "test", te, missed)
+    if not val:
+        log.warning("no validation blocks or chips: model selection and threshold use the training chips")
+        val = _Held(blocks, None) if blocks is not None else _Held(None, _read_chips(tr, missed)[:2])
+    return _Data(blocks, fixed, x_tr, y_tr, n_positive, n_other, val, test, cleaned + n, cleaned_va)
+
+
+def _selection(data: _Data, early: bool, patience: int, max_epochs: int, min_val_pixels: int) -> dict:
+    """The card's account of how the model was chosen: what it trained on, the validation, the rule."""
+    n_windows = data.n_positive + data.n_other
+    return {
+        "training": (f"{n_windows} windows drawn anywhere inside the training blocks each epoch "
+                     f"({data.n_positive} holding a label; random place, flips, rotations)"
+                     + (f" and {len(data.fixed)} chips" if len(data.fixed) else "")
+                     if data.blocks is not None else "the training chips"),
+        "validation": data.val.kind, "validation_positive_pixels": data.val.positive_pixels,
+        "rule": (f"early stopping on validation F1 (patience {patience})" if early else
+                 f"a fixed schedule of {max_epochs} epochs (the rate halved every {patience}), the last weights "
+                 f"kept: the validation holds "
+                 f"{data.val.positive_pixels} labelled pixels, fewer than {min_val_pixels}, too few to "
+                 "choose an epoch by"),
+        "test": data.test.kind if data.test else "none",
+    }
+
+
+def _restore(state_path: Path, run_key: str | None, model, avg, opt, augment: _Augment) -> dict | None:
+    """The progress of a training saved under ``run_key`` at ``state_path``, its weights, optimiser and random
+    states put back; None (and no state file left) where there is none to resume."""
+    saved = None
+    if state_path.is_file():
+        try:
+            saved = _load_state(state_path)
+        except Exception as e:  # a truncated or foreign file
+            raise ModelError(f"{state_path}: cannot resume from this training state ({e})") from None
+        if saved.get("progress", {}).get("key") != run_key:
+            log.info("%s was saved by a training with other settings: starting afresh", state_path)
+            saved = None
+    if saved is None:
+        return None
+    try:
+        model.load_state_dict(saved["model"])
+        if avg is not None:
+            avg.load_state_dict(saved["average"])
+        opt.load_state_dict(saved["optimizer"])
+        augment.gen.set_state(saved["augment_rng"])
+        torch.set_rng_state(saved["torch_rng"])
+    except Exception as e:
+        raise ModelError(f"{state_path}: cannot resume from this training state ({e})") from None
+    return saved["progress"]
+
+
+def _epoch_items(data: _Data, fixed_order: np.ndarray, seed: int, epoch: int, size: int) -> tuple[list, np.ndarray]:
+    """The epoch's items, ("c", chip) or ("w", block, row, col), and their order: drawn from the seed and the
+    epoch alone, so that a resumed training draws what an uninterrupted one would have."""
+    rng = np.random.default_rng([seed, epoch])
+    items = [("c", int(i)) for i in fixed_order]
+    if data.blocks is not None:
+        items += [("w", *w) for w in data.blocks.windows(rng, data.n_positive, data.n_other, size)]
+    return items, rng.permutation(len(items))
+
+
+def _choose(st: dict, v: dict, epoch: int, early: bool, patience: int) -> bool:
+    """Update the progress ``st`` with the epoch's validation ``v``: True where these weights are kept (a fixed
+    schedule keeps each epoch's, early stopping the best); the rate is halved on a schedule or a plateau."""
+    if not early:  # a fixed schedule: the rate halves every `patience` epochs, the last weights kept
+        st.update(best_f1=v["f1"], best_epoch=epoch + 1)
+        if (epoch + 1) % patience == 0:
+            st["lr"] /= 2
+        return True
+    if v["f1"] > st["best_f1"] + MIN_DELTA:
+        st.update(best_f1=v["f1"], best_epoch=epoch + 1, bad=0, since_cut=0)
+        return True
+    st["bad"] += 1
+    st["since_cut"] += 1
+    if st["since_cut"] >= max(1, patience // 2):  # a plateau: halve the rate
+        st["lr"] /= 2
+        st["since_cut"] = 0
+    return False
+
+
 def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | None = None,
           model_cfg: ModelConfig | None = None, resume: bool = False, progress: bool = True,
           init_from: Path | None = None, epochs: int | None = None, patience: int | None = None,
@@ -372,6 +490,10 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     identifies the settings: ``resume`` continues only a state saved under the same key, and a training that
     does not resume starts by removing any older state. ``review``: the counts of reviewers' verdicts the chips
     were made with, recorded in the card.
+
+    In steps: read the data (:func:`_read_data`); build the model and its card; restore a saved state
+    (:func:`_restore`); each epoch, draw its windows (:func:`_epoch_items`), take the optimiser's steps,
+    validate the averaged weights and keep them or not (:func:`_choose`); then calibrate and test the kept ones.
     """
     cfg = cfg or TrainConfig()
     model_cfg = model_cfg or ModelConfig()
@@ -386,29 +508,11 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     np.random.seed(cfg.seed)
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
-
-    tr, va, te = (index[index.split == s] for s in ("train", "val", "test"))
-    if len(tr) == 0:
-        raise InputError(f"{dirs[0] / 'index.parquet'}: no training chips")
-    missed = possible_missed_mines(dirs)
     size = meta["chip_size"]
-    # the training blocks whole: each epoch draws its windows anywhere inside them, in place of the fixed grid
-    # of positive and background chips; chips of other kinds (hard negatives, reviewed detections) stay as cut
-    blocks, cleaned = read_blocks(dirs[0], "train", missed, tr[tr.root == str(dirs[0])])
-    drawn = tr.kind.isin(["positive", "background"]).to_numpy() if blocks is not None else np.zeros(len(tr), bool)
-    fixed = tr[~drawn]
-    n_positive, n_other = int((tr.kind[drawn] == "positive").sum()), int((tr.kind[drawn] == "background").sum())
-    if blocks is not None:
-        n_positive, n_other = epoch_windows(n_positive, n_other, cfg.epoch_windows)
-    x_tr, y_tr, n = _read_chips(fixed, missed) if len(fixed) else (np.zeros((0, len(meta["bands"]), size, size),
-                                                                             np.float32), np.zeros((0, size, size),
-                                                                                                   np.uint8), 0)
-    cleaned += n
-    val, cleaned_va = _held(dirs[0], "val", va, missed)
-    test, _ = _held(dirs[0], "test", te, missed)
-    if not val:
-        log.warning("no validation blocks or chips: model selection and threshold use the training chips")
-        val = _Held(blocks, None) if blocks is not None else _Held(None, _read_chips(tr, missed)[:2])
+
+    # 1. the data
+    data = _read_data(dirs, index, meta, cfg)
+    val, test, blocks = data.val, data.test, data.blocks
     # early stopping needs a validation that a chip or two cannot sway; with fewer labelled pixels than
     # train.min_val_pixels the model is trained on a fixed schedule and the last (averaged) weights kept
     early = val.positive_pixels >= cfg.min_val_pixels
@@ -416,11 +520,13 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     # learn from nor a new judge: it only recalibrates. A possible missed mine in the validation chips is news:
     # the first fit was chosen by a validation that counted it as a false alarm (a model that learnt to see it
     # lost to an earlier, undertrained one), so training goes on, judged without it
-    news = (tr.kind == "hard_negative").any() or cleaned > 0 or cleaned_va > 0
+    news = (index[index.split == "train"].kind == "hard_negative").any() or data.cleaned > 0 or data.cleaned_val > 0
     if blocks is not None:
         mean_np, std_np, p99, p999 = band_statistics(blocks.images, blocks.masks)
     else:
-        mean_np, std_np, p99, p999 = band_statistics(x_tr, y_tr)
+        mean_np, std_np, p99, p999 = band_statistics(data.x_fixed, data.y_fixed)
+
+    # 2. the model and its card
     if init_from is not None:
         model, base = load_model(init_from, "cpu")
         encoder = base.encoder
@@ -440,19 +546,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         cloud_level=(CLOUD_FACTOR * p999).round(1).tolist() if init_from is None else base.cloud_level,
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
         precision="bf16" if amp is not None else "fp32", review=review or {},
-        selection={
-            "training": (f"{n_positive + n_other} windows drawn anywhere inside the training blocks each epoch "
-                         f"({n_positive} holding a label; random place, flips, rotations)"
-                         + (f" and {len(fixed)} chips" if len(fixed) else "")
-                         if blocks is not None else "the training chips"),
-            "validation": val.kind, "validation_positive_pixels": val.positive_pixels,
-            "rule": (f"early stopping on validation F1 (patience {patience})" if early else
-                     f"a fixed schedule of {max_epochs} epochs (the rate halved every {patience}), the last weights "
-                     f"kept: the validation holds "
-                     f"{val.positive_pixels} labelled pixels, fewer than {cfg.min_val_pixels}, too few to "
-                     "choose an epoch by"),
-            "test": test.kind if test else "none",
-        },
+        selection=_selection(data, early, patience, max_epochs, cfg.min_val_pixels),
     )
     model.to(device)
     # the weights validated and saved: an exponential moving average over steps (Polyak averaging), whose
@@ -460,43 +554,28 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     avg = AveragedModel(model, avg_fn=_ema(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
     base_lr = cfg.learning_rate / 3 if init_from is not None else cfg.learning_rate
     opt = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
-    per_epoch = len(fixed) + (n_positive + n_other if blocks is not None else 0)
+    per_epoch = len(data.fixed) + (data.n_positive + data.n_other if blocks is not None else 0)
     warmup = -(-per_epoch // cfg.batch_size) if init_from is None else 0  # one epoch of steps
     augment = _Augment(p99, cfg.seed, crop_size(cfg, meta["chip_size"]))
-    st = {"epoch": -1, "best_f1": -1.0, "best_epoch": None, "lr": base_lr, "bad": 0, "since_cut": 0,
-          "curve": [], "step": 0}
+
+    # 3. a saved state of this very training, if asked to resume
     state_path = model_dir / STATE
-    saved = None
-    if resume and state_path.is_file():
-        try:
-            saved = _load_state(state_path)
-        except Exception as e:  # a truncated or foreign file
-            raise ModelError(f"{state_path}: cannot resume from this training state ({e})") from None
-        if saved.get("progress", {}).get("key") != run_key:
-            log.info("%s was saved by a training with other settings: starting afresh", state_path)
-            saved = None
+    saved = _restore(state_path, run_key, model, avg, opt, augment) if resume else None
     if saved is None:
         state_path.unlink(missing_ok=True)  # an older training's state must never be resumed by this one
+        st = {"epoch": -1, "best_f1": -1.0, "best_epoch": None, "lr": base_lr, "bad": 0, "since_cut": 0,
+              "curve": [], "step": 0}
     else:
-        try:
-            model.load_state_dict(saved["model"])
-            if avg is not None:
-                avg.load_state_dict(saved["average"])
-            opt.load_state_dict(saved["optimizer"])
-            augment.gen.set_state(saved["augment_rng"])
-            torch.set_rng_state(saved["torch_rng"])
-        except Exception as e:
-            raise ModelError(f"{state_path}: cannot resume from this training state ({e})") from None
-        st = saved["progress"]
+        st = saved
         log.info("resuming at epoch %d (best val F1 %.3f)", st["epoch"] + 2, st["best_f1"])
     st["key"] = run_key
     card.stopped = "training in progress"  # until calibrated: the card on disk is not final before then
 
-    xt, yt = torch.as_tensor(x_tr), torch.as_tensor(y_tr.astype(np.int64))
+    xt, yt = torch.as_tensor(data.x_fixed), torch.as_tensor(data.y_fixed.astype(np.int64))
     # each fixed chip once an epoch, those over detections a reviewer rejected REVIEWED_REPEAT times; then as
     # many windows drawn inside the training blocks as there were positive and background chips
-    fixed_order = np.repeat(np.arange(len(fixed)), np.where(fixed.kind.to_numpy() == "reviewed_negative",
-                                                            REVIEWED_REPEAT, 1))
+    fixed_order = np.repeat(np.arange(len(data.fixed)), np.where(data.fixed.kind.to_numpy() == "reviewed_negative",
+                                                                 REVIEWED_REPEAT, 1))
     if avg is not None and saved is None:
         avg.update_parameters(model)  # the average starts from the initial (or given) weights
     judged = avg.module if avg is not None else model
@@ -512,24 +591,19 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         if not news:
             log.info("fine-tune: no new training chips or pixels; the given model is kept and recalibrated")
             max_epochs = 0
+
+    # 4. the epochs
     bar = tqdm(range(st["epoch"] + 1, max_epochs), desc="train", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         if early and st["bad"] >= patience:
             break
         model.train()
-        # the epoch's items: ("c", chip) or ("w", block, row, col), drawn from the seed and the epoch alone, so
-        # that a resumed training draws what an uninterrupted one would have
-        rng = np.random.default_rng([cfg.seed, epoch])
-        items = [("c", int(i)) for i in fixed_order]
-        if blocks is not None:
-            items += [("w", *w) for w in blocks.windows(rng, n_positive, n_other, size)]
-        order = rng.permutation(len(items))
+        items, order = _epoch_items(data, fixed_order, cfg.seed, epoch, size)
         losses = []
         for i in range(0, len(order), cfg.batch_size):
             for group in opt.param_groups:
                 group["lr"] = st["lr"] * min(1.0, (st["step"] + 1) / warmup) if warmup else st["lr"]
-            batch = [items[k] for k in order[i:i + cfg.batch_size]]
-            xb, yb = _batch(batch, xt, yt, blocks, size)
+            xb, yb = _batch([items[k] for k in order[i:i + cfg.batch_size]], xt, yt, blocks, size)
             xb, yb = augment(xb, yb)
             xb = ((xb - mean) / std).to(device)
             loss = segmentation_loss(forward_logits(model, xb, amp), yb.to(device), cfg.dice_weight)
@@ -544,22 +618,9 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         st["curve"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5), "lr": st["lr"],
                             "val_f1": round(v["f1"], 5), "val_iou": round(v["iou"], 5),
                             "val_threshold": v["threshold"]})
-        if not early:  # a fixed schedule: the rate halves every `patience` epochs, the last weights kept
-            st.update(best_f1=v["f1"], best_epoch=epoch + 1)
+        if _choose(st, v, epoch, early, patience):
             card.epochs_trained = card.best_epoch = epoch + 1
             save_model(judged, card, model_dir)
-            if (epoch + 1) % patience == 0:
-                st["lr"] /= 2
-        elif v["f1"] > st["best_f1"] + MIN_DELTA:
-            st.update(best_f1=v["f1"], best_epoch=epoch + 1, bad=0, since_cut=0)
-            card.epochs_trained = card.best_epoch = epoch + 1
-            save_model(judged, card, model_dir)
-        else:
-            st["bad"] += 1
-            st["since_cut"] += 1
-            if st["since_cut"] >= max(1, patience // 2):  # a plateau: halve the rate
-                st["lr"] /= 2
-                st["since_cut"] = 0
         st["epoch"] = epoch
         _save_state(state_path, model, opt, augment, st, avg)
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_f1=f"{v['f1']:.3f}", best=f"{st['best_f1']:.3f}")
@@ -568,6 +629,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     if st["best_epoch"] is None:
         raise ModelError(f"{model_dir}: training ran no epoch (epochs {max_epochs})")
 
+    # 5. the kept weights, calibrated and tested
     model, _ = load_model(model_dir, device)
     card.epochs_trained, card.best_epoch = st["epoch"] + 1, st["best_epoch"]
     card.stopped = (f"early: no better validation F1 for {patience} epochs" if early and st["bad"] >= patience

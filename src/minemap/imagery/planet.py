@@ -49,7 +49,8 @@ from pydantic import Field, field_validator
 from minemap.settings import Section
 from minemap._io import stable_hash, write_json
 from minemap.errors import ImageryError
-from minemap.imagery.remote import cache_root, check_bbox, check_months, month_spec, retry_policy
+from minemap.geo import check_bbox
+from minemap.imagery.remote import cache_root, check_months, month_spec, retry_policy
 from minemap.lattice import Grid, area_grid
 from minemap.imagery.local import file_info, read_files
 from minemap.formats.rasters import write_cog

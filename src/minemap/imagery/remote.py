@@ -37,13 +37,6 @@ def month_spec(v: Any) -> Any:
     return v
 
 
-def check_bbox(v: tuple[float, float, float, float]) -> tuple[float, float, float, float]:
-    w, s, e, n = v
-    if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
-        raise ValueError(f"bbox {list(v)}: expected west < east and south < north, in degrees")
-    return v
-
-
 def check_months(v: list[int]) -> list[int]:
     if not v or any(not 1 <= m <= 12 for m in v):
         raise ValueError("months must be 1-12")
