@@ -41,6 +41,9 @@ def _one_line(r, *parts):
     (["run", "--encoder", "mit-b9"], "--encoder: Input should be 'mit-b0', 'mit-b1'"),
     (["run", "--workers", "0"], "--workers: Input should be greater than or equal to 1"),
     (["run", "--tile-size", "8"], "--tile-size: Input should be greater than or equal to 64"),
+    (["panel", "p.parquet", "--out", "o", "--max-gap", "-1"], "--max-gap: Input should be greater than or equal to 0"),
+    (["panel", "p.parquet", "--out", "o", "--buffer-m", "-1"], "--buffer-m: Input should be greater than or equal to 0"),
+    (["review", "export", "r", "--year", "2020", "--limit", "0"], "--limit 0: at least 1 item"),
 ])
 def test_an_option_the_settings_reject_is_one_line_naming_it(tmp_path, monkeypatch, args, said):
     monkeypatch.chdir(tmp_path)

@@ -116,3 +116,23 @@ def test_stages_command_lists_the_stages_and_what_a_run_finished(tmp_path):
     assert rows[0][-2].strip() == "yes" and rows[1][-2].strip() == ""
     res = CliRunner().invoke(cli.app, ["stages", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "not a run folder" in res.output
+
+
+def test_a_run_without_reference_keys_its_export_as_before(tmp_path):
+    """The evaluation is an optional input: without a reference the export's key holds None in its place (as
+    the hand-chained keys did), so a run made before the stage list resumes without redoing its exports."""
+    from minemap._io import stable_hash
+    from minemap.config import RunConfig
+    from minemap.formats.run import RunFolder
+    from minemap.manifest import Manifest
+    from minemap.pipeline import STAGE, _Run, _step
+
+    cfg = RunConfig.model_validate({"imagery": str(tmp_path), "years": [2019], "out": str(tmp_path),
+                                    "model": {"path": str(tmp_path)}, "export": {"formats": []}})
+    r = _Run(cfg, RunFolder(tmp_path), Manifest(tmp_path / "manifest.jsonl"), None, False, False, True)
+    r.keys["panel"] = "k-panel"
+    _step(r, STAGE["evaluate"])
+    _step(r, STAGE["export"])  # no formats: not run, but keyed for the report after it
+    assert r.keys["evaluate"] is None
+    assert r.keys["export"] == stable_hash(["export", "k-panel", None, cfg.export.model_dump(exclude={"report"})])
+    assert r.skipped == [] and r.seconds == {}

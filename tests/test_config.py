@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from minemap.config import load_config, parse_years
@@ -131,3 +133,17 @@ def test_flags_stay_relative_to_the_working_directory(tmp_path):
     cfg = load_config(tmp_path / "run.toml", **{"postprocess.countries": "c.gpkg", "out": "flag-out"})
     assert str(cfg.postprocess.countries) == "c.gpkg" and str(cfg.out) == "flag-out"
     assert cfg.imagery.path == tmp_path / "tiles" and cfg.labels == [tmp_path / "l.gpkg"]
+
+
+def test_a_config_given_by_a_relative_path_resolves_each_path_once(tmp_path, monkeypatch):
+    """From `minemap run configs/run.toml`: the config's folder is relative, and every path, in the imagery
+    source's table too, is joined to it once."""
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "run.toml").write_text(
+        'labels = "l.gpkg"\ntrain_year = 2019\nyears = "2019"\nout = "out"\n'
+        '[imagery]\nsource = "stac"\nurl = "https://example.org/stac"\nbbox = [-2.0, 5.0, -1.9, 5.1]\n'
+        'cache_dir = "cache"\n[model]\npretrained = ""\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path("configs/run.toml"))
+    assert cfg.imagery.cache_dir == Path("configs/cache") and cfg.out == Path("configs/out")
+    assert cfg.model.pretrained is None  # an empty path is none, not the config's folder

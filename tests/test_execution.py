@@ -88,6 +88,17 @@ def test_unreachable_scheduler(monkeypatch):
         list(map_units(abs, [1], progress=False, scheduler="tcp://127.0.0.1:9"))
 
 
+def test_a_malformed_address_from_the_python_api_is_refused_at_once(monkeypatch):
+    """Not a connection attempt and the client's shutdown (a minute), but one line naming the address."""
+    from minemap.errors import InputError
+    from minemap.execution import connect
+
+    monkeypatch.setattr("distributed.Client", lambda *a, **k: pytest.fail("a connection was tried"))
+    for bad in ("localhost", "tcp://host:99999", "http://x:80"):
+        with pytest.raises(InputError, match="scheduler"):
+            connect(bad)
+
+
 def test_predict_on_a_cluster_equals_serial(cluster, scene, tmp_path):
     from test_predict import _pixel_model_dir
     from minemap.config import PredictConfig

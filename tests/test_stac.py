@@ -229,7 +229,7 @@ def test_a_missing_asset_names_the_scene_the_asset_and_the_address(stac, tmp_pat
     from typer.testing import CliRunner
 
     from minemap.cli import app
-    from minemap.imagery.stac import public_url
+    from minemap.imagery.remote import public_url
 
     assert public_url("https://user:pw@data.example.com:8443/a/b.tif?sig=SECRET&se=2030#x") == \
         "https://data.example.com:8443/a/b.tif"
@@ -252,3 +252,14 @@ def test_a_missing_asset_names_the_scene_the_asset_and_the_address(stac, tmp_pat
                                  ",".join(map(str, cfg.bbox)), "--months", "1-9", "--cache", str(tmp_path / "c2")])
     assert r.exit_code == 2 and "scene S2_20190510, asset 'nir'" in r.output and "SECRET" not in r.output
     assert "Traceback" not in r.output
+
+
+def test_messages_name_the_api_without_its_secrets():
+    """A STAC URL that carries a token or credentials is named without them in messages (and so in errors)."""
+    from minemap.imagery import describe
+
+    cfg = StacImageryConfig(url="https://user:pw@stac.example.org/v1?token=SECRET#x", bbox=(-3.0, 6.0, -2.9, 6.1))
+    assert describe(cfg) == "https://stac.example.org/v1"
+    with pytest.raises(ImageryError) as e:
+        open_imagery(cfg, bands=["red", "swir9"])
+    assert "SECRET" not in str(e.value) and "pw" not in str(e.value) and "stac.example.org" in str(e.value)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -91,43 +90,10 @@ def _flag(flag: str, dotted: str, value):
     return value
 
 
-SCHEDULER_FORMS = ("host:port, tcp://host:port (also tls://, ws://, wss://; an IPv6 host in brackets, "
-                   "[::1]:8786) or the path of a scheduler file (`dask scheduler --scheduler-file FILE`)")
-_ADDRESS = re.compile(r"(?:(?:tcp|tls|ws|wss)://)?(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9_.-]*):(\d{1,5})")
-
-
 def _scheduler(value: str | None, what: str = "--scheduler") -> str | None:
-    """A Dask scheduler's address, its form checked before any connection is tried: an address that cannot
-    be one is an error in one line at once, not a 20 s connection attempt followed by the client's 40 s
-    shutdown and a traceback. A scheduler file (JSON with ``address``, as ``dask scheduler --scheduler-file``
-    writes it) gives the address it holds. A well-formed address that does not answer still fails when it
-    is reached (minemap.execution.connect: one line after its time-out)."""
-    import json
+    from minemap.execution import scheduler_address
 
-    from minemap.errors import InputError
-
-    if value is None:
-        return None
-    address = value.strip()
-    m = _ADDRESS.fullmatch(address)
-    if m:
-        if not 0 < int(m.group(1)) < 65536:
-            raise InputError(f"{what} {value!r}: port {m.group(1)} is not one (1-65535)")
-        return address
-    path = Path(address).expanduser()
-    if "://" not in address and (path.suffix.lower() == ".json" or "/" in address or path.is_file()):
-        if not path.is_file():
-            raise InputError(f"{what} {value!r}: no scheduler file there")
-        try:
-            inner = json.loads(path.read_text())["address"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"{what} {value!r}: not a Dask scheduler file (JSON with an address; "
-                             f"{type(e).__name__})") from None
-        if not isinstance(inner, str) or not _ADDRESS.fullmatch(inner.strip()):
-            raise InputError(f"{what} {value!r}: the scheduler file's address {inner!r} is not one of "
-                             f"{SCHEDULER_FORMS}")
-        return inner.strip()
-    raise InputError(f"{what} {value!r}: not a scheduler address; expected {SCHEDULER_FORMS}")
+    return scheduler_address(value, what)
 
 
 def _years(spec: str) -> list[int]:
@@ -307,8 +273,8 @@ def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.
 def panel(postprocessed: Annotated[list[Path], typer.Argument(
               help="post-processed GeoParquet, or the published study's per-year GeoPackages (files or a folder)")],
           out_dir: Annotated[Path, typer.Option("--out", help="folder for the panel, its lineage and change tables")],
-          max_gap: Annotated[int, typer.Option(min=0, help="years a mine may go unseen and keep its identity")] = _PANEL.max_gap,
-          buffer_m: Annotated[float, typer.Option(min=0.0, help="polygons of different years within this distance "
+          max_gap: Annotated[int, typer.Option(help="years a mine may go unseen and keep its identity")] = _PANEL.max_gap,
+          buffer_m: Annotated[float, typer.Option(help="polygons of different years within this distance "
                                                                "count as overlapping")] = _PANEL.buffer_m):
     """Track mines across years (mine_id, lineage events, district_id) and write the panel, its summary, the
     lineage tables and the change statistics."""
@@ -316,10 +282,10 @@ def panel(postprocessed: Annotated[list[Path], typer.Argument(
     from minemap.panel import build_panel, read_study_polygons, write_panel
     from minemap.formats.panel import STUDY_PATTERN
 
+    settings = _settings(PanelConfig, max_gap=max_gap, buffer_m=buffer_m)  # checked before any file is read
     study = len(postprocessed) > 1 or postprocessed[0].is_dir() or STUDY_PATTERN.search(postprocessed[0].name)
     polygons = read_study_polygons(postprocessed) if study else read_vector(postprocessed[0])
-    p, events, changes = build_panel(polygons, _settings(PanelConfig, max_gap=max_gap, buffer_m=buffer_m),
-                                     where=", ".join(map(str, postprocessed)))
+    p, events, changes = build_panel(polygons, settings, where=", ".join(map(str, postprocessed)))
     paths = write_panel(p, events, out_dir, changes)
     out.print(f"{p.mine_id.nunique()} mines, {len(p)} mine-years -> {paths['parquet']}")
 
@@ -520,7 +486,7 @@ def review_export(run_dir: Annotated[Path, typer.Argument(help="a run folder (wi
                   year: Annotated[int, typer.Option(help="the year to review")],
                   out_dir: Annotated[Optional[Path], typer.Option("--out", help="folder (default: "
                                                                                "RUN_DIR/review/YEAR)")] = None,
-                  limit: Annotated[int, typer.Option(min=1, help="items, highest priority first")] = 200,
+                  limit: Annotated[int, typer.Option(help="items, highest priority first")] = 200,
                   model_dir: Annotated[Optional[Path], typer.Option(
                       "--model", help="the model a run made with --model mapped with: its card's threshold "
                                       "(used where the run records none)")] = None,
@@ -531,6 +497,8 @@ def review_export(run_dir: Annotated[Path, typer.Argument(help="a run folder (wi
     from minemap.errors import InputError
     from minemap.review import export_review, review_threshold
 
+    if limit < 1:
+        raise InputError(f"--limit {limit}: at least 1 item")
     if threshold is not None:
         if not 0 < threshold < 1:
             raise InputError(f"--threshold {threshold:g}: a probability threshold lies between 0 and 1 (e.g. 0.5)")
@@ -651,7 +619,9 @@ def imagery_fetch(
 @_stage
 def stages(run_dir: Annotated[Optional[Path], typer.Argument(help="a run folder: also which stages it finished")]
            = None):
-    """The stages of `run` in order: the command that runs each alone, its settings table, what it is made from."""
+    """The stages of `run` in order: the command that runs each alone, its settings table, what it is made from;
+    with a run folder, which stages it recorded as finished (with its settings then: a rerun redoes those whose
+    settings or inputs changed)."""
     from minemap.formats.run import RunFolder
     from minemap.manifest import Manifest
     from minemap.pipeline import STAGES
@@ -663,8 +633,10 @@ def stages(run_dir: Annotated[Optional[Path], typer.Argument(help="a run folder:
             from minemap.errors import InputError
 
             raise InputError(f"{run_dir}: not a run folder (no {folder.manifest.name})")
-        done = {k.split(":", 1)[1] for k, _ in Manifest(folder.manifest).items() if k.startswith("stage:")}
-    table = Table("stage", "command", "settings", "made from", *(["finished"] if run_dir is not None else []))
+        done = {k.split(":", 1)[1] for k, _ in Manifest(folder.manifest, read_only=True).items()
+                if k.startswith("stage:")}
+    # "recorded": the run finished the stage once, with these settings or others (only `run` knows which)
+    table = Table("stage", "command", "settings", "made from", *(["recorded"] if run_dir is not None else []))
     for s in STAGES:
         table.add_row(s.name, f"minemap {s.command}", escape(f"[{s.section}]") if s.section else "",
                       ", ".join(s.after) or "the labels' files",

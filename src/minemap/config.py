@@ -323,10 +323,14 @@ def _resolve_paths(model: type[BaseModel], data: dict, base: Path) -> None:
     for name, field in model.model_fields.items():
         value = data.get(name)
         if isinstance(value, dict):
-            for section in _sections(field.annotation):
+            sections = _sections(field.annotation)
+            if len(sections) > 1:  # a union of tables (the imagery sources): the one its ``source`` names
+                sections = [m for m in sections if "source" in m.model_fields
+                            and m.model_fields["source"].default == value.get("source")][:1]
+            for section in sections:
                 _resolve_paths(section, value, base)
         elif _holds_paths(field.annotation) or (name == "imagery" and model is RunConfig):
-            if isinstance(value, str):
+            if isinstance(value, str) and value:  # an empty text is no path (none, for an optional one)
                 data[name] = resolve(value)
             elif isinstance(value, list) and all(isinstance(v, str) for v in value):
                 data[name] = [resolve(v) for v in value]

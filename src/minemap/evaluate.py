@@ -197,7 +197,7 @@ def evaluate_year(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, tile
 
     Every pixel of the probability tiles counts: reference pixels without an observation (no imagery, or
     masked as cloud or shadow) are missed mines, not pixels left out. ``splits`` (blocks with a ``split``
-    column, :func:`minemap.chips.split_blocks`): the headline is the test blocks, and every block's figure is
+    column, :func:`minemap.formats.chips.split_blocks`): the headline is the test blocks, and every block's figure is
     given beside it under ``all_blocks``, marked in-sample; without it every pixel is the headline. ``source``
     (an :class:`~minemap.imagery.ImagerySource`, with ``year``): the unobserved reference is split into what the
     imagery itself had no data for and what the run masked. The per-scope counts come back under ``_scopes``

@@ -25,7 +25,8 @@ COMPACT_SLACK = 10_000  # lines beyond twice the keys before the log is rewritte
 
 
 class Manifest:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, read_only: bool = False) -> None:
+        """The manifest at ``path``; ``read_only``: never rewritten here (a long file is otherwise compacted)."""
         self.path = Path(path)
         self._lock = threading.Lock()
         self._data: dict[str, str] = {}
@@ -46,7 +47,7 @@ class Manifest:
                     elif isinstance(rec.get("key"), str) and isinstance(rec.get("fp"), str):
                         self._data[rec["key"]] = rec["fp"]
                 self._torn_end = f.tell() > 0 and not raw.endswith(b"\n")
-            if lines > 2 * len(self._data) + COMPACT_SLACK:
+            if lines > 2 * len(self._data) + COMPACT_SLACK and not read_only:
                 self._rewrite()
 
     def __len__(self) -> int:

@@ -95,6 +95,9 @@ class Stage:
     key_parts: Callable[[_Run], list]
     applies: Callable[[_Run], bool] = lambda r: True
     action: Callable[[_Run], None] = lambda r: None
+    #: the stages after it see no key (None) where it does not run (an optional input, such as the evaluation);
+    #: else its key is computed either way, so that what follows stays chained to what came before
+    optional: bool = False
 
 
 @dataclass
@@ -178,7 +181,7 @@ STAGES: tuple[Stage, ...] = (
           lambda r: [r.cfg.panel.model_dump(), PANEL_FORMAT], action=lambda r: _panel(r)),
     Stage("evaluate", "evaluate", None, ("panel",), lambda r: [r.folder.metrics],
           lambda r: [r.ref_key, r.threshold, EVALUATE_FORMAT],
-          applies=lambda r: bool(r.cfg.reference), action=lambda r: _evaluate(r)),
+          applies=lambda r: bool(r.cfg.reference), action=lambda r: _evaluate(r), optional=True),
     # exports last: the dataset card cites the accuracy
     Stage("export", "export", "export", ("panel", "evaluate"),
           lambda r: [r.folder.root / EXPORT_FILES[f] for f in r.cfg.export.formats],
@@ -199,8 +202,9 @@ def stage_key(stage: Stage, r: _Run) -> str:
 
 def _step(r: _Run, stage: Stage) -> None:
     """The stage's key, then the stage itself unless the manifest holds that key and its outputs exist."""
-    key = r.keys[stage.name] = stage_key(stage, r)
-    if not stage.applies(r):
+    applies = stage.applies(r)
+    key = r.keys[stage.name] = stage_key(stage, r) if applies or not stage.optional else None
+    if not applies:
         return
     if r.manifest.done(f"stage:{stage.name}", key) and all(p.exists() for p in stage.outputs(r)):
         r.skipped.append(stage.name)

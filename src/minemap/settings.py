@@ -5,10 +5,29 @@ them into a run's configuration."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pathlib import Path
+from typing import Any, get_args
+
+from pydantic import BaseModel, ConfigDict, model_validator
 
 
 class Section(BaseModel):
     """A table of settings (a TOML table, a stage's options)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_empty_paths(cls, data: Any) -> Any:
+        """An empty text for an optional path (``pretrained = ""``) means none, not the current folder."""
+        if isinstance(data, dict):
+            empty = [k for k, v in data.items() if v == "" and k in cls.model_fields
+                     and _optional_path(cls.model_fields[k].annotation)]
+            if empty:
+                data = {**data, **{k: None for k in empty}}
+        return data
+
+
+def _optional_path(annotation: Any) -> bool:
+    args = get_args(annotation)
+    return Path in args and type(None) in args

@@ -23,7 +23,7 @@ counters) so that ``resume=True`` carries on after a crash.
 - Arithmetic: bfloat16 autocast of the forward passes where the device computes it natively
   (``train.precision``, see :func:`minemap.model.resolve_precision`); the loss, weights and optimiser stay float32.
 - Pixels of detections that hard-negative mining judged possible missed mines
-  (:data:`minemap.chips.MISSED`) are ignored in every chip and block, so a mine the labels miss neither teaches
+  (:data:`minemap.formats.chips.MISSED`) are ignored in every chip and block, so a mine the labels miss neither teaches
   the model that it is background nor counts against it in validation, calibration or test.
 - After training: the kept weights' logits on the validation blocks fit a calibration (scale and bias of the
   logit, Platt), the threshold is chosen by F1 on calibrated validation probabilities, and the test blocks give

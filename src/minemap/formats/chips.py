@@ -51,8 +51,8 @@ def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[t
                  block: int, rasters: dict[tuple[int, int], dict] | None = None,
                  ground: set[tuple[int, int]] | None = None) -> None:
     """``blocks.parquet``: each block's column and row, split, labelled pixels, whether it is labelled ground
-    (:func:`labelled_ground`; every block where ``ground`` is None) and footprint (the grid's CRS, clipped to the
-    grid), and where :func:`_write_blocks` wrote it whole, its image and mask (else empty)."""
+    (:func:`minemap.chips.splits.labelled_ground`; every block where ``ground`` is None) and footprint (the grid's CRS, clipped to the
+    grid), and where :func:`minemap.chips.writing._write_blocks` wrote it whole, its image and mask (else empty)."""
     keys = sorted(splits)
     rasters = rasters or {}
     bx = np.array([b[0] for b in keys], np.int64)

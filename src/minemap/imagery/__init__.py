@@ -20,6 +20,7 @@ from affine import Affine
 
 from minemap.imagery.local import LocalImagery, LocalImageryConfig
 from minemap.imagery.planet import PlanetImagery, PlanetImageryConfig
+from minemap.imagery.remote import public_url
 from minemap.imagery.stac import StacImagery, StacImageryConfig
 from minemap.lattice import Grid
 
@@ -66,10 +67,13 @@ def open_imagery(desc: Any, bands: list[str] | None = None, resampling: str = "n
 
 
 def describe(desc: Any) -> str:
-    """A short human name of a source description, for messages: the local path or the API's URL."""
-    for attr in ("path", "url", "api_url"):
+    """A short human name of a source description, for messages: the local path or the API's URL (without a
+    query string or credentials: :func:`~minemap.imagery.remote.public_url`)."""
+    if getattr(desc, "path", None) is not None:
+        return str(desc.path)
+    for attr in ("url", "api_url"):
         if getattr(desc, attr, None) is not None:
-            return str(getattr(desc, attr))
+            return public_url(getattr(desc, attr))
     return str(desc)
 
 

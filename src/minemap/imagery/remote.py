@@ -41,3 +41,14 @@ def check_months(v: list[int]) -> list[int]:
     if not v or any(not 1 <= m <= 12 for m in v):
         raise ValueError("months must be 1-12")
     return sorted(set(v))
+
+
+def public_url(url: str) -> str:
+    """``url`` without its query string, fragment and user:password: signed asset addresses (SAS tokens,
+    pre-signed S3 links, API keys) carry their secret there, and an error message or a log keeps no secret."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(str(url))
+    if not parts.scheme or not parts.netloc:
+        return re.split(r"[?#]", str(url), maxsplit=1)[0]
+    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))

@@ -38,7 +38,7 @@ from minemap.settings import Section
 from minemap._io import stable_hash, write_json
 from minemap.errors import ImageryError
 from minemap.geo import check_bbox
-from minemap.imagery.remote import cache_root, check_months, month_spec, retry_policy
+from minemap.imagery.remote import cache_root, check_months, month_spec, public_url, retry_policy
 from minemap.lattice import Grid, Lattice, area_grid
 from minemap.imagery.local import file_info, read_files
 from minemap.formats.rasters import write_cog
@@ -95,17 +95,6 @@ def boa_offset(properties: dict) -> int:
     return -1000 if baseline >= 4.0 else 0
 
 
-def public_url(url: str) -> str:
-    """``url`` without its query string, fragment and user:password: signed asset addresses (SAS tokens,
-    pre-signed S3 links, API keys) carry their secret there, and an error message or a log keeps no secret."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(str(url))
-    if not parts.scheme or not parts.netloc:
-        return re.split(r"[?#]", str(url), maxsplit=1)[0]
-    return urlunsplit((parts.scheme, parts.netloc.rsplit("@", 1)[-1], parts.path, "", ""))
-
-
 def _public_text(text: str) -> str:
     """``text`` (a library's error message) with every URL in it made :func:`public_url`."""
     return re.sub(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>]+", lambda m: public_url(m.group(0)), text)
@@ -142,7 +131,7 @@ class StacImagery:
         if bands:
             unknown = [b for b in bands if b not in cfg.assets]
             if unknown:
-                raise ImageryError(f"{cfg.url}: bands {unknown} are not among the source's ({', '.join(cfg.assets)}); "
+                raise ImageryError(f"{public_url(cfg.url)}: bands {unknown} are not among the source's ({', '.join(cfg.assets)}); "
                                    "name them in imagery.assets")
         self.band_names = list(bands) if bands else list(cfg.assets)
         w, s, e, n = cfg.bbox
@@ -185,12 +174,12 @@ class StacImagery:
             return
         items = self._search(year)
         if not items:
-            raise ImageryError(f"{self.cfg.url}: no {self.cfg.collection} scenes for {year} over bbox "
+            raise ImageryError(f"{public_url(self.cfg.url)}: no {self.cfg.collection} scenes for {year} over bbox "
                                f"{list(self.cfg.bbox)} in months {self._months_text()} (is the collection right?)")
         wanted = [self.cfg.assets[b] for b in self.band_names] + [self.cfg.scl_asset]
         missing = [a for a in wanted if a not in items[0].assets]
         if missing:
-            raise ImageryError(f"{self.cfg.url}: {self.cfg.collection} items have no asset {missing[0]!r} (they "
+            raise ImageryError(f"{public_url(self.cfg.url)}: {self.cfg.collection} items have no asset {missing[0]!r} (they "
                                f"have {', '.join(sorted(items[0].assets))}); set imagery.assets / imagery.scl_asset")
 
     def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
@@ -325,9 +314,9 @@ class StacImagery:
                 for key in keys:
                     asset = it.assets.get(key)
                     if asset is not None and public_url(asset.href) == public_url(uri):
-                        return ImageryError(f"{self.cfg.url}: {self.cfg.collection} scene {it.id}, asset {key!r}: "
+                        return ImageryError(f"{public_url(self.cfg.url)}: {self.cfg.collection} scene {it.id}, asset {key!r}: "
                                             f"cannot read {public_url(asset.href)} ({type(e).__name__}: {detail})")
-        return ImageryError(f"{self.cfg.url}: cannot read {self.cfg.collection} scenes "
+        return ImageryError(f"{public_url(self.cfg.url)}: cannot read {self.cfg.collection} scenes "
                             f"{', '.join(it.id for it in items)} ({type(e).__name__}: {detail})")
 
     def _client(self):
@@ -355,16 +344,16 @@ class StacImagery:
         except APIError as e:
             cause = e.__cause__ or e.__context__
             if isinstance(cause, requests.RequestException) or "Max retries exceeded" in str(e):
-                raise ImageryError(f"{self.cfg.url}: no answer from the STAC API (connection failed or timed "
+                raise ImageryError(f"{public_url(self.cfg.url)}: no answer from the STAC API (connection failed or timed "
                                    f"out after {self.cfg.retries} retries)") from None
             status = getattr(e, "status_code", None)
             detail = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
-            raise ImageryError(f"{self.cfg.url}: the STAC API refused the search"
+            raise ImageryError(f"{public_url(self.cfg.url)}: the STAC API refused the search"
                                f"{f' (HTTP {status})' if status else ''}: {detail}") from None
         except requests.RequestException as e:
-            raise ImageryError(f"{self.cfg.url}: no answer from the STAC API ({type(e).__name__})") from None
+            raise ImageryError(f"{public_url(self.cfg.url)}: no answer from the STAC API ({type(e).__name__})") from None
         except (ValueError, KeyError, TypeError) as e:  # not JSON, or not STAC
-            raise ImageryError(f"{self.cfg.url}: not a STAC API answer ({type(e).__name__}: "
+            raise ImageryError(f"{public_url(self.cfg.url)}: not a STAC API answer ({type(e).__name__}: "
                                f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
         items.sort(key=lambda it: (it.datetime or dt.datetime.min.replace(tzinfo=dt.timezone.utc), it.id))
         self._items[(year, bbox)] = items
