@@ -21,14 +21,10 @@ Run: `make bench` or `.venv/bin/python benchmarks/bench_accuracy.py [--scenes 8]
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import secrets
 import statistics
-import subprocess
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import geopandas as gpd
@@ -42,9 +38,9 @@ from minemap.geo import WGS84
 from minemap.pipeline import run
 from minemap.synthetic import draw_scene_spec, make_scene
 from minemap.vectorize import read_polygons
+from results_file import write_results
 
 YEARS = (2019, 2020, 2021)
-RESULTS = Path(__file__).parent / "results"
 GOALS = {"min_f1": 0.85, "median_f1": 0.90, "later_year_gap": 0.05, "unlabelled_gap": 0.05, "mce": 0.10,
          "last_year_raw_gap": 0.03, "wall_min": 30}
 
@@ -102,16 +98,6 @@ def run_scene(seed: int, size: int, root: Path) -> dict:
     return row
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip() + (
-            "+dirty" if subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                       text=True, cwd=Path(__file__).parent).stdout.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenes", type=int, default=8, help="scenes drawn (default 8)")
@@ -166,14 +152,8 @@ def main() -> None:
         print(f"  {k:18s} {v:7.3f}  goal {'>=' if k in ('min_f1', 'median_f1') else '<='} {goal}  "
               f"{'met' if met else 'NOT met'}")
     print(f"  max reference share unobserved: {summary['max_unobserved_share']:.1%}; max ECE {summary['ece']:.3f}")
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc)
-    dest = RESULTS / f"accuracy-{stamp:%Y%m%d-%H%M}-{_commit()}.json"
-    dest.write_text(json.dumps({
-        "benchmark": "bench_accuracy", "date": stamp.isoformat(timespec="seconds"), "commit": _commit(),
-        "machine": platform.platform(), "processor": platform.processor(), "threads": args.threads,
-        "size_px": args.size, "seeds": seeds, "summary": summary, "goals": GOALS, "scenes": rows,
-    }, indent=1, default=str))
+    dest = write_results("accuracy", args.threads, {"size_px": args.size, "seeds": seeds, "summary": summary,
+                                                    "goals": GOALS, "scenes": rows})
     print(f"results -> {dest}")
 
 

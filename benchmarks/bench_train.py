@@ -18,13 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import resource
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import geopandas as gpd
@@ -37,8 +34,8 @@ from affine import Affine
 from minemap.config import ModelConfig, TrainConfig
 from minemap.model import build_model, forward_logits, resolve_device, resolve_precision
 from minemap.train import segmentation_loss, train
+from results_file import write_results
 
-RESULTS = Path(__file__).parent / "results"
 BANDS = ["red", "green", "blue", "nir"]
 GOALS = {"throughput_vs_floor": 0.8, "rss_ratio": 1.2}
 
@@ -109,17 +106,6 @@ def peak_rss_mb(chips: Path, out: Path, threads: int) -> float:
     return int(res.stdout.strip().splitlines()[-1]) / 1024
 
 
-def _commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=Path(__file__).parent).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--chips", type=int, default=200, help="N: the memory case compares N and 10 N chips")
@@ -147,19 +133,12 @@ def main() -> None:
         rss_large = peak_rss_mb(large, tmp / "m2", args.threads)
         print(f"memory: peak RSS {rss_small:.0f} MB on {args.chips} chips, {rss_large:.0f} MB on "
               f"{10 * args.chips}: ratio {rss_large / rss_small:.2f} (goal <= {GOALS['rss_ratio']})", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(timezone.utc)
-    dest = RESULTS / f"train-{stamp:%Y%m%d-%H%M}-{_commit()}.json"
-    dest.write_text(json.dumps({
-        "benchmark": "bench_train", "date": stamp.isoformat(timespec="seconds"), "commit": _commit(),
-        "machine": platform.platform(), "processor": platform.processor(), "threads": args.threads,
+    dest = write_results("train", args.threads, {
         "device": str(resolve_device(cfg.device)), "precision": card.precision, "chip_px": args.size,
         "chips": args.chips, "epochs": args.epochs, "batch_size": cfg.batch_size, "goals": GOALS,
         "stage_chips_per_s": n_train * args.epochs / stage, "floor_chips_per_s": n_train * args.epochs / floor,
         "stage_vs_floor": ratio, "peak_rss_mb": {str(args.chips): rss_small, str(10 * args.chips): rss_large},
-        "rss_ratio": rss_large / rss_small, "peak_rss_this_process_mb":
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }, indent=1))
+        "rss_ratio": rss_large / rss_small})
     print(f"results -> {dest}")
 
 
