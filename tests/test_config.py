@@ -60,7 +60,8 @@ def test_bad_configs_name_the_file(tmp_path):
 
 def _path_keys(model, prefix=""):
     """Every dotted key of the settings whose field holds paths (the imagery sources' tables each)."""
-    from minemap.config import _holds_paths, _sections
+    from minemap.config import _sections
+    from minemap.settings import holds_paths
 
     out = []
     for name, field in model.model_fields.items():
@@ -68,7 +69,7 @@ def _path_keys(model, prefix=""):
         if subs:
             for sub in subs:
                 out += [(sub, k) for _, k in _path_keys(sub, f"{prefix}{name}.")]
-        elif _holds_paths(field.annotation):
+        elif holds_paths(field.annotation):
             out.append((model, prefix + name))
     return out
 

@@ -20,6 +20,7 @@ from rich.table import Table
 from minemap.config import (ChipConfig, ExportConfig, ModelConfig, PanelConfig, PostprocessConfig, PredictConfig,
                             TrainConfig, VectorizeConfig)
 from minemap.errors import MinemapError
+from minemap.execution import scheduler_address
 
 # the commands' defaults are the settings' own (tests/test_cli_defaults.py checks that no option drifts from them)
 _CHIPS, _MODEL, _TRAIN, _PREDICT = ChipConfig(), ModelConfig(), TrainConfig(), PredictConfig()
@@ -88,12 +89,6 @@ def _flag(flag: str, dotted: str, value):
     except ValidationError as e:
         raise InputError(f"{flag}: {e.errors()[0]['msg']}") from None
     return value
-
-
-def _scheduler(value: str | None, what: str = "--scheduler") -> str | None:
-    from minemap.execution import scheduler_address
-
-    return scheduler_address(value, what)
 
 
 def _years(spec: str) -> list[int]:
@@ -212,7 +207,7 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
 
     cfg = _settings(PredictConfig, tile_size=tile_size, window_overlap=window_overlap, batch_size=batch_size,
                     device=device)
-    scheduler = _scheduler(scheduler)
+    scheduler = scheduler_address(scheduler)
     area = parse_aoi(aoi) if aoi is not None else None
     paths = predict_fn(model_dir, imagery, _years(years), out_dir, cfg, _bands(bands), workers, overwrite,
                        aoi=area, scheduler=scheduler)
@@ -236,7 +231,7 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
     from minemap.vectorize import vectorize as vectorize_fn
 
     cfg = _settings(VectorizeConfig, min_area_m2=min_area_m2, simplify_m=simplify_m)
-    scheduler = _scheduler(scheduler)
+    scheduler = scheduler_address(scheduler)
     if threshold is None:
         if model_dir is None:
             raise InputError("give --threshold or --model (whose card holds the validated threshold)")
@@ -437,7 +432,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         if value is not None:
             for dotted in _RUN_FLAGS[option]:
                 _flag("--" + option.replace("_", "-") if option != "model_dir" else "--model", dotted, value)
-    scheduler = _scheduler(scheduler)
+    scheduler = scheduler_address(scheduler)
     cfg = load_config(config, **{
         "labels": [str(p) for p in labels_paths] if labels_paths else None, "imagery": imagery,
         "train_year": train_year, "years": years, "out": out_dir, "reference": reference, "bands": _bands(bands),
@@ -445,7 +440,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         **{dotted: value for option, value in given.items() for dotted in _RUN_FLAGS[option]},
     })
     if cfg.scheduler and scheduler is None:  # the config file's
-        cfg.scheduler = _scheduler(cfg.scheduler, f"{config}: scheduler")
+        cfg.scheduler = scheduler_address(cfg.scheduler, f"{config}: scheduler")
     _print_result(run_fn(cfg, overwrite=overwrite))
 
 

@@ -28,7 +28,7 @@ from minemap.errors import InputError
 from minemap.imagery.local import LocalImageryConfig
 from minemap.imagery.planet import PlanetImageryConfig
 from minemap.imagery.stac import StacImageryConfig
-from minemap.settings import Section
+from minemap.settings import Section, holds_paths
 
 
 
@@ -301,11 +301,6 @@ def _flatten_error(e: ValidationError) -> str:
     return f"{where}: {first['msg']}{more}"
 
 
-def _holds_paths(annotation: Any) -> bool:
-    """Whether a field's type holds paths: Path, Path | None, list[Path]."""
-    return annotation is Path or any(_holds_paths(a) for a in get_args(annotation))
-
-
 def _sections(annotation: Any) -> list[type[BaseModel]]:
     """The settings models a field's type may hold (a section, or a union of them such as the imagery sources)."""
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -329,7 +324,7 @@ def _resolve_paths(model: type[BaseModel], data: dict, base: Path) -> None:
                             and m.model_fields["source"].default == value.get("source")][:1]
             for section in sections:
                 _resolve_paths(section, value, base)
-        elif _holds_paths(field.annotation) or (name == "imagery" and model is RunConfig):
+        elif holds_paths(field.annotation) or (name == "imagery" and model is RunConfig):
             if isinstance(value, str) and value:  # an empty text is no path (none, for an optional one)
                 data[name] = resolve(value)
             elif isinstance(value, list) and all(isinstance(v, str) for v in value):

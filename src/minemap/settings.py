@@ -28,6 +28,10 @@ class Section(BaseModel):
         return data
 
 
+def holds_paths(annotation: Any) -> bool:
+    """Whether a field's type holds paths: Path, Path | None, list[Path]."""
+    return annotation is Path or any(holds_paths(a) for a in get_args(annotation))
+
+
 def _optional_path(annotation: Any) -> bool:
-    args = get_args(annotation)
-    return Path in args and type(None) in args
+    return holds_paths(annotation) and type(None) in get_args(annotation)
