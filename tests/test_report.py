@@ -206,7 +206,9 @@ def test_values_from_files_are_text_in_the_page(tmp_path):
 def test_a_hostile_country_name_stays_text_in_a_real_browser(tmp_path):
     """Headless Chromium opens the page and a mine's popup: the country cell holds the name as text and no
     element was made of it."""
+    from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     run = _hostile_run(tmp_path)
     path = report(run, progress=False)
@@ -223,6 +225,12 @@ def test_a_hostile_country_name_stays_text_in_a_real_browser(tmp_path):
             "  l.fire('click', {latlng: l.getBounds().getCenter(), target: l, sourceTarget: l}, true); }"
             "return shown.length;")
         assert opened > 0
+        # the popup fades in: its cells read as empty text until it is shown, so wait for it (at most 10 s)
+        try:
+            WebDriverWait(driver, 10).until(lambda d: HOSTILE in [c.text for c in d.find_elements(
+                By.CSS_SELECTOR, ".leaflet-popup-content td")])
+        except TimeoutException:
+            pass
         cells = driver.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content td")
         assert HOSTILE in [c.text for c in cells]  # the name, as text
         assert not driver.find_elements(By.CSS_SELECTOR, ".leaflet-popup-content img")  # no element made of it
