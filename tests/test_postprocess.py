@@ -150,7 +150,7 @@ def test_countries_by_largest_overlap():
     rows = [
         (2019, "french_guiana", box(-53.0, 4.0, -52.99, 4.01)),
         (2019, "ghana", box(-1.95, 6.2, -1.94, 6.21)),
-        (2019, "offshore_ghana", box(-1.0, 4.9, -0.99, 4.91)),  # just off the 1:110m coastline
+        (2019, "offshore_ghana", box(-1.16, 5.10, -1.15, 5.11)),  # 3 km off the 1:10m coastline
         (2019, "mid_atlantic", box(-30, 0, -29.99, 0.01)),
     ]
     out = attribute_countries(_polys(rows), countries).set_index("name")
@@ -210,3 +210,39 @@ def test_pairs_across_years_are_every_box_meeting_pair_in_span(monkeypatch):
     for cores in (2, 1):
         monkeypatch.setattr("os.cpu_count", lambda: cores)
         assert np.array_equal(in_threads(shapely.area, probe, chunk=30), shapely.area(probe))
+
+
+def test_polygons_either_side_of_a_border_get_their_country():
+    """Small mines (100 m squares) 300 m either side of tropical borders where small-scale mining clusters
+    (Ghana and Cote d'Ivoire, Guyana and Suriname, DR Congo and Uganda, Brazil and Venezuela): the default
+    1:10m layer gives each the country it lies in; the 1:110m layer, whose borders are kilometres off, gets a
+    good share of them wrong, so the test can fail."""
+    fine, coarse = load_countries(), load_countries(scale="110m")
+    vertices = [int(shapely.get_num_coordinates(np.asarray(c.geometry.values)).sum()) for c in (fine, coarse)]
+    assert vertices[0] > 20 * vertices[1]  # the default is the 1:10m layer
+    rows, expected = [], []
+    for a, b in (("GHA", "CIV"), ("GUY", "SUR"), ("COD", "UGA"), ("BRA", "VEN")):
+        ga, gb = (fine.loc[fine.iso3 == c].geometry.iloc[0] for c in (a, b))
+        border = shapely.line_merge(shapely.intersection(ga.boundary, gb.boundary))
+        for line in shapely.get_parts(border):
+            if line.geom_type != "LineString" or line.length < 0.1:
+                continue
+            for d in np.arange(0.02, line.length - 0.02, 0.08):
+                p, q = line.interpolate(d - 0.005), line.interpolate(d + 0.005)
+                dx, dy = q.x - p.x, q.y - p.y
+                norm = np.hypot(dx, dy)
+                c = line.interpolate(d)
+                k = np.cos(np.radians(c.y))
+                for side in (1, -1):  # 300 m across the border, a 100 m square
+                    x = c.x + side * (-dy / norm) * 0.0027 / k
+                    y = c.y + side * (dx / norm) * 0.0027
+                    sq = box(x - 0.00045 / k, y - 0.00045, x + 0.00045 / k, y + 0.00045)
+                    owner = [iso for iso, g in ((a, ga), (b, gb)) if g.contains(sq)]
+                    if len(owner) == 1:
+                        rows.append((2019, f"{a}-{b}", sq))
+                        expected.append(owner[0])
+    assert len(expected) > 100
+    got = attribute_countries(_polys(rows), fine)
+    assert list(got.iso3) == expected
+    wrong = attribute_countries(_polys(rows), coarse).iso3.to_numpy() != np.array(expected, dtype=object)
+    assert wrong.mean() > 0.05

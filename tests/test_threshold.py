@@ -43,3 +43,25 @@ def test_threshold_comes_from_the_validation_blocks_only(tmp_path):
     assert with_missed["f1"] < 1.0
     pd.DataFrame({"bx": [0], "by": [0], "split": ["train"], "label_pixels": [1.0]}).to_parquet(chips / "blocks.parquet")
     assert block_threshold([tmp_path / "p" / "t.tif"], grid, chips, labels, missed) is None  # no validation block
+
+
+def test_operating_threshold_is_half_the_best_f1():
+    """Calibrated probabilities (a pixel at p is a mine with probability p): the F1-optimal threshold is half the
+    best F1, and the rule finds it. Validation labels that miss half the confident mines push the sweep's argmax
+    to the top of the range; the rule stays at half the best F1."""
+    from minemap.formats.rasters import LEVELS
+    from minemap.metrics import best_threshold, metrics_at, operating_threshold, sweep
+
+    levels = np.arange(LEVELS + 1) / LEVELS
+    n = np.where(levels < 0.1, 20_000, 400).astype(float)  # most pixels sure background, as in a scene
+    pos, neg = np.rint(n * levels), np.rint(n * (1 - levels))
+    t, row = operating_threshold(pos, neg)
+    best = max(r["f1"] for r in sweep(pos, neg))
+    assert abs(t - best / 2) <= 0.025 and row == metrics_at(pos, neg, t) | {"threshold": t}
+    assert abs(t - best_threshold(pos, neg)[0]) <= 0.05  # calibrated: the argmax agrees with the rule
+    # labels miss most mines the model is less than sure of: they count as false alarms in validation
+    drawn = np.where(levels < 0.9, np.rint(pos * 0.3), pos)
+    missed = neg + pos - drawn
+    assert best_threshold(drawn, missed)[0] >= 0.85 and operating_threshold(drawn, missed)[0] <= 0.45
+    # nothing to go by: even odds
+    assert operating_threshold(np.zeros(LEVELS + 1), neg)[0] == 0.5

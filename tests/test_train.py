@@ -137,8 +137,8 @@ def test_possible_missed_mines_are_ignored_in_every_chip(chips_dir, tmp_path):
     import geopandas as gpd
     import shapely
 
-    from minemap.train import _read_chips
     from minemap.formats.chips import possible_missed_mines, read_index
+    from minemap.trainset import read_pair
 
     index = read_index([chips_dir])
     chip = gpd.read_parquet(chips_dir / "index.parquet").iloc[[0]]
@@ -147,10 +147,16 @@ def test_possible_missed_mines_are_ignored_in_every_chip(chips_dir, tmp_path):
                      crs="EPSG:4326").to_parquet(tmp_path / "hard" / "possible_missed_mines.parquet")
     missed = possible_missed_mines([chips_dir, tmp_path / "hard"])
     assert len(missed) == 1
-    _, plain, none = _read_chips(index.iloc[[0]])
-    _, cleaned, n = _read_chips(index.iloc[[0]], missed)
+    image, mask = (chips_dir / index.image[0], chips_dir / index["mask"][0])
+    _, plain, none = read_pair(image, mask)
+    _, cleaned, n = read_pair(image, mask, missed)
     assert none == 0 and n == int((plain == 0).sum()) > 0
     assert ((cleaned == 255) == ((plain == 255) | (plain == 0))).all() and ((cleaned == 1) == (plain == 1)).all()
+    # a window of the chip is cleaned alike
+    from rasterio.windows import Window
+
+    _, part, m = read_pair(image, mask, missed, Window(8, 4, 32, 32))
+    assert (part == cleaned[4:36, 8:40]).all() and m == int((plain[4:36, 8:40] == 0).sum())
 
 
 def test_random_crops_keep_image_and_mask_aligned():
@@ -158,20 +164,25 @@ def test_random_crops_keep_image_and_mask_aligned():
     same window of image and mask; a crop size that is no multiple of 32 is refused."""
     import numpy as np
 
-    from minemap.train import _Augment, crop_size
+    from minemap.train import crop_size
+    from minemap.trainset import Augment
 
     assert crop_size(TrainConfig(), 256) == 192 and crop_size(TrainConfig(), 128) is None
     assert crop_size(TrainConfig(crop_size=128), 256) == 128 and crop_size(TrainConfig(crop_size=256), 256) is None
     with pytest.raises(InputError, match="multiple of 32"):
         crop_size(TrainConfig(crop_size=100), 256)
     rng = np.random.default_rng(0)
-    y = torch.as_tensor(rng.random((6, 256, 256)) < 0.3, dtype=torch.int64)
-    x = torch.zeros(6, 4, 256, 256)
-    x[:, 0] = 10000.0 * y  # band 0 carries the mask; band 1 is flat: whatever the jitter, band 0 - band 1 shows it
-    aug = _Augment(np.full(4, 2000.0), seed=3, crop=192)
-    xa, ya = aug(x, y)
-    assert xa.shape == (6, 4, 192, 192) and ya.shape == (6, 192, 192)
-    assert torch.equal((xa[:, 0] - xa[:, 1] > 700).to(torch.int64), ya)
+    aug = Augment(2000.0, crop=192)
+    for k in range(6):
+        y = torch.as_tensor(rng.random((256, 256)) < 0.3, dtype=torch.int64)
+        x = torch.zeros(4, 256, 256)
+        x[0] = 10000.0 * y  # band 0 carries the mask; band 1 is flat: whatever the jitter, band 0 - band 1 shows it
+        xa, ya = aug(x, y, torch.Generator().manual_seed(k))
+        assert xa.shape == (4, 192, 192) and ya.shape == (192, 192)
+        assert torch.equal((xa[0] - xa[1] > 700).to(torch.int64), ya)
+    # the item's generator alone decides: the same seed, the same augmentation
+    again = aug(x, y, torch.Generator().manual_seed(5))
+    assert torch.equal(again[0], xa) and torch.equal(again[1], ya)
 
 
 def test_resumed_training_equals_an_uninterrupted_one(chips_dir, tmp_path):
@@ -194,28 +205,33 @@ def test_windows_are_drawn_anywhere_inside_the_training_blocks(chips_dir, tmp_pa
     import geopandas as gpd
     import numpy as np
 
-    from minemap.train import read_blocks
+    from minemap.trainset import WindowDataset, block_pieces, scan
 
     table = gpd.read_parquet(chips_dir / "blocks.parquet")
     written = table[table.image.notna()]
     assert set(written.split) == {"train", "val", "test"}
-    blocks, _ = read_blocks(chips_dir, "train")
+    blocks = block_pieces(chips_dir, "train")
+    scan(blocks.pieces, None, cells=True)
     assert len(blocks) == int((written.split == "train").sum())
     assert blocks.positive_pixels == int(written.loc[written.split == "train", "positive_pixels"].sum()) > 0
     rng = np.random.default_rng(0)
     windows = blocks.windows(rng, 200, 200, 64)
     for b, r, c in windows:  # every window inside its block
-        h, w = blocks.masks[b].shape
-        assert 0 <= r <= h - 64 and 0 <= c <= w - 64
-    x, y = blocks.cut(windows, 64)
-    assert x.shape == (400, 4, 64, 64) and (y[:200] == 1).any(axis=(1, 2)).all()  # positives hold a label
+        p = blocks.pieces[b]
+        assert 0 <= r <= p.height - 64 and 0 <= c <= p.width - 64
+    read = WindowDataset([(k, ("w", *w)) for k, w in enumerate(windows)], blocks, [], 64, None, None,
+                         np.zeros(4, np.float32), np.ones(4, np.float32), 0, 0)
+    pairs = [read[k] for k in range(len(read))]
+    x, y = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+    assert x.shape == (400, 4, 64, 64) and (y[:200] == 1).any(dim=(1, 2)).all()  # positives hold a label
     # anywhere, not on a grid: many distinct places, offsets that are not multiples of a stride
     assert len(set(windows)) > 350 and len({(r % 32, c % 32) for _, r, c in windows}) > 100
     # half the windows that need no label lie around the background chips' places (the surfaces they cover)
     from minemap.formats.chips import read_index
 
     index = read_index([chips_dir])
-    anchored, _ = read_blocks(chips_dir, "train", chips=index[index.split == "train"])
+    anchored = block_pieces(chips_dir, "train", chips=index[index.split == "train"])
+    scan(anchored.pieces, None, cells=True)
     assert len(anchored.anchors) == int(((index.split == "train") & (index.kind == "background")).sum()) > 0
     near = set(anchored.anchors)
     drawn = anchored.windows(np.random.default_rng(1), 0, 400, 64)
@@ -240,3 +256,102 @@ def test_an_epoch_draws_at_least_epoch_windows():
     assert epoch_windows(0, 5, 128) == (0, 128) and epoch_windows(5, 0, 128) == (128, 0)
     assert epoch_windows(6, 3, 0) == (6, 3) and epoch_windows(0, 0, 128) == (0, 0)
     assert epoch_windows(1, 400, 128) == (1, 400)
+
+
+def _states_equal(a: dict, b: dict) -> None:
+    for part in ("model", "average"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert [e["val_f1"] for e in a["progress"]["curve"]] == [e["val_f1"] for e in b["progress"]["curve"]]
+
+
+def test_a_training_killed_mid_epoch_resumes_where_it_stopped(chips_dir, tmp_path, monkeypatch, caplog):
+    """With a state saved every step, a training killed in the middle of its second epoch resumes at the next
+    step of that epoch and ends with the weights, average and curve of an uninterrupted one."""
+    import minemap.train as T
+
+    def cfg():
+        return TrainConfig(epochs=2, batch_size=4, learning_rate=1e-3, patience=10, epoch_windows=16,
+                           checkpoint_steps=1)
+
+    train(chips_dir, tmp_path / "straight", cfg(), progress=False, run_key="k")
+    real, calls = T.segmentation_loss, {"n": 0}
+
+    def killed_at_step_7(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt  # as a kill would: no clean-up in the training
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "segmentation_loss", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        train(chips_dir, tmp_path / "resumed", cfg(), progress=False, run_key="k")
+    monkeypatch.setattr(T, "segmentation_loss", real)
+    saved = torch.load(tmp_path / "resumed" / STATE, weights_only=False)["progress"]
+    steps = len(saved["losses"])
+    assert saved["epoch"] == 0 and saved["batch"] == 2 and saved["step"] == 6 and steps == 2  # 4 steps an epoch
+    with caplog.at_level(logging.INFO, logger="minemap"):
+        train(chips_dir, tmp_path / "resumed", cfg(), resume=True, progress=False, run_key="k")
+    assert "resuming at epoch 2, step 3 of 4" in caplog.text
+    _states_equal(*(torch.load(tmp_path / d / STATE, weights_only=False) for d in ("straight", "resumed")))
+
+
+def test_loader_workers_do_not_change_what_is_learnt(chips_dir, tmp_path):
+    """Each item's augmentation comes from its own place in the epoch: reading ahead in two processes teaches
+    exactly what reading in the training's own process does."""
+    for w in (0, 2):
+        train(chips_dir, tmp_path / f"w{w}", TrainConfig(epochs=1, batch_size=4, epoch_windows=16, loader_workers=w),
+              progress=False, run_key="k")
+    _states_equal(*(torch.load(tmp_path / f"w{w}" / STATE, weights_only=False) for w in (0, 2)))
+
+
+def test_fp16_training_scales_its_loss(chips_dir, tmp_path):
+    card = train(chips_dir, tmp_path / "m", TrainConfig(epochs=1, batch_size=4, epoch_windows=16, precision="fp16"),
+                 progress=False)
+    assert card.precision == "fp16" and 0 < card.threshold < 1
+    state = torch.load(tmp_path / "m" / STATE, weights_only=False)
+    assert state["scaler"] is not None and state["scaler"]["scale"] > 0
+
+
+def test_band_statistics_are_streamed_with_bounded_memory(monkeypatch):
+    """Moments are exact over every valid pixel; percentiles come from all of them up to the sample size, and
+    from an evenly thinned sample beyond it (never more than twice the size kept)."""
+    import numpy as np
+
+    from minemap import trainset
+
+    rng = np.random.default_rng(0)
+    pieces = [(rng.gamma(2, 500, (4, 64, 64)).astype(np.float32), rng.choice([0, 1, 255], (64, 64))) for _ in range(30)]
+    every = np.concatenate([x[:, y != 255] for x, y in pieces], axis=1).astype(np.float64)
+    acc = trainset.BandStats(4)
+    for x, y in pieces:
+        acc.add(x, y)
+    mean, std, p99, p999 = acc.result()
+    assert np.allclose(mean, every.mean(1), rtol=1e-6) and np.allclose(std, every.std(1), rtol=1e-5)
+    assert np.allclose(p99, np.percentile(every, 99, axis=1)) and acc.step == 1
+    monkeypatch.setattr(trainset, "STATS_SAMPLE", 5000)
+    thin = trainset.BandStats(4)
+    for x, y in pieces:
+        thin.add(x, y)
+        assert thin.kept <= 2 * 5000 + x.shape[1] * x.shape[2]
+    assert thin.step > 1 and thin.n == every.shape[1]
+    assert np.allclose(thin.result()[0], mean) and np.allclose(thin.result()[2], p99, rtol=0.05)
+
+
+def test_several_processes_share_each_epoch(chips_dir, tmp_path):
+    """Under torchrun, two CPU processes (gloo) each take half of every epoch's items in step with each other,
+    and the first writes one model: half the steps of one process, the card saying two."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "minemap",
+           "train", str(chips_dir), "--out", str(tmp_path / "m"), "--epochs", "1", "--batch-size", "4",
+           "--epoch-windows", "16", "--min-val-f1", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    card = read_card(tmp_path / "m")
+    assert card.selection["processes"] == 2 and 0 < card.threshold < 1 and card.epochs_trained == 1
+    # 16 windows an epoch: 8 a process, 2 steps of 4 (one process alone takes 4)
+    assert torch.load(tmp_path / "m" / STATE, weights_only=False)["progress"]["step"] == 2

@@ -146,6 +146,17 @@ def check_output_dir(dest: Path, kind: str) -> None:
                           "an empty or new folder")
 
 
+def mark_output_dir(dest: Path, kind: str) -> None:
+    """Make ``dest`` a ``kind`` output folder before its first atomic write, for a stage that saves a file into
+    it as it goes (a training's state before its first model): checked (:func:`check_output_dir`), created and
+    marked. Later atomic writes of the folder keep the files its kind allows."""
+    dest = Path(dest)
+    check_output_dir(dest, kind)
+    dest.mkdir(parents=True, exist_ok=True)
+    if _read_marker(dest) is None:
+        write_json(dest / MARKER, {"kind": kind, "version": __version__, "files": []})
+
+
 @contextlib.contextmanager
 def _output_folder(dest: Path, kind: str) -> Iterator[Path]:
     """:func:`atomic_path` for an output folder: checked, written beside, marked, then swapped in."""

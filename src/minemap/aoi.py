@@ -3,7 +3,7 @@
 An AOI is given (``--aoi`` or ``aoi`` in the config) as
 
 - a bbox: ``"west,south,east,north"`` in degrees (or a list of four numbers in the config);
-- ISO3 country codes: ``"GHA"`` or ``"GHA,CIV,BFA"`` (the embedded Natural Earth 1:110m layer, or the countries
+- ISO3 country codes: ``"GHA"`` or ``"GHA,CIV,BFA"`` (the embedded Natural Earth 1:10m layer, or the countries
   file of ``postprocess.countries``; coarse borders, so the tiles that touch them are taken);
 - ``tropics``: the belt between 30 degrees south and 30 degrees north, as in the published panel;
 - ``labels:<metres>``: the labels grown by that many metres (e.g. ``labels:5000``);

@@ -161,11 +161,17 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
           device: str = _TRAIN.device, seed: int = _TRAIN.seed, patience: int = _TRAIN.patience,
           min_val_f1: Annotated[float, typer.Option(help="validation F1 below this is an error")] = _TRAIN.min_val_f1,
           accept_weak_model: Annotated[bool, typer.Option(help="keep a model below --min-val-f1 without error")] = False,
+          epoch_windows: int = _TRAIN.epoch_windows, precision: str = _TRAIN.precision,
+          checkpoint_steps: Annotated[int, typer.Option(help="save the training state every this many steps")] = (
+              _TRAIN.checkpoint_steps),
+          loader_workers: Annotated[Optional[int], typer.Option(help="processes reading chips ahead (default: 0 "
+                                                                     "on a CPU, up to 8 beside a GPU)")] = None,
+          compile: Annotated[bool, typer.Option(help="torch.compile the network for training")] = _TRAIN.compile,
           bands: Annotated[Optional[str], typer.Option(help="MMSegmentation layout: the chips' bands")] = None,
           gsd_m: Annotated[float, typer.Option(help="MMSegmentation layout: the chips' pixel size, metres")] = 4.77):
     """Train a SegFormer on chips until validation F1 stalls; keeps the best epoch, calibrated. The chips folder
     may be the published study's MMSegmentation layout (<year>/img_dir|ann_dir/<split>/): it is indexed into
-    OUT-chips/ first."""
+    OUT-chips/ first. Chips are streamed from disk; several GPUs: torchrun --nproc-per-node N -m minemap train."""
     from minemap.train import train as train_fn
     from minemap.train import weak_model_error
 
@@ -179,7 +185,9 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
 
     mcfg = _settings(ModelConfig, encoder=encoder, pretrained=pretrained)
     tcfg = _settings(TrainConfig, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, device=device,
-                     seed=seed, patience=patience, min_val_f1=min_val_f1)
+                     seed=seed, patience=patience, min_val_f1=min_val_f1, epoch_windows=epoch_windows,
+                     precision=precision, checkpoint_steps=checkpoint_steps, loader_workers=loader_workers,
+                     compile=compile)
     card = train_fn(chips_dir, out_dir, tcfg, mcfg, resume=resume)
     out.print(f"model -> {out_dir}: threshold {card.threshold:.2f}, val F1 {card.val_metrics.get('f1', 0):.3f}, "
               f"val IoU {card.val_metrics.get('iou', 0):.3f}, best epoch {card.best_epoch} ({card.stopped})")
@@ -252,7 +260,7 @@ def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.
                                                            "neighbour-year overlap, but keep a confident one of the "
                                                            "first or last year as provisional; study: drop them all; "
                                                            "off")] = _POSTPROCESS.temporal,
-                countries: Annotated[Optional[Path], typer.Option(help="country polygons (default: embedded Natural Earth 1:110m)")] = None):
+                countries: Annotated[Optional[Path], typer.Option(help="country polygons (default: embedded Natural Earth 1:10m)")] = None):
     """Temporal consistency rule, country attribution, areas in km2."""
     from minemap.postprocess import postprocess_stage
     from minemap.vectorize import read_polygons
@@ -406,7 +414,7 @@ def run(config: Annotated[Optional[Path], typer.Argument(help="TOML config (flag
         buffer_m: Annotated[Optional[float], typer.Option(help="temporal rule: a polygon is kept if one of an "
                                                                "adjacent year lies within this distance, m")] = None,
         countries: Annotated[Optional[Path], typer.Option(help="country polygons with iso3 and country columns "
-                                                               "(default: embedded Natural Earth 1:110m)")] = None,
+                                                               "(default: embedded Natural Earth 1:10m)")] = None,
         workers: Annotated[Optional[int], typer.Option(help="local processes that predict")] = None,
         device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or mps")] = None,
         scheduler: Annotated[Optional[str], typer.Option(

@@ -123,10 +123,21 @@ class TrainConfig(Section):
     dice_weight: float = Field(1.0, ge=0)
     seed: int = 0
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="arithmetic of the network's forward passes: bf16 (autocast; weights and optimiser "
-                            "stay float32) or fp32; auto is bf16 where the device computes it natively (a CPU "
-                            "with AMX or AVX512-BF16, a recent GPU), fp32 elsewhere")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="arithmetic of the network's forward passes: bf16 or fp16 (autocast; weights and "
+                            "optimiser stay float32, fp16 scales the loss) or fp32; auto is bf16 where the device "
+                            "computes it natively (a CPU with AMX or AVX512-BF16, a recent GPU), fp16 on an "
+                            "older GPU, fp32 elsewhere")
+    checkpoint_steps: int = Field(200, ge=1, description="the training state (weights, optimiser, the epoch's "
+                                                         "place) is saved every this many steps as well as after "
+                                                         "each epoch: a killed run resumes mid-epoch")
+    loader_workers: int | None = Field(None, ge=0, description="processes reading and augmenting chips ahead of "
+                                                               "the optimiser; default: 0 on a CPU (the model "
+                                                               "uses every core), up to 8 beside a GPU")
+    channels_last: bool | None = Field(None, description="NHWC memory layout for the network (faster on GPUs "
+                                                         "with tensor cores); default: on CUDA")
+    compile: bool = Field(False, description="torch.compile the network for training (minutes of compiling "
+                                             "first; pays off on long GPU runs)")
 
 
 class PredictConfig(Section):
@@ -156,9 +167,10 @@ class PredictConfig(Section):
     batch_size: int = Field(16, ge=1, description="windows per forward pass, counted in training chips (a "
                                                   "512 px window of a model trained on 256 px chips counts 4)")
     device: str = "auto"
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="arithmetic of inference: bf16 (autocast) or fp32; auto is bf16 where the device "
-                            "computes it natively, fp32 elsewhere (probabilities differ by less than 0.01)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="arithmetic of inference: bf16 or fp16 (autocast) or fp32; auto is bf16 where the "
+                            "device computes it natively, fp16 on an older GPU, fp32 elsewhere (probabilities "
+                            "differ by less than 0.01)")
 
 
 class VectorizeConfig(Section):

@@ -79,7 +79,7 @@ class ModelCard(BaseModel):
     hard_negatives: dict = {}
     selection: dict = {}  # what training saw, what judged it, and how the epoch kept was chosen
     review: dict = {}  # reviewers' verdicts the training used, by kind (minemap.review.TrainingVerdicts.counts)
-    precision: str = "fp32"  # the arithmetic of training's forward passes: fp32, or bf16 (autocast)
+    precision: str = "fp32"  # the arithmetic of training's forward passes: fp32, or bf16 / fp16 (autocast)
     minemap_version: str = __version__
 
     def calibrate(self, logits: np.ndarray | torch.Tensor):
@@ -111,14 +111,22 @@ def native_bf16(device: torch.device) -> bool:
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """The autocast type of ``precision`` on ``device`` (None: float32 throughout). ``auto`` is bfloat16 where
-    the device computes in it natively (see :func:`native_bf16`), float32 elsewhere."""
+    the device computes in it natively (see :func:`native_bf16`), float16 on a GPU without it (training scales
+    its loss), float32 elsewhere."""
     if name == "fp32":
         return None
     if name == "bf16":
         return torch.bfloat16
+    if name == "fp16":
+        return torch.float16
     if name == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
-    raise InputError(f"precision {name!r}: choose auto, fp32 or bf16")
+        if native_bf16(device):
+            return torch.bfloat16
+        return torch.float16 if device.type == "cuda" else None
+    raise InputError(f"precision {name!r}: choose auto, fp32, bf16 or fp16")
+
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def forward_logits(model: torch.nn.Module, x: torch.Tensor, precision: torch.dtype | None = None) -> torch.Tensor:

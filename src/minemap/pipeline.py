@@ -328,8 +328,8 @@ def _evaluate(r: _Run) -> None:
 
 
 def _block_threshold(cfg: RunConfig, source, prob_dir: Path, out: Path, card_threshold: float) -> float:
-    """The threshold of best F1 on the validation blocks of the training year, mapped wall to wall (see
-    minemap.threshold), recorded in ``threshold.json``; the card's (validation chips') where they hold too few
+    """The operating threshold on the validation blocks of the training year, mapped wall to wall (half the
+    best F1: see minemap.threshold), recorded in ``threshold.json``; the card's (validation chips') where they hold too few
     labelled pixels."""
     folder = RunFolder(out)
     chips_dirs = [folder.chips] + ([folder.hard_negative_chips] if cfg.hard_negatives.enabled else [])
@@ -338,9 +338,9 @@ def _block_threshold(cfg: RunConfig, source, prob_dir: Path, out: Path, card_thr
                             possible_missed_mines([d for d in chips_dirs if d.is_dir()]))
     record = {"threshold": found["threshold"] if found else card_threshold, "validation_chips": card_threshold,
               "validation_blocks": found,
-              "rule": "the threshold of best F1 over the validation blocks of the training year, mapped wall to "
-                      "wall (outline band and possible missed mines left out); the validation chips' where the "
-                      "blocks hold too few labelled pixels"}
+              "rule": "half the best F1 over the validation blocks of the training year, mapped wall to wall "
+                      "(the F1-optimal threshold of calibrated probabilities; outline band and possible missed "
+                      "mines left out); the validation chips' where the blocks hold too few labelled pixels"}
     write_json(folder.threshold, record)
     return record["threshold"]
 
@@ -363,8 +363,9 @@ def _imagery_settings(cfg: RunConfig) -> dict:
 
 
 def _train_settings(cfg: RunConfig) -> dict:
-    # the validation floor judges a model, it does not change it; the device does not change it either
-    return cfg.train.model_dump(exclude={"min_val_f1", "device"})
+    # the validation floor judges a model, it does not change it; nor do the device, how often the state is saved
+    # and how many processes read ahead (tests/test_train.py shows the last two)
+    return cfg.train.model_dump(exclude={"min_val_f1", "device", "checkpoint_steps", "loader_workers"})
 
 
 def _predict_settings(cfg: RunConfig, *also: str) -> dict:

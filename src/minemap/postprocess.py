@@ -9,7 +9,7 @@ the year its users care about most; the run that adds the next year confirms or 
 in metres at each polygon's latitude (not metres / 100,000 in degrees).
 
 Countries: ISO3 code and name of the country with the largest overlap (areas in an equal-area CRS), from the
-embedded Natural Earth 1:110m layer or from a user's file (GADM, geoBoundaries, Natural Earth 1:10m); polygons
+embedded Natural Earth 1:10m layer or from a user's file (GADM, geoBoundaries); polygons
 offshore of the coarse coastline take the nearest country within ``NEAREST_MAX_M``.
 
 Reads ``polygons/<year>.parquet``; writes ``postprocessed.parquet`` (EPSG:4326, columns

@@ -4,8 +4,9 @@ Validation chips oversample the neighbourhoods of mines (positive chips, and bac
 the threshold of best F1 on them trades recall for whatever confuser lies beside a mine, and maps the scene at
 large with too high a threshold. The validation *blocks* are the same held-out ground seen whole: the training
 year's probability tiles (mapped by the final model anyway) are read over them, labels rasterised, the band of
-``chips.ignore_border_m`` along outlines and the possible missed mines left out, and the threshold of best F1
-there is the one a run vectorises with. Written as ``threshold.json`` beside the model's card threshold.
+``chips.ignore_border_m`` along outlines and the possible missed mines left out, and the threshold chosen
+there (:func:`minemap.metrics.operating_threshold`: half the best F1, the optimum for calibrated probabilities)
+is the one a run vectorises with. Written as ``threshold.json`` beside the model's card threshold.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rasterio.features import rasterize
 from minemap.formats.chips import read_meta
 from minemap.geo import units_per_metre
 from minemap.lattice import Grid
-from minemap.metrics import best_threshold, histograms
+from minemap.metrics import histograms, operating_threshold
 from minemap.formats.rasters import NODATA
 
 MIN_POSITIVE_PIXELS = 500  # fewer labelled pixels in the validation blocks: keep the card's threshold
@@ -30,7 +31,7 @@ MIN_POSITIVE_PIXELS = 500  # fewer labelled pixels in the validation blocks: kee
 
 def block_threshold(tiles: list[Path], grid: Grid, chips_dir: Path, labels: gpd.GeoDataFrame,
                     ignore: gpd.GeoDataFrame | None = None) -> dict | None:
-    """The threshold of best F1 over the validation blocks of ``grid`` (the training year's), with its metrics,
+    """The operating threshold over the validation blocks of ``grid`` (the training year's), with its metrics,
     or None where the blocks hold too few labelled pixels to choose one."""
     meta = read_meta(chips_dir)
     block = int(meta["block_size"])
@@ -70,6 +71,6 @@ def block_threshold(tiles: list[Path], grid: Grid, chips_dir: Path, labels: gpd.
         hpos, hneg = (hp, hn) if hpos is None else (hpos + hp, hneg + hn)
     if hpos is None or hpos.sum() < MIN_POSITIVE_PIXELS:
         return None
-    threshold, metrics = best_threshold(hpos, hneg)
+    threshold, metrics = operating_threshold(hpos, hneg)
     return {"threshold": float(threshold), "f1": metrics["f1"], "precision": metrics["precision"],
             "recall": metrics["recall"], "positive_pixels": int(hpos.sum()), "pixels": int(hpos.sum() + hneg.sum())}

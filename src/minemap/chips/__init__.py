@@ -86,7 +86,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
 
     ``reviewed``: reviewers' verdicts on ``year`` (minemap.review). Each detection they rejected gets chips over
     it (kind ``reviewed_negative``, up to :data:`REVIEWED_CHIPS` for a large one, even where another chip holds
-    the place), taught as background and seen :data:`minemap.train.REVIEWED_REPEAT` times an epoch; the outlines
+    the place), taught as background and seen :data:`minemap.trainset.REVIEWED_REPEAT` times an epoch; the outlines
     they were unsure of are ignored (255) in every chip."""
     where = f"{labels_path}: " if labels_path else ""
     grid = source.grid(year)

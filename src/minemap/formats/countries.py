@@ -1,4 +1,8 @@
-"""Country layers: the embedded Natural Earth layer, or a user's file with a code and a name column."""
+"""Country layers: the embedded Natural Earth layers, or a user's file with a code and a name column.
+
+The default is Natural Earth 1:10m admin-0 (the study's scale; ``data/countries_ne10m.json`` records its source,
+version, licence and conversion by ``tools/make_countries.py``). The 1:110m layer (40 x fewer vertices, borders
+tens of kilometres off in places) stays for quick looks and for the tests that show what it gets wrong."""
 
 from __future__ import annotations
 
@@ -20,11 +24,20 @@ _ISO_COLUMNS = ("iso3", "ISO3", "ISO_A3", "iso_a3", "ISO3_CODE", "GID_0", "shape
 _NAME_COLUMNS = ("country", "COUNTRY", "NAME", "name", "NAME_0", "ADMIN", "COUNTRY_NAME", "shapeName", "NAME_EN")
 
 
-def load_countries(path: Path | None = None) -> gpd.GeoDataFrame:
-    """Country polygons (EPSG:4326, columns iso3, country): the embedded Natural Earth layer, or ``path``."""
+EMBEDDED = {"10m": "countries_ne10m.parquet", "110m": "countries_ne110m.parquet"}
+_LOADED: dict[str, gpd.GeoDataFrame] = {}
+
+
+def load_countries(path: Path | None = None, scale: str = "10m") -> gpd.GeoDataFrame:
+    """Country polygons (EPSG:4326, columns iso3, country): ``path``, or the embedded Natural Earth layer of
+    ``scale`` (``10m``, the default, or ``110m``; read once per process, a copy returned)."""
     if path is None:
-        with resources.as_file(resources.files("minemap") / "data" / "countries_ne110m.parquet") as p:
-            return gpd.read_parquet(p)
+        if scale not in EMBEDDED:
+            raise ValueError(f"no embedded country layer at scale {scale!r}: choose {', '.join(EMBEDDED)}")
+        if scale not in _LOADED:
+            with resources.as_file(resources.files("minemap") / "data" / EMBEDDED[scale]) as p:
+                _LOADED[scale] = gpd.read_parquet(p)
+        return _LOADED[scale].copy()
     gdf = read_vector(path)
     iso = next((c for c in _ISO_COLUMNS if c in gdf.columns), None)
     name = next((c for c in _NAME_COLUMNS if c in gdf.columns), None)
