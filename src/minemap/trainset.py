@@ -6,7 +6,7 @@ and a few numbers per chip or block:
 - :func:`scan` reads every raster once before training (masks of every split, images of the training
   blocks or chips): valid and labelled pixels per piece, where the labelled pixels lie (counts per cell of
   :data:`CELL` px, sparse), and the band statistics (:class:`BandStats`: exact moments, percentiles from a
-  bounded sample).
+  sample of at most twice :data:`STATS_SAMPLE` pixels).
 - :class:`Blocks` draws an epoch's windows inside the training blocks from those counts alone: a window that
   must hold a label contains a whole cell that holds one.
 - :class:`WindowDataset` reads the items of an epoch (a window of a block, or a chip as cut) from their files,
@@ -43,7 +43,7 @@ from minemap.formats.chips import read_meta
 from minemap.model import forward_logits
 
 CELL = 16  # side of the cells in which labelled pixels are counted (windows holding a label contain one)
-STATS_SAMPLE = 4_000_000  # pixels kept (at most, per band) for the band percentiles
+STATS_SAMPLE = 1_000_000  # pixels kept for the band percentiles (up to twice this)
 REVIEWED_REPEAT = 4  # chips over detections a reviewer rejected are seen this many times an epoch
 
 
@@ -113,9 +113,9 @@ class BandStats:
         self.n += v.shape[1]
         self.sample.append(v[:, ::self.step])
         self.kept += self.sample[-1].shape[1]
-        if self.kept > 2 * STATS_SAMPLE:
-            self.sample = [np.concatenate(self.sample, axis=1)[:, ::2]]
-            self.kept, self.step = self.sample[0].shape[1], self.step * 2
+        if self.kept > 2 * STATS_SAMPLE:  # thinned piece by piece: no copy of the whole sample at once
+            self.sample = [a[:, ::2].copy() for a in self.sample]
+            self.kept, self.step = sum(a.shape[1] for a in self.sample), self.step * 2
 
     def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if self.n == 0:
