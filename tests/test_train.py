@@ -355,3 +355,30 @@ def test_several_processes_share_each_epoch(chips_dir, tmp_path):
     assert card.selection["processes"] == 2 and 0 < card.threshold < 1 and card.epochs_trained == 1
     # 16 windows an epoch: 8 a process, 2 steps of 4 (one process alone takes 4)
     assert torch.load(tmp_path / "m" / STATE, weights_only=False)["progress"]["step"] == 2
+
+
+def test_a_chip_broken_after_the_scan_is_one_line_from_a_loader_process(chips_dir, tmp_path):
+    """A chip file that breaks between the scan and its reading in a loader process: the training stops with the
+    reader's one-line error naming the file, not the loader process's traceback."""
+    import shutil
+
+    import numpy as np
+
+    from minemap.errors import InputError
+    from minemap.train import _batches, worker_message
+    from minemap.trainset import WindowDataset, block_pieces, scan
+
+    copy = tmp_path / "chips"
+    shutil.copytree(chips_dir, copy)
+    blocks = block_pieces(copy, "train")
+    scan(blocks.pieces, None, cells=True)
+    broken = blocks.pieces[0].image
+    with open(broken, "wb") as f:
+        f.write(b"not a GeoTIFF")
+    data = WindowDataset([(0, ("w", 0, 0, 0))], blocks, [], 64, None, None, np.zeros(4, np.float32),
+                         np.ones(4, np.float32), 0, 0)
+    loader = torch.utils.data.DataLoader(data, batch_size=1, num_workers=1)
+    with pytest.raises(InputError) as err:
+        list(_batches(loader))
+    assert str(err.value).startswith(f"{broken}: cannot read chip") and "\n" not in str(err.value)
+    assert worker_message("plain") == "plain"

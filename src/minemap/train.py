@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from minemap._io import atomic_path, check_output_dir, mark_output_dir
 from minemap.config import ModelConfig, TrainConfig
-from minemap.errors import InputError, ModelError
+from minemap.errors import InputError, MinemapError, ModelError
 from minemap.formats.chips import possible_missed_mines, read_index, read_meta, split_summary
 from minemap.formats.rasters import quantise
 from minemap.formats.run import STATE
@@ -290,6 +290,24 @@ class _Ranks:
             dist.destroy_process_group()
 
 
+def _batches(loader: DataLoader):
+    """The loader's batches; a user error raised in a loader process (a chip file gone or broken since the scan)
+    comes back as the same one-line error, not wrapped in that process's traceback."""
+    try:
+        yield from loader
+    except MinemapError as e:
+        raise type(e)(worker_message(str(e))) from None
+
+
+def worker_message(text: str) -> str:
+    """The error's own line from a DataLoader's re-raised message ("Caught InputError in DataLoader worker
+    process 0. Original Traceback ... minemap.errors.InputError: <message>"); other text as it is."""
+    if "Original Traceback" not in text:
+        return text
+    last = text.strip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _loader_workers(cfg: TrainConfig, device: torch.device) -> int:
     if cfg.loader_workers is not None:
         return cfg.loader_workers
@@ -443,7 +461,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
                             persistent_workers=False)
-        for xb, yb in loader:
+        for xb, yb in _batches(loader):
             for group in opt.param_groups:
                 group["lr"] = st["lr"] * min(1.0, (st["step"] + 1) / warmup) if warmup else st["lr"]
             xb = xb.to(device, non_blocking=True)
