@@ -111,7 +111,7 @@ class BandStats:
         self.sum += w.sum(1)
         self.sq += (w * w).sum(1)
         self.n += v.shape[1]
-        self.sample.append(v[:, ::self.step])
+        self.sample.append(v[:, ::self.step].copy())  # a copy: a view would keep all of v alive
         self.kept += self.sample[-1].shape[1]
         if self.kept > 2 * STATS_SAMPLE:  # thinned piece by piece: no copy of the whole sample at once
             self.sample = [a[:, ::2].copy() for a in self.sample]
