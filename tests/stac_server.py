@@ -32,6 +32,8 @@ class Scene:
     bands: dict[str, np.ndarray]
     scl: np.ndarray
     properties: dict = field(default_factory=dict)
+    crs: str | None = None  # the scene's own CRS and grid, where not the server's (scenes in several UTM zones)
+    transform: Affine | None = None
 
 
 class StacServer:
@@ -53,23 +55,24 @@ class StacServer:
 
     def add(self, scene: Scene) -> None:
         assets = {}
+        crs, transform = scene.crs or self.crs, scene.transform or self.transform
         for name, data in [*scene.bands.items(), ("scl", scene.scl)]:
             path = self.root / f"{scene.item_id}_{name}.tif"
-            _write_cog(path, data, self.crs, self.transform)
+            _write_cog(path, data, crs, transform)
             assets[name] = {"href": f"{self.url}/data/{path.name}", "roles": ["data"],
                             "type": "image/tiff; application=geotiff; profile=cloud-optimized",
-                            "proj:shape": list(data.shape), "proj:transform": list(self.transform)[:6],
+                            "proj:shape": list(data.shape), "proj:transform": list(transform)[:6],
                             "raster:bands": [{"data_type": str(data.dtype), "nodata": 0}]}
         h, w = scene.scl.shape
-        left, top = self.transform.c, self.transform.f
-        right, bottom = left + w * self.transform.a, top + h * self.transform.e
-        bbox = transform_bounds(self.crs, "EPSG:4326", left, bottom, right, top, densify_pts=21)
+        left, top = transform.c, transform.f
+        right, bottom = left + w * transform.a, top + h * transform.e
+        bbox = transform_bounds(crs, "EPSG:4326", left, bottom, right, top, densify_pts=21)  # west > east: across 180
         self.items.append({
             "type": "Feature", "stac_version": "1.0.0", "id": scene.item_id, "collection": self.collection,
             "stac_extensions": ["https://stac-extensions.github.io/projection/v1.1.0/schema.json",
                                 "https://stac-extensions.github.io/raster/v1.1.0/schema.json"],
-            "geometry": shapely.geometry.mapping(shapely.box(*bbox)), "bbox": list(bbox),
-            "properties": {"datetime": f"{scene.date}T10:30:00Z", "proj:epsg": int(self.crs.split(":")[1]),
+            "geometry": shapely.geometry.mapping(_box(bbox)), "bbox": list(bbox),
+            "properties": {"datetime": f"{scene.date}T10:30:00Z", "proj:epsg": int(crs.split(":")[1]),
                            **scene.properties},
             "links": [], "assets": assets})
 
@@ -100,6 +103,42 @@ class StacServer:
         return {"type": "FeatureCollection", "features": features, "links": links}
 
 
+VEGETATION = (500, 800, 400, 3000)  # red, green, blue, nir of the places' ground
+MINE = (2600, 2100, 1600, 2500)  # and of their mines
+
+
+def serve_places(server: StacServer, geoms, year: int, res: float, margin_m: float, rng: np.random.Generator,
+                 crs_of=None, prefix: str = "S2") -> None:
+    """One clear scene of ``year`` at each polygon of ``geoms`` (EPSG:4326): vegetation, the polygon as bare
+    mine soil rasterised on the scene's own grid of ``res`` m, reaching ``margin_m`` around it, in the polygon's
+    UTM zone or ``crs_of(k, lon, lat)`` (places on every continent, as the literature's mines lie)."""
+    import math
+
+    import geopandas as gpd
+    from rasterio import features
+    from minemap.imagery.stac import utm_crs
+
+    for k, geom in enumerate(geoms):
+        w, s, e, n = geom.bounds
+        lon, lat = (w + e) / 2, (s + n) / 2
+        crs = crs_of(k, lon, lat) if crs_of else utm_crs(lon, lat).to_string()
+        left, bottom, right, top = transform_bounds("EPSG:4326", crs, w, s, e, n, densify_pts=21)
+        x0 = math.floor((left - margin_m) / res) * res
+        y0 = math.ceil((top + margin_m) / res) * res
+        width = int(math.ceil((right + margin_m - x0) / res))
+        height = int(math.ceil((y0 - (bottom - margin_m)) / res))
+        transform = Affine(res, 0, x0, 0, -res, y0)
+        local = gpd.GeoSeries([geom], crs="EPSG:4326").to_crs(crs).iloc[0]
+        mine = features.rasterize([(local, 1)], (height, width), transform=transform).astype(bool)
+        bands = {}
+        for i, name in enumerate(("red", "green", "blue", "nir")):
+            band = VEGETATION[i] + rng.normal(0, 40, (height, width))
+            band[mine] = MINE[i] + rng.normal(0, 40, int(mine.sum()))
+            bands[name] = np.clip(band, 1, None).astype(np.uint16)
+        scl = np.where(mine, 5, 4).astype(np.uint8)
+        server.add(Scene(f"{prefix}_{k:03d}_{year}0615", f"{year}-06-15", bands, scl, crs=crs, transform=transform))
+
+
 def _matches(item: dict, params: dict) -> bool:
     collections = params.get("collections")
     if isinstance(collections, str):
@@ -109,7 +148,7 @@ def _matches(item: dict, params: dict) -> bool:
     bbox = params.get("bbox")
     if isinstance(bbox, str):
         bbox = [float(v) for v in bbox.split(",")]
-    if bbox and not shapely.intersects(shapely.box(*bbox), shapely.box(*item["bbox"])):
+    if bbox and not shapely.intersects(_box(bbox), _box(item["bbox"])):
         return False
     if params.get("datetime"):
         start, _, end = params["datetime"].partition("/")
@@ -119,6 +158,14 @@ def _matches(item: dict, params: dict) -> bool:
         if (lo and when < lo) or (hi and when > hi):
             return False
     return True
+
+
+def _box(bbox) -> shapely.Geometry:
+    """A STAC bbox as a shape: one whose west lies east of its east crosses the antimeridian (two parts)."""
+    w, s, e, n = bbox[:4]
+    if w > e:
+        return shapely.union(shapely.box(w, s, 180, n), shapely.box(-180, s, e, n))
+    return shapely.box(w, s, e, n)
 
 
 def _write_cog(path: Path, data: np.ndarray, crs: str, transform: Affine) -> None:

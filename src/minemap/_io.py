@@ -46,7 +46,7 @@ MARKER = ".minemap-output"
 KINDS: dict[str, tuple[frozenset[str] | None, frozenset[str]]] = {
     "chips": (frozenset({"index.parquet", "meta.json"}),
               frozenset({"index.parquet", "meta.json", "blocks.parquet", "possible_missed_mines.parquet", "images",
-                         "masks", "blocks", "mmseg"})),
+                         "masks", "blocks", "mmseg", "tiles", "tiles.parquet"})),
     "model": (frozenset({"model.json"}), frozenset({"model.json", "weights.safetensors", "train_state.pt"})),
     "mmseg": (None, frozenset({"img_dir", "ann_dir"})),
 }

@@ -123,25 +123,45 @@ def labels(paths: Annotated[list[Path], typer.Argument(help="label files (GPKG, 
 @app.command()
 @_stage
 def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file")],
-          imagery: Annotated[Path, typer.Option(help="imagery directory with one folder per year")],
+          imagery: Annotated[Path, typer.Option(help="imagery directory with one folder per year, or a TOML config "
+                                                     "whose [imagery] table names a STAC or Planet source")],
           year: Annotated[int, typer.Option(help="year of the imagery the labels were drawn on")],
           out_dir: Annotated[Path, typer.Option("--out", help="chips folder to write")],
           chip_size: int = 256, stride: Optional[int] = None, block_size: Optional[int] = None,
           background_per_positive: float = 0.5, seed: int = 0, bands: BandsOpt = None,
+          tile_deg: Annotated[Optional[float], typer.Option(
+              help="labels anywhere on Earth: cut them in tiles of this many degrees, each in its own CRS (default "
+                   "1 with a remote source, else one area)")] = None,
+          workers: Annotated[int, typer.Option(help="local processes cutting tiles")] = 1,
+          scheduler: Annotated[Optional[str], typer.Option(
+              help="Dask scheduler address that cuts the tiles, e.g. tcp://host:8786")] = None,
           fmt: Annotated[str, typer.Option("--format", help="minemap, or mmseg: also the MMSegmentation layout "
                                                             "(OUT/mmseg/<year>/img_dir|ann_dir/<split>/)")] = "minemap"):
     """Cut training chips (images, masks, spatial train/val/test splits) at native resolution."""
     from minemap.chips import make_chips
+    from minemap.chips.tiles import make_tiled_chips
     from minemap.errors import InputError
+    from minemap.execution import scheduler_address
     from minemap.imagery import open_imagery
     from minemap.labels import read_labels
 
     if fmt not in ("minemap", "mmseg"):
         raise InputError(f"--format {fmt!r}: choose minemap or mmseg")
+    if tile_deg is not None and not 0 < tile_deg <= 90:
+        raise InputError(f"--tile-deg {tile_deg}: give degrees between 0 and 90")
+    if workers < 1:
+        raise InputError(f"--workers {workers}: give at least 1")
     cfg = _settings(ChipConfig, chip_size=chip_size, stride=stride, block_size=block_size,
                     background_per_positive=background_per_positive, seed=seed)
     gdf, _ = read_labels([labels_path])
-    index = make_chips(gdf, open_imagery(imagery, _bands(bands)), year, out_dir, cfg, labels_path=labels_path)
+    desc = _imagery_config(imagery, default_bbox=gdf.to_crs("EPSG:4326").total_bounds) if imagery.is_file() else imagery
+    if tile_deg is None and not isinstance(desc, Path):
+        tile_deg = 1.0  # a remote source has no area of its own: the labels' tiles are the areas
+    if tile_deg is not None:
+        index = make_tiled_chips(gdf, desc, year, out_dir, cfg, tile_deg=tile_deg, bands=_bands(bands),
+                                 workers=workers, scheduler=scheduler_address(scheduler), labels_path=labels_path)
+    else:
+        index = make_chips(gdf, open_imagery(desc, _bands(bands)), year, out_dir, cfg, labels_path=labels_path)
     out.print(f"{len(index)} chips -> {out_dir} ({index.split.value_counts().to_dict()})")
     if fmt == "mmseg":
         from minemap.mmseg import write_layout
@@ -543,66 +563,23 @@ def imagery_fetch(
                                                            "~/.cache/minemap)")] = None):
     """Build and cache a remote source's yearly composites for an area; report scenes found, the cloud-free
     share per tile and year, and bytes written."""
-    import tomllib
-
-    from pydantic import ValidationError
-
-    from minemap.config import _flatten_error, parse_years
-    from minemap.imagery.planet import PlanetImageryConfig
-    from minemap.imagery.stac import StacImageryConfig
+    from minemap.config import parse_years
     from minemap.errors import InputError
     from minemap.imagery import open_imagery
 
-    table: dict = {}
-    if config is not None:
-        try:
-            whole = tomllib.loads(config.read_text())
-        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{config}: not a readable TOML config ({e})") from None
-        if "imagery" not in whole:
-            raise InputError(f"{config}: no [imagery] table: name the remote source there (source, url, "
-                             "collection, bbox), or leave the config out and give --url and --aoi")
-        table = whole["imagery"]
-        if not isinstance(table, dict):
-            raise InputError(f"{config}: imagery is a local folder ({table}); only remote sources have a cache "
-                             "to fill")
-        table = dict(table)
-        if isinstance(table.get("cache_dir"), str):
-            table["cache_dir"] = str(config.parent / table["cache_dir"])
     if not years:
         raise InputError("--years: give the years to fetch, e.g. 2019-2021")
+    bbox = None
     if aoi is not None:
         try:
-            table["bbox"] = [float(v) for v in aoi.split(",")]
+            bbox = [float(v) for v in aoi.split(",")]
         except ValueError:
             raise InputError(f"--aoi {aoi!r}: expected west,south,east,north in degrees") from None
-    overrides = {"source": source, "url": url, "collection": collection, "months": months,
-                 "cache_dir": str(cache) if cache else None}
-    table.update({k: v for k, v in overrides.items() if v is not None})
-    table.setdefault("source", "stac")
-    kinds = {"stac": StacImageryConfig, "planet": PlanetImageryConfig}
-    if table["source"] not in kinds:
-        raise InputError(f"--source {table['source']!r}: only remote sources (stac, planet) have a cache to fill")
-    if table["source"] == "planet":
-        if "url" in table:
-            table["api_url"] = table.pop("url")
-        table.pop("collection", None)
-    try:
-        desc = kinds[table["source"]].model_validate(table)
-    except ValidationError as e:  # named by the option that gave the value, else by the config's table
-        first = e.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else ""
-        options = {"url": url, "api_url": url, "collection": collection, "bbox": aoi, "months": months,
-                   "cache_dir": cache, "source": source}
-        flag = {"url": "--url", "api_url": "--url", "bbox": "--aoi", "cache_dir": "--cache"}.get(field, f"--{field}")
-        if options.get(field) is not None:
-            raise InputError(f"{flag}: {first['msg']}") from None
-        where = f"{config}: " if config is not None else ""
-        hint = f" (give {flag})" if config is None and field in options else ""
-        raise InputError(f"{where}imagery: {_flatten_error(e)}{hint}") from None
+    desc = _imagery_config(config, {"bbox": bbox, "source": source, "url": url, "collection": collection,
+                                    "months": months, "cache_dir": str(cache) if cache else None})
     src = open_imagery(desc)
     records = src.fetch(parse_years(years))
-    if table["source"] == "stac":
+    if desc.source == "stac":
         table_out = Table("year", "tile", "scenes", "clear share", "bytes", "")
         for r in records:
             table_out.add_row(str(r["year"]), r["tile"], str(r["scenes"]), f"{r['clear_share']:.1%}",
@@ -669,3 +646,60 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _imagery_config(config: Path | None, flags: dict | None = None, default_bbox=None):
+    """A remote source's description from the ``[imagery]`` table of a TOML ``config`` (``cache_dir`` relative to
+    it) and the flags given (``flags``: field -> value, None where not given; ``url`` names Planet's
+    ``api_url``); ``default_bbox`` where neither gives an area (chips from anywhere give each tile its own). An
+    invalid value is one line naming the flag that gave it, else the config's table."""
+    import tomllib
+
+    from pydantic import ValidationError
+
+    from minemap.config import _flatten_error
+    from minemap.errors import InputError
+    from minemap.imagery.planet import PlanetImageryConfig
+    from minemap.imagery.stac import StacImageryConfig
+
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    table: dict = {}
+    if config is not None:
+        try:
+            whole = tomllib.loads(config.read_text())
+        except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{config}: not a readable TOML config ({e})") from None
+        if "imagery" not in whole:
+            raise InputError(f"{config}: no [imagery] table: name the remote source there (source, url, "
+                             "collection, bbox), or leave the config out and give --url and --aoi")
+        table = whole["imagery"]
+        if not isinstance(table, dict):
+            raise InputError(f"{config}: imagery is a local folder ({table}); give the folder itself, or name a "
+                             "remote source in the [imagery] table")
+        table = dict(table)
+        if isinstance(table.get("cache_dir"), str):
+            table["cache_dir"] = str(config.parent / table["cache_dir"])
+    table.update(flags)
+    table.setdefault("source", "stac")
+    if default_bbox is not None and "bbox" not in table:
+        w, s, e, n = (float(v) for v in default_bbox)
+        table["bbox"] = [max(w, -180.0), max(s, -90.0), min(max(e, w + 1e-6), 180.0), min(max(n, s + 1e-6), 90.0)]
+    kinds = {"stac": StacImageryConfig, "planet": PlanetImageryConfig}
+    if table["source"] not in kinds:
+        raise InputError(f"--source {table['source']!r}: only remote sources (stac, planet) have a cache to fill")
+    if table["source"] == "planet":
+        if "url" in table:
+            table["api_url"] = table.pop("url")
+        table.pop("collection", None)
+    try:
+        return kinds[table["source"]].model_validate(table)
+    except ValidationError as e:  # named by the option that gave the value, else by the config's table
+        first = e.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        key = "url" if field == "api_url" else field
+        flag = {"url": "--url", "bbox": "--aoi", "cache_dir": "--cache"}.get(key, f"--{key}")
+        if key in flags:
+            raise InputError(f"{flag}: {first['msg']}") from None
+        where = f"{config}: " if config is not None else ""
+        hint = f" (give {flag})" if config is None and key in ("url", "bbox") else ""
+        raise InputError(f"{where}imagery: {_flatten_error(e)}{hint}") from None

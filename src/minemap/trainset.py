@@ -150,12 +150,12 @@ def scan(pieces: list[Piece], ignore: gpd.GeoDataFrame | None, stats: bool = Fal
 
 class Blocks:
     """The training blocks (written whole by :mod:`minemap.chips.writing`): each epoch draws its windows anywhere
-    inside them. ``keys``: each block's (column, row) of blocks; ``anchors``: (block, row, col) of the background
-    chips cut inside them, around which half the windows that need no label are drawn, so the surfaces the chips
+    inside them. ``keys``: each block's (tile or None, column, row of blocks); ``anchors``: (block, row, col) of
+    the background chips cut inside them, around which half the windows that need no label are drawn, so the surfaces the chips
     were chosen to cover (fields, sand, roads: drawn evenly from groups of similar spectra) stay as frequent as
     they were."""
 
-    def __init__(self, pieces: list[Piece], keys: list[tuple[int, int]] | None = None,
+    def __init__(self, pieces: list[Piece], keys: list[tuple] | None = None,
                  anchors: list[tuple[int, int, int]] | None = None) -> None:
         self.pieces = pieces
         self.keys = keys or []
@@ -216,16 +216,19 @@ def block_pieces(chips_dir: Path, split: str, chips: pd.DataFrame | None = None)
     if not len(table):
         return None
     pieces = [Piece(str(Path(chips_dir) / i), str(Path(chips_dir) / m)) for i, m in zip(table.image, table["mask"])]
-    keys = [(int(bx), int(by)) for bx, by in zip(table.bx, table.by)]
+    # a block is named by its column and row of blocks, and in a folder of tiles (minemap.chips.tiles) by its tile
+    tiles = list(table["tile"]) if "tile" in table.columns else [None] * len(table)
+    keys = [(t, int(bx), int(by)) for t, bx, by in zip(tiles, table.bx, table.by)]
     anchors = []
     if chips is not None and {"col", "row"} <= set(chips.columns):
         block = int(read_meta(chips_dir)["block_size"])
         where = {k: i for i, k in enumerate(keys)}
-        background = chips.kind == "background"
-        for c, r in zip(chips.loc[background, "col"], chips.loc[background, "row"]):
-            i = where.get((int(c) // block, int(r) // block))
+        background = chips[chips.kind == "background"]
+        chip_tiles = background["tile"] if "tile" in background.columns else [None] * len(background)
+        for t, c, r in zip(chip_tiles, background["col"], background["row"]):
+            i = where.get((t, int(c) // block, int(r) // block))
             if i is not None:
-                anchors.append((i, int(r) - keys[i][1] * block, int(c) - keys[i][0] * block))
+                anchors.append((i, int(r) - keys[i][2] * block, int(c) - keys[i][1] * block))
     return Blocks(pieces, keys, anchors)
 
 

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -60,15 +61,16 @@ from minemap.errors import InputError
 from minemap.formats.chips import SPLITS, split_summary, write_blocks
 from minemap.geo import WGS84, ground_sample_distance_m
 from minemap.imagery import ImagerySource
+from minemap.lattice import Grid
 from minemap.chips.sampling import _in_grid, chips_over, hard_negative_chips, select_background
 from minemap.chips.splits import (_chip_boxes, _cover_shares, _labels_in_grid, _split_targets, assign_splits,
-                                  block_cover, choose_block_size, labelled_ground)
+                                  block_cover, block_weights, chip_positions, choose_block_size, labelled_ground)
 from minemap.chips.writing import _write_blocks, _write_chips
 
 if TYPE_CHECKING:
     from minemap.review import TrainingVerdicts
 
-__all__ = ["hard_negative_chips", "labels_fingerprint", "make_chips"]
+__all__ = ["Survey", "cut", "hard_negative_chips", "labels_fingerprint", "make_chips", "survey"]
 
 log = logging.getLogger(__name__)
 REVIEWED_CHIPS = 4  # at most this many chips over one detection a reviewer rejected (a large one)
@@ -80,6 +82,42 @@ def labels_fingerprint(labels: gpd.GeoDataFrame) -> str:
     return hashlib.sha256("".join(wkb).encode()).hexdigest()
 
 
+@dataclass
+class Survey:
+    """Where chips can go in one grid, before any pixel is read: the labels in the grid's CRS, the block size,
+    the labelled pixels of each block holding labels (``weights``), every candidate chip's top-left pixel
+    (``pos``) and its block (``blk``)."""
+
+    grid: Grid
+    geoms: np.ndarray
+    block: int
+    weights: dict
+    pos: np.ndarray
+    blk: np.ndarray
+
+    @property
+    def blocks(self) -> set[tuple[int, int]]:
+        return {(int(b[0]), int(b[1])) for b in self.blk}
+
+
+def survey(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, cfg: ChipConfig,
+           labels_path: Path | None = None, block: int | None = None) -> Survey:
+    """The grid of ``year``, the labels in it and its blocks: of ``block`` px, else of the configured or
+    automatic size (:func:`~minemap.chips.splits.choose_block_size`). Reads no pixel."""
+    grid = source.grid(year)
+    geoms = _labels_in_grid(labels, grid, year, labels_path)
+    if block is None:
+        block, weights, pos, blk = choose_block_size(grid, geoms, cfg)
+    else:
+        pos, blk = chip_positions(grid, cfg, block)
+        with_chips = set(map(tuple, blk))
+        weights = {b: w for b, w in block_weights(grid, geoms, block).items() if b in with_chips}
+    if len(pos) == 0:
+        raise InputError(f"the {year} imagery ({grid.width} x {grid.height} px) is smaller than one chip "
+                         f"({cfg.chip_size} px)")
+    return Survey(grid, geoms, block, weights, pos, blk)
+
+
 def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
                labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None) -> gpd.GeoDataFrame:
     """Stage ``chips``: cut training chips of ``year`` around ``labels`` into the folder ``dest``.
@@ -87,27 +125,47 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     ``reviewed``: reviewers' verdicts on ``year`` (minemap.review). Each detection they rejected gets chips over
     it (kind ``reviewed_negative``, up to :data:`REVIEWED_CHIPS` for a large one, even where another chip holds
     the place), taught as background and seen :data:`minemap.trainset.REVIEWED_REPEAT` times an epoch; the outlines
-    they were unsure of are ignored (255) in every chip."""
+    they were unsure of are ignored (255) in every chip. Labels anywhere on Earth, cut tile by tile each in
+    its own CRS: :func:`minemap.chips.tiles.make_tiled_chips`."""
     where = f"{labels_path}: " if labels_path else ""
-    grid = source.grid(year)
-    geoms = _labels_in_grid(labels, grid, year, labels_path)
-    chip = cfg.chip_size
-    block, weights, pos, blk = choose_block_size(grid, geoms, cfg)
-    if len(pos) == 0:
-        raise InputError(f"the {year} imagery ({grid.width} x {grid.height} px) is smaller than one chip ({chip} px)")
+    sv = survey(labels, source, year, cfg, labels_path)
+    grid, block = sv.grid, sv.block
     targets = _split_targets(cfg)
-    all_blocks = {tuple(b) for b in map(tuple, blk)}
+    all_blocks = sv.blocks
     cover = block_cover(source, year, grid, sorted(all_blocks), block, cfg.background_groups,
-                        np.random.default_rng(cfg.seed + 2), first=sorted(weights)) if cfg.balance_cover else None
-    splits = assign_splits(weights, sorted(all_blocks - set(weights)), cfg, cover)
-    empty = [x for x in SPLITS if targets[x] > 0 and x not in {splits[b] for b in weights}]
+                        np.random.default_rng(cfg.seed + 2), first=sorted(sv.weights)) if cfg.balance_cover else None
+    splits = assign_splits(sv.weights, sorted(all_blocks - set(sv.weights)), cfg, cover)
+    empty = [x for x in SPLITS if targets[x] > 0 and x not in {splits[b] for b in sv.weights}]
     if empty:
         gsd = ground_sample_distance_m(grid.crs, grid.transform, grid.width, grid.height)
         raise InputError(
-            f"{where}the {len(geoms)} labels fall in {len(weights)} block(s) of {block} px ({block * gsd:.0f} m), "
+            f"{where}the {len(sv.geoms)} labels fall in {len(sv.weights)} block(s) of {block} px ({block * gsd:.0f} m), "
             f"too few to split into train/val/test without overlap (the {', '.join(empty)} split gets none): add "
             "labels over a wider area, use smaller chips (chips.chip_size), or set chips.val_fraction and "
             "chips.test_fraction to 0")
+    index = cut(labels, sv, source, year, dest, cfg, splits, labels_path=labels_path, reviewed=reviewed,
+                extra_meta={"land_cover_shares": _cover_shares(cover, splits)})
+    summary = split_summary(index)
+    total = sum(v["positive_pixels"] for v in summary.values()) or 1
+    log.info("chips: block %d px, %s; positive pixel shares %s", block, {s: v["chips"] for s, v in summary.items()},
+             {s: round(v["positive_pixels"] / total, 3) for s, v in summary.items()})
+    return index
+
+
+
+
+def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
+        splits: dict, labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None,
+        every_split: bool = True, extra_meta: dict | None = None, progress: bool = True) -> gpd.GeoDataFrame:
+    """Cut the chips and blocks of a surveyed grid whose blocks ``splits`` assigns, into the folder ``dest``
+    (written whole, then swapped in); returns the index. ``every_split``: raise unless each split with a target
+    gets labelled pixels (a tile of labels from anywhere need not: the splits are balanced across tiles);
+    ``progress``: bars for the chips and blocks written."""
+    where = f"{labels_path}: " if labels_path else ""
+    grid, block, geoms, pos, blk, weights = sv.grid, sv.block, sv.geoms, sv.pos, sv.blk, sv.weights
+    chip = cfg.chip_size
+    targets = _split_targets(cfg)
+    all_blocks = sv.blocks
     ground = labelled_ground(all_blocks, set(weights), cfg.background_reach)
     boxes = _chip_boxes(grid, pos, chip)
     hit, _ = shapely.STRtree(geoms).query(boxes, predicate="intersects")
@@ -115,14 +173,14 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     positive[hit] = True
     rng = np.random.default_rng(cfg.seed + 1)
     # background for each split from its own blocks, so that validation and test measure false alarms too
-    chip_split = np.array([splits[tuple(b)] for b in blk])
+    chip_split = np.array([splits.get((int(b[0]), int(b[1])), "train") for b in blk])
     on_ground = np.array([tuple(b) in ground for b in blk], bool)
     background = [np.zeros(0, np.int64)]
-    for s in SPLITS:
-        if targets[s] > 0 and cfg.background_per_positive > 0:
-            n_bg = max(2, int(round(cfg.background_per_positive * (positive & (chip_split == s)).sum())))
+    for x in SPLITS:
+        if targets[x] > 0 and cfg.background_per_positive > 0:
+            n_bg = max(2, int(round(cfg.background_per_positive * (positive & (chip_split == x)).sum())))
             background.append(select_background(source, year, grid, pos,
-                                                np.flatnonzero(~positive & (chip_split == s) & on_ground),
+                                                np.flatnonzero(~positive & (chip_split == x) & on_ground),
                                                 n_bg, cfg, rng))
     background = np.concatenate(background)
     chosen = np.concatenate([np.flatnonzero(positive), background])
@@ -136,18 +194,18 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
 
     with atomic_path(Path(dest), kind="chips") as tmp:
         rows = _write_chips(tmp, source, year, grid, pos, blk, boxes, chosen, kinds, splits, geoms, cfg,
-                            ignore=unsure)
+                            ignore=unsure, progress=progress)
         rasters = _write_blocks(tmp, source, year, grid, {tuple(b) for b in blk[chosen]}, block, geoms, cfg,
-                                ignore=unsure)
+                                ignore=unsure, progress=progress)
         if not rows:
             raise InputError(f"{where}no chip of the {year} imagery under the labels has enough valid pixels")
         index = gpd.GeoDataFrame(rows, geometry="geometry", crs=grid.crs).to_crs(WGS84)
         summary = split_summary(index)
-        for s in SPLITS:
-            if targets[s] > 0 and summary[s]["positive_pixels"] == 0:
-                raise InputError(f"{where}no labelled pixel with imagery falls in the {s} split (labels in "
+        for x in SPLITS:
+            if every_split and targets[x] > 0 and summary[x]["positive_pixels"] == 0:
+                raise InputError(f"{where}no labelled pixel with imagery falls in the {x} split (labels in "
                                  f"{len(weights)} blocks of {block} px): add labels over a wider area or set "
-                                 f"chips.{s}_fraction to 0")
+                                 f"chips.{x}_fraction to 0")
         index.to_parquet(tmp / "index.parquet")
         write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters, ground)
         write_json(tmp / "meta.json", {
@@ -159,13 +217,8 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
             "labelled_ground": {"reach_blocks": cfg.background_reach, "blocks": len(ground),
                                 "blocks_left_out": len(all_blocks) - len(ground)},
             "ignore_border_m": cfg.ignore_border_m, "splits": summary,
-            "land_cover_shares": _cover_shares(cover, splits),
             "review": {"not_mine_outlines": len(rejected), "reviewed_negative_chips": int(len(negative)),
                        "unsure_outlines_ignored": len(unsure)},
+            **(extra_meta or {}),
         })
-    total = sum(v["positive_pixels"] for v in summary.values()) or 1
-    log.info("chips: block %d px, %s; positive pixel shares %s", block, {s: v["chips"] for s, v in summary.items()},
-             {s: round(v["positive_pixels"] / total, 3) for s, v in summary.items()})
     return index
-
-

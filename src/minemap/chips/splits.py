@@ -41,23 +41,36 @@ def block_weights(grid: Grid, geoms: np.ndarray, block: int) -> dict[tuple[int, 
     return {(int(bx[i]), int(by[i])): float(total[i]) for i in np.flatnonzero(total > 0)}
 
 
-def choose_block_size(grid: Grid, geoms: np.ndarray, cfg: ChipConfig
-                      ) -> tuple[int, dict, np.ndarray, np.ndarray]:
-    """The configured block size, or the largest candidate with enough labelled blocks; its block weights
-    (labelled pixels of the blocks that hold labels and at least one chip) and its candidate chips
-    (:func:`chip_positions`)."""
+def block_sizes(cfg: ChipConfig, largest: int = 8) -> list[int]:
+    """The block sizes to try, largest first: the configured one, else ``largest`` chips and halvings down to
+    2 x 2 overlapping chips, then one chip (each with its margins)."""
     chip, stride = cfg.chip_size, cfg.stride or cfg.chip_size // 2
     if cfg.block_size:
-        sizes = [cfg.block_size]
-    else:  # down to blocks of 2 x 2 overlapping chips, then of one chip
-        sizes = [8 * chip, 4 * chip, 2 * chip, chip + stride + 2 * MARGIN_PX, chip + 2 * MARGIN_PX]
+        return [cfg.block_size]
+    sizes, n = [], largest
+    while n >= 2:
+        sizes.append(n * chip)
+        n //= 2
+    return sizes + [chip + stride + 2 * MARGIN_PX, chip + 2 * MARGIN_PX]
+
+
+def enough_blocks(w: np.ndarray, cfg: ChipConfig) -> bool:
+    """Whether blocks holding ``w`` labelled pixels each can be split: at least ``min_positive_blocks`` of them,
+    none with more than :data:`MAX_BLOCK_SHARE` of all."""
+    return len(w) >= cfg.min_positive_blocks and w.max() <= MAX_BLOCK_SHARE * w.sum()
+
+
+def choose_block_size(grid: Grid, geoms: np.ndarray, cfg: ChipConfig
+                      ) -> tuple[int, dict, np.ndarray, np.ndarray]:
+    """The configured block size, or the largest candidate (:func:`block_sizes`) with enough labelled blocks
+    (:func:`enough_blocks`); its block weights (labelled pixels of the blocks that hold labels and at least one
+    chip) and its candidate chips (:func:`chip_positions`)."""
     weights: dict = {}
-    for size in sizes:
+    for size in block_sizes(cfg):
         pos, blk = chip_positions(grid, cfg, size)
         with_chips = set(map(tuple, blk))
         weights = {b: w for b, w in block_weights(grid, geoms, size).items() if b in with_chips}
-        w = np.array(list(weights.values()))
-        if len(w) >= cfg.min_positive_blocks and w.max() <= MAX_BLOCK_SHARE * w.sum():
+        if enough_blocks(np.array(list(weights.values())), cfg):
             break
     return size, weights, pos, blk
 

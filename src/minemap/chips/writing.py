@@ -69,14 +69,16 @@ def _write_chip(path: Path, data: np.ndarray, grid: Grid, names: list[str]) -> N
 
 def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: np.ndarray, blk: np.ndarray,
                  boxes: np.ndarray, chosen: np.ndarray, kinds: np.ndarray, splits: dict, geoms: np.ndarray,
-                 cfg: ChipConfig, ignore: np.ndarray | None = None, desc: str = "chips") -> list[dict]:
+                 cfg: ChipConfig, ignore: np.ndarray | None = None, desc: str = "chips",
+                 progress: bool = True) -> list[dict]:
     """Read, mask and write the ``chosen`` chips into ``tmp/images`` and ``tmp/masks``; their index rows."""
     (tmp / "images").mkdir(parents=True, exist_ok=True)
     (tmp / "masks").mkdir(exist_ok=True)
     outlines = _Outlines(geoms, ignore, cfg)
     chip = cfg.chip_size
     rows = []
-    for i, kind in tqdm(list(zip(chosen, kinds)), desc=f"{desc} {year}", unit="chip", leave=False):
+    for i, kind in tqdm(list(zip(chosen, kinds)), desc=f"{desc} {year}", unit="chip", leave=False,
+                        disable=not progress):
         c, r = (int(v) for v in pos[i])
         cgrid = grid.window(c, r, chip, chip)
         pixels, valid = source.read(year, cgrid)
@@ -97,7 +99,8 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
 
 
 def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys: set[tuple[int, int]], block: int,
-                  geoms: np.ndarray, cfg: ChipConfig, ignore: np.ndarray | None = None) -> dict[tuple[int, int], dict]:
+                  geoms: np.ndarray, cfg: ChipConfig, ignore: np.ndarray | None = None,
+                  progress: bool = True) -> dict[tuple[int, int], dict]:
     """Write each block of ``keys`` whole (image and mask, as a chip's) into ``tmp/blocks``, so that training
     draws its windows anywhere inside the training blocks and validates on the validation blocks wall to wall;
     returns their paths and labelled pixels. Blocks too small to hold a chip, or mostly without imagery, are
@@ -105,7 +108,7 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
     (tmp / "blocks").mkdir(parents=True, exist_ok=True)
     outlines = _Outlines(geoms, ignore, cfg)
     out = {}
-    for bx, by in tqdm(sorted(keys), desc=f"blocks {year}", unit="block", leave=False):
+    for bx, by in tqdm(sorted(keys), desc=f"blocks {year}", unit="block", leave=False, disable=not progress):
         c, r = bx * block, by * block
         w, h = min(block, grid.width - c), min(block, grid.height - r)
         if min(w, h) < cfg.chip_size:

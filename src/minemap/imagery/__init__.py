@@ -58,12 +58,28 @@ def open_imagery(desc: Any, bands: list[str] | None = None, resampling: str = "n
     if isinstance(desc, (str, Path)):
         desc = LocalImageryConfig(path=Path(desc))
     if isinstance(desc, LocalImageryConfig):
-        return LocalImagery(desc.path, bands=bands, resampling=resampling)
+        return LocalImagery(desc.path, bands=bands, resampling=resampling, bbox=desc.bbox)
     if isinstance(desc, StacImageryConfig):
         return StacImagery(desc, bands=bands)
     if isinstance(desc, PlanetImageryConfig):
         return PlanetImagery(desc, bands=bands)
     raise TypeError(f"not an imagery description: {desc!r}")
+
+
+def for_area(desc: Any, bbox: tuple[float, float, float, float]) -> Any:
+    """The description of the source ``desc`` names, over ``bbox`` (EPSG:4326) only, in the area's own CRS
+    where the source builds its grid: a STAC source composites in the UTM zone of the area's centre (whatever
+    ``crs`` the description gives: one CRS cannot serve labels on several continents), Planet quads stay on
+    their Web Mercator grid, a local folder on its files' grid. Chips from anywhere (:mod:`minemap.chips.tiles`)
+    cut each tile of labels through one."""
+    if isinstance(desc, (str, Path)):
+        desc = LocalImageryConfig(path=Path(desc))
+    update: dict[str, Any] = {"bbox": tuple(float(v) for v in bbox)}
+    if isinstance(desc, StacImageryConfig):
+        update["crs"] = None
+    if not isinstance(desc, (LocalImageryConfig, StacImageryConfig, PlanetImageryConfig)):
+        raise TypeError(f"not an imagery description: {desc!r}")
+    return desc.model_validate({**desc.model_dump(), **update})
 
 
 def describe(desc: Any) -> str:
@@ -104,4 +120,4 @@ class Resampled:
         return self.inner.read(year, grid)
 
 
-__all__ = ["ImagerySource", "Resampled", "describe", "open_imagery"]
+__all__ = ["ImagerySource", "Resampled", "describe", "for_area", "open_imagery"]

@@ -27,8 +27,10 @@ from rasterio.enums import Resampling
 from rasterio.errors import RasterioError
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
+from pydantic import Field, field_validator
 
 from minemap.settings import Section
+from minemap.geo import check_bbox
 from minemap._io import stable_hash
 from minemap.errors import ImageryError
 from minemap.lattice import Grid
@@ -39,6 +41,11 @@ class LocalImageryConfig(Section):
 
     source: Literal["local"] = "local"
     path: Path
+    bbox: tuple[float, float, float, float] | None = Field(
+        None, description="only this area of the folders' mosaic: west, south, east, north (EPSG:4326); "
+                          "default the whole mosaic")
+
+    _area = field_validator("bbox")(classmethod(lambda cls, v: v if v is None else check_bbox(v)))
 
 
 log = logging.getLogger(__name__)
@@ -61,8 +68,10 @@ class LocalImagery:
 
     masks_clouds = False  # the files are taken as they are: clouds and shadows in them are valid pixels
 
-    def __init__(self, root: Path, bands: list[str] | None = None, resampling: str = "nearest") -> None:
+    def __init__(self, root: Path, bands: list[str] | None = None, resampling: str = "nearest",
+                 bbox: tuple[float, float, float, float] | None = None) -> None:
         self.root = Path(root)
+        self.bbox = bbox
         self.resampling = Resampling[resampling]  # nearest: the files' own pixels where the grids agree
         if not self.root.is_dir():
             raise ImageryError(f"{self.root}: imagery directory not found")
@@ -142,7 +151,18 @@ class LocalImagery:
         top = oy + np.ceil((max(tops) - oy) / yres - 1e-6) * yres
         width = int(np.ceil((max(rights) - left) / xres - 1e-6))
         height = int(np.ceil((top - min(bottoms)) / yres - 1e-6))
-        return Grid(first.crs, Affine(xres, 0, left, 0, -yres, top), width, height)
+        whole = Grid(first.crs, Affine(xres, 0, left, 0, -yres, top), width, height)
+        return whole if self.bbox is None else self._clip(whole, year)
+
+    def _clip(self, whole: Grid, year: int) -> Grid:
+        """The part of the mosaic's grid over :attr:`bbox`, on the same pixels."""
+        w, s, e, n = transform_bounds("EPSG:4326", whole.crs, *self.bbox, densify_pts=21)
+        t = whole.transform
+        c0, c1 = max(0, int(np.floor((w - t.c) / t.a + 1e-6))), min(whole.width, int(np.ceil((e - t.c) / t.a - 1e-6)))
+        r0, r1 = max(0, int(np.floor((n - t.f) / t.e + 1e-6))), min(whole.height, int(np.ceil((s - t.f) / t.e - 1e-6)))
+        if c1 <= c0 or r1 <= r0:
+            raise ImageryError(f"{self.root / str(year)}: no imagery over bbox {list(self.bbox)}")
+        return whole.window(c0, r0, c1 - c0, r1 - r0)
 
     def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
         return read_files(self._scan(year), grid, len(self.band_names), self.resampling)
