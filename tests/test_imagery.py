@@ -96,3 +96,63 @@ def test_errors_name_the_file(tmp_path):
     write_raster(tmp_path / "2022" / "a.tif", np.ones((3, 4, 4), np.uint16), T)
     with pytest.raises(ImageryError, match=r"a.tif: has 3 bands, expected 4"):
         open_imagery(tmp_path).check_bands(2022)
+
+
+def test_block_cache_serves_windows_as_the_source_reads_them(tmp_path):
+    """Windows inside one block, and coarse looks on a whole multiple of the pixels, come from a block read once,
+    equal to the source's own reads (nearest neighbour for the coarse look); a window across blocks, of another
+    year or another pixel lattice goes to the source."""
+    from minemap.imagery import BlockCache
+
+    full = _mosaic(tmp_path)
+    src = open_imagery(tmp_path)
+    grid = src.grid(2020)
+    cache = BlockCache(src, 2020, grid, block=20)
+    for win in (grid.window(2, 3, 16, 16), grid.window(40, 20, 20, 20), grid.window(21, 1, 5, 7)):
+        got, valid = cache.read(2020, win)
+        want, want_valid = src.read(2020, win)
+        assert np.array_equal(got, want) and np.array_equal(valid, want_valid)
+    assert cache.reads == 3  # blocks (0, 0), (2, 1), (1, 0)
+    coarse = Grid(grid.crs, grid.window(0, 0, 20, 20).transform @ Affine.scale(4), 5, 5)
+    got, _ = cache.read(2020, coarse)
+    assert np.array_equal(got, full[:, 2:20:4, 2:20:4].astype(np.float32)) and cache.reads == 3
+    assert np.array_equal(got, open_imagery(tmp_path, resampling="nearest").read(2020, coarse)[0])
+    across = grid.window(15, 15, 10, 10)  # four blocks: read from the source
+    assert np.array_equal(cache.read(2020, across)[0], full[:, 15:25, 15:25]) and cache.reads == 3
+    shifted = Grid(grid.crs, grid.transform @ Affine.translation(0.5, 0), 4, 4)
+    assert np.array_equal(cache.read(2020, shifted)[0], src.read(2020, shifted)[0]) and cache.reads == 3
+
+
+def test_block_cache_keeps_memory_bounded(tmp_path):
+    from minemap.imagery import BlockCache
+
+    _mosaic(tmp_path)
+    src = open_imagery(tmp_path)
+    grid = src.grid(2020)
+    one_block = 4 * 10 * 10 * 4 + 10 * 10  # float32 bands and the validity mask
+    cache = BlockCache(src, 2020, grid, block=10, max_bytes=2 * one_block)
+    for c in range(0, 60, 10):
+        cache.read(2020, grid.window(c, 0, 10, 10))
+    assert len(cache._blocks) == 2 and cache.reads == 6
+    cache.read(2020, grid.window(0, 0, 10, 10))  # dropped: read again
+    assert cache.reads == 7
+
+
+def test_a_folder_clipped_to_an_area_keeps_its_pixels(tmp_path):
+    """A local folder seen over a bbox (chips from anywhere cut each tile so): the mosaic's grid cut to the
+    bbox on the same pixels; a bbox beyond the files is one error naming the folder."""
+    from rasterio.warp import transform_bounds
+
+    from minemap.imagery import for_area
+
+    full = _mosaic(tmp_path)
+    grid = open_imagery(tmp_path).grid(2020)
+    part = grid.window(10, 5, 30, 20)
+    bbox = transform_bounds(grid.crs, "EPSG:4326", *part.bounds)
+    inner = (bbox[0] + 1e-6, bbox[1] + 1e-6, bbox[2] - 1e-6, bbox[3] - 1e-6)
+    src = open_imagery(for_area(tmp_path, inner))
+    clipped = src.grid(2020)
+    assert clipped.transform == part.transform and (clipped.width, clipped.height) == (30, 20)
+    assert np.array_equal(src.read(2020, clipped)[0], full[:, 5:25, 10:40])
+    with pytest.raises(ImageryError, match=str(tmp_path)):
+        open_imagery(for_area(tmp_path, (100.0, 10.0, 100.1, 10.1))).grid(2020)

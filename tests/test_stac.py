@@ -263,3 +263,24 @@ def test_messages_name_the_api_without_its_secrets():
     with pytest.raises(ImageryError) as e:
         open_imagery(cfg, bands=["red", "swir9"])
     assert "SECRET" not in str(e.value) and "pw" not in str(e.value) and "stac.example.org" in str(e.value)
+
+
+def test_clear_median_is_numpys_nanmedian():
+    """The composite's median of the clear observations equals ``np.nanmedian`` (odd and even counts, pixels
+    with none), without its warning per empty pixel."""
+    import warnings
+
+    from minemap.imagery.stac import clear_median
+
+    rng = np.random.default_rng(3)
+    for scenes in (1, 2, 3, 6):
+        x = rng.integers(1, 4000, (4, scenes, 30, 40)).astype(np.float32)
+        x[:, rng.random((scenes, 30, 40)) < 0.4] = np.nan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            want = np.nanmedian(x, axis=1)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            got = clear_median(x)
+        assert np.isnan(want).any() or scenes > 3
+        np.testing.assert_array_equal(got, want)

@@ -5,7 +5,6 @@ tile's own UTM zone, a model trained from the stream and two places mapped with 
 from __future__ import annotations
 
 import json
-import math
 
 import geopandas as gpd
 import numpy as np
@@ -15,7 +14,6 @@ import rasterio
 import shapely
 from affine import Affine
 from rasterio import features
-from rasterio.warp import transform_bounds
 
 from minemap.chips.tiles import REGION_DEG, TileArea, group_labels, make_tiled_chips, regions
 from minemap.config import ChipConfig, ModelConfig, PredictConfig, TrainConfig
@@ -23,13 +21,11 @@ from minemap.errors import InputError
 from minemap.imagery.stac import StacImageryConfig, utm_crs
 
 from conftest import SHARED
-from stac_server import Scene, StacServer
+from stac_server import MINE, VEGETATION, StacServer, serve_places
 
 RES = 30.0  # metres: small scenes, so that a hundred places are served in seconds
 MARGIN_M = 5000.0  # each place's scene reaches this far around its polygon (beyond a tile's margin)
 YEAR = 2020
-VEGETATION = (500, 800, 400, 3000)  # red, green, blue, nir
-MINE = (2600, 2100, 1600, 2500)
 ZONE_EDGE = 10  # the literature polygon 4 km east of the UTM zone boundary at 72 W
 ANTIMERIDIAN = 99  # the literature polygon 4 km west of 180 degrees
 CHIPS = ChipConfig(chip_size=32, stride=16, block_size=50, background_per_positive=0.5, seed=0)
@@ -55,25 +51,8 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("world")
     labels = gpd.read_file(SHARED)
     server = StacServer(root / "assets", "EPSG:32630", Affine.identity())
-    rng = np.random.default_rng(0)
-    for k, geom in enumerate(labels.geometry):
-        w, s, e, n = geom.bounds
-        crs = _scene_crs(k, (w + e) / 2, (s + n) / 2)
-        left, bottom, right, top = transform_bounds("EPSG:4326", crs, w, s, e, n, densify_pts=21)
-        x0 = math.floor((left - MARGIN_M) / RES) * RES
-        y0 = math.ceil((top + MARGIN_M) / RES) * RES
-        width = int(math.ceil((right + MARGIN_M - x0) / RES))
-        height = int(math.ceil((y0 - (bottom - MARGIN_M)) / RES))
-        transform = Affine(RES, 0, x0, 0, -RES, y0)
-        local = gpd.GeoSeries([geom], crs="EPSG:4326").to_crs(crs).iloc[0]
-        mine = features.rasterize([(local, 1)], (height, width), transform=transform).astype(bool)
-        bands = {}
-        for i, name in enumerate(("red", "green", "blue", "nir")):
-            band = VEGETATION[i] + rng.normal(0, 40, (height, width))
-            band[mine] = MINE[i] + rng.normal(0, 40, int(mine.sum()))
-            bands[name] = np.clip(band, 1, None).astype(np.uint16)
-        scl = np.where(mine, 5, 4).astype(np.uint8)
-        server.add(Scene(f"S2_{k:03d}_{YEAR}0615", f"{YEAR}-06-15", bands, scl, crs=crs, transform=transform))
+    serve_places(server, labels.geometry, YEAR, RES, MARGIN_M, np.random.default_rng(0),
+                 crs_of=lambda k, lon, lat: _scene_crs(k, lon, lat))
     yield server, labels, root
     server.close()
 

@@ -20,8 +20,8 @@ in its own CRS, with the spatial splits balanced across tiles and regions.
    every split. Land-cover balancing (``chips.balance_cover``) is not done here: it would fetch every tile's
    pixels before the first cut.
 4. **Cut.** Each tile is a unit of work (:func:`minemap.execution.map_units`: in this process, ``workers`` local
-   processes or a Dask cluster, with a progress bar in places a second): its imagery read and its chips and
-   blocks cut into ``tiles/<tile>/``, a chips folder of its own written whole, then a record ``tiles/<tile>.json``
+   processes or a Dask cluster, with a progress bar in places a second): its imagery read a block at a time
+   into memory (:class:`minemap.imagery.BlockCache`) and its chips and blocks cut into ``tiles/<tile>/``, a chips folder of its own written whole, then a record ``tiles/<tile>.json``
    with the fingerprint of everything the tile was cut from. A rerun skips the tiles whose record matches, so
    a run killed after hours resumes where it stopped. A tile that cannot give chips (no imagery over it, every
    chip mostly nodata) is recorded with the reason and left out; the others go on.
@@ -55,7 +55,7 @@ from minemap.errors import InputError, MinemapError
 from minemap.execution import map_units
 from minemap.formats.chips import CHIPS_FORMAT, SPLITS, split_summary
 from minemap.geo import WGS84, ground_sample_distance_m
-from minemap.imagery import for_area, open_imagery
+from minemap.imagery import BlockCache, for_area, open_imagery
 
 log = logging.getLogger(__name__)
 
@@ -277,6 +277,7 @@ def cut_tile(unit: dict) -> dict:
     try:
         source = open_imagery(for_area(unit["imagery"], unit["bbox"]), unit["bands"])
         sv = survey(unit["labels"], source, unit["year"], unit["cfg"], block=unit["block"])
+        source = BlockCache(source, unit["year"], sv.grid, sv.block)  # each block read once, then cut from memory
         index = cut(unit["labels"], sv, source, unit["year"], dest / unit["tile_id"], unit["cfg"], unit["splits"],
                     every_split=False, progress=False, extra_meta={"tile": unit["tile_id"], "bbox": list(unit["bbox"])})
         summary = split_summary(index)

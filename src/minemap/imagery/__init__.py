@@ -120,4 +120,73 @@ class Resampled:
         return self.inner.read(year, grid)
 
 
-__all__ = ["ImagerySource", "Resampled", "describe", "for_area", "open_imagery"]
+class BlockCache:
+    """One year of a source read a block at a time and kept in memory (up to ``max_bytes``, the oldest block
+    dropped first): cutting chips reads windows of each block many times over (the coarse looks that group the
+    background, the chips, the block itself). A grid on the area's pixels, or on a whole multiple of them (a
+    coarse look: the pixel at each coarse pixel's centre, as a nearest-neighbour read gives), that lies inside
+    one block of ``block`` px of ``area`` is served from that block; any other read goes to the source."""
+
+    def __init__(self, inner: ImagerySource, year: int, area: Grid, block: int, max_bytes: int = 1 << 30) -> None:
+        self.inner, self.year, self.area, self.block, self.max_bytes = inner, year, area, int(block), max_bytes
+        self.band_names = inner.band_names
+        self.masks_clouds = bool(getattr(inner, "masks_clouds", False))
+        self._blocks: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.reads = 0  # blocks read from the source
+
+    def years(self) -> list[int]:
+        return self.inner.years()
+
+    def grid(self, year: int) -> Grid:
+        return self.inner.grid(year)
+
+    def fingerprint(self, year: int) -> str:
+        return self.inner.fingerprint(year)
+
+    def check_bands(self, year: int) -> None:
+        self.inner.check_bands(year)
+
+    def read(self, year: int, grid: Grid) -> tuple[np.ndarray, np.ndarray]:
+        at = self._place(grid) if year == self.year and grid.crs == self.area.crs else None
+        if at is None:
+            return self.inner.read(year, grid)
+        key, rows, cols = at
+        pixels, valid = self._block(key)
+        return pixels[:, rows, cols].copy(), valid[rows, cols].copy()
+
+    def _block(self, key: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        if key not in self._blocks:
+            bx, by = key
+            c, r = bx * self.block, by * self.block
+            self._blocks[key] = self.inner.read(self.year, self.area.window(
+                c, r, min(self.block, self.area.width - c), min(self.block, self.area.height - r)))
+            self.reads += 1
+            size = sum(p.nbytes + v.nbytes for p, v in self._blocks.values())
+            while size > self.max_bytes and len(self._blocks) > 1:
+                p, v = self._blocks.pop(next(iter(self._blocks)))
+                size -= p.nbytes + v.nbytes
+        return self._blocks[key]
+
+    def _place(self, grid: Grid) -> tuple[tuple[int, int], slice, slice] | None:
+        """The block that holds ``grid`` and the rows and columns of its pixels there, if any."""
+        a, g = self.area.transform, grid.transform
+        if a.b or a.d or g.b or g.d or a.a <= 0 or a.e >= 0:
+            return None
+        k = g.a / a.a
+        if round(k) < 1 or abs(k - round(k)) > 1e-9 or abs(g.e / a.e - k) > 1e-9 * k:
+            return None
+        k = int(round(k))
+        col, row = (g.c - a.c) / a.a, (g.f - a.f) / a.e
+        if abs(col - round(col)) > 1e-6 or abs(row - round(row)) > 1e-6:
+            return None
+        col, row = int(round(col)), int(round(row))
+        right, bottom = col + grid.width * k, row + grid.height * k
+        if col < 0 or row < 0 or right > self.area.width or bottom > self.area.height:
+            return None
+        bx, by = col // self.block, row // self.block
+        if (right - 1) // self.block != bx or (bottom - 1) // self.block != by:
+            return None
+        c, r, first = col - bx * self.block, row - by * self.block, k // 2
+        return (bx, by), slice(r + first, r + first + grid.height * k, k), slice(c + first, c + first + grid.width * k, k)
+
+__all__ = ["BlockCache", "ImagerySource", "Resampled", "describe", "for_area", "open_imagery"]

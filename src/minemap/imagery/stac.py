@@ -44,6 +44,19 @@ from minemap.imagery.local import file_info, read_files
 from minemap.formats.rasters import write_cog
 
 
+def clear_median(stack: np.ndarray) -> np.ndarray:
+    """The median over axis 1 of ``stack`` (bands, time, h, w) of the values that are not NaN (NaN where none),
+    as ``np.nanmedian`` gives, from one sort: ``np.nanmedian`` over a short axis takes a masked-array path that
+    warns once per all-NaN pixel, which made it most of a composite's time."""
+    ordered = np.sort(stack, axis=1)  # NaN last
+    n = (~np.isnan(ordered[:1])).sum(axis=1, keepdims=True)  # clear observations, the same in every band
+    lo = np.broadcast_to(np.maximum((n - 1) // 2, 0), (stack.shape[0], 1, *stack.shape[2:]))
+    hi = np.broadcast_to(np.maximum(n // 2, 0), lo.shape)
+    med = (np.take_along_axis(ordered, lo, axis=1) + np.take_along_axis(ordered, hi, axis=1))[:, 0] / 2
+    med[np.broadcast_to(n[:, 0] == 0, med.shape)] = np.nan
+    return med
+
+
 class StacImageryConfig(Section):
     """Yearly cloud-masked median composites of a STAC collection with a scene classification band (Sentinel-2
     L2A by default), cached on disk; see :mod:`minemap.imagery.stac`."""
@@ -297,9 +310,7 @@ class StacImagery:
             clear_any += clear.sum(0)
         if not stacks:
             return np.zeros((len(bands), h, w), np.uint16), clear_any
-        with warnings.catch_warnings():  # all-NaN pixels (no clear observation) are nodata below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            med = np.nanmedian(np.concatenate(stacks, axis=1), axis=1)
+        med = clear_median(np.concatenate(stacks, axis=1))
         out = np.where(clear_any[None] > 0, np.rint(np.nan_to_num(med, nan=0.0)), 0)
         return np.clip(out, 0, 65535).astype(np.uint16), clear_any
 
