@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import re
 import threading
 import uuid
@@ -83,10 +84,13 @@ def map_units(func: Callable[[U], Any], units: Iterable[U], workers: int = 1,
 
 
 def _init_worker(workers: int, initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    # share the cores between worker processes instead of oversubscribing them
-    import torch
-
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    # share the cores between worker processes instead of oversubscribing them; torch is not imported for work
+    # that does not need it (cutting chips): a second of start-up per worker, and memory
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(threads)  # what torch takes when imported later
     if initializer is not None:
         initializer(*initargs)
 

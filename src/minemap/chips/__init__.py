@@ -29,7 +29,7 @@ inside one block with a one-pixel margin, so no chip of one split overlaps or to
 
 Writes, atomically as one folder::
 
-    chips/images/<chip_id>.tif   float32, the source's bands, with band descriptions
+    chips/images/<chip_id>.tif   the source's bands (uint16 where lossless, else float32), with band descriptions
     chips/masks/<chip_id>.tif    uint8: 0 background, 1 mining, 255 ignore
     chips/index.parquet          GeoParquet (EPSG:4326): chip_id, split, kind (positive, background,
                                  hard_negative), year, image, mask, block, col and row (of the chip's first pixel

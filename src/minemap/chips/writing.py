@@ -60,8 +60,13 @@ class _Outlines:
 
 
 def _write_chip(path: Path, data: np.ndarray, grid: Grid, names: list[str]) -> None:
+    """A chip's or block's raster: float32 bands as uint16 where that keeps every value (the digital numbers of
+    Planet, Sentinel-2 and most folders: half the bytes, twice as fast to write), deflate at its fastest level."""
+    if data.dtype == np.float32 and data.size and data.min() >= 0 and data.max() <= 65535 \
+            and np.array_equal(data, np.floor(data)):
+        data = data.astype(np.uint16)
     profile = dict(driver="GTiff", width=grid.width, height=grid.height, count=data.shape[0], dtype=data.dtype,
-                   crs=grid.crs, transform=grid.transform, compress="deflate")
+                   crs=grid.crs, transform=grid.transform, compress="deflate", zlevel=1)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(data)
         dst.descriptions = tuple(names)

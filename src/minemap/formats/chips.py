@@ -1,6 +1,7 @@
 """A chips folder (``minemap chips``, and the hard negatives' ``chips/``)::
 
-    images/<chip_id>.tif, masks/<chip_id>.tif   a chip's bands (float32) and mask (0, 1, 255 = ignored)
+    images/<chip_id>.tif, masks/<chip_id>.tif   a chip's bands (uint16 where that keeps every value, else
+                                                float32) and mask (0, 1, 255 = ignored)
     blocks/                                     the blocks of the grid that hold chips, whole (image and mask)
     index.parquet                               a row per chip: chip_id, split, kind, image, mask, positive_pixels,
                                                 col, row, footprint (EPSG:4326)
