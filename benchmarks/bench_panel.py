@@ -17,13 +17,17 @@ noise that the temporal rule drops. Then, from one run:
   computing and writing timed apart; the country step also timed done as one plain loop, for the record);
 - that minemap keeps exactly the polygons the study's temporal rule keeps (buffer 0).
 
-Prints the figures and the ratios (minemap / floor, study / minemap). Run: `make bench` or
+The floor and minemap's two commands run ``--runs`` times (default 3, alternating): the figures are medians with
+the spread (lowest to highest) beside them; the study's method runs once. Prints the figures and the ratios
+(minemap / floor, study / minemap), writes ``benchmarks/results/panel-<date>-<commit>.json``, and exits 1 where
+minemap's kept polygons are not the study's. Run: `make bench` or
 `.venv/bin/python benchmarks/bench_panel.py [--mines 54000]` (a third of the scale: ~1/3 the time and memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -38,6 +42,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from minemap.formats.countries import load_countries
+from results_file import write_results
 
 FIRST_YEAR = 2016
 VERTICES = 32
@@ -187,8 +192,9 @@ def study_method(paths: list[Path], countries: gpd.GeoDataFrame, out_dir: Path) 
     return out, seconds
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=3, help="runs of the floor and of minemap's commands")
     ap.add_argument("--mines", type=int, default=162_000, help="pits (the study: ~147,000 polygons a year)")
     ap.add_argument("--years", type=int, default=9)
     ap.add_argument("--keep", type=Path, default=None, help="keep the files in this folder")
@@ -210,18 +216,25 @@ def main() -> None:
         print(f"synthetic panel: {n:,} polygons ({args.years} years x ~{n // args.years:,}), "
               f"~{vertices} vertices each, built in {time.perf_counter() - t0:.0f} s")
 
-        t0 = time.perf_counter()
-        all_polys = gpd.GeoDataFrame(pd.concat([gpd.read_parquet(p) for p in paths], ignore_index=True),
-                                     crs="EPSG:4326")
-        all_polys.to_parquet(root / "floor.parquet")
-        floor = time.perf_counter() - t0
-        del all_polys
-
         span = f"{years[0]}-{years[-1]}"
-        t_pp, m_pp = run_cli(["postprocess", str(poly_dir), "--years", span, "--out", str(root / "pp.parquet"),
-                             "--temporal", "study"])
-        t_panel, m_panel = run_cli(["panel", str(root / "pp.parquet"), "--out", str(root / "panel")])
-        minemap_s = t_pp + t_panel
+        floors, pps, panels, peaks = [], [], [], []
+        for run in range(args.runs):
+            t0 = time.perf_counter()
+            all_polys = gpd.GeoDataFrame(pd.concat([gpd.read_parquet(p) for p in paths], ignore_index=True),
+                                         crs="EPSG:4326")
+            all_polys.to_parquet(root / "floor.parquet")
+            floors.append(time.perf_counter() - t0)
+            del all_polys
+            pp = root / ("pp.parquet" if run == 0 else f"pp{run}.parquet")
+            t_pp, m_pp = run_cli(["postprocess", str(poly_dir), "--years", span, "--out", str(pp),
+                                  "--temporal", "study"])
+            t_panel, m_panel = run_cli(["panel", str(pp), "--out", str(root / ("panel" if run == 0 else f"panel{run}"))])
+            pps.append(t_pp)
+            panels.append(t_panel)
+            peaks.append(max(m_pp, m_panel))
+        floor, t_pp, t_panel = float(np.median(floors)), float(np.median(pps)), float(np.median(panels))
+        totals = [a + b for a, b in zip(pps, panels)]
+        minemap_s = float(np.median(totals))
 
         gpkgs = []  # the study's own input: a GeoPackage of predictions a year
         for y, p in zip(years, paths):
@@ -239,18 +252,36 @@ def main() -> None:
         panel = pd.read_parquet(root / "panel" / "mines.parquet", columns=["mine_id"])
         events = pd.read_parquet(root / "panel" / "events.parquet", columns=["kind"])
 
-    print(f"floor (read the year files, write one GeoParquet): {floor:.1f} s")
-    print(f"minemap postprocess: {t_pp:.1f} s, peak {m_pp:.2f} GB; minemap panel: {t_panel:.1f} s, "
-          f"peak {m_panel:.2f} GB ({len(panel):,} mines; events {events.kind.value_counts().to_dict()})")
-    print(f"study's method (temporal rule, countries, areas; its GeoPackages in and out): {study_s:.1f} s "
+    ratios = [t / f for t, f in zip(totals, floors)]
+    print(f"floor (read the year files, write one GeoParquet): median {floor:.1f} s of {args.runs} runs "
+          f"({min(floors):.1f}-{max(floors):.1f})")
+    print(f"minemap postprocess: median {t_pp:.1f} s; minemap panel: median {t_panel:.1f} s; both "
+          f"{minemap_s:.1f} s ({min(totals):.1f}-{max(totals):.1f}); peak {max(peaks):.2f} GB "
+          f"({len(panel):,} mines; events {events.kind.value_counts().to_dict()})")
+    print(f"study's method (temporal rule, countries, areas; its GeoPackages in and out; one run): {study_s:.1f} s "
           f"(read {study_parts['read']:.1f} s, compute {study_parts['compute']:.1f} s of which countries "
-          f"{study_parts['countries']:.1f} s the script's way, {study_parts['countries_lean']:.1f} s done as one "
-          f"loop; write {study_parts['write']:.1f} s)")
-    print(f"minemap / floor: {minemap_s / floor:.1f} x (goal <= 5); study / minemap: {study_s / minemap_s:.2f} x "
-          f"(goal >= 3; the study's computing alone: {study_parts['compute'] / minemap_s:.2f} x minemap's whole "
-          f"commands); peak RSS {max(m_pp, m_panel):.2f} GB (goal <= 4 at 1.46 million polygons)")
+          f"{study_parts['countries']:.1f} s the script's way (a table of intersects tests of every polygon "
+          f"against every country), {study_parts['countries_lean']:.1f} s done as one loop; "
+          f"write {study_parts['write']:.1f} s)")
+    print(f"minemap / floor: {minemap_s / floor:.1f} x, median of the runs' ratios {np.median(ratios):.1f} "
+          f"({min(ratios):.1f}-{max(ratios):.1f}; goal <= 3); study / minemap: {study_s / minemap_s:.2f} x "
+          f"(its computing alone: {study_parts['compute'] / minemap_s:.2f} x minemap's whole commands; without "
+          f"its table of tests, {(study_s - study_parts['countries'] + study_parts['countries_lean']) / minemap_s:.2f}"
+          f" x); peak RSS {max(peaks):.2f} GB (goal <= 4 at 1.46 million polygons)")
     print(f"kept polygons identical to the study's temporal rule: {same} ({len(ours):,} vs {len(study):,})")
+    path = write_results("panel", os.cpu_count() or 1, {
+        "mines": args.mines, "years": args.years, "polygons": n, "runs": args.runs, "floor_s": [round(v, 2) for v in floors],
+        "postprocess_s": [round(v, 2) for v in pps], "panel_s": [round(v, 2) for v in panels],
+        "peak_gb": round(max(peaks), 3), "minemap_vs_floor_median": round(float(np.median(ratios)), 3),
+        "minemap_vs_floor_range": [round(min(ratios), 3), round(max(ratios), 3)],
+        "study_s": {k: round(v, 2) for k, v in study_parts.items()}, "study_vs_minemap": round(study_s / minemap_s, 3),
+        "kept_identical": bool(same), "kept": [len(ours), len(study)]})
+    print(f"results: {path}")
+    if not same:
+        print("FAILED: minemap's kept polygons differ from the study's temporal rule", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,8 +8,8 @@ Prints, from one run (figures as ratios, since machines are noisy):
 2. memory: peak RSS of `train` (one epoch) on N chips and on 10 N chips (default 2,000 and 20,000), each in a
    fresh process. Goal <= 1.2: memory must not grow with the label set (training streams its chips from disk).
 
-The chips folders are synthetic (random bands, a square mine in half the chips), written in minemap's chips
-format without blocks, so that training reads chips (the path of a large, worldwide label set).
+The chips folders are synthetic (random digital numbers, a square mine in half the chips), written as minemap
+writes chips (uint16, deflate) without blocks, so that training reads chips (the path of a large, worldwide label set).
 Writes ``benchmarks/results/train-<date>-<commit>.json``.
 Run: `make bench` or `.venv/bin/python benchmarks/bench_train.py [--chips 200] [--size 64] [--epochs 2]`.
 """
@@ -30,8 +30,11 @@ import rasterio
 import shapely
 import torch
 from affine import Affine
+from rasterio.crs import CRS
 
+from minemap.chips.writing import _write_chip
 from minemap.config import ModelConfig, TrainConfig
+from minemap.lattice import Grid
 from minemap.model import build_model, forward_logits, resolve_device, resolve_precision
 from minemap.train import segmentation_loss, train
 from results_file import write_results
@@ -56,11 +59,9 @@ def write_chips(dest: Path, n: int, size: int, seed: int = 0) -> Path:
             y[a:b + 1, a:b + 1] = 1
             x[:, y == 1] += 600
         split = "train" if i % 20 < 14 else "val" if i % 20 < 17 else "test"
-        profile = dict(driver="GTiff", width=size, height=size, crs="EPSG:32630", transform=t)
-        with rasterio.open(dest / "images" / f"{i}.tif", "w", count=4, dtype="float32", **profile) as dst:
-            dst.write(x)
-        with rasterio.open(dest / "masks" / f"{i}.tif", "w", count=1, dtype="uint8", **profile) as dst:
-            dst.write(y, 1)
+        grid = Grid(CRS.from_epsg(32630), t, size, size)  # written as minemap writes chips (digital numbers)
+        _write_chip(dest / "images" / f"{i}.tif", np.rint(x), grid, BANDS)
+        _write_chip(dest / "masks" / f"{i}.tif", y[None], grid, ["mask"])
         rows.append({"chip_id": str(i), "split": split, "kind": "positive" if y.any() else "background",
                      "image": f"images/{i}.tif", "mask": f"masks/{i}.tif", "positive_pixels": int(y.sum()),
                      "geometry": shapely.box(*rasterio.transform.array_bounds(size, size, t))})
@@ -72,7 +73,8 @@ def write_chips(dest: Path, n: int, size: int, seed: int = 0) -> Path:
 
 
 def floor_seconds(n_chips: int, size: int, cfg: TrainConfig) -> float:
-    """The bare forward + backward + step over ``n_chips`` chips in batches, tensors in memory."""
+    """The bare forward + backward + step over ``n_chips`` chips in batches, tensors in memory, in the
+    configured precision."""
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
     torch.manual_seed(0)
@@ -124,6 +126,8 @@ def main() -> None:
         stage = time.perf_counter() - t0
         floor = floor_seconds(n_train * args.epochs, args.size, cfg)
         ratio = floor / stage
+        fp32 = floor_seconds(n_train * args.epochs, args.size, cfg.model_copy(update={"precision": "fp32"}))
+        print(f"precision: the bare step in {card.precision} {fp32 / floor:.2f} x as fast as in fp32", flush=True)
         print(f"throughput: train {n_train * args.epochs / stage:.1f} chips/s over {args.epochs} epochs of "
               f"{n_train} chips ({args.size} px, batch {cfg.batch_size}, {card.precision}); floor (bare forward + "
               f"backward + step) {n_train * args.epochs / floor:.1f} chips/s; stage / floor {ratio:.2f} "
@@ -137,7 +141,8 @@ def main() -> None:
         "device": str(resolve_device(cfg.device)), "precision": card.precision, "chip_px": args.size,
         "chips": args.chips, "epochs": args.epochs, "batch_size": cfg.batch_size, "goals": GOALS,
         "stage_chips_per_s": n_train * args.epochs / stage, "floor_chips_per_s": n_train * args.epochs / floor,
-        "stage_vs_floor": ratio, "peak_rss_mb": {str(args.chips): rss_small, str(10 * args.chips): rss_large},
+        "stage_vs_floor": ratio, "floor_fp32_chips_per_s": n_train * args.epochs / fp32,
+        "precision_speed_up": fp32 / floor, "peak_rss_mb": {str(args.chips): rss_small, str(10 * args.chips): rss_large},
         "rss_ratio": rss_large / rss_small})
     print(f"results -> {dest}")
 

@@ -19,7 +19,7 @@ from minemap.manifest import Manifest
 
 def _predict_cmd(model_dir, scene, out):
     return [sys.executable, "-m", "minemap", "predict", "--model", str(model_dir), "--imagery", str(scene.imagery),
-            "--years", "2019-2020", "--out", str(out), "--tile-size", "64"]
+            "--years", "2019-2020", "--out", str(out), "--tile-size", "64", "--window-size", "64"]
 
 
 def test_sigkill_during_prediction_then_resume(scene, tmp_path):

@@ -222,8 +222,8 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
             imagery: Annotated[Path, typer.Option(help="imagery directory with one folder per year")],
             years: Annotated[str, typer.Option(help="e.g. 2019-2021 or 2016,2019")],
             out_dir: Annotated[Path, typer.Option("--out", help="folder of probability COGs")],
-            tile_size: int = _PREDICT.tile_size, window_overlap: Optional[float] = _PREDICT.window_overlap,
-            batch_size: int = _PREDICT.batch_size,
+            tile_size: int = _PREDICT.tile_size, window_size: Optional[int] = _PREDICT.window_size,
+            window_overlap: Optional[float] = _PREDICT.window_overlap, batch_size: int = _PREDICT.batch_size,
             workers: int = 1,
             device: str = _PREDICT.device, bands: BandsOpt = None, overwrite: bool = False,
             aoi: Annotated[Optional[str], typer.Option(help=AOI_HELP)] = None,
@@ -233,8 +233,8 @@ def predict(model_dir: Annotated[Path, typer.Option("--model", help="model direc
     from minemap.aoi import parse_aoi
     from minemap.predict import predict as predict_fn
 
-    cfg = _settings(PredictConfig, tile_size=tile_size, window_overlap=window_overlap, batch_size=batch_size,
-                    device=device)
+    cfg = _settings(PredictConfig, tile_size=tile_size, window_size=window_size, window_overlap=window_overlap,
+                    batch_size=batch_size, device=device)
     scheduler = scheduler_address(scheduler)
     area = parse_aoi(aoi) if aoi is not None else None
     paths = predict_fn(model_dir, imagery, _years(years), out_dir, cfg, _bands(bands), workers, overwrite,
