@@ -246,3 +246,25 @@ def test_polygons_either_side_of_a_border_get_their_country():
     assert list(got.iso3) == expected
     wrong = attribute_countries(_polys(rows), coarse).iso3.to_numpy() != np.array(expected, dtype=object)
     assert wrong.mean() > 0.05
+
+
+def test_nearest_outline_is_the_nearest_polygon_within_reach():
+    """Offshore polygons take the nearest country: found from the rings' segments, equal to the distance to the
+    polygons themselves (a lake inside a country counts its shore), none beyond the reach."""
+    import shapely
+
+    from minemap.postprocess import nearest_outline
+
+    west = shapely.box(0, 0, 100, 100)
+    east = shapely.Polygon(shapely.box(300, 0, 400, 100).exterior.coords, [shapely.box(330, 30, 370, 70).exterior.coords])
+    islands = shapely.MultiPolygon([shapely.box(0, 200, 10, 210), shapely.box(500, 500, 520, 520)])
+    outlines = np.array([west, east, islands])
+    geoms = np.array([shapely.box(110, 40, 112, 42),  # 10 from west, 188 from east
+                      shapely.box(250, 40, 252, 42),  # 150 from west, 48 from east
+                      shapely.box(349, 49, 351, 51),  # in the lake: 19 from its shore (east)
+                      shapely.box(5, 150, 6, 151),  # 49 from the island of the third, 50 from west
+                      shapely.box(900, 900, 901, 901)])  # beyond reach
+    src, dst = nearest_outline(geoms, outlines, shapely.STRtree(outlines), max_distance=120)
+    assert dict(zip(src.tolist(), dst.tolist())) == {0: 0, 1: 1, 2: 1, 3: 2}
+    want = [int(np.argmin(shapely.distance(g, outlines))) for g in geoms[:4]]
+    assert want == [0, 1, 1, 2]

@@ -237,3 +237,31 @@ def test_mmseg_layout_of_a_tiled_folder_keeps_every_chip(tiled, tmp_path):
     assert index.chip_id.is_unique and all(c.startswith(t + "_") for c, t in zip(index.chip_id, index.tile))
     n = write_layout(dest, tmp_path / "mmseg")
     assert n == len(index) == len(list((tmp_path / "mmseg").glob("*/img_dir/*/*.tif")))
+
+
+def test_tiles_cut_on_a_dask_cluster_equal_the_serial_cut(world, tmp_path):
+    """``scheduler``: each tile is a task on the cluster's workers (processes started in a folder of their
+    own, reaching the STAC API and the chips folder by absolute paths); the chips are those of a serial cut."""
+    from distributed import LocalCluster
+
+    server, labels, root = world
+    small = labels.iloc[[ZONE_EDGE, ANTIMERIDIAN, 40, 41, 60, 80]]
+    cfg = CHIPS.model_copy(update={"val_fraction": 0.0, "test_fraction": 0.0})
+    serial = make_tiled_chips(small, _imagery(server, root), YEAR, tmp_path / "serial", cfg, progress=False)
+    here = pytest.MonkeyPatch()
+    here.chdir(tmp_path)
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None, memory_limit="2GiB") as lc:
+            here.chdir(root)
+            cut = make_tiled_chips(small, _imagery(server, root), YEAR, "on-cluster", cfg,
+                                   scheduler=lc.scheduler_address, progress=False)
+    finally:
+        here.undo()
+    columns = ["chip_id", "split", "kind", "positive_pixels"]
+    assert cut[columns].sort_values("chip_id").reset_index(drop=True).equals(
+        serial[columns].sort_values("chip_id").reset_index(drop=True))
+    for rel in cut.image:
+        with rasterio.open(root / "on-cluster" / rel) as a, rasterio.open(tmp_path / "serial" / rel) as b:
+            assert np.array_equal(a.read(), b.read()), rel
+    assert json.loads((root / "on-cluster" / "meta.json").read_text())["tiles_cut"] == len(set(cut.tile))
