@@ -18,6 +18,7 @@ from pathlib import Path
 
 from minemap._io import write_json
 from minemap.manifest import Manifest
+from results_file import write_results
 
 
 def fingerprint(i: int) -> str:
@@ -64,6 +65,11 @@ def main() -> None:
     print(f"for contrast, one JSON file rewritten per unit: {per_unit_old[1_000] * 1e6:.0f} us per unit at 1,000 "
           f"done, {per_unit_old[4_000] * 1e6:.0f} us at 4,000 (x{per_unit_old[4_000] / per_unit_old[1_000]:.1f}); "
           f"extrapolated, {per_unit_old[4_000] * n / 4_000 * n / 2 / 3600:.1f} h to record {n:,}")
+    print("results:", write_results("manifest", 1, {
+        "units": n, "record_s": round(total, 3), "per_unit_first_us": round(first * 1e6, 1),
+        "per_unit_last_us": round(last * 1e6, 1), "resume_s": round(t_resume, 3), "log_mb": round(size / 1e6, 2),
+        "json_rewrite_per_unit_us": {str(k): round(v * 1e6, 1) for k, v in per_unit_old.items()},
+        "json_rewrite_extrapolated_h": round(per_unit_old[4_000] * n / 4_000 * n / 2 / 3600, 2)}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from stac_server import Scene, StacServer  # noqa: E402
 
 from minemap.imagery.stac import StacImageryConfig
 from minemap.imagery import open_imagery  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -67,6 +68,8 @@ def main() -> None:
     r = records[0]
     print(f"composite of {r['scenes']} scenes, {n} x {n} px, 4 bands: first run {first:.2f} s "
           f"({r['clear_share']:.1%} clear), second (cached) run {second:.3f} s, ratio {second / first:.4f}")
+    print("results:", write_results("stac", 1, {"scenes": r["scenes"], "tile_px": n, "first_s": round(first, 3),
+                                                "cached_s": round(second, 4), "ratio": round(second / first, 4)}))
 
 
 if __name__ == "__main__":

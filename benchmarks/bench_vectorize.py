@@ -19,6 +19,7 @@ from minemap.lattice import Grid
 from minemap.postprocess import postprocess
 from minemap.formats.rasters import write_cog
 from minemap.vectorize import read_polygons, vectorize
+from results_file import write_results
 
 SIZE, TILE = 4096, 1024
 T = Affine(4.777, 0, -219_000.0, 0, -4.777, 700_000.0)
@@ -46,6 +47,9 @@ def main() -> None:
         print(f"vectorize: {len(polys)} polygons from 2 x {SIZE}x{SIZE} px in {dt_v:.1f} s "
               f"({len(polys) / dt_v:.0f} polygons/s, {2 * SIZE * SIZE / dt_v / 1e6:.1f} Mpx/s)")
         print(f"postprocess: {len(polys)} -> {len(pp)} polygons in {dt_p:.1f} s ({len(polys) / dt_p:.0f} polygons/s)")
+    print("results:", write_results("vectorize", 1, {
+        "pixels": 2 * SIZE * SIZE, "polygons": len(polys), "vectorize_s": round(dt_v, 3),
+        "postprocess_s": round(dt_p, 3), "kept": len(pp)}))
 
 
 if __name__ == "__main__":
