@@ -640,14 +640,6 @@ def demo(out_dir: Annotated[Path, typer.Option("--out", help="folder for the sce
     out.print(f"demo finished in {time.perf_counter() - t0:.0f} s")
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 def _imagery_config(config: Path | None, flags: dict | None = None, default_bbox=None):
     """A remote source's description from the ``[imagery]`` table of a TOML ``config`` (``cache_dir`` relative to
     it) and the flags given (``flags``: field -> value, None where not given; ``url`` names Planet's
@@ -686,7 +678,9 @@ def _imagery_config(config: Path | None, flags: dict | None = None, default_bbox
         table["bbox"] = [max(w, -180.0), max(s, -90.0), min(max(e, w + 1e-6), 180.0), min(max(n, s + 1e-6), 90.0)]
     kinds = {"stac": StacImageryConfig, "planet": PlanetImageryConfig}
     if table["source"] not in kinds:
-        raise InputError(f"--source {table['source']!r}: only remote sources (stac, planet) have a cache to fill")
+        where = f"{config}: " if config is not None else ""
+        raise InputError(f"{where}source {table['source']!r}: name a remote source (stac or planet) here; a local "
+                         "folder is given as the folder itself")
     if table["source"] == "planet":
         if "url" in table:
             table["api_url"] = table.pop("url")
@@ -703,3 +697,11 @@ def _imagery_config(config: Path | None, flags: dict | None = None, default_bbox
         where = f"{config}: " if config is not None else ""
         hint = f" (give {flag})" if config is None and key in ("url", "bbox") else ""
         raise InputError(f"{where}imagery: {_flatten_error(e)}{hint}") from None
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

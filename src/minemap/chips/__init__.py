@@ -152,8 +152,6 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     return index
 
 
-
-
 def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
         splits: dict, labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None,
         every_split: bool = True, extra_meta: dict | None = None, progress: bool = True) -> gpd.GeoDataFrame:
