@@ -3,7 +3,8 @@
 Prints, from one run (figures as ratios, since machines are noisy):
 
 1. throughput: chips a second of the `train` stage over its epochs (reading the chips, augmenting, the
-   optimiser's steps, validating, saving), against the floor: the bare forward + backward + optimiser step of the
+   optimiser's steps, validating, saving), and of its epochs' loops alone (reading, augmenting, steps: the
+   training's own throughput, as the stage logs it), against the floor: the bare forward + backward + optimiser step of the
    same model, batch size and precision on tensors already in memory, for as many chips. Goal (issue 21) >= 0.8.
 2. memory: peak RSS of `train` (one epoch) on N chips and on 10 N chips (default 2,000 and 20,000), each in a
    fresh process. Goal <= 1.2: memory must not grow with the label set (training streams its chips from disk).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import subprocess
 import sys
 import tempfile
@@ -72,6 +74,18 @@ def write_chips(dest: Path, n: int, size: int, seed: int = 0) -> Path:
     return dest
 
 
+class _EpochLog(logging.Handler):
+    """The training's epochs as it logs them: (windows, seconds of reading and steps) each."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.rows: list[tuple[int, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if str(record.msg).startswith("epoch ") and "windows in" in str(record.msg):
+            self.rows.append((int(record.args[-3]), float(record.args[-2])))
+
+
 def floor_seconds(n_chips: int, size: int, cfg: TrainConfig) -> float:
     """The bare forward + backward + step over ``n_chips`` chips in batches, tensors in memory, in the
     configured precision."""
@@ -121,9 +135,14 @@ def main() -> None:
         tmp = Path(tmp)
         small = write_chips(tmp / "small", args.chips, args.size)
         n_train = int(round(args.chips * 0.7))
+        epochs = _EpochLog()
+        logging.getLogger("minemap.train").addHandler(epochs)
+        logging.getLogger("minemap.train").setLevel(logging.INFO)
         t0 = time.perf_counter()
         card = train(small, tmp / "model", cfg, progress=False)
         stage = time.perf_counter() - t0
+        logging.getLogger("minemap.train").removeHandler(epochs)
+        windows, loop = sum(e[0] for e in epochs.rows), sum(e[1] for e in epochs.rows)
         floor = floor_seconds(n_train * args.epochs, args.size, cfg)
         ratio = floor / stage
         fp32 = floor_seconds(n_train * args.epochs, args.size, cfg.model_copy(update={"precision": "fp32"}))
@@ -132,6 +151,10 @@ def main() -> None:
               f"{n_train} chips ({args.size} px, batch {cfg.batch_size}, {card.precision}); floor (bare forward + "
               f"backward + step) {n_train * args.epochs / floor:.1f} chips/s; stage / floor {ratio:.2f} "
               f"(goal >= {GOALS['throughput_vs_floor']})", flush=True)
+        print(f"  of which the epochs' reading and steps: {windows} windows in {loop:.1f} s, {windows / loop:.1f} a "
+              f"second: {windows / loop / (n_train * args.epochs / floor):.2f} of the floor (the rest of the stage: "
+              f"scanning the chips, validating each epoch, calibrating and testing, "
+              f"{stage - loop:.1f} s)", flush=True)
         large = write_chips(tmp / "large", 10 * args.chips, args.size, seed=1)
         rss_small = peak_rss_mb(small, tmp / "m1", args.threads)
         rss_large = peak_rss_mb(large, tmp / "m2", args.threads)
@@ -141,7 +164,8 @@ def main() -> None:
         "device": str(resolve_device(cfg.device)), "precision": card.precision, "chip_px": args.size,
         "chips": args.chips, "epochs": args.epochs, "batch_size": cfg.batch_size, "goals": GOALS,
         "stage_chips_per_s": n_train * args.epochs / stage, "floor_chips_per_s": n_train * args.epochs / floor,
-        "stage_vs_floor": ratio, "floor_fp32_chips_per_s": n_train * args.epochs / fp32,
+        "stage_vs_floor": ratio, "loop_windows_per_s": windows / loop,
+        "loop_vs_floor": windows / loop / (n_train * args.epochs / floor), "floor_fp32_chips_per_s": n_train * args.epochs / fp32,
         "precision_speed_up": fp32 / floor, "peak_rss_mb": {str(args.chips): rss_small, str(10 * args.chips): rss_large},
         "rss_ratio": rss_large / rss_small})
     print(f"results -> {dest}")

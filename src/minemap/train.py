@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,11 +74,19 @@ CLOUD_FACTOR = 1.5  # brighter than this x the training chips' 99.9th percentile
 
 
 def _ema(decay: float):
-    """Moving-average update with the decay ramped up over the first steps, min(decay, (1 + n) / (10 + n)) at the
-    n-th: a short training is not dragged back to its random initial weights."""
-    def update(averaged: torch.Tensor, current: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """Moving-average update of a group of tensors with the decay ramped up over the first steps, min(decay,
+    (1 + n) / (10 + n)) at the n-th: a short training is not dragged back to its random initial weights. Floating
+    tensors are updated in place all at once (one pass of each operation over the group, not one per tensor),
+    with the arithmetic of ``averaged + (current - averaged) * (1 - d)``; counters (integer buffers) as before."""
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
         d = min(decay, (1 + float(n)) / (10 + float(n)))
-        return averaged + (current - averaged) * (1 - d)
+        if averaged[0].is_floating_point():
+            step = torch._foreach_sub(current, averaged)
+            torch._foreach_mul_(step, 1 - d)
+            torch._foreach_add_(averaged, step)
+        else:
+            for a, c in zip(averaged, current):
+                a.copy_(a + (c - a) * (1 - d))
     return update
 
 
@@ -390,9 +399,9 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         model.to(memory_format=torch.channels_last)
     # the weights validated and saved: an exponential moving average over steps (Polyak averaging), whose
     # validation curve is far steadier than the last step's, so early stopping and model choice rest on signal
-    avg = AveragedModel(model, avg_fn=_ema(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
+    avg = AveragedModel(model, multi_avg_fn=_ema(cfg.ema_decay), use_buffers=True) if cfg.ema_decay > 0 else None
     base_lr = cfg.learning_rate / 3 if init_from is not None else cfg.learning_rate
-    opt = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay, foreach=True)
     scaler = torch.amp.GradScaler(device.type, enabled=amp is torch.float16)
     step_model = DistributedDataParallel(model) if ranks.world > 1 else model
     if cfg.compile:
@@ -461,7 +470,9 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         loader = DataLoader(dataset, batch_size=cfg.batch_size, num_workers=workers,
                             pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed),
                             persistent_workers=False)
+        started, trained = time.perf_counter(), 0
         for xb, yb in _batches(loader):
+            trained += len(xb)
             for group in opt.param_groups:
                 group["lr"] = st["lr"] * min(1.0, (st["step"] + 1) / warmup) if warmup else st["lr"]
             xb = xb.to(device, non_blocking=True)
@@ -481,6 +492,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
             if st["step"] % cfg.checkpoint_steps == 0:
                 save_state()
         losses, st["batch"], st["losses"] = st["losses"], 0, []
+        stepped = time.perf_counter()
         v = judge(judged)
         st["curve"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5), "lr": st["lr"],
                             "val_f1": round(v["f1"], 5), "val_iou": round(v["iou"], 5),
@@ -492,8 +504,9 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         st["epoch"] = epoch
         save_state()
         bar.set_postfix(loss=f"{np.mean(losses):.3f}", val_f1=f"{v['f1']:.3f}", best=f"{st['best_f1']:.3f}")
-        log.info("epoch %d: loss %.4f, val F1 %.3f (best %.3f at epoch %s), lr %.2g", epoch + 1, np.mean(losses),
-                 v["f1"], st["best_f1"], st["best_epoch"], st["lr"])
+        log.info("epoch %d: loss %.4f, val F1 %.3f (best %.3f at epoch %s), lr %.2g; %d windows in %.2f s of "
+                 "reading and steps, %.2f s of validating and saving", epoch + 1, np.mean(losses), v["f1"],
+                 st["best_f1"], st["best_epoch"], st["lr"], trained, stepped - started, time.perf_counter() - stepped)
     if st["best_epoch"] is None:
         raise ModelError(f"{model_dir}: training ran no epoch (epochs {max_epochs})")
     ranks.wait()
