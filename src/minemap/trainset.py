@@ -153,9 +153,9 @@ def scan(pieces: list[Piece], ignore: gpd.GeoDataFrame | None, stats: bool = Fal
 class Blocks:
     """The training blocks (written whole by :mod:`minemap.chips.writing`): each epoch draws its windows anywhere
     inside them. ``keys``: each block's (tile or None, column, row of blocks); ``anchors``: (block, row, col) of
-    the background chips cut inside them, around which half the windows that need no label are drawn, so the surfaces the chips
-    were chosen to cover (fields, sand, roads: drawn evenly from groups of similar spectra) stay as frequent as
-    they were."""
+    the background chips cut inside them, around which half the windows that need no label are drawn, so the
+    surfaces the chips were chosen to cover (fields, sand, roads: drawn evenly from groups of similar spectra)
+    stay as frequent as they were."""
 
     def __init__(self, pieces: list[Piece], keys: list[tuple] | None = None,
                  anchors: list[tuple[int, int, int]] | None = None) -> None:

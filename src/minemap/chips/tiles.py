@@ -21,15 +21,17 @@ in its own CRS, with the spatial splits balanced across tiles and regions.
    pixels before the first cut.
 4. **Cut.** Each tile is a unit of work (:func:`minemap.execution.map_units`: in this process, ``workers`` local
    processes or a Dask cluster, with a progress bar in places a second): its imagery read a block at a time
-   into memory (:class:`minemap.imagery.BlockCache`) and its chips and blocks cut into ``tiles/<tile>/``, a chips folder of its own written whole, then a record ``tiles/<tile>.json``
-   with the fingerprint of everything the tile was cut from. A rerun skips the tiles whose record matches, so
-   a run killed after hours resumes where it stopped. A tile that cannot give chips (no imagery over it, every
-   chip mostly nodata) is recorded with the reason and left out; the others go on.
+   into memory (:class:`minemap.imagery.BlockCache`) and its chips and blocks cut into ``tiles/<tile>/``, a
+   chips folder of its own written whole, then a record ``tiles/<tile>.json`` with the fingerprint of
+   everything the tile was cut from. A rerun skips the tiles whose record matches, so a run killed after hours
+   resumes where it stopped. A tile that cannot give chips (no imagery over it, every chip mostly nodata) is
+   recorded with the reason and left out; the others go on.
 5. **The whole.** ``index.parquet``, ``blocks.parquet`` (footprints in EPSG:4326, a ``tile`` column) and
    ``meta.json`` at the top name every tile's chips (their ids prefixed by the tile's) and blocks by paths
    relative to the folder, so training (:mod:`minemap.train`) and the MMSegmentation layout read the folder as
    any other; ``tiles.parquet`` (GeoParquet, EPSG:4326) is the manifest of tiles: id, CRS (``grid_crs``), area,
-   labels, chips and labelled pixels per split, region, seconds, and the reason a tile gave none. ``meta.json`` is written last: a folder without it is not yet a chips folder.
+   labels, chips and labelled pixels per split, region, seconds, and the reason a tile gave none.
+   ``meta.json`` is written last: a folder without it is not yet a chips folder.
 """
 
 from __future__ import annotations
