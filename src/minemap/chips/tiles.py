@@ -197,7 +197,7 @@ def make_tiled_chips(labels: gpd.GeoDataFrame, imagery: Any, year: int, dest: Pa
         key = stable_hash([CHIPS_FORMAT, _describe(for_area(imagery, t.bbox)), bands, year, cfg.model_dump(),
                            block, sorted(tile_splits.items()), labels_fingerprint(own)])
         units.append({"tile_id": t.tile_id, "imagery": imagery, "bbox": t.bbox, "bands": bands, "year": year,
-                      "labels": own, "cfg": cfg, "block": block, "splits": tile_splits, "dest": str(dest),
+                      "labels": own, "cfg": cfg, "survey": sv, "splits": tile_splits, "dest": str(dest),
                       "key": key, "region": r})
     records = {t.tile_id: {"tile_id": t.tile_id, "status": sv, "labels": len(t.members)}
                for t, sv in zip(tiles, surveys) if isinstance(sv, str)}
@@ -278,7 +278,7 @@ def cut_tile(unit: dict) -> dict:
     rec: dict = {"tile_id": unit["tile_id"], "key": unit["key"], "labels": len(unit["labels"]), "chips": 0}
     try:
         source = open_imagery(for_area(unit["imagery"], unit["bbox"]), unit["bands"])
-        sv = survey(unit["labels"], source, unit["year"], unit["cfg"], block=unit["block"])
+        sv = unit["survey"]  # surveyed once, before the splits were assigned
         source = BlockCache(source, unit["year"], sv.grid, sv.block)  # each block read once, then cut from memory
         index = cut(unit["labels"], sv, source, unit["year"], dest / unit["tile_id"], unit["cfg"], unit["splits"],
                     every_split=False, progress=False, extra_meta={"tile": unit["tile_id"], "bbox": list(unit["bbox"])})
