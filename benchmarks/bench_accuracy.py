@@ -12,10 +12,12 @@ Per scene and year, against the scene's truth:
 - the share of reference pixels unobserved, and F1 over every block (in-sample, for comparison);
 - the last year's F1 of the raw polygons (before the temporal rule) beside the panel's;
 - for scenes labelled only in the west, F1 on the never-labelled east beside the labelled west's;
-- the maximum calibration error (bins holding >= 1 % of the mine pixels) and the ECE, over every pixel.
+- the maximum calibration error (bins holding >= 1 % of the mine pixels) and the ECE, over every pixel;
+- the recall of mine pixels by the mine's width in pixels (every block and year): thin sites against wide pits.
 
 Summary against the goals of issue 18; results written to ``benchmarks/results/accuracy-<date>-<commit>.json``.
-Run: `make bench` or `.venv/bin/python benchmarks/bench_accuracy.py [--scenes 8] [--seeds 11,12] [--size 1536]`.
+Run: `make bench` or `.venv/bin/python benchmarks/bench_accuracy.py [--scenes 8] [--seeds 11,12] [--size 1536]`;
+``--set train.ema_decay=0.99`` runs a candidate setting on the same seeds (the results file records it).
 """
 
 from __future__ import annotations
@@ -25,13 +27,18 @@ import secrets
 import statistics
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 
 import geopandas as gpd
+import numpy as np
+import rasterio
 import shapely
 import torch
+from rasterio.features import rasterize
 
 from minemap.formats.chips import split_blocks
+from minemap.formats.rasters import LEVELS, NODATA
 from minemap.config import load_config
 from minemap.evaluate import evaluate, read_reference
 from minemap.geo import WGS84
@@ -55,12 +62,55 @@ def _describe(spec: dict) -> str:
     return ", ".join(f"{k}={spec[k]}" for k in keys if k in spec and spec[k] not in (None, False, 0, 0.0))
 
 
-def run_scene(seed: int, size: int, root: Path) -> dict:
+def _setting(text: str) -> tuple[str, object]:
+    """``train.ema_decay=0.99`` -> ("train.ema_decay", 0.99): a dotted settings key and a TOML value."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. train.ema_decay=0.99")
+    try:
+        return key.strip(), tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key.strip(), value.strip()
+
+
+WIDTH_CLASSES_PX = (12, 24)  # mines narrower than 12 px, 12-24 px, wider (width: twice area over perimeter)
+
+
+def recall_by_width(reference: gpd.GeoDataFrame, prob_dir: Path, threshold: float, gsd_m: float) -> dict:
+    """Share of the reference's mine pixels at or above ``threshold``, every year and block, by the mine's width
+    in pixels (twice its area over its perimeter: a strip's width, a disc's radius), in the classes of
+    :data:`WIDTH_CLASSES_PX`; pixels without an observation count as missed. Thin dredging sites and small pits
+    against wide pits: where the model's coarse output (a quarter of the input's resolution) blurs them away."""
+    metric = reference.to_crs(reference.estimate_utm_crs())
+    width_px = 2 * metric.area / metric.length.clip(lower=1e-9) / gsd_m
+    cls = np.digitize(width_px.to_numpy(), WIDTH_CLASSES_PX)
+    hit, total = np.zeros(len(WIDTH_CLASSES_PX) + 1), np.zeros(len(WIDTH_CLASSES_PX) + 1)
+    level = int(np.ceil(threshold * LEVELS - 1e-9))
+    for year in sorted(set(reference.year)):
+        part = reference.year.to_numpy() == year
+        for tile in sorted((prob_dir / str(year)).glob("*.tif")):
+            with rasterio.open(tile) as src:
+                q, shape, transform, crs = src.read(1), (src.height, src.width), src.transform, src.crs
+            geoms = reference.geometry[part].to_crs(crs)
+            ids = rasterize(zip(geoms, np.flatnonzero(part) + 1), out_shape=shape, transform=transform, fill=0,
+                            dtype="int32")
+            inside = ids > 0
+            k = cls[ids[inside] - 1]
+            total += np.bincount(k, minlength=len(total))
+            hit += np.bincount(k, (q[inside] != NODATA) & (q[inside] >= level), minlength=len(total))
+    names = [f"<{WIDTH_CLASSES_PX[0]} px"] + [f"{a}-{b} px" for a, b in zip(WIDTH_CLASSES_PX, WIDTH_CLASSES_PX[1:])] \
+        + [f">={WIDTH_CLASSES_PX[-1]} px"]
+    return {n: {"recall": round(float(h / t), 3), "outlines": int((cls == i).sum()), "pixels": int(t)}
+            for i, (n, h, t) in enumerate(zip(names, hit, total)) if t}
+
+
+def run_scene(seed: int, size: int, root: Path, settings: dict | None = None) -> dict:
     spec = draw_scene_spec(seed)
     scene = make_scene(root / f"scene-{seed}", years=YEARS, size=size, **spec)
     out = root / f"run-{seed}"
     cfg = load_config(None, labels=[str(scene.labels)], imagery=str(scene.imagery), train_year=YEARS[0],
-                      years=list(YEARS), out=str(out), reference=str(scene.truth), accept_weak_model=True)
+                      years=list(YEARS), out=str(out), reference=str(scene.truth), accept_weak_model=True,
+                      **(settings or {}))
     t0 = time.perf_counter()
     res = run(cfg, progress=False)
     wall = time.perf_counter() - t0
@@ -82,6 +132,7 @@ def run_scene(seed: int, size: int, root: Path) -> dict:
         "mce": max(m["all_blocks"]["calibration"]["mce"] for m in metrics["years"].values()),
         "ece": max(m["all_blocks"]["calibration"]["ece"] for m in metrics["years"].values()),
         "stages": res.seconds,
+        "recall_by_width": recall_by_width(reference, prob_dir, threshold, spec["gsd_m"]),
     }
     if spec.get("label_extent", "all") != "all" and scene.labelled_area is not None:
         # never-labelled ground against labelled ground, every block of each (both halves saw training chips
@@ -105,7 +156,11 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1536, help="scene side in pixels")
     ap.add_argument("--keep", type=Path, default=None, help="keep scenes and runs in this folder")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting other than the default, e.g. train.ema_decay=0.99 (repeatable): to compare "
+                         "a candidate default with the defaults on the same seeds; the summary then says so")
     args = ap.parse_args()
+    settings = dict(args.set)
     torch.set_num_threads(args.threads)
     if args.seeds:
         seeds = [int(s) for s in args.seeds.split(",")]
@@ -118,7 +173,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="minemap-bench-") as tmp:
         root = args.keep or Path(tmp)
         for seed in seeds:
-            r = run_scene(seed, args.size, root)
+            r = run_scene(seed, args.size, root, settings)
             rows.append(r)
             f1s = " ".join(f"{r['f1'].get(y, float('nan')):.3f}" for y in YEARS)
             every = " ".join(f"{r['f1_all_blocks'].get(y, float('nan')):.3f}" for y in YEARS)
@@ -127,6 +182,9 @@ def main() -> None:
                   f"{unseen} | last year raw {r['last_year_raw_f1']:.3f} | MCE {r['mce']:.3f} ECE {r['ece']:.3f}"
                   + (f" | unlabelled east {r['f1_unlabelled']} vs west {r['f1_labelled']}" if "f1_unlabelled" in r
                      else "") + f" | {r['wall_s']:.0f} s", flush=True)
+            widths = ", ".join(f"{k} {v['recall']:.2f} ({v['outlines']} outlines)"
+                               for k, v in r["recall_by_width"].items())
+            print(f"    recall by mine width: {widths}", flush=True)
             print(f"    {_describe(r['spec'])}", flush=True)
     wall_min = (time.perf_counter() - t_all) / 60
     all_f1 = [f for r in rows for f in r["f1"].values()]
@@ -141,7 +199,8 @@ def main() -> None:
         "ece": max(r["ece"] for r in rows), "wall_min": wall_min,
         "max_unobserved_share": max(v for r in rows for v in r["unobserved"].values()),
     }
-    print(f"\n{len(rows)} scenes x {len(YEARS)} years, {args.size} px, default settings, {args.threads} threads; "
+    chosen = ", ".join(f"{k}={v}" for k, v in settings.items()) or "default settings"
+    print(f"\n{len(rows)} scenes x {len(YEARS)} years, {args.size} px, {chosen}, {args.threads} threads; "
           "test blocks, unobserved reference counted as missed")
     for k, goal in GOALS.items():
         v = summary[k]
@@ -152,7 +211,8 @@ def main() -> None:
         print(f"  {k:18s} {v:7.3f}  goal {'>=' if k in ('min_f1', 'median_f1') else '<='} {goal}  "
               f"{'met' if met else 'NOT met'}")
     print(f"  max reference share unobserved: {summary['max_unobserved_share']:.1%}; max ECE {summary['ece']:.3f}")
-    dest = write_results("accuracy", args.threads, {"size_px": args.size, "seeds": seeds, "summary": summary,
+    dest = write_results("accuracy", args.threads, {"size_px": args.size, "seeds": seeds, "settings": settings,
+                                                    "summary": summary,
                                                     "goals": GOALS, "scenes": rows})
     print(f"results -> {dest}")
 

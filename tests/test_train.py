@@ -245,6 +245,39 @@ def test_windows_are_drawn_anywhere_inside_the_training_blocks(chips_dir, tmp_pa
     assert card.selection["rule"].startswith("a fixed schedule") and card.stopped == "at the cap of 1 epochs"
 
 
+def test_windows_holding_a_label_are_drawn_per_outline(tmp_path):
+    """A block with a 64 x 64 px pit and a dredging site 2 px wide and 64 px long: drawn by labelled pixels, the
+    thin site is in 128 / 4224 = 3 % of the windows holding a label; by outlines (each in proportion to the square
+    root of its area), in sqrt(128) / (sqrt(4096) + sqrt(128)) = 15 %."""
+    import numpy as np
+    import rasterio
+    from affine import Affine
+
+    from minemap.trainset import Blocks, Piece, scan
+
+    mask = np.zeros((256, 256), np.uint8)
+    mask[16:80, 16:80] = 1  # the pit
+    mask[200:202, 160:224] = 1  # the dredging site, far from the pit (no window of 32 px holds both)
+    image = np.full((4, 256, 256), 500, np.uint16)
+    profile = dict(driver="GTiff", width=256, height=256, crs="EPSG:32630", transform=Affine(4.77, 0, 0, 0, -4.77, 0))
+    with rasterio.open(tmp_path / "i.tif", "w", count=4, dtype="uint16", **profile) as dst:
+        dst.write(image)
+    with rasterio.open(tmp_path / "m.tif", "w", count=1, dtype="uint8", **profile) as dst:
+        dst.write(mask, 1)
+    piece = Piece(str(tmp_path / "i.tif"), str(tmp_path / "m.tif"))
+    scan([piece], None, cells=True)
+    assert piece.counts.sum() == 4096 + 128
+    # each outline weighs the square root of its pixels, spread over its cells by its pixels
+    assert np.isclose(piece.weights.sum(), 64 + np.sqrt(128), rtol=1e-5)
+    thin = {}
+    for weighting in ("pixels", "outlines"):
+        drawn = Blocks([piece], weighting=weighting).windows(np.random.default_rng(0), 4000, 0, 32)
+        assert all(mask[r:r + 32, c:c + 32].any() for _, r, c in drawn)
+        thin[weighting] = np.mean([r > 150 for _, r, c in drawn])
+    assert abs(thin["pixels"] - 128 / 4224) < 0.01
+    assert abs(thin["outlines"] - np.sqrt(128) / (64 + np.sqrt(128))) < 0.02
+
+
 def test_an_epoch_draws_at_least_epoch_windows():
     """A small area's dozen chips still give an epoch of train.epoch_windows windows, in the chips' proportion of
     positives; a large area's chips are all drawn; a kind the chips lack is never drawn."""

@@ -111,6 +111,11 @@ class TrainConfig(Section):
                                                       "the chips cut), however few chips a small area gives: "
                                                       "without it a district with a dozen chips trains a few "
                                                       "dozen steps in all; 0: as many as the chips")
+    positive_windows: Literal["pixels", "outlines"] = Field(
+        "pixels", description="how the windows that hold a label are drawn: each labelled pixel alike (pixels: a "
+                              "mine is seen in proportion to its area) or each outline in proportion to the "
+                              "square root of its area (outlines: thin dredging sites and small pits are seen "
+                              "more often)")
     crop_size: int | None = Field(None, ge=32, description="training sees a random square of this side from each "
                                                            "chip (a multiple of 32); default: the chip less 64 px "
                                                            "for chips of 256 px or more (60 % of the compute of "

@@ -161,6 +161,7 @@ def _read_data(dirs: list[Path], index: pd.DataFrame, meta: dict, cfg: TrainConf
     fixed_pieces = chip_pieces(fixed)
     n_positive, n_other = int((tr.kind[drawn] == "positive").sum()), int((tr.kind[drawn] == "background").sum())
     if blocks is not None:
+        blocks.weighting = cfg.positive_windows
         n_positive, n_other = epoch_windows(n_positive, n_other, cfg.epoch_windows)
         cleaned, stats = scan(blocks.pieces, missed, stats=True, cells=True)
         cleaned += scan(fixed_pieces, missed)[0]

@@ -37,6 +37,7 @@ from rasterio.coords import BoundingBox
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.features import rasterize
 from rasterio.windows import Window, bounds as window_bounds
+from scipy import ndimage
 
 from minemap.errors import InputError
 from minemap.formats.chips import read_meta
@@ -59,6 +60,8 @@ class Piece:
     positive: int = 0  # labelled pixels
     cells: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # flat cell ids holding a label
     counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # labelled pixels in each
+    # each cell's share of the labelled outlines: its labelled pixels, each 1 / sqrt(pixels of its outline)
+    weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
 
 
 def _ignore_missed(mask: np.ndarray, transform, crs, bounds, ignore: gpd.GeoDataFrame | None) -> int:
@@ -141,9 +144,13 @@ def scan(pieces: list[Piece], ignore: gpd.GeoDataFrame | None, stats: bool = Fal
         p.valid = int((y != 255).sum())
         p.positive = int((y == 1).sum())
         if p.positive and cells:
-            r, c = np.nonzero(y == 1)
-            ids, counts = np.unique((r // CELL) * -(-p.width // CELL) + c // CELL, return_counts=True)
+            parts, _ = ndimage.label(y == 1, structure=np.ones((3, 3), bool))
+            r, c = np.nonzero(parts)
+            flat = (r // CELL) * -(-p.width // CELL) + c // CELL
+            ids, where, counts = np.unique(flat, return_inverse=True, return_counts=True)
+            size = np.bincount(parts[r, c])  # pixels of each outline (as far as it lies in this piece)
             p.cells, p.counts = ids.astype(np.int32), counts.astype(np.int32)
+            p.weights = np.bincount(where, 1 / np.sqrt(size[parts[r, c]]), len(ids)).astype(np.float32)
         if stats:
             acc = acc or BandStats(len(x))
             acc.add(x, y)
@@ -158,10 +165,11 @@ class Blocks:
     stay as frequent as they were."""
 
     def __init__(self, pieces: list[Piece], keys: list[tuple] | None = None,
-                 anchors: list[tuple[int, int, int]] | None = None) -> None:
+                 anchors: list[tuple[int, int, int]] | None = None, weighting: str = "pixels") -> None:
         self.pieces = pieces
         self.keys = keys or []
         self.anchors = anchors or []
+        self.weighting = weighting  # how windows holding a label are drawn: see windows()
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -171,16 +179,23 @@ class Blocks:
         return int(sum(p.positive for p in self.pieces))
 
     def windows(self, rng: np.random.Generator, n_positive: int, n_other: int, size: int) -> list[tuple[int, int, int]]:
-        """(block, row, col) of ``n_positive`` windows of ``size`` px that each hold labelled pixels (blocks
-        weighted by their labelled pixels, then a cell of :data:`CELL` px by its labelled pixels, the window at a
-        random place around the whole cell), and ``n_other`` that need none: half of them within half a window
-        of a background chip's place, the rest anywhere (blocks weighted by area)."""
+        """(block, row, col) of ``n_positive`` windows of ``size`` px that each hold labelled pixels, and
+        ``n_other`` that need none: half of them within half a window of a background chip's place, the rest
+        anywhere (blocks weighted by area).
+
+        A window holding a label contains a whole cell of :data:`CELL` px that holds one, at a random place
+        around it; the cell is drawn by ``weighting``: ``pixels``, each labelled pixel alike (a mine is seen in
+        proportion to its area), or ``outlines``, each outline in proportion to the square root of its area
+        (its pixels spread over its cells): a dredging site a few pixels wide or a small pit is then seen a
+        third as often as a pit ten times its area, not a tenth."""
         out = []
         if n_positive and self.positive_pixels:
-            weight = np.array([p.positive for p in self.pieces], float)
+            by_outline = self.weighting == "outlines"
+            weight = np.array([p.weights.sum() if by_outline else p.positive for p in self.pieces], float)
             for b in rng.choice(len(self), n_positive, p=weight / weight.sum()):
                 p = self.pieces[b]
-                cell = int(p.cells[rng.choice(len(p.cells), p=p.counts / p.counts.sum())])
+                w = p.weights if by_outline else p.counts
+                cell = int(p.cells[rng.choice(len(p.cells), p=w / w.sum())])
                 r, c = divmod(cell, -(-p.width // CELL))
                 r1, c1 = min((r + 1) * CELL, p.height), min((c + 1) * CELL, p.width)
                 r, c = r * CELL, c * CELL
