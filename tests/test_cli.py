@@ -34,6 +34,7 @@ def _one_line(r, *parts):
     (["chips", "--labels", "l.gpkg", "--imagery", "i", "--year", "2019", "--out", "o", "--chip-size", "8"],
      "--chip-size: Input should be greater than or equal to 32"),
     (["train", "nowhere", "--out", "m", "--epochs", "0"], "--epochs: Input should be greater than or equal to 1"),
+    (["train", "nowhere", "--out", "m", "--head", "unet"], "--head: Input should be 'segformer' or 'fine'"),
     (["predict", "--model", "m", "--imagery", "i", "--years", "2019", "--out", "o", "--tile-size", "10"],
      "--tile-size: Input should be greater than or equal to 64"),
     (["run", "--min-area-m2", "-1"], "--min-area-m2: Input should be greater than or equal to 0"),

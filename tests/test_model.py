@@ -130,3 +130,41 @@ def test_bf16_forward_is_float32_and_close_to_fp32():
     # bfloat16 keeps 8 bits of mantissa: logits agree to a few hundredths of their spread, not exactly
     assert not torch.equal(full, half)
     assert (full - half).abs().max() < 0.05 * full.std() + 1e-3
+
+
+def test_fine_head_starts_as_segformer_and_learns_at_full_resolution(tmp_path):
+    """head="fine": logits at the input's resolution; untrained, its correction is zero, so it gives what the same
+    SegFormer gives upsampled; a few steps on a mask one pixel wide (a line the quarter-resolution head cannot
+    draw) fit it better than SegFormer's head does from the same start; saved and loaded as any model."""
+    torch.manual_seed(0)
+    fine = build_model("mit-b0", 4, "fine").eval()
+    plain = build_model("mit-b0", 4).eval()
+    plain.load_state_dict({k: v for k, v in fine.state_dict().items() if not k.startswith(("fine.", "fuse."))})
+    x = torch.randn(2, 4, 64, 64)
+    with torch.no_grad():
+        assert fine(pixel_values=x).logits.shape == (2, 1, 64, 64)
+        assert torch.allclose(forward_logits(fine, x), forward_logits(plain, x), atol=1e-6)
+    # a one-pixel-wide line every 8 px: learnable only below the head's 4 px cells
+    y = torch.zeros(2, 64, 64)
+    y[:, :, ::8] = 1
+    xs = x.clone()
+    xs[:, 0] += 3 * y  # the line shows in the first band
+    losses = {}
+    for name, m in (("fine", fine), ("segformer", plain)):
+        m.train()
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        for _ in range(40):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(forward_logits(m, xs), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        losses[name] = float(loss.detach())
+    assert losses["fine"] < 0.5 * losses["segformer"], losses
+    save_model(fine.eval(), _card(head="fine"), tmp_path / "model")
+    loaded, card = load_model(tmp_path / "model")
+    assert card.head == "fine" and type(loaded).__name__ == "FineSegformer"
+    with torch.no_grad():
+        assert torch.equal(forward_logits(fine, xs), forward_logits(loaded, xs))
+    with pytest.raises(ModelError, match="do not fit"):  # a fine model's weights are not a plain SegFormer's
+        save_model(fine, _card(head="segformer"), tmp_path / "wrong")
+        load_model(tmp_path / "wrong")

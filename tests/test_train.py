@@ -278,6 +278,21 @@ def test_windows_holding_a_label_are_drawn_per_outline(tmp_path):
     assert abs(thin["outlines"] - np.sqrt(128) / (64 + np.sqrt(128))) < 0.02
 
 
+def test_a_fine_head_is_trained_and_fine_tuned_as_such(chips_dir, tmp_path):
+    """model.head = "fine" reaches the card, and a fine-tune of that model (the hard-negative stage's) keeps its
+    head: both folders load."""
+    from minemap.model import load_model
+
+    cfg = TrainConfig(epochs=1, batch_size=8, min_val_pixels=10 ** 9, epoch_windows=8)
+    card = train(chips_dir, tmp_path / "m", cfg, ModelConfig(head="fine"), progress=False)
+    assert card.head == "fine"
+    tuned = train(chips_dir, tmp_path / "m2", cfg, init_from=tmp_path / "m", epochs=1, progress=False)
+    assert tuned.head == "fine"
+    for d in ("m", "m2"):
+        model, c = load_model(tmp_path / d)
+        assert c.head == "fine" and type(model).__name__ == "FineSegformer"
+
+
 def test_an_epoch_draws_at_least_epoch_windows():
     """A small area's dozen chips still give an epoch of train.epoch_windows windows, in the chips' proportion of
     positives; a large area's chips are all drawn; a kind the chips lack is never drawn."""

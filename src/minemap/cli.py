@@ -176,6 +176,8 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
           out_dir: Annotated[Path, typer.Option("--out", help="model directory to write")],
           encoder: str = _MODEL.encoder, epochs: int = _TRAIN.epochs, batch_size: int = _TRAIN.batch_size,
           learning_rate: float = _TRAIN.learning_rate,
+          head: Annotated[str, typer.Option(help="segformer, or fine: refined at full resolution (for mines a "
+                                                 "few pixels wide)")] = _MODEL.head,
           pretrained: Annotated[Optional[str], typer.Option(help="local encoder checkpoint (file or folder)")] = None,
           resume: Annotated[bool, typer.Option(help="continue from out/train_state.pt")] = False,
           device: str = _TRAIN.device, seed: int = _TRAIN.seed, patience: int = _TRAIN.patience,
@@ -203,7 +205,7 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
         out.print(f"{n} chips of the MMSegmentation layout {chips_dir} indexed -> {index_dir}")
         chips_dir = index_dir
 
-    mcfg = _settings(ModelConfig, encoder=encoder, pretrained=pretrained)
+    mcfg = _settings(ModelConfig, encoder=encoder, pretrained=pretrained, head=head)
     tcfg = _settings(TrainConfig, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, device=device,
                      seed=seed, patience=patience, min_val_f1=min_val_f1, epoch_windows=epoch_windows,
                      precision=precision, checkpoint_steps=checkpoint_steps, loader_workers=loader_workers,

@@ -92,6 +92,10 @@ class ModelConfig(Section):
                                                 "with it; no labels, chips or training")
     encoder: Literal["mit-b0", "mit-b1", "mit-b2", "mit-b3", "mit-b4", "mit-b5"] = "mit-b0"
     pretrained: Path | None = Field(None, description="local checkpoint (file or directory) for the encoder")
+    head: Literal["segformer", "fine"] = Field(
+        "segformer", description="SegFormer's head, whose logits are a quarter of the input's resolution, "
+                                 "upsampled; or fine: the same refined by a small branch at full resolution "
+                                 "(for mines a few pixels wide)")
 
 
 class TrainConfig(Section):

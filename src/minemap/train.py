@@ -376,17 +376,18 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     # 2. the model and its card
     if init_from is not None:
         model, base = load_model(init_from, "cpu")
-        encoder = base.encoder
+        encoder, head, decoder_channels = base.encoder, base.head, base.decoder_channels
         mean_np, std_np = np.asarray(base.band_mean, np.float32), np.asarray(base.band_std, np.float32)
     else:
-        encoder = model_cfg.encoder
-        model = build_model(encoder, len(meta["bands"]))
+        encoder, head, decoder_channels = model_cfg.encoder, model_cfg.head, None
+        model = build_model(encoder, len(meta["bands"]), head)
         if model_cfg.pretrained:
             load_pretrained_encoder(model, model_cfg.pretrained)
     mean = torch.as_tensor(mean_np, dtype=torch.float32)[:, None, None]
     std = torch.as_tensor(std_np, dtype=torch.float32)[:, None, None]
     card = ModelCard(
-        encoder=encoder, bands=meta["bands"], band_mean=mean_np.tolist(), band_std=std_np.tolist(),
+        encoder=encoder, head=head, decoder_channels=decoder_channels, bands=meta["bands"],
+        band_mean=mean_np.tolist(), band_std=std_np.tolist(),
         gsd_m=meta["gsd_m"], pixel_size=meta["pixel_size"], crs=meta["crs"], chip_size=meta["chip_size"],
         train_year=meta.get("year"), labels_fingerprint=meta.get("labels_fingerprint"),
         pretrained=str(model_cfg.pretrained) if model_cfg.pretrained else None, splits=split_summary(index),
