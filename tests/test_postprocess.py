@@ -268,3 +268,43 @@ def test_nearest_outline_is_the_nearest_polygon_within_reach():
     assert dict(zip(src.tolist(), dst.tolist())) == {0: 0, 1: 1, 2: 1, 3: 2}
     want = [int(np.argmin(shapely.distance(g, outlines))) for g in geoms[:4]]
     assert want == [0, 1, 1, 2]
+
+
+def _across_antimeridian(lat0: float, lat1: float) -> shapely.Polygon:
+    """An island from 179.5 E to 179.5 W drawn as web maps draw it: its ring jumps from +180 to -180 and back."""
+    return shapely.Polygon([(179.5, lat0), (180, lat0), (-180, lat0), (-179.5, lat0), (-179.5, lat1), (-180, lat1),
+                            (180, lat1), (179.5, lat1)])
+
+
+def test_outlines_across_the_antimeridian_are_cut_there(tmp_path):
+    """A country whose ring jumps across the antimeridian holds, taken as it is, a band round the globe: a mine
+    in a country of the same latitudes on the other side of the world would be given it. Cut there, the island
+    is its own 1,000-odd km2 either side of the line, and the mainland's mine is the mainland's."""
+    from minemap.geo import cut_at_antimeridian
+
+    island = _across_antimeridian(-17.5, -16.5)
+    cut = cut_at_antimeridian(np.array([island, box(20, -18, 30, -10)], dtype=object))
+    assert cut[1].equals(box(20, -18, 30, -10))  # nothing to cut: unchanged
+    parts = shapely.get_parts(cut[0])
+    assert len(parts) == 2 and all(p.bounds[2] - p.bounds[0] <= 0.5 + 1e-9 for p in parts)
+    assert area_km2(np.array([cut[0]]))[0] == pytest.approx(1.0 * 111.0 * 106.4, rel=0.03)  # 1 x 1 degree
+    countries = gpd.GeoDataFrame({"ISO3": ["FJI", "ZMB"], "NAME": ["Fiji", "Zambia"]},
+                                 geometry=[island, box(20, -18, 30, -10)], crs="EPSG:4326")
+    countries.to_file(tmp_path / "countries.geojson", driver="GeoJSON")
+    rows = [(2019, "zambia", box(25, -17.2, 25.01, -17.19)), (2019, "fiji west", box(179.7, -17.2, 179.71, -17.19)),
+            (2019, "fiji east", box(-179.71, -17.2, -179.7, -17.19)),
+            (2019, "fiji across", box(179.99, -17.2, 180, -17.19))]
+    out = postprocess(_polys(rows), PostprocessConfig(countries=tmp_path / "countries.geojson", temporal="off"))
+    assert list(out.iso3) == ["ZMB", "FJI", "FJI", "FJI"]
+
+
+def test_the_embedded_layers_hold_no_band_round_the_globe():
+    """Fiji and Russia cross the antimeridian: in the embedded layers each is its own size, and a place in
+    Zambia, Madagascar or northern Australia (Fiji's latitudes) lies in one country only."""
+    for scale in ("10m", "110m"):
+        c = load_countries(scale=scale)
+        areas = dict(zip(c.iso3, area_km2(np.asarray(c.geometry.values))))
+        assert 15_000 < areas["FJI"] < 25_000 and 16e6 < areas["RUS"] < 17.5e6, (scale, areas["FJI"], areas["RUS"])
+        for x, y, iso in ((28.3, -15.4, "ZMB"), (46.9, -19.0, "MDG"), (133.0, -17.0, "AUS"), (-63.5, -17.5, "BOL")):
+            holders = c.iso3[shapely.contains_xy(np.asarray(c.geometry.values), x, y)].tolist()
+            assert holders == [iso], (scale, x, y, holders)

@@ -31,6 +31,8 @@ import geopandas as gpd
 import numpy as np
 import shapely
 
+from minemap.geo import cut_at_antimeridian
+
 DATA = Path(__file__).resolve().parents[1] / "src" / "minemap" / "data"
 # Natural Earth's ADM0_A3 for the 1:10m features that have no ISO 3166 numeric id in world-atlas
 NO_ISO_ID = {
@@ -57,7 +59,8 @@ def ne10m(src: Path) -> None:
             iso3.append(NO_ISO_ID[name])
         else:
             raise SystemExit(f"{src}: {name}: no ISO numeric id and no Natural Earth code known")
-    geoms = shapely.make_valid(np.asarray(g.geometry.values))
+    # TopoJSON rings cross the antimeridian by jumping from +180 to -180: cut them there (minemap.geo)
+    geoms = shapely.make_valid(cut_at_antimeridian(np.asarray(g.geometry.values)))
     # make_valid may give collections with stray lines or points where arcs touch: keep the areas
     geoms = np.array([shapely.union_all([p for p in shapely.get_parts(x) if p.geom_type in ("Polygon", "MultiPolygon")])
                       for x in geoms], dtype=object)
@@ -69,7 +72,8 @@ def ne10m(src: Path) -> None:
         "source": "npm package world-atlas 2.0.2, countries-10m.json (https://www.npmjs.com/package/world-atlas)",
         "data": "Natural Earth 1:10m admin-0 countries (public domain), as TopoJSON quantised by world-atlas",
         "licence": "world-atlas: ISC; Natural Earth: public domain",
-        "conversion": "tools/make_countries.py: read with GDAL (TopoJSON), ISO 3166 numeric -> alpha-3 with "
+        "conversion": "tools/make_countries.py: read with GDAL (TopoJSON), rings that jump across the "
+                      "antimeridian cut there (Fiji, Russia, Antarctica), ISO 3166 numeric -> alpha-3 with "
                       "pycountry, Natural Earth ADM0_A3 for features without an id, make_valid, areas kept, "
                       "one row per code",
         "features": len(g), "countries": len(out),

@@ -92,6 +92,48 @@ _A = 6378137.0  # WGS84 semi-major axis, metres
 _E = 0.0818191908426215  # WGS84 first eccentricity
 
 
+def _unwrapped_ring(xy: np.ndarray) -> np.ndarray:
+    """A lon/lat ring's coordinates with jumps of more than 180 degrees in longitude unwrapped (+-360); a ring
+    round a pole (its longitude ends a full turn from where it started) is closed through that pole."""
+    x = np.unwrap(xy[:, 0], period=360.0)
+    out = np.column_stack([x, xy[:, 1]])
+    turn = x[-1] - x[0]
+    if abs(turn) > 180:  # round a pole: along the pole's latitude back to the start
+        pole = 90.0 if xy[:, 1].mean() > 0 else -90.0
+        out = np.vstack([out, [[x[-1], pole], [x[0], pole]], out[:1]])
+    return out
+
+
+def cut_at_antimeridian(geoms: np.ndarray) -> np.ndarray:
+    """Lon/lat (multi)polygons whose rings cross the antimeridian by jumping from +180 to -180 (as TopoJSON and
+    GeoJSON for web maps often draw them, leaving the cut to the renderer), cut into pieces either side of it.
+
+    Taken as they are, such a ring spans every longitude: Fiji's outline would hold a band round the globe
+    from 12.5 to 21.7 degrees south (Zambia, Madagascar, northern Australia) and Russia one across Eurasia.
+    Each ring is unwrapped (longitudes continued past +-180), the polygon made valid there, cut at the
+    antimeridian and each piece moved back into -180..180. Other geometries are returned unchanged."""
+    out = np.array(geoms, dtype=object)
+    b = shapely.bounds(out)
+    for i in np.flatnonzero(np.nan_to_num(b[:, 2] - b[:, 0]) > 180):
+        pieces = []
+        for part in shapely.get_parts(out[i]):
+            if shapely.get_type_id(part) != 3:
+                continue
+            rings = [np.asarray(r.coords) for r in (part.exterior, *part.interiors)]
+            if not any((np.abs(np.diff(r[:, 0])) > 180).any() for r in rings):
+                pieces.append(part)
+                continue
+            whole = shapely.make_valid(shapely.Polygon(_unwrapped_ring(rings[0]),
+                                                       [_unwrapped_ring(r) for r in rings[1:]]))
+            for k in (-2, -1, 0, 1, 2):  # the turns of the globe the unwrapped polygon reaches into
+                piece = shapely.intersection(whole, shapely.box(-180 + 360 * k, -90, 180 + 360 * k, 90))
+                if not piece.is_empty:
+                    pieces += [shapely.transform(p, lambda xy, k=k: xy - [360.0 * k, 0.0])
+                               for p in shapely.get_parts(piece) if shapely.get_type_id(p) == 3]
+        out[i] = shapely.union_all(shapely.make_valid(np.asarray(pieces, dtype=object))) if pieces else out[i]
+    return out
+
+
 def _authalic(lonlat: np.ndarray) -> np.ndarray:
     """(lon, lat) in degrees -> (lon in radians, q(lat)), q the authalic function of the WGS84 ellipsoid: a
     cylindrical equal-area map of the ellipsoid (EPSG:6933 up to a scale of x by k and of y by 1 / k), in which

@@ -187,24 +187,39 @@ def attribute_countries(polygons: gpd.GeoDataFrame, countries: gpd.GeoDataFrame)
     rest = todo[~single]
     if len(rest):
         p_ea = shapely.make_valid(np.asarray(gpd.GeoSeries(all_geoms[rest], crs=WGS84).to_crs(EQUAL_AREA).values))
-        # a country across the antimeridian can come out of the projection self-intersecting
-        c_ea = shapely.make_valid(np.asarray(countries.geometry.to_crs(EQUAL_AREA).values))
+        # only the countries near these polygons are projected (a 1:10m layer holds millions of vertices); a
+        # country across the antimeridian can come out of the projection self-intersecting
+        near = _countries_near(all_geoms[rest], countries)
+        c_ea = shapely.make_valid(np.asarray(countries.geometry.iloc[near].to_crs(EQUAL_AREA).values))
         tree = shapely.STRtree(c_ea)
-        qi, ci = tree.query(p_ea, predicate="intersects")
+        qi, ci = tree.query(p_ea, predicate="intersects")  # ci: positions in near
         if len(qi):
             share = shapely.area(shapely.intersection(p_ea[qi], c_ea[ci]))
             pairs = pd.DataFrame({"p": qi, "c": ci, "share": share}).sort_values(["p", "share"],
                                                                                 ascending=[True, False])
             best = pairs.drop_duplicates("p")
-            iso[rest[best.p.to_numpy()]] = c_iso[best.c.to_numpy()]
-            name[rest[best.p.to_numpy()]] = c_name[best.c.to_numpy()]
+            won = near[best.c.to_numpy()]
+            iso[rest[best.p.to_numpy()]], name[rest[best.p.to_numpy()]] = c_iso[won], c_name[won]
         missing = np.flatnonzero(pd.isna(iso[rest]))
         if len(missing):
             src, dst = nearest_outline(p_ea[missing], c_ea, tree, NEAREST_MAX_M)
+            dst = near[dst]
             iso[rest[missing[src]]], name[rest[missing[src]]] = c_iso[dst], c_name[dst]
     out["iso3"] = pd.Series(iso, index=out.index, dtype=object)
     out["country"] = pd.Series(name, index=out.index, dtype=object)
     return out
+
+
+def _countries_near(geoms: np.ndarray, countries: gpd.GeoDataFrame) -> np.ndarray:
+    """Sorted indices of the countries whose outline comes within :data:`NEAREST_MAX_M` (in the equal-area
+    CRS, whose metres stretch towards the poles) of any of ``geoms`` (EPSG:4326): each polygon's box grown by a
+    margin in degrees that covers that distance at the box's latitude, tested against the countries' outlines."""
+    b = shapely.bounds(geoms)
+    lat = np.clip(np.maximum(np.abs(b[:, 1]), np.abs(b[:, 3])), 0, 89)
+    margin = 2 * NEAREST_MAX_M / 111_320 / np.maximum(np.cos(np.radians(lat)), 0.02)  # twice the degrees needed
+    boxes = shapely.box(b[:, 0] - margin, b[:, 1] - margin, b[:, 2] + margin, b[:, 3] + margin)
+    _, ci = shapely.STRtree(np.asarray(countries.geometry.values)).query(boxes, predicate="intersects")
+    return np.unique(ci)
 
 
 def nearest_outline(geoms: np.ndarray, outlines: np.ndarray, tree: shapely.STRtree, max_distance: float

@@ -15,7 +15,7 @@ import shapely
 
 from minemap.errors import InputError
 from minemap.formats.vectors import read_vector
-from minemap.geo import WGS84
+from minemap.geo import WGS84, cut_at_antimeridian
 
 
 _ISO_COLUMNS = ("iso3", "ISO3", "ISO_A3", "iso_a3", "ISO3_CODE", "GID_0", "shapeGroup", "ADM0_A3", "adm0_a3")
@@ -30,7 +30,9 @@ _LOADED: dict[str, gpd.GeoDataFrame] = {}
 
 def load_countries(path: Path | None = None, scale: str = "10m") -> gpd.GeoDataFrame:
     """Country polygons (EPSG:4326, columns iso3, country): ``path``, or the embedded Natural Earth layer of
-    ``scale`` (``10m``, the default, or ``110m``; read once per process, a copy returned)."""
+    ``scale`` (``10m``, the default, or ``110m``; read once per process, a copy returned). Outlines of a file
+    whose rings jump across the antimeridian (web-map GeoJSON and TopoJSON) are cut there
+    (:func:`minemap.geo.cut_at_antimeridian`): taken as they are, they would hold a band round the globe."""
     if path is None:
         if scale not in EMBEDDED:
             raise ValueError(f"no embedded country layer at scale {scale!r}: choose {', '.join(EMBEDDED)}")
@@ -45,7 +47,8 @@ def load_countries(path: Path | None = None, scale: str = "10m") -> gpd.GeoDataF
         raise InputError(f"{path}: no country code or name column (looked for {', '.join(_ISO_COLUMNS[:4])}, ... "
                          f"and {', '.join(_NAME_COLUMNS[:4])}, ...)")
     out = gpd.GeoDataFrame({"iso3": gdf[iso].astype(str), "country": gdf[name].astype(str)},
-                           geometry=shapely.make_valid(np.asarray(gdf.to_crs(WGS84).geometry.values)), crs=WGS84)
+                           geometry=shapely.make_valid(cut_at_antimeridian(np.asarray(gdf.to_crs(WGS84).geometry.values))),
+                           crs=WGS84)
     if "ADM0_A3" in gdf.columns and iso != "ADM0_A3":  # Natural Earth's -99 (France, Norway, ...)
         bad = out["iso3"] == "-99"
         out.loc[bad, "iso3"] = gdf.loc[bad, "ADM0_A3"].astype(str)
