@@ -168,8 +168,11 @@ class PredictConfig(Section):
                                                 "cloud), never by comparison with another year, so land that "
                                                 "changed (a new mine) stays observed")
     normalise_years: Literal["off", "global", "local"] = Field(
-        "local", description="bring each year's reflectance to the training year's over pixels that stay the same: "
-                           "one gain and offset per band (global) or fields of them (local, for patchy haze)")
+        "off", description="bring each year's reflectance to the training year's over pixels that stay the same: "
+                           "one gain and offset per band (global) or fields of them (local); off (the default) "
+                           "leaves each year as it is, the model having learnt haze, gains and shadows from its "
+                           "augmentation (on fresh draws both fits lowered hazy years: patchy haze widens a "
+                           "year's spread, so its gains come out too low)")
     resample: bool = Field(False, description="imagery at another pixel size than the model's is refused; "
                                               "true reads it at the model's pixel size (bilinear), recorded in "
                                               "probabilities/imagery.json")

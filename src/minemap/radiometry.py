@@ -16,6 +16,12 @@ outliers of a robust fit):
   agree with one pass over the whole grid.
 
 Written by predict as ``probabilities/radiometry/<year>.npz`` (with ``radiometry.json``, a summary).
+
+Neither is the default (``predict.normalise_years = "off"``). Measured on a fresh draw of scenes (the same
+models, years mapped with and without it; README, "Years unlike the training year"), both lowered the hazy
+years: haze that thickens and thins within a cell widens the hazy year's spread there, so the gain comes out
+too low (a laterite pit at 2,073 in the training year's red, 2,139 under haze, 1,410 after ``local``, 786 after
+``global``), while the model, trained with haze, gain and shadow augmentation, maps the hazy year as it is.
 """
 
 from __future__ import annotations
