@@ -226,6 +226,40 @@ def test_hard_negatives_teach_false_alarms_and_spare_likely_mines(tmp_path):
     assert hard.split.iloc[0] == blocks_split[(blocks_split.bx == bx) & (blocks_split.by == by)].split.iloc[0]
 
 
+def test_possible_missed_mines_cover_at_most_a_share_of_the_labelled_area(tmp_path):
+    """Six 20 px labels (2,400 px2). Two sure detections far from them, 30 x 30 px each (900 px2): at a share of
+    0.5 (1,200 px2) only the surer is spared as a possible missed mine, the other is taught as a false alarm with
+    a chip of its own; without a cap both are spared."""
+    from minemap.chips import hard_negative_chips
+    from minemap.config import HardNegativeConfig
+
+    src, lab, cfg = _six_mines_chipped(tmp_path)
+    surer, less_sure = _label_px(400, 140, 430, 170), _label_px(60, 400, 90, 430)
+    det = gpd.GeoDataFrame({"mean_probability": [0.95, 0.97]}, geometry=[less_sure, surer],
+                           crs="EPSG:3857").to_crs("EPSG:4326")
+    lab4326 = lab.to_crs("EPSG:4326")
+    hard = hard_negative_chips(det, lab4326, src, tmp_path / "chips", tmp_path / "capped", cfg,
+                               HardNegativeConfig(buffer_m=40.0, per_positive=1.0, max_missed_share=0.5))
+    meta = json.loads((tmp_path / "capped" / "meta.json").read_text())["hard_negatives"]
+    assert {k: meta[k] for k in ("ignored_as_possible_missed_mines", "false_alarms", "taught_beyond_missed_share",
+                                 "chips")} == {"ignored_as_possible_missed_mines": 1, "false_alarms": 1,
+                                               "taught_beyond_missed_share": 1, "chips": 1}
+    assert "at most 0.5 x the labelled area" in meta["rule"]
+    missed = gpd.read_parquet(tmp_path / "capped" / "possible_missed_mines.parquet")
+    assert missed.mean_probability.tolist() == [0.97]
+    chip = hard.to_crs("EPSG:3857").geometry.iloc[0]
+    assert chip.intersects(less_sure) and not chip.intersects(surer)
+    with rasterio.open(tmp_path / "capped" / hard["mask"].iloc[0]) as m:
+        assert set(np.unique(m.read(1))) == {0}  # the less sure field is taught as background
+
+    hard_negative_chips(det, lab4326, src, tmp_path / "chips", tmp_path / "uncapped", cfg,
+                        HardNegativeConfig(buffer_m=40.0, per_positive=1.0, max_missed_share=None))
+    meta = json.loads((tmp_path / "uncapped" / "meta.json").read_text())["hard_negatives"]
+    assert (meta["ignored_as_possible_missed_mines"], meta["false_alarms"], meta["taught_beyond_missed_share"]) \
+        == (2, 0, 0)
+    assert "labelled area" not in meta["rule"]
+
+
 def test_reviewed_verdicts_overrule_the_models_confidence(tmp_path):
     """A detection the model is sure of, away from the labels, would be spared as a possible missed mine. A
     reviewer who rejects it gets it taught as background: training chips over it (several for a field wider

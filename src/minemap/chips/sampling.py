@@ -115,6 +115,34 @@ def chips_over(outlines: np.ndarray, boxes: np.ndarray, per_outline: int = 1, mo
     return chosen
 
 
+def _cap_missed(sure: np.ndarray, keep: np.ndarray, judged: np.ndarray, parts: np.ndarray, labels: np.ndarray,
+                blocks: pd.DataFrame, share: float | None) -> tuple[np.ndarray, int]:
+    """``sure`` with the possible missed mines (``sure & keep``) on labelled ground beyond ``share`` x the labels'
+    area unmarked.
+
+    Labels miss mines, but not most of them: where a first model is as sure of more ground away from the labels
+    than that, the surplus is likelier a confusion (bright fields, sand bars) than mines nobody drew, and
+    ignoring it would keep the confusion from ever being taught. The surest detections fill the allowance
+    first; a detection counts with the whole area of ``parts`` (its part away from the labels) if that part
+    reaches labelled ground (``blocks.labelled_ground``; every block where the column is absent). Returns the
+    new mask and how many detections were unmarked."""
+    if share is None or not (sure & keep).any():
+        return sure, 0
+    on_ground = np.ones(len(parts), bool)
+    if "labelled_ground" in blocks and "geometry" in blocks:
+        footprints = shapely.from_wkb(blocks["geometry"][blocks["labelled_ground"].to_numpy(bool)])
+        on_ground = shapely.intersects(parts, shapely.union_all(footprints))
+    cand = np.flatnonzero(sure & keep & on_ground)
+    if len(cand) == 0:
+        return sure, 0
+    allowance = share * float(shapely.area(shapely.union_all(labels))) if len(labels) else 0.0
+    order = cand[np.argsort(-judged[cand], kind="stable")]
+    beyond = order[np.cumsum(shapely.area(parts[order])) > allowance * (1 + 1e-9)]
+    out = sure.copy()
+    out[beyond] = False
+    return out, int(len(beyond))
+
+
 def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, source: ImagerySource,
                         chips_dir: Path, dest: Path, cfg: ChipConfig, hn: HardNegativeConfig,
                         level: float | None = None, prob_paths: list[Path] | None = None,
@@ -129,7 +157,9 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     probability at least the median of the detections on labels, or ``hn.max_probability`` if lower) is not
     taught as background either: it may be a mine nobody drew. Such detections are written
     to ``dest/possible_missed_mines.parquet``; training ignores their pixels in every chip, background and
-    validation chips included, so a missed mine neither teaches the model nor counts against it. At most
+    validation chips included, so a missed mine neither teaches the model nor counts against it. On labelled
+    ground they may cover at most ``hn.max_missed_share`` x the labelled area (the surest first, see
+    :func:`_cap_missed`); the rest are taught as false alarms. At most
     ``hn.per_positive`` x the positive chips are added, largest false alarms first, each placed in the blocks
     of ``chips_dir`` so that splits stay apart.
 
@@ -169,20 +199,26 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
         rejected, unsure = _in_grid(reviewed.rejected, grid), _in_grid(reviewed.unsure, grid)
         if len(rejected):  # a reviewer said no: no detection meeting it is a possible missed mine
             sure[shapely.STRtree(dgeoms).query(rejected, predicate="intersects")[1]] = False
+    parts = np.where(on_label, false, dgeoms)  # what a possible missed mine would be: its part off the labels
+    sure, capped = _cap_missed(sure, keep, judged, parts, geoms, blocks, hn.max_missed_share)
     taught = false[keep & ~sure]
-    missed_geoms = np.where(on_label, false, dgeoms)[keep & sure]  # a labelled mine is taught as such already
+    missed_geoms = parts[keep & sure]  # a labelled mine is taught as such already
     ignored = np.concatenate([missed_geoms, shapely.intersection(dgeoms[~sure], near), unsure])
     ignored = ignored[~shapely.is_empty(ignored)]
     n_max = int(round(hn.per_positive * (index.kind == "positive").sum()))
     stats = {"detections": int(len(dgeoms)), "false_alarms": int(len(taught)),
              "ignored_as_possible_missed_mines": int((keep & sure).sum()),
+             "taught_beyond_missed_share": capped,
              "reviewed_not_mine": int(len(rejected)), "reviewed_unsure": int(len(unsure)), "chips": 0}
     policy = {"buffer_m": hn.buffer_m, "search_level": level, "sure_level": round(sure_level, 4), "rule": (
         f"false alarms are the first model's detections{'' if level is None else f' at probability {level:g}'} further than {hn.buffer_m:g} m from every label and "
         f"less sure than {sure_level:.2f} (the median of its mean probability on labelled mines, capped at "
         f"{hn.max_probability:g}; a detection that reaches a label is judged on its part beyond that distance); "
         f"surer detections away from labels may be mines the labels miss: their pixels are ignored (255) in "
-        f"every chip, as is the part of any detection within {hn.buffer_m:g} m of a label")}
+        f"every chip, as is the part of any detection within {hn.buffer_m:g} m of a label"
+        + ("" if hn.max_missed_share is None else
+           f"; on labelled ground they cover at most {hn.max_missed_share:g} x the labelled area, the surest "
+           f"first, and the rest are taught as false alarms"))}
     missed = gpd.GeoDataFrame(
         {"mean_probability": np.concatenate([judged[keep & sure], np.full(len(unsure), np.nan)])},
         geometry=np.concatenate([missed_geoms, unsure]), crs=grid.crs).to_crs(WGS84)
