@@ -226,32 +226,6 @@ def test_hard_negatives_teach_false_alarms_and_spare_likely_mines(tmp_path):
     assert hard.split.iloc[0] == blocks_split[(blocks_split.bx == bx) & (blocks_split.by == by)].split.iloc[0]
 
 
-def test_hard_negatives_are_sized_to_the_windows_an_epoch_draws(tmp_path):
-    """57 positive chips (32 px, over six labels), sixteen small false alarms far from the labels. At 0.1 per
-    positive, sized to the chips, 6 are taught; where an epoch draws 100 windows holding a label, 10 (0.1 x 100);
-    fewer such windows than chips change nothing."""
-    from minemap.chips import hard_negative_chips
-    from minemap.config import HardNegativeConfig
-
-    src, lab, cfg = _six_mines_chipped(tmp_path)
-    positives = int((pd.read_parquet(tmp_path / "chips" / "index.parquet").kind == "positive").sum())
-    assert positives == 57
-    spots = [(x, y) for x in (60, 188, 316, 444) for y in (70, 198, 326, 454)]  # one a block, inside a chip
-    det = gpd.GeoDataFrame({"mean_probability": [0.5] * len(spots)},
-                           geometry=[_label_px(x, y, x + 4, y + 4) for x, y in spots],
-                           crs="EPSG:3857").to_crs("EPSG:4326")
-    lab4326 = lab.to_crs("EPSG:4326")
-    hn = HardNegativeConfig(buffer_m=40.0, per_positive=0.1)
-    counts = {}
-    for name, windows in (("by_chips", 0), ("by_windows", 100), ("fewer", 30)):
-        hard = hard_negative_chips(det, lab4326, src, tmp_path / "chips", tmp_path / name, cfg, hn,
-                                   label_windows=windows)
-        meta = json.loads((tmp_path / name / "meta.json").read_text())["hard_negatives"]
-        assert meta["false_alarms"] == len(spots) and meta["chips"] == len(hard)
-        counts[name] = (meta["most_chips"], len(hard))
-    assert counts == {"by_chips": (6, 6), "by_windows": (10, 10), "fewer": (6, 6)}
-
-
 def test_possible_missed_mines_cover_at_most_a_share_of_the_labelled_area(tmp_path):
     """Six 20 px labels (2,400 px2). Two sure detections far from them, 30 x 30 px each (900 px2): at a share of
     0.5 (1,200 px2) only the surer is spared as a possible missed mine, the other is taught as a false alarm with

@@ -71,9 +71,7 @@ class HardNegativeConfig(Section):
     """After a first fit, chips where the model fires away from the labels, then a fine-tune."""
 
     enabled: bool = True
-    per_positive: float = Field(1.0, ge=0, description=(
-        "at most this many hard-negative chips per positive chip, or per window holding a label that an epoch "
-        "draws (train.epoch_windows) where there are more of those"))
+    per_positive: float = Field(1.0, ge=0, description="at most this many hard-negative chips per positive chip")
     search_level: float = Field(0.1, gt=0, lt=1, description="the first model's detections are searched at this "
                                                             "calibrated probability (or its threshold, if lower): "
                                                             "below the threshold, so that confusions a high "

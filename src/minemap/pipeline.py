@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import geopandas as gpd
-import pandas as pd
 import pyarrow.parquet as pq
 import shapely
 
@@ -53,7 +52,7 @@ from minemap.report import REPORT_FORMAT, report
 from minemap.review import TrainingVerdicts, apply_to_labels, training_verdicts
 from minemap.synthetic import make_scene
 from minemap.threshold import block_threshold
-from minemap.train import epoch_windows, train, weak_model_error
+from minemap.train import train, weak_model_error
 from minemap.vectorize import read_polygons, vectorize, vectorize_year
 
 log = logging.getLogger(__name__)
@@ -154,7 +153,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("hard_negatives", "train", "hard_negatives", ("train",),
           lambda r: [r.folder.hard_negative_chips / "index.parquet"],
           lambda r: [r.train_imagery_key, r.cfg.hard_negatives.model_dump(exclude={"epochs", "patience"}),
-                     _predict_settings(r.cfg, "tile_size", "normalise_years"), r.cfg.train.epoch_windows],
+                     _predict_settings(r.cfg, "tile_size", "normalise_years")],
           applies=lambda r: not r.trained and r.cfg.hard_negatives.enabled, action=lambda r: _hard_negatives(r)),
     Stage("finetune", "train", "hard_negatives", ("hard_negatives",), lambda r: [r.folder.model / CARD],
           lambda r: [r.cfg.hard_negatives.epochs, r.cfg.hard_negatives.patience],
@@ -415,13 +414,8 @@ def _hard_negatives(r: _Run) -> None:
     level = min(cfg.hard_negatives.search_level, read_card(r.first_dir).threshold)
     tiles = sorted((prob_dir / str(year)).glob("*.tif"))
     detections = vectorize_year(tiles, year, level, VectorizeConfig(min_area_m2=0.0))
-    chips = pd.read_parquet(r.folder.chips / "index.parquet", columns=["kind", "split"])
-    train = chips[chips.split == "train"]
-    label_windows, _ = epoch_windows(int((train.kind == "positive").sum()), int((train.kind == "background").sum()),
-                                     cfg.train.epoch_windows)
     hard_negative_chips(detections, gpd.read_parquet(r.folder.labels), r.source, r.folder.chips,
-                        r.folder.hard_negative_chips, cfg.chips, cfg.hard_negatives, level, tiles, r.verdicts,
-                        label_windows=label_windows)
+                        r.folder.hard_negative_chips, cfg.chips, cfg.hard_negatives, level, tiles, r.verdicts)
 
 
 DEMO_YEARS = (2019, 2020, 2021)

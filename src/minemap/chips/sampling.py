@@ -146,7 +146,7 @@ def _cap_missed(sure: np.ndarray, keep: np.ndarray, judged: np.ndarray, parts: n
 def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, source: ImagerySource,
                         chips_dir: Path, dest: Path, cfg: ChipConfig, hn: HardNegativeConfig,
                         level: float | None = None, prob_paths: list[Path] | None = None,
-                        reviewed: TrainingVerdicts | None = None, label_windows: int = 0) -> gpd.GeoDataFrame:
+                        reviewed: TrainingVerdicts | None = None) -> gpd.GeoDataFrame:
     """Chips where a first model fires away from the labels, written to ``dest`` like a chips folder.
 
     ``detections``: that model's polygons of the training year (EPSG:4326, column ``mean_probability``), cut at
@@ -160,11 +160,8 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     validation chips included, so a missed mine neither teaches the model nor counts against it. On labelled
     ground they may cover at most ``hn.max_missed_share`` x the labelled area (the surest first, see
     :func:`_cap_missed`); the rest are taught as false alarms. At most
-    ``hn.per_positive`` x the positive chips, or x ``label_windows`` where that is more, are added, largest
-    false alarms first, each placed in the blocks of ``chips_dir`` so that splits stay apart.
-    ``label_windows``: the windows holding a label that an epoch of the fine-tune draws inside the training blocks
-    (:func:`minemap.train.epoch_windows`); a small area has few positive chips but draws many windows an epoch,
-    and hard negatives sized to the chips alone would be a few items among a hundred.
+    ``hn.per_positive`` x the positive chips are added, largest false alarms first, each placed in the blocks
+    of ``chips_dir`` so that splits stay apart.
 
     ``reviewed``: reviewers' verdicts on the training year (minemap.review). No detection meeting one they
     rejected counts as a possible missed mine, whatever the model's confidence, nor gets a chip here: the
@@ -208,12 +205,11 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     missed_geoms = parts[keep & sure]  # a labelled mine is taught as such already
     ignored = np.concatenate([missed_geoms, shapely.intersection(dgeoms[~sure], near), unsure])
     ignored = ignored[~shapely.is_empty(ignored)]
-    n_max = int(round(hn.per_positive * max(int((index.kind == "positive").sum()), label_windows)))
+    n_max = int(round(hn.per_positive * (index.kind == "positive").sum()))
     stats = {"detections": int(len(dgeoms)), "false_alarms": int(len(taught)),
              "ignored_as_possible_missed_mines": int((keep & sure).sum()),
              "taught_beyond_missed_share": capped,
-             "reviewed_not_mine": int(len(rejected)), "reviewed_unsure": int(len(unsure)), "chips": 0,
-             "most_chips": n_max}
+             "reviewed_not_mine": int(len(rejected)), "reviewed_unsure": int(len(unsure)), "chips": 0}
     policy = {"buffer_m": hn.buffer_m, "search_level": level, "sure_level": round(sure_level, 4), "rule": (
         f"false alarms are the first model's detections{'' if level is None else f' at probability {level:g}'} further than {hn.buffer_m:g} m from every label and "
         f"less sure than {sure_level:.2f} (the median of its mean probability on labelled mines, capped at "
