@@ -458,3 +458,51 @@ def test_background_only_from_labelled_ground(tmp_path):
     anywhere = make_chips(lab, src, 2019, tmp_path / "chips2", cfg.model_copy(update={"background_reach": None}))
     far = anywhere[anywhere.kind == "background"].to_crs("EPSG:3857")
     assert shapely.get_x(shapely.centroid(np.asarray(far.geometry.values))).max() > 3 * 96 * RES
+
+
+def test_blocks_carry_a_halo_of_imagery_whose_labels_are_never_learnt(tmp_path):
+    """Blocks of 128 px written with 24 px of imagery around them (clipped at the scene's edge): each raster's
+    pixels are the scene's over the wider window, its mask is 255 outside the block and, inside it, the mask that
+    the same block gets without a halo; a label cut by a block's edge lies in its neighbour's halo as 255."""
+    size, halo, block = 512, 24, 128
+    rows, cols = np.mgrid[0:size, 0:size]
+    data = np.stack([(rows * 3 + cols * 5 + k) % 4000 for k in range(4)]).astype(np.uint16)
+    write_raster(tmp_path / "img" / "2019" / "a.tif", data, T, descriptions=("red", "green", "blue", "nir"))
+    src = open_imagery(tmp_path / "img")
+    lab = gpd.GeoDataFrame(geometry=[_label_px(x, y, x + 20, y + 20) for x, y in
+                                     [(20, 20), (150, 30), (300, 40), (40, 300), (200, 200), (420, 420)]]
+                           + [_label_px(100, 180, 140, 200)],  # across the edge between columns 0 and 1
+                           crs="EPSG:3857")
+    base = dict(chip_size=32, block_size=block, background_per_positive=0, seed=3, ignore_border_m=0)
+    make_chips(lab, src, 2019, tmp_path / "halo", ChipConfig(**base, block_halo=halo))
+    make_chips(lab, src, 2019, tmp_path / "bare", ChipConfig(**base, block_halo=0))
+    table = pd.read_parquet(tmp_path / "halo" / "blocks.parquet")
+    bare = pd.read_parquet(tmp_path / "bare" / "blocks.parquet").set_index(["bx", "by"])
+    written = table[table.image.notna()]
+    assert len(written) >= 6 and set(zip(written.bx, written.by)) == set(bare[bare.image.notna()].index)
+    for b in written.itertuples():
+        c, r = b.bx * block, b.by * block
+        top, left = min(halo, r), min(halo, c)
+        bottom, right = min(halo, size - r - block), min(halo, size - c - block)
+        assert (b.core_row, b.core_col, b.core_height, b.core_width) == (top, left, block, block)
+        with rasterio.open(tmp_path / "halo" / b.image) as im, rasterio.open(tmp_path / "halo" / b.mask) as mk:
+            x, y = im.read(), mk.read(1)
+            assert im.transform == T * Affine.translation(c - left, r - top)
+        assert x.shape == (4, top + block + bottom, left + block + right)
+        assert np.array_equal(x, data[:, r - top:r + block + bottom, c - left:c + block + right])
+        core = y[top:top + block, left:left + block].copy()
+        y[top:top + block, left:left + block] = 0
+        assert (y[:top] == 255).all() and (y[top + block:] == 255).all() and (y[:, :left] == 255).all() \
+            and (y[:, left + block:] == 255).all()
+        with rasterio.open(tmp_path / "bare" / bare.loc[(b.bx, b.by), "mask"]) as mk:
+            assert np.array_equal(core, mk.read(1))
+        assert b.positive_pixels == int((core == 1).sum()) == bare.loc[(b.bx, b.by), "positive_pixels"]
+    # the label across the edge: its western part (columns 100-127) is in block (0, 1), its eastern part
+    # (128-139) in block (1, 1); each sees the other part's imagery in its halo, masked
+    for bx, inside in ((0, slice(100, 128)), (1, slice(24, 36))):
+        b = written[(written.bx == bx) & (written.by == 1)].iloc[0]
+        with rasterio.open(tmp_path / "halo" / b["mask"]) as mk:
+            y = mk.read(1)
+        rows_in = slice(180 - 128 + b.core_row, 200 - 128 + b.core_row)
+        assert (y[rows_in, inside] == 1).all()
+        assert (y[rows_in, 128:] == 255).all() if bx == 0 else (y[rows_in, :24] == 255).all()

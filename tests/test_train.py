@@ -216,9 +216,15 @@ def test_windows_are_drawn_anywhere_inside_the_training_blocks(chips_dir, tmp_pa
     assert blocks.positive_pixels == int(written.loc[written.split == "train", "positive_pixels"].sum()) > 0
     rng = np.random.default_rng(0)
     windows = blocks.windows(rng, 200, 200, 64)
-    for b, r, c in windows:  # every window inside its block
-        p = blocks.pieces[b]
+    across = 0
+    for k, (b, r, c) in enumerate(windows):  # every window inside its raster, over its block (those that need
+        p = blocks.pieces[b]                  # no label: their centre inside it)
         assert 0 <= r <= p.height - 64 and 0 <= c <= p.width - 64
+        cr, cc, ch, cw = p.core
+        reach = 0 if k >= 200 else 32  # a window holding a label holds a labelled pixel
+        assert cr - reach <= r + 32 < cr + ch + reach and cc - reach <= c + 32 < cc + cw + reach
+        across += r < cr or c < cc or r + 64 > cr + ch or c + 64 > cc + cw
+    assert across > 40  # many reach across the block's edge into its halo (32 px: the least the default gives)
     read = WindowDataset([(k, ("w", *w)) for k, w in enumerate(windows)], blocks, [], 64, None, None,
                          np.zeros(4, np.float32), np.ones(4, np.float32), 0, 0)
     pairs = [read[k] for k in range(len(read))]

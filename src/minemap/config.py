@@ -54,6 +54,12 @@ class ChipConfig(Section):
                                                               "may hold mines nobody drew, which it would teach "
                                                               "as background; null: from anywhere (labels known "
                                                               "to be complete over the imagery)")
+    block_halo: int | None = Field(None, ge=0, description="pixels of imagery written around each block (their "
+                                                           "labels left out of the loss): training windows reach "
+                                                           "across a block's edge, so a field or a mine cut by it "
+                                                           "is seen whole, and validation blocks are mapped with "
+                                                           "the context a scene gives them; default: a quarter "
+                                                           "of chip_size, at least 32 (64 px for 256 px chips)")
     ignore_border_m: float = Field(5.0, ge=0, description="width of the band along label outlines left out of "
                                                           "the loss (digitised outlines are metres off)")
     val_fraction: float = Field(0.15, ge=0, lt=1)

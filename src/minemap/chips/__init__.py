@@ -34,11 +34,13 @@ Writes, atomically as one folder::
     chips/index.parquet          GeoParquet (EPSG:4326): chip_id, split, kind (positive, background,
                                  hard_negative), year, image, mask, block, col and row (of the chip's first pixel
                                  in the year's grid), positive_fraction, valid_fraction, geometry (footprint)
-    chips/blocks/<year>_<bx>_<by>.tif, ..._mask.tif   every block holding a chip, whole (training draws its
-                                 windows anywhere inside the training blocks and validates on the validation
-                                 blocks wall to wall)
+    chips/blocks/<year>_<bx>_<by>.tif, ..._mask.tif   every block of the labelled ground or holding a chip,
+                                 whole, with chips.block_halo px of imagery around it (mask 255 there): training
+                                 draws its windows anywhere over the training blocks and validates on the
+                                 validation blocks wall to wall
     chips/blocks.parquet         GeoParquet (the grid's CRS): block column/row, split, labelled pixels, footprint
-                                 (evaluation scores the test blocks) and image/mask of every block with chips
+                                 (evaluation scores the test blocks), image/mask of every block written and the
+                                 block's place in them (core_row, core_col, core_height, core_width)
     chips/meta.json              bands, CRS, pixel size, ground sample distance, chip and block size, labels
                                  fingerprint, and per split: chips, positive chips, positive pixels, kinds
 """
@@ -193,8 +195,12 @@ def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, 
     with atomic_path(Path(dest), kind="chips") as tmp:
         rows = _write_chips(tmp, source, year, grid, pos, blk, boxes, chosen, kinds, splits, geoms, cfg,
                             ignore=unsure, progress=progress)
-        rasters = _write_blocks(tmp, source, year, grid, {tuple(b) for b in blk[chosen]}, block, geoms, cfg,
-                                ignore=unsure, progress=progress)
+        # every block of the labelled ground, not only those a chip was cut in: training windows see all of the
+        # ground where the labels are complete (its fields and roads as well as the chips' surfaces), and the
+        # validation and test blocks are mapped wherever false alarms would count
+        written = {tuple(int(v) for v in b) for b in blk[chosen]} | set(ground)
+        rasters = _write_blocks(tmp, source, year, grid, written, block, geoms, cfg, ignore=unsure,
+                                progress=progress)
         if not rows:
             raise InputError(f"{where}no chip of the {year} imagery under the labels has enough valid pixels")
         index = gpd.GeoDataFrame(rows, geometry="geometry", crs=grid.crs).to_crs(WGS84)

@@ -108,24 +108,36 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
                   progress: bool = True) -> dict[tuple[int, int], dict]:
     """Write each block of ``keys`` whole (image and mask, as a chip's) into ``tmp/blocks``, so that training
     draws its windows anywhere inside the training blocks and validates on the validation blocks wall to wall;
-    returns their paths and labelled pixels. Blocks too small to hold a chip, or mostly without imagery, are
-    left out."""
+    returns their paths, labelled pixels and where the block lies in its raster (``core_row``, ``core_col``,
+    ``core_height``, ``core_width``).
+
+    Each raster holds ``cfg.block_halo`` pixels (default a quarter chip, at least 32) of imagery around its block
+    (as far as the grid reaches), their mask 255: a training window may reach across the block's edge, so the model
+    sees a field or a pit that the edge cuts as a scene shows it (not cut off where a window ends), and a validation
+    block is mapped with the context a scene gives it, while no pixel of a neighbouring block, which may be another
+    split's, is ever learnt or scored. Blocks too small to hold a chip, or mostly without imagery, are left out."""
     (tmp / "blocks").mkdir(parents=True, exist_ok=True)
     outlines = _Outlines(geoms, ignore, cfg)
+    halo = max(32, cfg.chip_size // 4) if cfg.block_halo is None else cfg.block_halo
     out = {}
     for bx, by in tqdm(sorted(keys), desc=f"blocks {year}", unit="block", leave=False, disable=not progress):
         c, r = bx * block, by * block
         w, h = min(block, grid.width - c), min(block, grid.height - r)
         if min(w, h) < cfg.chip_size:
             continue
-        bgrid = grid.window(c, r, w, h)
+        c0, r0 = max(c - halo, 0), max(r - halo, 0)
+        c1, r1 = min(c + w + halo, grid.width), min(r + h + halo, grid.height)
+        bgrid = grid.window(c0, r0, c1 - c0, r1 - r0)
         pixels, valid = source.read(year, bgrid)
-        if valid.mean() < 0.2:
+        core = (slice(r - r0, r - r0 + h), slice(c - c0, c - c0 + w))
+        if valid[core].mean() < 0.2:
             continue
         mask = outlines.mask(bgrid, shapely.box(*bgrid.bounds), valid)
+        keep = np.full(mask.shape, IGNORE, np.uint8)
+        keep[core] = mask[core]
         name = f"{year}_{bx:05d}_{by:05d}"
         _write_chip(tmp / "blocks" / f"{name}.tif", pixels, bgrid, source.band_names)
-        _write_chip(tmp / "blocks" / f"{name}_mask.tif", mask[None], bgrid, ["mask"])
+        _write_chip(tmp / "blocks" / f"{name}_mask.tif", keep[None], bgrid, ["mask"])
         out[(bx, by)] = {"image": f"blocks/{name}.tif", "mask": f"blocks/{name}_mask.tif",
-                         "positive_pixels": int((mask == 1).sum())}
+                         "positive_pixels": int((keep == 1).sum()), "core_row": r - r0, "core_col": c - c0, "core_height": h, "core_width": w}
     return out

@@ -45,7 +45,7 @@ def split_summary(index: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-CHIPS_FORMAT = 4  # bumped when the chips folder's files change, so that a resumed run cuts them again
+CHIPS_FORMAT = 5  # bumped when the chips folder's files change, so that a resumed run cuts them again
 
 
 def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[tuple[int, int], float], grid: Grid,
@@ -53,7 +53,9 @@ def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[t
                  ground: set[tuple[int, int]] | None = None) -> None:
     """``blocks.parquet``: each block's column and row, split, labelled pixels, whether it is labelled ground
     (:func:`minemap.chips.splits.labelled_ground`; every block where ``ground`` is None) and footprint (the grid's CRS, clipped to the
-    grid), and where :func:`minemap.chips.writing._write_blocks` wrote it whole, its image and mask (else empty)."""
+    grid), and where :func:`minemap.chips.writing._write_blocks` wrote it whole, its image and mask (else empty)
+    and the block's place in them (``core_row``, ``core_col``: pixels of halo above and left of it,
+    ``core_height``, ``core_width``)."""
     keys = sorted(splits)
     rasters = rasters or {}
     bx = np.array([b[0] for b in keys], np.int64)
@@ -64,7 +66,10 @@ def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[t
                       "labelled_ground": [ground is None or b in ground for b in keys],
                       "image": [rasters.get(b, {}).get("image") for b in keys],
                       "mask": [rasters.get(b, {}).get("mask") for b in keys],
-                      "positive_pixels": [rasters.get(b, {}).get("positive_pixels", 0) for b in keys]},
+                      "positive_pixels": [rasters.get(b, {}).get("positive_pixels", 0) for b in keys],
+                      # where the block lies in its raster (which holds a halo of imagery around it)
+                      **{k: [rasters.get(b, {}).get(k, 0) for b in keys]
+                         for k in ("core_row", "core_col", "core_height", "core_width")}},
                      geometry=boxes, crs=grid.crs).to_parquet(dest)
 
 
