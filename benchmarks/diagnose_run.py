@@ -95,6 +95,10 @@ def main() -> None:
     ap.add_argument("--year", type=int, default=None, help="default: the training year")
     ap.add_argument("--fit", action="store_true", help="also score the models on the blocks they were taught")
     a = ap.parse_args()
+    for need in (a.run / "threshold.json", a.run / "chips" / "blocks.parquet", a.run / "chips" / "meta.json",
+                 a.scene / "truth.gpkg"):
+        if not need.is_file():
+            ap.error(f"{need}: not found (give a run and a scene kept by bench_accuracy.py --keep DIR)")
     year = a.year or int(json.loads((a.run / "chips" / "meta.json").read_text())["year"])
     frame = scene_blocks(a.run, a.scene, year)
     print(frame.to_string(index=False))
