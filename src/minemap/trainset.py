@@ -65,10 +65,15 @@ class Piece:
     # a block written with a halo of imagery around it: (row, col, height, width) of the block in the raster
     core: tuple[int, int, int, int] | None = None
 
+    @property
+    def block(self) -> tuple[int, int, int, int]:
+        """(row, col, height, width) of the block in the raster: all of it where written without a halo."""
+        return self.core or (0, 0, self.height, self.width)
+
     def origins(self, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """Lowest and highest (row, col) of a window of ``size`` px inside the raster whose centre lies inside
-        the block (anywhere in a raster without a halo)."""
-        r, c, h, w = self.core or (0, 0, self.height, self.width)
+        the block."""
+        r, c, h, w = self.block
         lo = (max(0, r - size // 2), max(0, c - size // 2))
         hi = (min(self.height - size, r + h - 1 - size // 2), min(self.width - size, c + w - 1 - size // 2))
         return lo, (max(hi[0], lo[0]), max(hi[1], lo[1]))
@@ -206,7 +211,13 @@ class Blocks:
                 p = self.pieces[b]
                 w = p.weights if by_outline else p.counts
                 cell = int(p.cells[rng.choice(len(p.cells), p=w / w.sum())])
-                out.append((int(b), *_around(p, cell, size, rng)))
+                r, c = divmod(cell, -(-p.width // CELL))
+                r1, c1 = min((r + 1) * CELL, p.height), min((c + 1) * CELL, p.width)
+                r, c = r * CELL, c * CELL
+                # a window holding the whole cell, at a random place around it, inside the raster (block and halo)
+                r0 = int(rng.integers(max(0, r1 - size), min(r, p.height - size) + 1))
+                c0 = int(rng.integers(max(0, c1 - size), min(c, p.width - size) + 1))
+                out.append((int(b), r0, c0))
         else:
             n_other += n_positive
         near = rng.binomial(n_other, 0.5) if self.anchors else 0
@@ -218,38 +229,11 @@ class Blocks:
             c0 = int(np.clip(c + rng.integers(-size // 2, size // 2 + 1), cl, ch))
             out.append((int(b), r0, c0))
         if n_other - near:
-            area = np.array([(p.core[2] * p.core[3]) if p.core else p.height * p.width for p in self.pieces], float)
+            area = np.array([p.block[2] * p.block[3] for p in self.pieces], float)
             for b in rng.choice(len(self), n_other - near, p=area / area.sum()):
                 (rl, cl), (rh, ch) = self.pieces[b].origins(size)
                 out.append((int(b), int(rng.integers(rl, rh + 1)), int(rng.integers(cl, ch + 1))))
         return out
-
-
-def _around(p: Piece, cell: int, size: int, rng: np.random.Generator) -> tuple[int, int]:
-    """(row, col) of a window of ``size`` px holding the whole cell ``cell`` of :data:`CELL` px of ``p``, at a
-    random place around it, inside the raster (block and halo)."""
-    r, c = divmod(cell, -(-p.width // CELL))
-    r1, c1 = min((r + 1) * CELL, p.height), min((c + 1) * CELL, p.width)
-    r, c = r * CELL, c * CELL
-    r0 = int(rng.integers(max(0, r1 - size), min(r, p.height - size) + 1))
-    c0 = int(rng.integers(max(0, c1 - size), min(c, p.width - size) + 1))
-    return r0, c0
-
-
-def map_piece(model, x: np.ndarray, mean, std, device, size: int, precision=None, batch: int = 16) -> np.ndarray:
-    """Logits (h, w) of a piece's image ``x`` (bands, h, w; raw) by windows of ``size``; where the last window
-    of a row or column overlaps the one before, the two are averaged."""
-    _, h, w = x.shape
-    origins = [(r, c) for r in _tiles(h, size) for c in _tiles(w, size)]
-    acc, n = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
-    for i in range(0, len(origins), batch):
-        part = origins[i:i + batch]
-        xb = torch.from_numpy(np.stack([x[:, r:r + size, c:c + size] for r, c in part]))
-        z = forward_logits(model, ((xb - mean) / std).to(device), precision).float().cpu().numpy()
-        for (r, c), zi in zip(part, z):
-            acc[r:r + size, c:c + size] += zi
-            n[r:r + size, c:c + size] += 1
-    return acc / np.maximum(n, 1)
 
 
 def block_pieces(chips_dir: Path, split: str, chips: pd.DataFrame | None = None) -> Blocks | None:
@@ -282,7 +266,7 @@ def block_pieces(chips_dir: Path, split: str, chips: pd.DataFrame | None = None)
         for t, c, r in zip(chip_tiles, background["col"], background["row"]):
             i = where.get((t, int(c) // block, int(r) // block))
             if i is not None:
-                r0, c0 = pieces[i].core[:2] if pieces[i].core else (0, 0)
+                r0, c0 = pieces[i].core[:2] if pieces[i].core else (0, 0)  # not scanned yet: no height
                 anchors.append((i, int(r) - keys[i][2] * block + r0, int(c) - keys[i][1] * block + c0))
     return Blocks(pieces, keys, anchors)
 
@@ -410,13 +394,24 @@ class HeldOut:
     def stream(self, model, mean, std, device, size: int, precision=None, batch: int = 16
                ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Logits and truth (bool) of the pixels that count (mask 0 or 1), flat, a piece (or a batch of chips)
-        at a time; blocks mapped by :func:`map_piece`."""
+        at a time. Blocks (with their halo, as context) are mapped by windows of ``size``; where the last window
+        of a row or column overlaps the one before, the two are averaged."""
         model.eval()
         if self.kind_ == "blocks":
             for p in self.pieces:
                 x, y, _ = read_pair(p.image, p.mask, self.ignore)
+                _, h, w = x.shape
+                origins = [(r, c) for r in _tiles(h, size) for c in _tiles(w, size)]
+                acc, n = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+                for i in range(0, len(origins), batch):
+                    part = origins[i:i + batch]
+                    xb = torch.from_numpy(np.stack([x[:, r:r + size, c:c + size] for r, c in part]))
+                    z = forward_logits(model, ((xb - mean) / std).to(device), precision).float().cpu().numpy()
+                    for (r, c), zi in zip(part, z):
+                        acc[r:r + size, c:c + size] += zi
+                        n[r:r + size, c:c + size] += 1
                 keep = y != 255
-                yield map_piece(model, x, mean, std, device, size, precision, batch)[keep], y[keep] == 1
+                yield (acc / np.maximum(n, 1))[keep], y[keep] == 1
         else:
             for i in range(0, len(self.pieces), batch):
                 pairs = [read_pair(p.image, p.mask, self.ignore) for p in self.pieces[i:i + batch]]

@@ -139,5 +139,6 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
         _write_chip(tmp / "blocks" / f"{name}.tif", pixels, bgrid, source.band_names)
         _write_chip(tmp / "blocks" / f"{name}_mask.tif", keep[None], bgrid, ["mask"])
         out[(bx, by)] = {"image": f"blocks/{name}.tif", "mask": f"blocks/{name}_mask.tif",
-                         "positive_pixels": int((keep == 1).sum()), "core_row": r - r0, "core_col": c - c0, "core_height": h, "core_width": w}
+                         "positive_pixels": int((keep == 1).sum()),
+                         "core_row": r - r0, "core_col": c - c0, "core_height": h, "core_width": w}
     return out
