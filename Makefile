@@ -6,6 +6,8 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
+# the suite's worker processes (pytest-xdist; the cores shared between them, one file per worker at a time)
+TEST_WORKERS ?= auto
 
 .PHONY: venv demo test bench clean lock
 
@@ -22,7 +24,7 @@ demo: venv
 	$(BIN)/minemap demo --out demo-out
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=8
 
 bench: venv
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

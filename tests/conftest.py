@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,11 @@ from affine import Affine
 from minemap.config import RunConfig
 from minemap.synthetic import make_scene
 
-torch.set_num_threads(2)
+# the cores shared between pytest-xdist's workers (`make test` runs one a core), not each worker taking them all;
+# subprocesses the tests start take the same share
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
+torch.set_num_threads(_THREADS)
+os.environ["OMP_NUM_THREADS"] = str(_THREADS)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "mining_polygons_literature_sample.gpkg"
 YEARS = (2019, 2020, 2021)
 
