@@ -30,9 +30,14 @@ def write_results(name: str, threads: int, figures: dict) -> Path:
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(timezone.utc)
     rev = commit()
-    dest = RESULTS / f"{name}-{stamp:%Y%m%d-%H%M}-{rev}.json"
-    dest.write_text(json.dumps({
+    dest, n = RESULTS / f"{name}-{stamp:%Y%m%d-%H%M}-{rev}.json", 1
+    while dest.exists():  # two runs in one minute: the second beside the first, never over it
+        n += 1
+        dest = RESULTS / f"{name}-{stamp:%Y%m%d-%H%M}-{rev}-{n}.json"
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(json.dumps({
         "benchmark": f"bench_{name}", "date": stamp.isoformat(timespec="seconds"), "commit": rev,
         "machine": platform.platform(), "processor": platform.processor(), "threads": threads, **figures,
     }, indent=1, default=str))
+    tmp.replace(dest)
     return dest
