@@ -12,7 +12,8 @@ Prints, from one run (figures as ratios, since machines are noisy):
 The chips folders are synthetic (random digital numbers, a square mine in half the chips), written as minemap
 writes chips (uint16, deflate) without blocks, so that training reads chips (the path of a large, worldwide label set).
 Writes ``benchmarks/results/train-<date>-<commit>.json``.
-Run: `make bench` or `.venv/bin/python benchmarks/bench_train.py [--chips 200] [--size 64] [--epochs 2]`.
+Run: `make bench` or `.venv/bin/python benchmarks/bench_train.py [--chips 200] [--size 64] [--epochs 2]
+[--loader-workers 1] [--no-memory]` (``--no-memory``: the throughput alone, for comparing settings in one sitting).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from minemap.chips.writing import _write_chip
 from minemap.config import ModelConfig, TrainConfig
 from minemap.lattice import Grid
 from minemap.model import build_model, forward_logits, resolve_device, resolve_precision
-from minemap.train import segmentation_loss, train
+from minemap.train import _loader_workers, segmentation_loss, train
 from results_file import write_results
 
 BANDS = ["red", "green", "blue", "nir"]
@@ -128,9 +129,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="chip side in pixels")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--no-memory", action="store_true", help="throughput only (the memory case takes minutes)")
+    ap.add_argument("--loader-workers", type=int, default=None,
+                    help="train.loader_workers (default: the training's own choice for the device)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = TrainConfig(epochs=args.epochs, patience=args.epochs + 1)
+    cfg = TrainConfig(epochs=args.epochs, patience=args.epochs + 1, loader_workers=args.loader_workers)
     with tempfile.TemporaryDirectory(prefix="minemap-bench-train-") as tmp:
         tmp = Path(tmp)
         small = write_chips(tmp / "small", args.chips, args.size)
@@ -148,26 +152,31 @@ def main() -> None:
         fp32 = floor_seconds(n_train * args.epochs, args.size, cfg.model_copy(update={"precision": "fp32"}))
         print(f"precision: the bare step in {card.precision} {fp32 / floor:.2f} x as fast as in fp32", flush=True)
         print(f"throughput: train {n_train * args.epochs / stage:.1f} chips/s over {args.epochs} epochs of "
-              f"{n_train} chips ({args.size} px, batch {cfg.batch_size}, {card.precision}); floor (bare forward + "
+              f"{n_train} chips ({args.size} px, batch {cfg.batch_size}, {card.precision}, "
+              f"{_loader_workers(cfg, resolve_device(cfg.device))} loader processes); floor (bare forward + "
               f"backward + step) {n_train * args.epochs / floor:.1f} chips/s; stage / floor {ratio:.2f} "
               f"(goal >= {GOALS['throughput_vs_floor']})", flush=True)
         print(f"  of which the epochs' reading and steps: {windows} windows in {loop:.1f} s, {windows / loop:.1f} a "
               f"second: {windows / loop / (n_train * args.epochs / floor):.2f} of the floor (the rest of the stage: "
               f"scanning the chips, validating each epoch, calibrating and testing, "
               f"{stage - loop:.1f} s)", flush=True)
-        large = write_chips(tmp / "large", 10 * args.chips, args.size, seed=1)
-        rss_small = peak_rss_mb(small, tmp / "m1", args.threads)
-        rss_large = peak_rss_mb(large, tmp / "m2", args.threads)
-        print(f"memory: peak RSS {rss_small:.0f} MB on {args.chips} chips, {rss_large:.0f} MB on "
-              f"{10 * args.chips}: ratio {rss_large / rss_small:.2f} (goal <= {GOALS['rss_ratio']})", flush=True)
+        rss = {}
+        if not args.no_memory:
+            large = write_chips(tmp / "large", 10 * args.chips, args.size, seed=1)
+            rss = {str(args.chips): peak_rss_mb(small, tmp / "m1", args.threads),
+                   str(10 * args.chips): peak_rss_mb(large, tmp / "m2", args.threads)}
+            print(f"memory: peak RSS {rss[str(args.chips)]:.0f} MB on {args.chips} chips, "
+                  f"{rss[str(10 * args.chips)]:.0f} MB on {10 * args.chips}: ratio "
+                  f"{rss[str(10 * args.chips)] / rss[str(args.chips)]:.2f} (goal <= {GOALS['rss_ratio']})", flush=True)
     dest = write_results("train", args.threads, {
         "device": str(resolve_device(cfg.device)), "precision": card.precision, "chip_px": args.size,
         "chips": args.chips, "epochs": args.epochs, "batch_size": cfg.batch_size, "goals": GOALS,
+        "loader_workers": _loader_workers(cfg, resolve_device(cfg.device)),
         "stage_chips_per_s": n_train * args.epochs / stage, "floor_chips_per_s": n_train * args.epochs / floor,
         "stage_vs_floor": ratio, "loop_windows_per_s": windows / loop,
         "loop_vs_floor": windows / loop / (n_train * args.epochs / floor), "floor_fp32_chips_per_s": n_train * args.epochs / fp32,
-        "precision_speed_up": fp32 / floor, "peak_rss_mb": {str(args.chips): rss_small, str(10 * args.chips): rss_large},
-        "rss_ratio": rss_large / rss_small})
+        "precision_speed_up": fp32 / floor, "peak_rss_mb": rss or None,
+        "rss_ratio": rss[str(10 * args.chips)] / rss[str(args.chips)] if rss else None})
     print(f"results -> {dest}")
 
 
