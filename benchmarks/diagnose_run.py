@@ -2,7 +2,10 @@
 
 For one year, against the scene's truth (``truth.gpkg``, with a ``year`` column), the run's probability rasters at
 its threshold give per block of the spatial split: mine pixels found (tp), false alarms (fp), mines missed (fn),
-with the block's split and whether it is labelled ground; then the totals per split. With ``--fit``, the run's
+with the block's split and whether it is labelled ground; then the totals per split. Where the scene has its true
+clouds of the year (``clouds_<year>.tif``, written by ``make_scene`` for a cloudy year), also the mine pixels the
+run left unobserved and those of them under no true cloud, per block, and over the whole scene the run's mask
+against the true clouds and shadows. With ``--fit``, the run's
 models (the first fit and the final one) are also applied to the blocks the training wrote (``chips/blocks/``)
 and scored against the masks they were taught: how well a model fits its own training blocks, beside the
 held-out ones. Counts are pixels; figures are printed and written to
@@ -24,6 +27,7 @@ import rasterio
 import torch
 from rasterio.features import rasterize
 from rasterio.merge import merge
+from rasterio.warp import Resampling, reproject
 
 from minemap.formats.rasters import LEVELS, NODATA
 from minemap.model import load_model
@@ -35,9 +39,9 @@ def _f1(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / max(2 * tp + fp + fn, 1)
 
 
-def scene_blocks(run: Path, scene: Path, year: int) -> pd.DataFrame:
-    """Per block: tp, fp, fn of the run's probability rasters of ``year`` at its threshold, against the truth."""
-    threshold = json.loads((run / "threshold.json").read_text())["threshold"]
+def run_map(run: Path, scene: Path, year: int):
+    """The run's probability rasters of ``year`` merged (levels, NODATA where unobserved), their transform and
+    CRS, and the scene's true mines of that year on that grid."""
     files = sorted((run / "probabilities" / str(year)).glob("*.tif"))
     if not files:
         raise SystemExit(f"{run}: no probability rasters for {year}")
@@ -47,19 +51,60 @@ def scene_blocks(run: Path, scene: Path, year: int) -> pd.DataFrame:
     for s in sources:
         s.close()
     q = q[0]
-    found = (q != NODATA) & (q >= np.rint(threshold * LEVELS))
     truth = gpd.read_file(scene / "truth.gpkg")
     truth = truth[truth["year"] == year] if "year" in truth.columns else truth
     mine = rasterize(((g, 1) for g in truth.to_crs(crs).geometry), out_shape=q.shape, transform=transform,
                      dtype=np.uint8) > 0
+    return q, transform, crs, mine
+
+
+def scene_blocks(run: Path, scene: Path, year: int) -> pd.DataFrame:
+    """Per block: tp, fp, fn of the run's probability rasters of ``year`` at its threshold, against the truth;
+    where the scene has its true clouds of that year (``clouds_<year>.tif``), also the block's mine pixels left
+    unobserved (``fn_unobserved``) and those of them under no true cloud or shadow (``fn_masked_clear``)."""
+    threshold = json.loads((run / "threshold.json").read_text())["threshold"]
+    q, transform, crs, mine = run_map(run, scene, year)
+    found = (q != NODATA) & (q >= np.rint(threshold * LEVELS))
+    hidden = true_clouds(scene, year, q.shape, transform, crs)
     blocks = gpd.read_parquet(run / "chips" / "blocks.parquet").to_crs(crs)
     rows = []
     for b in blocks.itertuples():
         inside = rasterize([(b.geometry, 1)], out_shape=q.shape, transform=transform, dtype=np.uint8) > 0
-        rows.append({"bx": int(b.bx), "by": int(b.by), "split": b.split, "labelled_ground": bool(b.labelled_ground),
-                     "tp": int((found & mine & inside).sum()), "fp": int((found & ~mine & inside).sum()),
-                     "fn": int((~found & mine & inside).sum())})
+        row = {"bx": int(b.bx), "by": int(b.by), "split": b.split, "labelled_ground": bool(b.labelled_ground),
+               "tp": int((found & mine & inside).sum()), "fp": int((found & ~mine & inside).sum()),
+               "fn": int((~found & mine & inside).sum())}
+        if hidden is not None:
+            lost = mine & inside & (q == NODATA)
+            row.update(fn_unobserved=int(lost.sum()), fn_masked_clear=int((lost & (hidden == 0)).sum()))
+        rows.append(row)
     return pd.DataFrame(rows)
+
+
+def true_clouds(scene: Path, year: int, shape, transform, crs) -> np.ndarray | None:
+    """The scene's true clouds (1) and shadows (2) of ``year`` on the given grid, or None where it has none."""
+    path = scene / f"clouds_{year}.tif"
+    if not path.is_file():
+        return None
+    out = np.zeros(shape, np.uint8)
+    with rasterio.open(path) as src:
+        reproject(src.read(1), out, src_transform=src.transform, src_crs=src.crs, dst_transform=transform,
+                  dst_crs=crs, resampling=Resampling.nearest)
+    return out
+
+
+def cloud_figures(run: Path, scene: Path, year: int) -> dict | None:
+    """The run's mask against the scene's true clouds and shadows over the whole scene (issue 18's goals for a
+    cloudy year: >= 90 % of cloud and shadow pixels masked, <= 2 % of mine pixels masked outside them)."""
+    q, transform, crs, mine = run_map(run, scene, year)
+    hidden = true_clouds(scene, year, q.shape, transform, crs)
+    if hidden is None:
+        return None
+    seen = q != NODATA
+    covered = hidden > 0
+    return {"mine_px": int(mine.sum()), "mine_unobserved": round(float((mine & ~seen).sum() / max(mine.sum(), 1)), 4),
+            "mine_under_true_clouds": round(float((mine & covered).sum() / max(mine.sum(), 1)), 4),
+            "mine_masked_outside_true_clouds": round(float((mine & ~seen & ~covered).sum() / max(mine.sum(), 1)), 4),
+            "true_cloud_and_shadow_masked": round(float((covered & ~seen).sum() / max(covered.sum(), 1)), 4)}
 
 
 def model_fit(model_dir: Path, chips: Path) -> pd.DataFrame:
@@ -106,6 +151,10 @@ def main() -> None:
                "scene_blocks_labelled_ground": totals(frame[frame.labelled_ground])}
     print(f"the run's map of {year}, per split:", figures["scene_blocks"])
     print("  labelled ground only:", figures["scene_blocks_labelled_ground"])
+    clouds = cloud_figures(a.run, a.scene, year)
+    if clouds is not None:
+        figures["clouds"] = clouds
+        print(f"the run's mask of {year} against the scene's true clouds and shadows (whole scene):", clouds)
     if a.fit:
         for name in ("model_initial", "model"):
             if (a.run / name / "model.json").is_file():

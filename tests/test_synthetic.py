@@ -168,7 +168,7 @@ def test_confusers_are_bare_but_not_mines(plain, tmp_path):
 def test_cloudy_year_has_clouds_and_shadows(tmp_path):
     scene = make_scene(tmp_path, **PLAIN, cloudy_year=2020)
     clear, _, _ = _mosaic(scene, 2019)
-    cloudy, _, _ = _mosaic(scene, 2020)
+    cloudy, transform, crs = _mosaic(scene, 2020)
     assert not (clear > 5000).all(0).any()
     assert 0.02 < (cloudy > 5000).all(0).mean() < 0.2
     assert (cloudy > 0).all()  # clouds are valid pixels, not nodata
@@ -176,6 +176,16 @@ def test_cloudy_year_has_clouds_and_shadows(tmp_path):
     forest = (clear[3] > 2200) & (clear[0] < 600)
     darker = cloudy[3].astype(float) < 0.7 * clear[3]
     assert (darker & forest).sum() > 0.01 * forest.sum()
+    # the truth of the clouds, on the imagery's grid: opaque-white pixels are clouds (1), the darkened forest
+    # lies in shadows (2); the clear year has no such file
+    with rasterio.open(tmp_path / "clouds_2020.tif") as src:
+        hidden = src.read(1)
+        assert src.transform == transform and src.crs == crs
+    assert not (tmp_path / "clouds_2019.tif").exists()
+    white = (cloudy > 5000).all(0)
+    assert (hidden[white] == 1).mean() > 0.99
+    assert (hidden[darker & forest & ~white] == 2).mean() > 0.6
+    assert 0.02 < (hidden == 1).mean() < 0.3 and (hidden == 2).any()
 
 
 @pytest.mark.parametrize("missing", [0, 3])
@@ -517,3 +527,13 @@ def test_clouds_reaching_past_the_scene_edge():
     for seed in (4, 8, 10):
         alpha, darken, bright = _cumulus(np.random.default_rng([seed, _CLOUDS]), 768)
         assert alpha.shape == (768, 768) and 0.04 < (alpha > 0.5).mean() < 0.2
+
+
+def test_cloud_truth_is_warped_with_the_imagery(tmp_path):
+    scene = make_scene(tmp_path, **PLAIN, cloudy_year=2020, crs="EPSG:32630")
+    cloudy, transform, crs = _mosaic(scene, 2020)
+    with rasterio.open(tmp_path / "clouds_2020.tif") as src:
+        hidden = src.read(1)
+        assert (src.transform, src.crs, hidden.shape) == (transform, crs, cloudy.shape[1:])
+    assert (hidden[(cloudy > 5000).all(0)] == 1).mean() > 0.99
+    assert (hidden[(cloudy == 0).all(0)] == 0).all()  # nothing outside the warped footprint

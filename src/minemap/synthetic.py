@@ -10,6 +10,9 @@ island of forest (a hole); one year is hazy. Written:
 - ``truth.gpkg``: the true mine polygons of every year (column ``year``), EPSG:4326;
 - ``labelled_area.gpkg``: one polygon, EPSG:4326, the part of the scene where labels were drawn (the scene's
   footprint, or its western half), so that an evaluation can score labelled and never-labelled ground apart.
+- ``clouds_<year>.tif`` (a scene with a cloudy year): what hides the ground that year, on the imagery's grid:
+  1 where a cloud's opacity exceeds :data:`CLOUD_TRUTH`, 2 where its shadow dims the ground by more than
+  :data:`SHADOW_TRUTH`, 0 elsewhere; so that a cloud mask can be scored (``benchmarks/diagnose_run.py``).
 
 Options of :func:`make_scene` make harder scenes for the benchmarks; each is off by default, and the default
 scene is the same, file for file, whatever options exist (each option draws from its own random generator,
@@ -81,6 +84,8 @@ WATER = np.array([300, 450, 500, 250], np.float32)
 ROAD = np.array([1450, 1400, 1350, 1750], np.float32)
 ROOF = np.array([2300, 2300, 2350, 2450], np.float32)
 HAZE = np.array([2100, 2150, 2250, 2300], np.float32)
+CLOUD_TRUTH = 0.15  # clouds_<year>.tif: a cloud where its opacity exceeds this, ...
+SHADOW_TRUTH = 0.05  # ... a shadow where it dims the ground by more than this
 SAND = np.array([1900, 1700, 1300, 2100], np.float32)
 LATERITE = np.array([1700, 1450, 1100, 2000], np.float32)
 CLOUD = np.array([6000, 6000, 6200, 6500], np.float32)
@@ -797,6 +802,17 @@ def make_scene(
             data, out_transform = warped, dst_transform
         _write_quads(root / "imagery" / str(year), data, out_transform, quads, crs=dst_crs.to_string(),
                      edge_rng=edge_rng)
+        if cloudy_now:  # the truth of what hides the ground: 1 cloud, 2 shadow (on the imagery's grid)
+            hidden = np.where(clouds[0] > CLOUD_TRUTH, 1, np.where(clouds[1] < 1 - SHADOW_TRUTH, 2, 0)).astype(np.uint8)
+            if warp:
+                warped = np.zeros((dst_h, dst_w), np.uint8)
+                reproject(hidden, warped, src_transform=transform, src_crs="EPSG:3857", dst_transform=dst_transform,
+                          dst_crs=dst_crs, resampling=Resampling.nearest)
+                hidden = warped
+            with atomic_path(root / f"clouds_{year}.tif") as tmp, rasterio.open(
+                    tmp, "w", driver="GTiff", width=hidden.shape[1], height=hidden.shape[0], count=1, dtype="uint8",
+                    crs=dst_crs, transform=out_transform, compress="deflate") as dst:
+                dst.write(hidden, 1)
         for m, g in zip(present, pixel_to_ll(px)):
             truth_rows.append({"year": year, "mine": mines.index(m), "geometry": g})
         if year == train_year:
