@@ -135,6 +135,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(epochs=args.epochs, patience=args.epochs + 1, loader_workers=args.loader_workers)
+    workers = _loader_workers(cfg, resolve_device(cfg.device))
     with tempfile.TemporaryDirectory(prefix="minemap-bench-train-") as tmp:
         tmp = Path(tmp)
         small = write_chips(tmp / "small", args.chips, args.size)
@@ -153,30 +154,30 @@ def main() -> None:
         print(f"precision: the bare step in {card.precision} {fp32 / floor:.2f} x as fast as in fp32", flush=True)
         print(f"throughput: train {n_train * args.epochs / stage:.1f} chips/s over {args.epochs} epochs of "
               f"{n_train} chips ({args.size} px, batch {cfg.batch_size}, {card.precision}, "
-              f"{_loader_workers(cfg, resolve_device(cfg.device))} loader processes); floor (bare forward + "
+              f"{workers} loader processes); floor (bare forward + "
               f"backward + step) {n_train * args.epochs / floor:.1f} chips/s; stage / floor {ratio:.2f} "
               f"(goal >= {GOALS['throughput_vs_floor']})", flush=True)
         print(f"  of which the epochs' reading and steps: {windows} windows in {loop:.1f} s, {windows / loop:.1f} a "
               f"second: {windows / loop / (n_train * args.epochs / floor):.2f} of the floor (the rest of the stage: "
               f"scanning the chips, validating each epoch, calibrating and testing, "
               f"{stage - loop:.1f} s)", flush=True)
-        rss = {}
+        rss_small = rss_large = None
         if not args.no_memory:
             large = write_chips(tmp / "large", 10 * args.chips, args.size, seed=1)
-            rss = {str(args.chips): peak_rss_mb(small, tmp / "m1", args.threads),
-                   str(10 * args.chips): peak_rss_mb(large, tmp / "m2", args.threads)}
-            print(f"memory: peak RSS {rss[str(args.chips)]:.0f} MB on {args.chips} chips, "
-                  f"{rss[str(10 * args.chips)]:.0f} MB on {10 * args.chips}: ratio "
-                  f"{rss[str(10 * args.chips)] / rss[str(args.chips)]:.2f} (goal <= {GOALS['rss_ratio']})", flush=True)
+            rss_small = peak_rss_mb(small, tmp / "m1", args.threads)
+            rss_large = peak_rss_mb(large, tmp / "m2", args.threads)
+            print(f"memory: peak RSS {rss_small:.0f} MB on {args.chips} chips, {rss_large:.0f} MB on "
+                  f"{10 * args.chips}: ratio {rss_large / rss_small:.2f} (goal <= {GOALS['rss_ratio']})", flush=True)
     dest = write_results("train", args.threads, {
         "device": str(resolve_device(cfg.device)), "precision": card.precision, "chip_px": args.size,
         "chips": args.chips, "epochs": args.epochs, "batch_size": cfg.batch_size, "goals": GOALS,
-        "loader_workers": _loader_workers(cfg, resolve_device(cfg.device)),
+        "loader_workers": workers,
         "stage_chips_per_s": n_train * args.epochs / stage, "floor_chips_per_s": n_train * args.epochs / floor,
         "stage_vs_floor": ratio, "loop_windows_per_s": windows / loop,
         "loop_vs_floor": windows / loop / (n_train * args.epochs / floor), "floor_fp32_chips_per_s": n_train * args.epochs / fp32,
-        "precision_speed_up": fp32 / floor, "peak_rss_mb": rss or None,
-        "rss_ratio": rss[str(10 * args.chips)] / rss[str(args.chips)] if rss else None})
+        "precision_speed_up": fp32 / floor,
+        "peak_rss_mb": {str(args.chips): rss_small, str(10 * args.chips): rss_large} if rss_small else None,
+        "rss_ratio": rss_large / rss_small if rss_small else None})
     print(f"results -> {dest}")
 
 

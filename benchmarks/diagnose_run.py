@@ -41,7 +41,8 @@ def _f1(tp: int, fp: int, fn: int) -> float:
 
 def run_map(run: Path, scene: Path, year: int):
     """The run's probability rasters of ``year`` merged (levels, NODATA where unobserved), their transform and
-    CRS, and the scene's true mines of that year on that grid."""
+    CRS, the scene's true mines of that year on that grid, and its true clouds there (:func:`true_clouds`, None
+    where the scene has none)."""
     files = sorted((run / "probabilities" / str(year)).glob("*.tif"))
     if not files:
         raise SystemExit(f"{run}: no probability rasters for {year}")
@@ -55,17 +56,16 @@ def run_map(run: Path, scene: Path, year: int):
     truth = truth[truth["year"] == year] if "year" in truth.columns else truth
     mine = rasterize(((g, 1) for g in truth.to_crs(crs).geometry), out_shape=q.shape, transform=transform,
                      dtype=np.uint8) > 0
-    return q, transform, crs, mine
+    return q, transform, crs, mine, true_clouds(scene, year, q.shape, transform, crs)
 
 
-def scene_blocks(run: Path, scene: Path, year: int) -> pd.DataFrame:
-    """Per block: tp, fp, fn of the run's probability rasters of ``year`` at its threshold, against the truth;
-    where the scene has its true clouds of that year (``clouds_<year>.tif``), also the block's mine pixels left
-    unobserved (``fn_unobserved``) and those of them under no true cloud or shadow (``fn_masked_clear``)."""
+def scene_blocks(run: Path, mapped) -> pd.DataFrame:
+    """Per block: tp, fp, fn of the run's map (:func:`run_map`) at its threshold, against the truth; where the
+    scene has its true clouds of that year (``clouds_<year>.tif``), also the block's mine pixels left unobserved
+    (``fn_unobserved``) and those of them under no true cloud or shadow (``fn_masked_clear``)."""
     threshold = json.loads((run / "threshold.json").read_text())["threshold"]
-    q, transform, crs, mine = run_map(run, scene, year)
+    q, transform, crs, mine, hidden = mapped
     found = (q != NODATA) & (q >= np.rint(threshold * LEVELS))
-    hidden = true_clouds(scene, year, q.shape, transform, crs)
     blocks = gpd.read_parquet(run / "chips" / "blocks.parquet").to_crs(crs)
     rows = []
     for b in blocks.itertuples():
@@ -92,11 +92,11 @@ def true_clouds(scene: Path, year: int, shape, transform, crs) -> np.ndarray | N
     return out
 
 
-def cloud_figures(run: Path, scene: Path, year: int) -> dict | None:
-    """The run's mask against the scene's true clouds and shadows over the whole scene (issue 18's goals for a
-    cloudy year: >= 90 % of cloud and shadow pixels masked, <= 2 % of mine pixels masked outside them)."""
-    q, transform, crs, mine = run_map(run, scene, year)
-    hidden = true_clouds(scene, year, q.shape, transform, crs)
+def cloud_figures(mapped) -> dict | None:
+    """The run's mask (its map, :func:`run_map`) against the scene's true clouds and shadows over the whole scene
+    (issue 18's goals for a cloudy year: >= 90 % of cloud and shadow pixels masked, <= 2 % of mine pixels masked
+    outside them); None where the scene has no true clouds of that year."""
+    q, _, _, mine, hidden = mapped
     if hidden is None:
         return None
     seen = q != NODATA
@@ -145,13 +145,14 @@ def main() -> None:
         if not need.is_file():
             ap.error(f"{need}: not found (give a run and a scene kept by bench_accuracy.py --keep DIR)")
     year = a.year or int(json.loads((a.run / "chips" / "meta.json").read_text())["year"])
-    frame = scene_blocks(a.run, a.scene, year)
+    mapped = run_map(a.run, a.scene, year)
+    frame = scene_blocks(a.run, mapped)
     print(frame.to_string(index=False))
     figures = {"run": str(a.run), "year": year, "scene_blocks": totals(frame),
                "scene_blocks_labelled_ground": totals(frame[frame.labelled_ground])}
     print(f"the run's map of {year}, per split:", figures["scene_blocks"])
     print("  labelled ground only:", figures["scene_blocks_labelled_ground"])
-    clouds = cloud_figures(a.run, a.scene, year)
+    clouds = cloud_figures(mapped)
     if clouds is not None:
         figures["clouds"] = clouds
         print(f"the run's mask of {year} against the scene's true clouds and shadows (whole scene):", clouds)

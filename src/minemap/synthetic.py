@@ -765,6 +765,17 @@ def make_scene(
             return np.zeros((size, size), np.int32)
         return rasterize(shapes, out_shape=(size, size), transform=transform, fill=0, dtype=np.int32)
 
+    out_transform = dst_transform if warp else transform
+
+    def onto_output(a: np.ndarray) -> np.ndarray:
+        """``a`` (..., size, size) on the written grid: warped where the scene is (0 is no data)."""
+        if not warp:
+            return a
+        warped = np.zeros((*a.shape[:-2], dst_h, dst_w), a.dtype)
+        reproject(a, warped, src_transform=transform, src_crs="EPSG:3857", src_nodata=0,
+                  dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=0, resampling=Resampling.nearest)
+        return warped
+
     truth_rows = []
     for j, year in enumerate(years):
         present = [m for m in mines if m.first <= year <= m.last]
@@ -794,21 +805,12 @@ def make_scene(
             img = (1 - clouds[0]) * img + clouds[0] * clouds[2]  # the clouds above it all
         img *= 1 + 0.03 * rng.standard_normal(img.shape).astype(np.float32)
         data = np.clip(img, 1, 10000).astype(np.uint16)
-        out_transform = transform
-        if warp:
-            warped = np.zeros((data.shape[0], dst_h, dst_w), np.uint16)
-            reproject(data, warped, src_transform=transform, src_crs="EPSG:3857", src_nodata=0,
-                      dst_transform=dst_transform, dst_crs=dst_crs, dst_nodata=0, resampling=Resampling.nearest)
-            data, out_transform = warped, dst_transform
+        data = onto_output(data)
         _write_quads(root / "imagery" / str(year), data, out_transform, quads, crs=dst_crs.to_string(),
                      edge_rng=edge_rng)
         if cloudy_now:  # the truth of what hides the ground: 1 cloud, 2 shadow (on the imagery's grid)
-            hidden = np.where(clouds[0] > CLOUD_TRUTH, 1, np.where(clouds[1] < 1 - SHADOW_TRUTH, 2, 0)).astype(np.uint8)
-            if warp:
-                warped = np.zeros((dst_h, dst_w), np.uint8)
-                reproject(hidden, warped, src_transform=transform, src_crs="EPSG:3857", dst_transform=dst_transform,
-                          dst_crs=dst_crs, resampling=Resampling.nearest)
-                hidden = warped
+            hidden = onto_output(np.where(clouds[0] > CLOUD_TRUTH, 1, np.where(clouds[1] < 1 - SHADOW_TRUTH, 2, 0))
+                                 .astype(np.uint8))
             with atomic_path(root / f"clouds_{year}.tif") as tmp, rasterio.open(
                     tmp, "w", driver="GTiff", width=hidden.shape[1], height=hidden.shape[0], count=1, dtype="uint8",
                     crs=dst_crs, transform=out_transform, compress="deflate") as dst:
