@@ -506,3 +506,64 @@ def test_blocks_carry_a_halo_of_imagery_whose_labels_are_never_learnt(tmp_path):
         rows_in = slice(180 - 128 + b.core_row, 200 - 128 + b.core_row)
         assert (y[rows_in, inside] == 1).all()
         assert (y[rows_in, 128:] == 255).all() if bx == 0 else (y[rows_in, :24] == 255).all()
+
+
+def test_other_years_show_the_training_blocks_under_each_years_sky(tmp_path):
+    """chips.other_years: the training blocks (and only they) cut again from another year's imagery, masked by
+    the same labels, with that year's thin clouds and shadows left out of the loss; training draws from both
+    years' blocks, validation stays on the labels' year."""
+    from minemap.lattice import Grid
+    from minemap.synthetic import make_scene
+    from minemap.trainset import block_pieces
+
+    scene = make_scene(tmp_path / "scene", years=(2019, 2020), size=512, n_mines=12, hazy_year=None, seed=5,
+                       cloudy_year=2020)
+    src = open_imagery(scene.imagery)
+    labels = gpd.read_file(scene.labels)
+    cfg = ChipConfig(chip_size=64, seed=1)
+    with pytest.raises(InputError, match="2018"):
+        make_chips(labels, src, 2019, tmp_path / "none", cfg, other_years=[2018])
+    index = make_chips(labels, src, 2019, tmp_path / "chips", cfg.model_copy(update={"other_years": [2020]}))
+    blocks = pd.read_parquet(tmp_path / "chips" / "blocks.parquet")
+    training = blocks[(blocks.split == "train") & blocks.image.notna()].set_index(["bx", "by"])
+    other = pd.read_parquet(tmp_path / "chips" / "other_years.parquet")
+    assert len(training) >= 3 and set(other.year) == {2020}
+    assert set(zip(other.bx, other.by)) == set(training.index)
+    with rasterio.open(scene.root / "clouds_2020.tif") as f:
+        hidden_all, clouds_transform = f.read(1), f.transform
+    hidden_core = kept_mine = mine_core = masked_hidden = 0
+    for b in other.itertuples():
+        this = training.loc[(b.bx, b.by)]
+        assert (b.core_row, b.core_col, b.core_height, b.core_width) == \
+            (this.core_row, this.core_col, this.core_height, this.core_width)
+        with rasterio.open(tmp_path / "chips" / b.image) as im, rasterio.open(tmp_path / "chips" / b.mask) as mk, \
+                rasterio.open(tmp_path / "chips" / this["mask"]) as first:
+            x, y, y0 = im.read(), mk.read(1), first.read(1)
+            grid = Grid(im.crs, im.transform, im.width, im.height)
+        pixels, _ = src.read(2020, grid)
+        assert np.array_equal(x, pixels)  # 2020's pixels over the 2019 block
+        # the same labels; 2020 leaves out more (its clouds and shadows), never less
+        assert np.array_equal(y[y != 255], y0[y != 255]) and (y[y0 == 255] == 255).all()
+        col, row = (~clouds_transform * (im.transform.c, im.transform.f))
+        hidden = hidden_all[round(row):round(row) + y.shape[0], round(col):round(col) + y.shape[1]] > 0
+        core = np.zeros(y.shape, bool)
+        core[b.core_row:b.core_row + b.core_height, b.core_col:b.core_col + b.core_width] = True
+        hidden_core += int((hidden & core).sum())
+        masked_hidden += int((hidden & core & (y == 255)).sum())
+        mine_core += int(((y0 == 1) & core & ~hidden).sum())
+        kept_mine += int(((y == 1) & core & ~hidden).sum())
+    assert hidden_core > 500  # the clouds reach the training blocks
+    assert masked_hidden >= 0.9 * hidden_core  # 2020's clouds and shadows are not taught
+    assert kept_mine >= 0.9 * mine_core  # the mines outside them are
+    meta = json.loads((tmp_path / "chips" / "meta.json").read_text())
+    assert meta["other_years"] == {"2020": {"blocks": len(other), "positive_pixels": int(other.positive_pixels.sum())}}
+    train = block_pieces(tmp_path / "chips", "train", index[index.split == "train"].assign(root=str(tmp_path / "chips")))
+    assert len(train) == 2 * len(training) and len(block_pieces(tmp_path / "chips", "val")) == \
+        ((blocks.split == "val") & blocks.image.notna()).sum()
+    # anchors (the places of background chips) lie in the labels' year's blocks; windows come from both years
+    assert all(i < len(training) for i, _, _ in train.anchors)
+    from minemap.trainset import scan
+
+    scan(train.pieces, None, cells=True)
+    drawn = train.windows(np.random.default_rng(0), 200, 200, 64)
+    assert 0.3 < np.mean([b >= len(training) for b, _, _ in drawn]) < 0.7

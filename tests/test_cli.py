@@ -33,6 +33,8 @@ def _one_line(r, *parts):
      "--temporal: Input should be 'provisional', 'study' or 'off'"),
     (["chips", "--labels", "l.gpkg", "--imagery", "i", "--year", "2019", "--out", "o", "--chip-size", "8"],
      "--chip-size: Input should be greater than or equal to 32"),
+    (["chips", "--labels", "l.gpkg", "--imagery", "i", "--year", "2019", "--out", "o", "--other-years", "20x0"],
+     "--other-years '20x0': give years separated by commas"),
     (["train", "nowhere", "--out", "m", "--epochs", "0"], "--epochs: Input should be greater than or equal to 1"),
     (["train", "nowhere", "--out", "m", "--head", "unet"], "--head: Input should be 'segformer' or 'fine'"),
     (["predict", "--model", "m", "--imagery", "i", "--years", "2019", "--out", "o", "--tile-size", "10"],

@@ -436,3 +436,15 @@ def test_a_chip_broken_after_the_scan_is_one_line_from_a_loader_process(chips_di
         list(_batches(loader))
     assert str(err.value).startswith(f"{broken}: cannot read chip") and "\n" not in str(err.value)
     assert worker_message("plain") == "plain"
+
+
+def test_training_sees_the_other_years_blocks(scene, tmp_path):
+    """chips.other_years: the card says which years' imagery training saw; the band statistics cover them."""
+    labels, _ = read_labels([scene.labels])
+    base = dict(chip_size=64, stride=32, block_size=128, background_per_positive=0.3)
+    make_chips(labels, open_imagery(scene.imagery), 2019, tmp_path / "chips",
+               ChipConfig(**base, other_years=[2020, 2021]))
+    card = train(tmp_path / "chips", tmp_path / "model", TrainConfig(epochs=1, batch_size=8, epoch_windows=16),
+                 progress=False)
+    assert "the same blocks also from the imagery of 2020, 2021 (the same labels)" in card.selection["training"]
+    assert card.train_year == 2019

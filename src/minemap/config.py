@@ -62,6 +62,12 @@ class ChipConfig(Section):
                                                            "of chip_size, at least 32 (64 px for 256 px chips)")
     ignore_border_m: float = Field(5.0, ge=0, description="width of the band along label outlines left out of "
                                                           "the loss (digitised outlines are metres off)")
+    other_years: list[int] | Literal["mapped"] = Field(
+        [], description="also cut the training blocks from these years' imagery (the labels' year's blocks, "
+                        "masks from the same labels: a mine persists; thin clouds and shadows found in each "
+                        "year's own pixels left out of the loss), so that training sees the same ground under "
+                        "each year's haze, season and calibration; validation and test stay on the labels' "
+                        "year; mapped: every other year a run maps")
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.15, ge=0, lt=1)
     seed: int = 0

@@ -240,7 +240,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
             log.warning("model.path is given: the labels are not used (no training)")
     source = open_imagery(cfg.imagery, cfg.bands)
     have = source.years()
-    needed = sorted({*cfg.years} | ({cfg.train_year} if not trained else set()))
+    needed = sorted({*cfg.years} | ({cfg.train_year, *_other_years(cfg)} if not trained else set()))
     missing = [y for y in needed if y not in have]
     if missing:
         raise ImageryError(f"{describe(cfg.imagery)}: no imagery for year(s) {', '.join(map(str, missing))} "
@@ -266,7 +266,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         card = _check_floor(cfg, r.model_dir)
     else:
         # the training year's pixels: new imagery of that year redoes chips and training
-        r.train_imagery_key = stable_hash([_imagery_settings(cfg), source.fingerprint(cfg.train_year)])
+        r.train_imagery_key = stable_hash([_imagery_settings(cfg), source.fingerprint(cfg.train_year)]
+                                          + _optional({y: source.fingerprint(y) for y in _other_years(cfg)}))
         r.verdicts = _verdicts(cfg)
         for name in ("labels", "chips", "train"):
             _step(r, STAGE[name])
@@ -310,9 +311,16 @@ def _labels(r: _Run) -> None:
     write_geoparquet(apply_to_labels(labels, r.verdicts), r.folder.labels)
 
 
+def _other_years(cfg: RunConfig) -> list[int]:
+    """The years besides the labels' whose imagery training sees (``chips.other_years``)."""
+    chosen = cfg.years if cfg.chips.other_years == "mapped" else cfg.chips.other_years
+    return sorted({int(y) for y in chosen} - {cfg.train_year})
+
+
 def _chips(r: _Run) -> None:
     make_chips(gpd.read_parquet(r.folder.labels), r.source, r.cfg.train_year, r.folder.chips, r.cfg.chips,
-               labels_path=r.cfg.labels[0] if len(r.cfg.labels) == 1 else None, reviewed=r.verdicts)
+               labels_path=r.cfg.labels[0] if len(r.cfg.labels) == 1 else None, reviewed=r.verdicts,
+               other_years=_other_years(r.cfg))
 
 
 def _panel(r: _Run) -> None:

@@ -145,6 +145,7 @@ class _Data:
     missed: object
     cleaned: int
     cleaned_val: int
+    other_years: list[int]  # years whose imagery of the training blocks is taught too (chips.other_years)
 
 
 def _read_data(dirs: list[Path], index: pd.DataFrame, meta: dict, cfg: TrainConfig) -> _Data:
@@ -172,8 +173,9 @@ def _read_data(dirs: list[Path], index: pd.DataFrame, meta: dict, cfg: TrainConf
     if not val:
         log.warning("no validation blocks or chips: model selection and threshold use the training chips")
         val = HeldOut(blocks.pieces, "blocks", missed) if blocks is not None else HeldOut(fixed_pieces, "chips", missed)
+    other_years = sorted(int(y) for y in meta.get("other_years", {})) if blocks is not None else []
     return _Data(blocks, fixed, fixed_pieces, n_positive, n_other, val, test, stats.result(), missed,
-                 cleaned, cleaned_va)
+                 cleaned, cleaned_va, other_years)
 
 
 def _selection(data: _Data, early: bool, patience: int, max_epochs: int, min_val_pixels: int,
@@ -183,6 +185,8 @@ def _selection(data: _Data, early: bool, patience: int, max_epochs: int, min_val
     return {
         "training": (f"{n_windows} windows drawn anywhere inside the training blocks each epoch "
                      f"({data.n_positive} holding a label; random place, flips, rotations)"
+                     + (f", the same blocks also from the imagery of {', '.join(map(str, data.other_years))} "
+                        "(the same labels)" if data.other_years else "")
                      + (f" and {len(data.fixed)} chips" if len(data.fixed) else "")
                      if data.blocks is not None else "the training chips"),
         "validation": data.val.kind, "validation_positive_pixels": data.val.positive_pixels,

@@ -40,7 +40,7 @@ from rasterio.windows import Window, bounds as window_bounds
 from scipy import ndimage
 
 from minemap.errors import InputError
-from minemap.formats.chips import read_meta
+from minemap.formats.chips import OTHER_YEARS, read_meta
 from minemap.model import forward_logits
 
 CELL = 16  # side of the cells in which labelled pixels are counted (windows holding a label contain one)
@@ -260,7 +260,7 @@ def block_pieces(chips_dir: Path, split: str, chips: pd.DataFrame | None = None)
     anchors = []
     if chips is not None and {"col", "row"} <= set(chips.columns):
         block = int(read_meta(chips_dir)["block_size"])
-        where = {k: i for i, k in enumerate(keys)}
+        where = {k: i for i, k in enumerate(keys)}  # the labels' year's blocks (those of other years follow)
         background = chips[chips.kind == "background"]
         chip_tiles = background["tile"] if "tile" in background.columns else [None] * len(background)
         for t, c, r in zip(chip_tiles, background["col"], background["row"]):
@@ -268,6 +268,13 @@ def block_pieces(chips_dir: Path, split: str, chips: pd.DataFrame | None = None)
             if i is not None:
                 r0, c0 = pieces[i].core[:2] if pieces[i].core else (0, 0)  # not scanned yet: no height
                 anchors.append((i, int(r) - keys[i][2] * block + r0, int(c) - keys[i][1] * block + c0))
+    other = Path(chips_dir) / OTHER_YEARS
+    if split == "train" and other.is_file():  # the training blocks cut again from other years' imagery
+        more = pd.read_parquet(other)
+        pieces += [Piece(str(Path(chips_dir) / i), str(Path(chips_dir) / m), core=tuple(int(v) for v in k))
+                   for i, m, *k in zip(more.image, more["mask"], more.core_row, more.core_col, more.core_height,
+                                       more.core_width)]
+        keys += [(f"year {y}", int(bx), int(by)) for y, bx, by in zip(more.year, more.bx, more.by)]
     return Blocks(pieces, keys, anchors)
 
 

@@ -60,7 +60,7 @@ import shapely
 from minemap._io import atomic_path, write_json
 from minemap.config import ChipConfig
 from minemap.errors import InputError
-from minemap.formats.chips import SPLITS, split_summary, write_blocks
+from minemap.formats.chips import OTHER_YEARS, SPLITS, split_summary, write_blocks, write_other_years
 from minemap.geo import WGS84, ground_sample_distance_m
 from minemap.imagery import ImagerySource
 from minemap.lattice import Grid
@@ -121,8 +121,11 @@ def survey(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, cfg: Chip
 
 
 def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
-               labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None) -> gpd.GeoDataFrame:
-    """Stage ``chips``: cut training chips of ``year`` around ``labels`` into the folder ``dest``.
+               labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None,
+               other_years: list[int] | None = None) -> gpd.GeoDataFrame:
+    """Stage ``chips``: cut training chips of ``year`` around ``labels`` into the folder ``dest``, and the training
+    blocks again from the imagery of ``other_years`` (default ``cfg.other_years``, which a run resolves from
+    ``mapped`` to its years).
 
     ``reviewed``: reviewers' verdicts on ``year`` (minemap.review). Each detection they rejected gets chips over
     it (kind ``reviewed_negative``, up to :data:`REVIEWED_CHIPS` for a large one, even where another chip holds
@@ -130,6 +133,14 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     they were unsure of are ignored (255) in every chip. Labels anywhere on Earth, cut tile by tile each in
     its own CRS: :func:`minemap.chips.tiles.make_tiled_chips`."""
     where = f"{labels_path}: " if labels_path else ""
+    if other_years is None:
+        if cfg.other_years == "mapped":
+            raise InputError("chips.other_years = 'mapped' names the years a run maps: outside a run, list them")
+        other_years = cfg.other_years
+    missing = sorted(set(other_years) - set(source.years()))
+    if missing:
+        raise InputError(f"chips.other_years: no imagery for year(s) {', '.join(map(str, missing))} "
+                         f"(years found: {', '.join(map(str, source.years()))})")
     sv = survey(labels, source, year, cfg, labels_path)
     grid, block = sv.grid, sv.block
     targets = _split_targets(cfg)
@@ -146,7 +157,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
             "labels over a wider area, use smaller chips (chips.chip_size), or set chips.val_fraction and "
             "chips.test_fraction to 0")
     index = cut(labels, sv, source, year, dest, cfg, splits, labels_path=labels_path, reviewed=reviewed,
-                extra_meta={"land_cover_shares": _cover_shares(cover, splits)})
+                extra_meta={"land_cover_shares": _cover_shares(cover, splits)}, other_years=other_years)
     summary = split_summary(index)
     total = sum(v["positive_pixels"] for v in summary.values()) or 1
     log.info("chips: block %d px, %s; positive pixel shares %s", block, {s: v["chips"] for s, v in summary.items()},
@@ -156,11 +167,13 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
 
 def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
         splits: dict, labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None,
-        every_split: bool = True, extra_meta: dict | None = None, progress: bool = True) -> gpd.GeoDataFrame:
+        every_split: bool = True, extra_meta: dict | None = None, progress: bool = True,
+        other_years: list[int] = ()) -> gpd.GeoDataFrame:
     """Cut the chips and blocks of a surveyed grid whose blocks ``splits`` assigns, into the folder ``dest``
     (written whole, then swapped in); returns the index. ``every_split``: raise unless each split with a target
     gets labelled pixels (a tile of labels from anywhere need not: the splits are balanced across tiles);
-    ``progress``: bars for the chips and blocks written."""
+    ``progress``: bars for the chips and blocks written; ``other_years``: the training blocks cut again from
+    these years' imagery (``other_years.parquet``, :attr:`ChipConfig.other_years`)."""
     where = f"{labels_path}: " if labels_path else ""
     grid, block, geoms, pos, blk, weights = sv.grid, sv.block, sv.geoms, sv.pos, sv.blk, sv.weights
     chip = cfg.chip_size
@@ -212,6 +225,12 @@ def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, 
                                  f"chips.{x}_fraction to 0")
         index.to_parquet(tmp / "index.parquet")
         write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters, ground)
+        # the training blocks of other years: the same ground and labels under another year's haze and season
+        training = {k for k in rasters if splits.get(k, "train") == "train"}
+        shown = {y: _write_blocks(tmp, source, y, grid, training, block, geoms, cfg, ignore=unsure,
+                                  progress=progress, obscured=True) for y in other_years if y != year}
+        if shown:
+            write_other_years(tmp / OTHER_YEARS, shown)
         write_json(tmp / "meta.json", {
             "year": year, "bands": list(source.band_names), "crs": grid.crs.to_string(),
             "pixel_size": list(grid.res), "gsd_m": ground_sample_distance_m(grid.crs, grid.transform,
@@ -221,6 +240,8 @@ def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, 
             "labelled_ground": {"reach_blocks": cfg.background_reach, "blocks": len(ground),
                                 "blocks_left_out": len(all_blocks) - len(ground)},
             "ignore_border_m": cfg.ignore_border_m, "splits": summary,
+            "other_years": {str(y): {"blocks": len(b), "positive_pixels": sum(v["positive_pixels"] for v in b.values())}
+                            for y, b in shown.items()},
             "review": {"not_mine_outlines": len(rejected), "reviewed_negative_chips": int(len(negative)),
                        "unsure_outlines_ignored": len(unsure)},
             **(extra_meta or {}),

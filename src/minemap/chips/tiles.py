@@ -181,6 +181,8 @@ def make_tiled_chips(labels: gpd.GeoDataFrame, imagery: Any, year: int, dest: Pa
     dest = Path(dest).absolute()
     if not len(labels):
         raise InputError(f"{where}no labels")
+    if cfg.other_years:
+        raise InputError("chips.other_years: not available for chips cut in tiles; leave it empty")
     mark_output_dir(dest, "chips")
     for name in ("meta.json", "images", "masks", "blocks"):  # a folder that is not whole is not a chips folder
         path = dest / name

@@ -16,6 +16,7 @@ from minemap.formats.chips import IGNORE
 from minemap.geo import units_per_metre
 from minemap.imagery import ImagerySource
 from minemap.lattice import Grid
+from minemap.masks import obscured_mask
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
 
 def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys: set[tuple[int, int]], block: int,
                   geoms: np.ndarray, cfg: ChipConfig, ignore: np.ndarray | None = None,
-                  progress: bool = True) -> dict[tuple[int, int], dict]:
+                  progress: bool = True, obscured: bool = False) -> dict[tuple[int, int], dict]:
     """Write each block of ``keys`` whole (image and mask, as a chip's) into ``tmp/blocks``, so that training
     draws its windows anywhere inside the training blocks and validates on the validation blocks wall to wall;
     returns their paths, labelled pixels and where the block lies in its raster (``core_row``, ``core_col``,
@@ -115,7 +116,11 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
     (as far as the grid reaches), their mask 255: a training window may reach across the block's edge, so the model
     sees a field or a pit that the edge cuts as a scene shows it (not cut off where a window ends), and a validation
     block is mapped with the context a scene gives it, while no pixel of a neighbouring block, which may be another
-    split's, is ever learnt or scored. Blocks too small to hold a chip, or mostly without imagery, are left out."""
+    split's, is ever learnt or scored. Blocks too small to hold a chip, or mostly without imagery, are left out.
+
+    ``obscured``: thin clouds and shadows found in the year's own pixels (:func:`minemap.masks.obscured_mask`,
+    for a source that does not mask clouds itself) are left out of the loss too, as the mapping leaves them out:
+    a label drawn on another year's imagery must not teach that a cloud over a mine is a mine."""
     (tmp / "blocks").mkdir(parents=True, exist_ok=True)
     outlines = _Outlines(geoms, ignore, cfg)
     halo = max(32, cfg.chip_size // 4) if cfg.block_halo is None else cfg.block_halo
@@ -132,6 +137,8 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
         core = (slice(r - r0, r - r0 + h), slice(c - c0, c - c0 + w))
         if valid[core].mean() < 0.2:
             continue
+        if obscured and not getattr(source, "masks_clouds", False):
+            valid = valid & ~obscured_mask(pixels, valid, source.band_names)
         mask = outlines.mask(bgrid, shapely.box(*bgrid.bounds), valid)
         keep = np.full(mask.shape, IGNORE, np.uint8)
         keep[core] = mask[core]
