@@ -567,3 +567,6 @@ def test_other_years_show_the_training_blocks_under_each_years_sky(tmp_path):
     scan(train.pieces, None, cells=True)
     drawn = train.windows(np.random.default_rng(0), 200, 200, 64)
     assert 0.3 < np.mean([b >= len(training) for b, _, _ in drawn]) < 0.7
+    train.other_share = 0.2  # train.other_years_share
+    drawn = train.windows(np.random.default_rng(0), 200, 200, 64)
+    assert 0.12 < np.mean([b >= len(training) for b, _, _ in drawn]) < 0.28

@@ -137,6 +137,9 @@ class TrainConfig(Section):
                               "mine is seen in proportion to its area) or each outline in proportion to the "
                               "square root of its area (outlines: thin dredging sites and small pits are seen "
                               "more often)")
+    other_years_share: float | None = Field(None, ge=0, lt=1, description="share of the windows drawn from the "
+                                                                     "blocks of other years (chips.other_years); "
+                                                                     "default: each year alike")
     crop_size: int | None = Field(None, ge=32, description="training sees a random square of this side from each "
                                                            "chip (a multiple of 32); default: the chip less 64 px "
                                                            "for chips of 256 px or more (60 % of the compute of "

@@ -162,7 +162,7 @@ def _read_data(dirs: list[Path], index: pd.DataFrame, meta: dict, cfg: TrainConf
     fixed_pieces = chip_pieces(fixed)
     n_positive, n_other = int((tr.kind[drawn] == "positive").sum()), int((tr.kind[drawn] == "background").sum())
     if blocks is not None:
-        blocks.weighting = cfg.positive_windows
+        blocks.weighting, blocks.other_share = cfg.positive_windows, cfg.other_years_share
         n_positive, n_other = epoch_windows(n_positive, n_other, cfg.epoch_windows)
         cleaned, stats = scan(blocks.pieces, missed, stats=True, cells=True)
         cleaned += scan(fixed_pieces, missed)[0]

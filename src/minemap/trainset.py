@@ -180,11 +180,15 @@ class Blocks:
     stay as frequent as they were."""
 
     def __init__(self, pieces: list[Piece], keys: list[tuple] | None = None,
-                 anchors: list[tuple[int, int, int]] | None = None, weighting: str = "pixels") -> None:
+                 anchors: list[tuple[int, int, int]] | None = None, weighting: str = "pixels",
+                 own: int | None = None) -> None:
         self.pieces = pieces
         self.keys = keys or []
         self.anchors = anchors or []
         self.weighting = weighting  # how windows holding a label are drawn: see windows()
+        self.other_share: float | None = None  # share of windows in other years' blocks; None: as their weight
+        # the first `own` pieces are the labels' year's blocks, the rest the same blocks of other years
+        self.own = len(pieces) if own is None else own
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -206,7 +210,8 @@ class Blocks:
         out = []
         if n_positive and self.positive_pixels:
             by_outline = self.weighting == "outlines"
-            weight = np.array([p.weights.sum() if by_outline else p.positive for p in self.pieces], float)
+            weight = self._shared(np.array([p.weights.sum() if by_outline else p.positive for p in self.pieces],
+                                           float))
             for b in rng.choice(len(self), n_positive, p=weight / weight.sum()):
                 p = self.pieces[b]
                 w = p.weights if by_outline else p.counts
@@ -229,11 +234,23 @@ class Blocks:
             c0 = int(np.clip(c + rng.integers(-size // 2, size // 2 + 1), cl, ch))
             out.append((int(b), r0, c0))
         if n_other - near:
-            area = np.array([p.block[2] * p.block[3] for p in self.pieces], float)
+            area = self._shared(np.array([p.block[2] * p.block[3] for p in self.pieces], float))
             for b in rng.choice(len(self), n_other - near, p=area / area.sum()):
                 (rl, cl), (rh, ch) = self.pieces[b].origins(size)
                 out.append((int(b), int(rng.integers(rl, rh + 1)), int(rng.integers(cl, ch + 1))))
         return out
+
+
+    def _shared(self, weight: np.ndarray) -> np.ndarray:
+        """``weight`` rescaled so that the other years' blocks (keys naming a year) hold ``other_share`` of it."""
+        other = np.zeros(len(weight), bool)
+        other[self.own:] = True
+        if self.other_share is None or not other.any() or other.all():
+            return weight
+        own, theirs = weight[~other].sum(), weight[other].sum()
+        if own == 0 or theirs == 0:
+            return weight
+        return np.where(other, weight * self.other_share / theirs, weight * (1 - self.other_share) / own)
 
 
 def block_pieces(chips_dir: Path, split: str, chips: pd.DataFrame | None = None) -> Blocks | None:
@@ -275,7 +292,7 @@ def block_pieces(chips_dir: Path, split: str, chips: pd.DataFrame | None = None)
                    for i, m, *k in zip(more.image, more["mask"], more.core_row, more.core_col, more.core_height,
                                        more.core_width)]
         keys += [(f"year {y}", int(bx), int(by)) for y, bx, by in zip(more.year, more.bx, more.by)]
-    return Blocks(pieces, keys, anchors)
+    return Blocks(pieces, keys, anchors, own=len(table))
 
 
 def chip_pieces(chips: pd.DataFrame) -> list[Piece]:
