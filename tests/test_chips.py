@@ -570,3 +570,14 @@ def test_other_years_show_the_training_blocks_under_each_years_sky(tmp_path):
     train.other_share = 0.2  # train.other_years_share
     drawn = train.windows(np.random.default_rng(0), 200, 200, 64)
     assert 0.12 < np.mean([b >= len(training) for b, _, _ in drawn]) < 0.28
+
+
+def test_which_other_years_training_sees():
+    from minemap.chips import shown_years
+
+    have = list(range(2016, 2025))
+    assert shown_years(ChipConfig(), 2019, have) == [2020, 2021]  # the default: up to two years after the labels'
+    assert shown_years(ChipConfig(), 2024, have) == []  # labels on the newest imagery: none after it
+    assert shown_years(ChipConfig(other_years=0), 2019, have) == []
+    assert shown_years(ChipConfig(other_years=5), 2019, [2019, 2021, 2026]) == [2021]
+    assert shown_years(ChipConfig(other_years=[2018, 2019, 2023]), 2019, have) == [2018, 2023]  # as listed

@@ -138,8 +138,8 @@ def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file
           fmt: Annotated[str, typer.Option("--format", help="minemap, or mmseg: also the MMSegmentation layout "
                                                             "(OUT/mmseg/<year>/img_dir|ann_dir/<split>/)")] = "minemap",
           other_years: Annotated[Optional[str], typer.Option(
-              help="also cut the training blocks from these years' imagery, e.g. 2020,2021 (the same labels; "
-                   "each year's clouds and shadows left out of the loss)")] = None):
+              help="training also sees the training blocks in these years' imagery, e.g. 2020,2021, or in the "
+                   "N years after --year (a number; default 2; 0: none), masked by the same labels")] = None):
     """Cut training chips (images, masks, spatial train/val/test splits) at native resolution."""
     from minemap.chips import make_chips
     from minemap.chips.tiles import make_tiled_chips
@@ -155,16 +155,22 @@ def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file
     if workers < 1:
         raise InputError(f"--workers {workers}: give at least 1")
     try:
-        shown = [int(y) for y in other_years.split(",")] if other_years else []
+        shown = [int(y) for y in other_years.split(",")] if other_years is not None else None
     except ValueError:
-        raise InputError(f"--other-years {other_years!r}: give years separated by commas, e.g. 2020,2021") from None
+        shown = []
+    if shown is not None and (not shown or len(shown) > 1 and min(shown) < 1000):
+        raise InputError(f"--other-years {other_years!r}: give years separated by commas, e.g. 2020,2021, "
+                         "or a number of years after --year")
+    if shown is not None and len(shown) == 1 and shown[0] < 1000:
+        shown = shown[0]
     cfg = _settings(ChipConfig, chip_size=chip_size, stride=stride, block_size=block_size,
-                    background_per_positive=background_per_positive, seed=seed, other_years=shown)
+                    background_per_positive=background_per_positive, seed=seed,
+                    **({} if shown is None else {"other_years": shown}))
     gdf, _ = read_labels([labels_path])
     desc = _imagery_config(imagery, default_bbox=gdf.to_crs("EPSG:4326").total_bounds) if imagery.is_file() else imagery
     if tile_deg is None and not isinstance(desc, Path):
         tile_deg = 1.0  # a remote source has no area of its own: the labels' tiles are the areas
-    if shown and tile_deg is not None:
+    if shown and tile_deg is not None:  # given on the command line
         raise InputError("--other-years: not available for chips cut in tiles (--tile-deg, or a remote source)")
     if tile_deg is not None:
         index = make_tiled_chips(gdf, desc, year, out_dir, cfg, tile_deg=tile_deg, bands=_bands(bands),

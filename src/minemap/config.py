@@ -62,12 +62,13 @@ class ChipConfig(Section):
                                                            "of chip_size, at least 32 (64 px for 256 px chips)")
     ignore_border_m: float = Field(5.0, ge=0, description="width of the band along label outlines left out of "
                                                           "the loss (digitised outlines are metres off)")
-    other_years: list[int] | Literal["mapped"] = Field(
-        [], description="also cut the training blocks from these years' imagery (the labels' year's blocks, "
-                        "masks from the same labels: a mine persists; thin clouds and shadows found in each "
-                        "year's own pixels left out of the loss), so that training sees the same ground under "
-                        "each year's haze, season and calibration; validation and test stay on the labels' "
-                        "year; mapped: every other year a run maps")
+    other_years: int | list[int] = Field(
+        2, description="training sees the training blocks in other years' imagery too, masked by the same labels "
+                       "(thin clouds and shadows found in each year's own pixels left out of the loss), so that it "
+                       "learns each year's haze, season and calibration on ground it knows: a number N, the "
+                       "source's years up to N after the labels' year (a mine dug stays disturbed ground; before "
+                       "the labels' year it may not yet have been dug, so earlier years are not used); a list, "
+                       "those years; 0 or [], none. Validation and test stay on the labels' year")
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.15, ge=0, lt=1)
     seed: int = 0

@@ -31,7 +31,7 @@ import shapely
 
 from minemap._io import file_sha256, stable_hash, write_json
 from minemap.aoi import parse_aoi
-from minemap.chips import hard_negative_chips, make_chips
+from minemap.chips import hard_negative_chips, make_chips, shown_years
 from minemap.config import RunConfig, VectorizeConfig
 from minemap.errors import ImageryError, InputError, ModelError
 from minemap.evaluate import EVALUATE_FORMAT, evaluate_stage
@@ -240,7 +240,8 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
             log.warning("model.path is given: the labels are not used (no training)")
     source = open_imagery(cfg.imagery, cfg.bands)
     have = source.years()
-    needed = sorted({*cfg.years} | ({cfg.train_year, *_other_years(cfg)} if not trained else set()))
+    shown = [] if trained else shown_years(cfg.chips, cfg.train_year, have)
+    needed = sorted({*cfg.years} | ({cfg.train_year, *shown} if not trained else set()))
     missing = [y for y in needed if y not in have]
     if missing:
         raise ImageryError(f"{describe(cfg.imagery)}: no imagery for year(s) {', '.join(map(str, missing))} "
@@ -267,7 +268,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
     else:
         # the training year's pixels: new imagery of that year redoes chips and training
         r.train_imagery_key = stable_hash([_imagery_settings(cfg), source.fingerprint(cfg.train_year)]
-                                          + _optional({y: source.fingerprint(y) for y in _other_years(cfg)}))
+                                          + _optional({y: source.fingerprint(y) for y in shown}))
         r.verdicts = _verdicts(cfg)
         for name in ("labels", "chips", "train"):
             _step(r, STAGE[name])
@@ -311,16 +312,9 @@ def _labels(r: _Run) -> None:
     write_geoparquet(apply_to_labels(labels, r.verdicts), r.folder.labels)
 
 
-def _other_years(cfg: RunConfig) -> list[int]:
-    """The years besides the labels' whose imagery training sees (``chips.other_years``)."""
-    chosen = cfg.years if cfg.chips.other_years == "mapped" else cfg.chips.other_years
-    return sorted({int(y) for y in chosen} - {cfg.train_year})
-
-
 def _chips(r: _Run) -> None:
     make_chips(gpd.read_parquet(r.folder.labels), r.source, r.cfg.train_year, r.folder.chips, r.cfg.chips,
-               labels_path=r.cfg.labels[0] if len(r.cfg.labels) == 1 else None, reviewed=r.verdicts,
-               other_years=_other_years(r.cfg))
+               labels_path=r.cfg.labels[0] if len(r.cfg.labels) == 1 else None, reviewed=r.verdicts)
 
 
 def _panel(r: _Run) -> None:

@@ -120,12 +120,19 @@ def survey(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, cfg: Chip
     return Survey(grid, geoms, block, weights, pos, blk)
 
 
+def shown_years(cfg: ChipConfig, year: int, have: list[int]) -> list[int]:
+    """The years besides ``year`` (the labels') whose imagery of the training blocks training sees
+    (:attr:`ChipConfig.other_years`): a list as given, a number N the years of ``have`` up to N after ``year``."""
+    if isinstance(cfg.other_years, int):
+        return [int(y) for y in sorted(have) if year < y <= year + cfg.other_years]
+    return sorted({int(y) for y in cfg.other_years} - {year})
+
+
 def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
                labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None,
                other_years: list[int] | None = None) -> gpd.GeoDataFrame:
     """Stage ``chips``: cut training chips of ``year`` around ``labels`` into the folder ``dest``, and the training
-    blocks again from the imagery of ``other_years`` (default ``cfg.other_years``, which a run resolves from
-    ``mapped`` to its years).
+    blocks again from the imagery of ``other_years`` (default: :func:`shown_years`).
 
     ``reviewed``: reviewers' verdicts on ``year`` (minemap.review). Each detection they rejected gets chips over
     it (kind ``reviewed_negative``, up to :data:`REVIEWED_CHIPS` for a large one, even where another chip holds
@@ -133,10 +140,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     they were unsure of are ignored (255) in every chip. Labels anywhere on Earth, cut tile by tile each in
     its own CRS: :func:`minemap.chips.tiles.make_tiled_chips`."""
     where = f"{labels_path}: " if labels_path else ""
-    if other_years is None:
-        if cfg.other_years == "mapped":
-            raise InputError("chips.other_years = 'mapped' names the years a run maps: outside a run, list them")
-        other_years = cfg.other_years
+    other_years = shown_years(cfg, year, source.years()) if other_years is None else other_years
     missing = sorted(set(other_years) - set(source.years()))
     if missing:
         raise InputError(f"chips.other_years: no imagery for year(s) {', '.join(map(str, missing))} "

@@ -181,8 +181,10 @@ def make_tiled_chips(labels: gpd.GeoDataFrame, imagery: Any, year: int, dest: Pa
     dest = Path(dest).absolute()
     if not len(labels):
         raise InputError(f"{where}no labels")
-    if cfg.other_years:
+    if isinstance(cfg.other_years, list) and cfg.other_years:
         raise InputError("chips.other_years: not available for chips cut in tiles; leave it empty")
+    if cfg.other_years:
+        log.info("chips cut in tiles show training the labels' year only (chips.other_years is not used)")
     mark_output_dir(dest, "chips")
     for name in ("meta.json", "images", "masks", "blocks"):  # a folder that is not whole is not a chips folder
         path = dest / name
