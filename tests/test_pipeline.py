@@ -39,6 +39,11 @@ def test_run_outputs_and_schemas(tiny_run):
     summary = pd.read_csv(out / "summary.csv")
     assert summary.area_km2.sum() == pytest.approx(panel.area_km2.sum(), abs=1e-5 * len(summary))
     assert (out / "model" / "weights.safetensors").is_file() and (out / "model" / "model.json").is_file()
+    # training saw the training blocks in the two years after the labels' too (chips.other_years = 2)
+    shown = pd.read_parquet(out / "chips" / "other_years.parquet")
+    assert set(shown.year) == {2020, 2021} and "imagery of 2020, 2021" in \
+        json.loads((out / "model" / "model.json").read_text())["selection"]["training"]
+    assert "the same blocks also from the imagery of 2020, 2021" in (out / "DATASET.md").read_text()
     from minemap.grid import make_tiles
     from minemap.imagery import open_imagery
 

@@ -201,6 +201,8 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
                      f"{_fmt((card.get('val_metrics') or {}).get('f1'))}, test F1 "
                      f"{_fmt((card.get('test_metrics') or {}).get('f1'))}; probabilities calibrated "
                      f"({(card.get('calibration') or {}).get('method', 'none')}).")
+        if (card.get("selection") or {}).get("training"):
+            lines.append(f"- Training saw {card['selection']['training']}.")
         if card.get("review"):
             r = card["review"]
             lines.append(f"- Reviewers' verdicts used in training: {r.get('mines_added', 0)} detections confirmed as "
