@@ -20,7 +20,7 @@ def chips_dir(scene, tmp_path_factory):
     dest = tmp_path_factory.mktemp("chips") / "chips"
     labels, _ = read_labels([scene.labels])
     make_chips(labels, open_imagery(scene.imagery), 2019, dest,
-               ChipConfig(chip_size=64, stride=32, block_size=128, background_per_positive=0.3))
+               ChipConfig(chip_size=64, stride=32, block_size=128, background_per_positive=0.3, other_years=0))
     return dest
 
 
