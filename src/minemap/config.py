@@ -62,7 +62,7 @@ class ChipConfig(Section):
                                                            "of chip_size, at least 32 (64 px for 256 px chips)")
     ignore_border_m: float = Field(5.0, ge=0, description="width of the band along label outlines left out of "
                                                           "the loss (digitised outlines are metres off)")
-    other_years: int | list[int] = Field(
+    other_years: Annotated[int, Field(ge=0)] | list[int] = Field(
         2, description="training sees the training blocks in other years' imagery too, masked by the same labels "
                        "(thin clouds and shadows found in each year's own pixels left out of the loss), so that it "
                        "learns each year's haze, season and calibration on ground it knows: a number N, the "
@@ -138,9 +138,11 @@ class TrainConfig(Section):
                               "mine is seen in proportion to its area) or each outline in proportion to the "
                               "square root of its area (outlines: thin dredging sites and small pits are seen "
                               "more often)")
-    other_years_share: float | None = Field(None, ge=0, lt=1, description="share of the windows drawn from the "
-                                                                     "blocks of other years (chips.other_years); "
-                                                                     "default: each year alike")
+    other_years_share: float | None = Field(
+        0.5, ge=0, lt=1, description="share of the windows drawn from the blocks of other years (chips.other_years): "
+                                     "of those holding a label and of those placed anywhere (the windows around the "
+                                     "background chips' places stay in the labels' year, whose labels are exact); "
+                                     "null: every year's blocks alike")
     crop_size: int | None = Field(None, ge=32, description="training sees a random square of this side from each "
                                                            "chip (a multiple of 32); default: the chip less 64 px "
                                                            "for chips of 256 px or more (60 % of the compute of "
