@@ -257,3 +257,16 @@ def test_map_with_a_trained_model(tiny_run, scene, tmp_path):
 
 def model_res(model_dir):
     return json.loads((model_dir / "model.json").read_text())["pixel_size"][0]
+
+
+def test_a_run_shows_training_only_years_it_maps(scene, tmp_path):
+    """chips.other_years as a number counts the years the run maps (a remote source offers every year); a list is
+    taken as given."""
+    from minemap.pipeline import _shown_years
+
+    assert _shown_years(tiny_config(scene, tmp_path / "o")) == [2020, 2021]
+    assert _shown_years(tiny_config(scene, tmp_path / "o", years=[2019, 2020])) == [2020]
+    assert _shown_years(tiny_config(scene, tmp_path / "o", years=[2019])) == []
+    listed = tiny_config(scene, tmp_path / "o", years=[2019])
+    listed.chips.other_years = [2021]
+    assert _shown_years(listed) == [2021]

@@ -240,7 +240,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
             log.warning("model.path is given: the labels are not used (no training)")
     source = open_imagery(cfg.imagery, cfg.bands)
     have = source.years()
-    shown = [] if trained else shown_years(cfg.chips, cfg.train_year, have)
+    shown = [] if trained else _shown_years(cfg)
     needed = sorted({*cfg.years} | ({cfg.train_year, *shown} if not trained else set()))
     missing = [y for y in needed if y not in have]
     if missing:
@@ -312,9 +312,17 @@ def _labels(r: _Run) -> None:
     write_geoparquet(apply_to_labels(labels, r.verdicts), r.folder.labels)
 
 
+def _shown_years(cfg: RunConfig) -> list[int]:
+    """The years besides the labels' whose imagery training sees (``chips.other_years``): a number N counts the
+    years the run maps, never one it was not asked for (a remote source offers every year; fetching years nobody
+    asked for would be slow, and may find nothing)."""
+    return shown_years(cfg.chips, cfg.train_year, sorted(cfg.years))
+
+
 def _chips(r: _Run) -> None:
     make_chips(gpd.read_parquet(r.folder.labels), r.source, r.cfg.train_year, r.folder.chips, r.cfg.chips,
-               labels_path=r.cfg.labels[0] if len(r.cfg.labels) == 1 else None, reviewed=r.verdicts)
+               labels_path=r.cfg.labels[0] if len(r.cfg.labels) == 1 else None, reviewed=r.verdicts,
+               other_years=_shown_years(r.cfg))
 
 
 def _panel(r: _Run) -> None:
