@@ -240,17 +240,15 @@ class Blocks:
                 out.append((int(b), int(rng.integers(rl, rh + 1)), int(rng.integers(cl, ch + 1))))
         return out
 
-
     def _shared(self, weight: np.ndarray) -> np.ndarray:
-        """``weight`` rescaled so that the other years' blocks (keys naming a year) hold ``other_share`` of it."""
-        other = np.zeros(len(weight), bool)
-        other[self.own:] = True
-        if self.other_share is None or not other.any() or other.all():
+        """``weight`` (one per piece) rescaled so that the other years' blocks (the pieces after the first
+        ``own``) hold ``other_share`` of it; as it is without a share, or where either side weighs nothing."""
+        own, theirs = weight[:self.own].sum(), weight[self.own:].sum()
+        if self.other_share is None or own == 0 or theirs == 0:
             return weight
-        own, theirs = weight[~other].sum(), weight[other].sum()
-        if own == 0 or theirs == 0:
-            return weight
-        return np.where(other, weight * self.other_share / theirs, weight * (1 - self.other_share) / own)
+        out = weight * (1 - self.other_share) / own
+        out[self.own:] = weight[self.own:] * self.other_share / theirs
+        return out
 
 
 def block_pieces(chips_dir: Path, split: str, chips: pd.DataFrame | None = None) -> Blocks | None:

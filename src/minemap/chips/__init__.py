@@ -140,11 +140,12 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     they were unsure of are ignored (255) in every chip. Labels anywhere on Earth, cut tile by tile each in
     its own CRS: :func:`minemap.chips.tiles.make_tiled_chips`."""
     where = f"{labels_path}: " if labels_path else ""
-    other_years = shown_years(cfg, year, source.years()) if other_years is None else other_years
-    missing = sorted(set(other_years) - set(source.years()))
+    have = source.years()
+    other_years = shown_years(cfg, year, have) if other_years is None else other_years
+    missing = sorted(set(other_years) - set(have))
     if missing:
         raise InputError(f"chips.other_years: no imagery for year(s) {', '.join(map(str, missing))} "
-                         f"(years found: {', '.join(map(str, source.years()))})")
+                         f"(years found: {', '.join(map(str, have))})")
     sv = survey(labels, source, year, cfg, labels_path)
     grid, block = sv.grid, sv.block
     targets = _split_targets(cfg)
