@@ -7,6 +7,8 @@ import pytest
 import rasterio
 import shapely
 from affine import Affine
+from rasterio.features import rasterize
+from scipy.ndimage import binary_dilation
 from pyproj import CRS
 from shapely.geometry import Polygon, box
 
@@ -510,7 +512,8 @@ def test_blocks_carry_a_halo_of_imagery_whose_labels_are_never_learnt(tmp_path):
 
 def test_other_years_show_the_training_blocks_under_each_years_sky(tmp_path):
     """chips.other_years: the training blocks (and only they) cut again from another year's imagery, masked by
-    the same labels, with that year's thin clouds and shadows left out of the loss; training draws from both
+    the same labels, with that year's thin clouds and shadows left out of the loss, and the ground that turned
+    into a mine after the labels' year too (the labels cannot say it is background); training draws from both
     years' blocks, validation stays on the labels' year."""
     from minemap.lattice import Grid
     from minemap.synthetic import make_scene
@@ -531,7 +534,8 @@ def test_other_years_show_the_training_blocks_under_each_years_sky(tmp_path):
     assert set(zip(other.bx, other.by)) == set(training.index)
     with rasterio.open(scene.root / "clouds_2020.tif") as f:
         hidden_all, clouds_transform = f.read(1), f.transform
-    hidden_core = kept_mine = mine_core = masked_hidden = 0
+    truth = gpd.read_file(scene.truth)
+    hidden_core = kept_mine = mine_core = masked_hidden = new_ground = new_ignored = 0
     for b in other.itertuples():
         this = training.loc[(b.bx, b.by)]
         assert (b.core_row, b.core_col, b.core_height, b.core_width) == \
@@ -552,9 +556,16 @@ def test_other_years_show_the_training_blocks_under_each_years_sky(tmp_path):
         masked_hidden += int((hidden & core & (y == 255)).sum())
         mine_core += int(((y0 == 1) & core & ~hidden).sum())
         kept_mine += int(((y == 1) & core & ~hidden).sum())
+        was, now = (rasterize(truth[truth.year == yr].to_crs(im.crs).geometry, out_shape=y.shape,
+                              transform=im.transform) > 0 for yr in (2019, 2020))
+        # mine in 2020, forest in 2019, background to the labels
+        new = now & ~binary_dilation(was, iterations=2) & core & ~hidden & (y0 == 0)
+        new_ground += int(new.sum())
+        new_ignored += int((new & (y == 255)).sum())
     assert hidden_core > 500  # the clouds reach the training blocks
     assert masked_hidden >= 0.9 * hidden_core  # 2020's clouds and shadows are not taught
     assert kept_mine >= 0.9 * mine_core  # the mines outside them are
+    assert new_ground > 300 and new_ignored >= 0.95 * new_ground  # a grown mine's new ground is not background
     meta = json.loads((tmp_path / "chips" / "meta.json").read_text())
     assert meta["other_years"] == {"2020": {"blocks": len(other), "positive_pixels": int(other.positive_pixels.sum())}}
     train = block_pieces(tmp_path / "chips", "train", index[index.split == "train"].assign(root=str(tmp_path / "chips")))

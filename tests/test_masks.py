@@ -7,7 +7,7 @@ import pytest
 from scipy.ndimage import binary_dilation, gaussian_filter, maximum_filter
 
 from minemap import masks
-from minemap.masks import find_obscured, obscured_mask
+from minemap.masks import changed_since, find_obscured, obscured_mask
 
 BANDS = ["red", "green", "blue", "nir"]
 # reflectance x 10,000 (R, G, B, NIR)
@@ -109,6 +109,33 @@ def test_a_haze_over_the_whole_tile_is_not_masked(patchy):
     hidden = obscured_mask(_observe(rng, cloudy), valid, BANDS)
     assert hidden[(alpha > 0.3) & (_disk(95, 150, 22) | _disk(80, 170, 12))].mean() > 0.95
     assert hidden[mine & (alpha < 0.02) & (darken > 0.99)].mean() < 0.02
+
+
+@pytest.mark.parametrize("patchy", [False, True])
+def test_ground_that_changed_since_the_labels_year(patchy):
+    """The same forest two years apart: a mine grew from 25 to 45 px and a small pit was abandoned and grown
+    over; the later year under a haze (uniform, or 15-40 % varying over the tile). The grown ring lost its
+    vegetation and the abandoned pit gained it; the forest, the pit's old ground and the river did not change,
+    whatever the haze does to their colours. Without a near infrared band there is no measure."""
+    rng = np.random.default_rng(5)
+    forest = FOREST[:, None, None] * (1 + 0.12 * _smooth(rng, 12))[None]
+    soil = SOIL[:, None, None] * (1 + 0.08 * _smooth(rng, 3))[None]
+    old, grown, pit = _disk(128, 128, 25), _disk(128, 128, 45), _disk(50, 50, 15)
+    before, after = forest.copy(), forest.copy()
+    before[:, old | pit] = soil[:, old | pit]
+    after[:, grown] = soil[:, grown]
+    for img in (before, after):
+        img[:, 236:246] = WATER[:, None, None]
+    h = np.clip(0.27 + 0.08 * _smooth(rng, 60), 0.15, 0.4) if patchy else np.full((SIZE, SIZE), 0.25, np.float32)
+    after = (1 - h) * after + h * HAZE[:, None, None]
+    valid = np.ones((SIZE, SIZE), bool)
+    lost, gained = changed_since(_observe(rng, before), _observe(rng, after), valid, BANDS)
+    ring = _disk(128, 128, 43) & ~_disk(128, 128, 27)
+    still = ~_disk(128, 128, 48) & ~_disk(50, 50, 18)
+    assert lost[ring].mean() > 0.98 and gained[_disk(50, 50, 13)].mean() > 0.98
+    assert lost[still].mean() < 0.01 and gained[still].mean() < 0.01
+    assert not lost[_disk(128, 128, 23)].any() and not gained[_disk(128, 128, 23)].any()
+    assert changed_since(before[:3], after[:3], valid, BANDS[:3]) is None
 
 
 def test_bright_ground_casting_no_shadow_is_not_a_cloud():

@@ -400,3 +400,42 @@ def _box3(x: np.ndarray) -> np.ndarray:
 
 
 __all__ = ["Obscured", "band_index", "find_obscured", "obscured_mask"]
+
+
+# -- ground that changed since another year -----------------------------------------------------------------------
+GREENNESS_CHANGE = 0.3  # NDVI moved this far beyond the scene's typical shift between the two years: changed ...
+VEGETATED = 0.3  # ... from or to vegetation (NDVI at least this in the year with it)
+
+
+def changed_since(before: np.ndarray, after: np.ndarray, valid: np.ndarray, band_names,
+                  grow_px: int = 1) -> tuple[np.ndarray, np.ndarray] | None:
+    """Where the ground lost or gained vegetation between two years' ``pixels`` (bands, h, w) of one grid, where
+    ``valid`` (h, w): ``(lost, gained)``, (h, w) bool each, grown by ``grow_px``; None without red and near
+    infrared bands.
+
+    Unlike a cloud mask, this one is *meant* to find the land that changed: it tells where a label drawn on the
+    ``before`` imagery no longer speaks for the ``after`` imagery (a mine that grew into forest, a new pit, a pit
+    abandoned and grown over). Mines replace vegetation with soil and water, so the measure is the change of NDVI
+    less its median change over the grid (a year's haze, season or sensor shifts every pixel's NDVI about alike:
+    a haze of 0.2-0.3 lowers forest's by ~0.2 and varies it by a few hundredths); a change beyond
+    :data:`GREENNESS_CHANGE` from or to vegetation (NDVI of at least :data:`VEGETATED` in the year that has it) is
+    land change (forest to bare soil: ~0.6). Water and ponds, whose NDVI a haze raises while it lowers the
+    forest's, are never vegetation, so a hazy year's river is no change."""
+    r, n = band_index(band_names, "red"), band_index(band_names, "nir")
+    if r is None or n is None:
+        return None
+    h, w = valid.shape
+
+    def ndvi(p: np.ndarray) -> np.ndarray:
+        red, nir = p[r].astype(np.float32), p[n].astype(np.float32)
+        return (nir - red) / np.maximum(nir + red, np.float32(1e-6))
+
+    was, now = ndvi(before), ndvi(after)
+    d = now - was
+    ok = valid & np.isfinite(d)
+    if ok.sum() < 64:
+        return np.zeros((h, w), bool), np.zeros((h, w), bool)
+    d = _box3(np.where(ok, d - np.float32(np.median(d[ok])), 0).astype(np.float32))  # a pixel's noise is no change
+    lost = ok & (d < -GREENNESS_CHANGE) & (_box3(was) >= VEGETATED)
+    gained = ok & (d > GREENNESS_CHANGE) & (_box3(now) >= VEGETATED)
+    return _grow(lost, grow_px), _grow(gained, grow_px)

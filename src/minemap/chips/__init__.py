@@ -233,7 +233,8 @@ def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, 
         # the training blocks of other years: the same ground and labels under another year's haze and season
         training = {k for k in rasters if splits.get(k, "train") == "train"}
         shown = {y: _write_blocks(tmp, source, y, grid, training, block, geoms, cfg, ignore=unsure,
-                                  progress=progress, obscured=True) for y in other_years if y != year}
+                                  progress=progress, obscured=True, since=year)
+                 for y in other_years if y != year}
         if shown:
             write_other_years(tmp / OTHER_YEARS, shown)
         write_json(tmp / "meta.json", {

@@ -16,7 +16,7 @@ from minemap.formats.chips import IGNORE
 from minemap.geo import units_per_metre
 from minemap.imagery import ImagerySource
 from minemap.lattice import Grid
-from minemap.masks import obscured_mask
+from minemap.masks import changed_since, obscured_mask
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
 
 def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys: set[tuple[int, int]], block: int,
                   geoms: np.ndarray, cfg: ChipConfig, ignore: np.ndarray | None = None,
-                  progress: bool = True, obscured: bool = False) -> dict[tuple[int, int], dict]:
+                  progress: bool = True, obscured: bool = False,
+                  since: int | None = None) -> dict[tuple[int, int], dict]:
     """Write each block of ``keys`` whole (image and mask, as a chip's) into ``tmp/blocks``, so that training
     draws its windows anywhere inside the training blocks and validates on the validation blocks wall to wall;
     returns their paths, labelled pixels and where the block lies in its raster (``core_row``, ``core_col``,
@@ -120,7 +121,12 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
 
     ``obscured``: thin clouds and shadows found in the year's own pixels (:func:`minemap.masks.obscured_mask`,
     for a source that does not mask clouds itself) are left out of the loss too, as the mapping leaves them out:
-    a label drawn on another year's imagery must not teach that a cloud over a mine is a mine."""
+    a label drawn on another year's imagery must not teach that a cloud over a mine is a mine.
+
+    ``since``: the labels' year, for blocks of another year: where the ground changed between the two
+    (:func:`minemap.masks.changed_since`), the labels say nothing about this year's ground, so it is left out of
+    the loss: vegetation lost outside the labels (a pit that grew, a new one: no background to learn) and gained
+    inside them (a pit grown over: no mine)."""
     (tmp / "blocks").mkdir(parents=True, exist_ok=True)
     outlines = _Outlines(geoms, ignore, cfg)
     halo = max(32, cfg.chip_size // 4) if cfg.block_halo is None else cfg.block_halo
@@ -140,6 +146,12 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
         if obscured and not getattr(source, "masks_clouds", False):
             valid = valid & ~obscured_mask(pixels, valid, source.band_names)
         mask = outlines.mask(bgrid, shapely.box(*bgrid.bounds), valid)
+        if since is not None:
+            before, seen = source.read(since, bgrid)
+            change = changed_since(before, pixels, valid & seen, source.band_names)
+            if change is not None:
+                lost, gained = change
+                mask[((mask == 0) & lost) | ((mask == 1) & gained)] = IGNORE
         keep = np.full(mask.shape, IGNORE, np.uint8)
         keep[core] = mask[core]
         name = f"{year}_{bx:05d}_{by:05d}"
