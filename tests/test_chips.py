@@ -592,3 +592,30 @@ def test_which_other_years_training_sees():
     assert shown_years(ChipConfig(other_years=0), 2019, have) == []
     assert shown_years(ChipConfig(other_years=5), 2019, [2019, 2021, 2026]) == [2021]
     assert shown_years(ChipConfig(other_years=[2018, 2019, 2023]), 2019, have) == [2018, 2023]  # as listed
+
+
+def test_another_year_without_imagery_leaves_the_chips_whole(tmp_path):
+    """A source that has no scenes for one of chips.other_years (a remote source offers every year, a STAC API
+    may hold none that year) says so: the year is named in meta.json, the labels' year's chips are cut."""
+    from minemap.errors import ImageryError
+    from minemap.synthetic import make_scene
+
+    scene = make_scene(tmp_path / "scene", years=(2019, 2020), size=384, n_mines=8, hazy_year=None, seed=3)
+    src = open_imagery(scene.imagery)
+
+    class NoScenesIn2020:
+        def __getattr__(self, name):
+            return getattr(src, name)
+
+        def read(self, year, grid):
+            if year == 2020:
+                raise ImageryError("stac: no scenes for 2020 over bbox")
+            return src.read(year, grid)
+
+    labels = gpd.read_file(scene.labels)
+    index = make_chips(labels, NoScenesIn2020(), 2019, tmp_path / "chips",
+                       ChipConfig(chip_size=64, seed=1, other_years=[2020]))
+    meta = json.loads((tmp_path / "chips" / "meta.json").read_text())
+    assert len(index) > 0 and meta["other_years"] == {}
+    assert meta["other_years_without_imagery"] == {"2020": "stac: no scenes for 2020 over bbox"}
+    assert not (tmp_path / "chips" / "other_years.parquet").exists()

@@ -28,7 +28,7 @@ MARGIN_M = 5000.0  # each place's scene reaches this far around its polygon (bey
 YEAR = 2020
 ZONE_EDGE = 10  # the literature polygon 4 km east of the UTM zone boundary at 72 W
 ANTIMERIDIAN = 99  # the literature polygon 4 km west of 180 degrees
-CHIPS = ChipConfig(chip_size=32, stride=16, block_size=50, background_per_positive=0.5, seed=0)
+CHIPS = ChipConfig(chip_size=32, stride=16, block_size=50, background_per_positive=0.5, seed=0, other_years=0)
 
 pytestmark = pytest.mark.skipif(not SHARED.exists(), reason="shared literature sample not present")
 
@@ -219,7 +219,7 @@ def test_cli_cuts_chips_from_anywhere_through_a_stac_config(world, tmp_path):
         f'cache_dir = "{root / "cache"}"\n')
     args = ["chips", "--labels", str(tmp_path / "some.gpkg"), "--imagery", str(tmp_path / "source.toml"),
             "--year", str(YEAR), "--out", str(tmp_path / "chips"), "--chip-size", "32", "--stride", "16",
-            "--block-size", "50", "--workers", "2"]
+            "--block-size", "50", "--workers", "2", "--other-years", "0"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     meta = json.loads((tmp_path / "chips" / "meta.json").read_text())
@@ -227,6 +227,39 @@ def test_cli_cuts_chips_from_anywhere_through_a_stac_config(world, tmp_path):
     assert "EPSG:32760" in meta["crs"] and "EPSG:32719" in meta["crs"]
     r = CliRunner().invoke(app, [*args, "--tile-deg", "0"])
     assert r.exit_code == 2 and "--tile-deg 0" in r.output and "Traceback" not in r.output
+
+
+def test_tiles_show_training_other_years(world, tmp_path):
+    """chips.other_years in tiles: each tile's training blocks cut again from another year's composite in the
+    tile's own zone, named in the folder's other_years.parquet (paths under the tile's folder) and read by
+    training after the labels' year's blocks; a year the STAC API has no scenes of gives no block, and the
+    tile's chips are cut all the same."""
+    from minemap.trainset import block_pieces
+
+    server, labels, root = world
+    some = [ZONE_EDGE, ANTIMERIDIAN, 40, 41, 60]
+    serve_places(server, labels.geometry.iloc[some], 2021, RES, MARGIN_M, np.random.default_rng(1),
+                 crs_of=lambda k, lon, lat: _scene_crs(some[k], lon, lat), prefix="S2later")
+    cfg = CHIPS.model_copy(update={"other_years": [2021, 2019]})
+    index = make_tiled_chips(labels.iloc[some], _imagery(server, root), YEAR, tmp_path / "chips", cfg, progress=False)
+    dest = tmp_path / "chips"
+    other = pd.read_parquet(dest / "other_years.parquet")
+    blocks = pd.read_parquet(dest / "blocks.parquet")
+    training = blocks[(blocks.split == "train") & blocks.image.notna()]
+    assert set(other.year) == {2021} and len(other) > 0
+    assert set(zip(other.tile, other.bx, other.by)) == set(zip(training.tile, training.bx, training.by))
+    for r in other.itertuples():
+        assert r.image.startswith(f"tiles/{r.tile}/blocks/2021_")
+        with rasterio.open(dest / r.image) as im, rasterio.open(dest / r.mask) as mk:
+            assert im.crs == rasterio.open(dest / training.set_index(["tile", "bx", "by"]).loc[
+                (r.tile, r.bx, r.by), "image"]).crs
+            assert (mk.read(1) == 1).sum() == r.positive_pixels
+    meta = json.loads((dest / "meta.json").read_text())
+    assert meta["other_years"] == {"2021": {"blocks": len(other), "positive_pixels": int(other.positive_pixels.sum())}}
+    tile_meta = json.loads((dest / "tiles" / other.tile.iloc[0] / "meta.json").read_text())
+    assert tile_meta["other_years"]["2019"]["blocks"] == 0  # no scenes that year: no block, the rest cut
+    train = block_pieces(dest, "train", index[index.split == "train"].assign(root=str(dest)))
+    assert len(train.pieces) == len(training) + len(other) and train.own == len(training)
 
 
 def test_mmseg_layout_of_a_tiled_folder_keeps_every_chip(tiled, tmp_path):

@@ -170,8 +170,6 @@ def chips(labels_path: Annotated[Path, typer.Option("--labels", help="label file
     desc = _imagery_config(imagery, default_bbox=gdf.to_crs("EPSG:4326").total_bounds) if imagery.is_file() else imagery
     if tile_deg is None and not isinstance(desc, Path):
         tile_deg = 1.0  # a remote source has no area of its own: the labels' tiles are the areas
-    if shown and tile_deg is not None:  # given on the command line
-        raise InputError("--other-years: not available for chips cut in tiles (--tile-deg, or a remote source)")
     if tile_deg is not None:
         index = make_tiled_chips(gdf, desc, year, out_dir, cfg, tile_deg=tile_deg, bands=_bands(bands),
                                  workers=workers, scheduler=scheduler_address(scheduler), labels_path=labels_path)

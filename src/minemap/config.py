@@ -64,10 +64,12 @@ class ChipConfig(Section):
                                                           "the loss (digitised outlines are metres off)")
     other_years: Annotated[int, Field(ge=0)] | list[int] = Field(
         2, description="training sees the training blocks in other years' imagery too, masked by the same labels "
-                       "(thin clouds and shadows found in each year's own pixels left out of the loss), so that it "
+                       "(thin clouds and shadows found in each year's own pixels left out of the loss, and the ground "
+                       "that lost or gained vegetation since the labels' year: a pit that grew, a pit grown over), "
+                       "so that it "
                        "learns each year's haze, season and calibration on ground it knows: a number N, the "
                        "years up to N after the labels' year that a run maps (minemap chips: that the imagery "
-                       "folder holds) (a mine dug stays disturbed ground; before "
+                       "source offers) (a mine dug stays disturbed ground; before "
                        "the labels' year it may not yet have been dug, so earlier years are not used); a list, "
                        "those years; 0 or [], none. Validation and test stay on the labels' year")
     val_fraction: float = Field(0.15, ge=0, lt=1)

@@ -100,6 +100,12 @@ def band_index(band_names, name: str) -> int | None:
     return None
 
 
+def needed_for(source) -> bool:
+    """Whether clouds and shadows in ``source``'s pixels must be found here: it does not mask them itself
+    (``masks_clouds`` false: local files, Planet basemaps; a STAC source leaves masked scene classes out)."""
+    return not getattr(source, "masks_clouds", False)
+
+
 def obscured_mask(pixels: np.ndarray, valid: np.ndarray, band_names, grow_px: int = 1) -> np.ndarray:
     """Pixels of one year's ``pixels`` (bands, h, w) hidden by a cloud or a cloud's shadow: (h, w) bool; see
     :func:`find_obscured`."""

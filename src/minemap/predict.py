@@ -50,7 +50,7 @@ from minemap.grid import TILE_FILE, Tile, make_tiles
 from minemap.lattice import pixel_offset, window_origins
 from minemap.imagery import ImagerySource, Resampled, describe, open_imagery
 from minemap.manifest import Manifest
-from minemap.masks import obscured_mask
+from minemap.masks import needed_for, obscured_mask
 from minemap import radiometry as rad
 from minemap.formats.rasters import NODATA, quantise, write_cog
 from minemap.model import ModelCard, forward_logits, load_model, read_card, resolve_device, resolve_precision
@@ -305,7 +305,7 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, tuple[str, str] | N
         pixels = rad.apply(pixels, rad.load_cached(*radiometry), c0, r0)
     if cfg.mask_clouds:  # after normalising: the cloud level is in the training year's units
         hidden = cloud_mask(pixels, card)
-        if not getattr(source, "masks_clouds", False):  # thin clouds and shadows, by their own signature (the
+        if needed_for(source):  # thin clouds and shadows, by their own signature (the
             hidden |= obscured_mask(pixels, valid, card.bands)  # opaque ones too: they show where shadows lie)
         valid &= ~hidden
     batch = max(1, cfg.batch_size * card.chip_size ** 2 // window ** 2)  # batch_size counts training chips
@@ -360,7 +360,7 @@ def predict(model_dir: Path, imagery, years: list[int], out_dir: Path, cfg: Pred
     def grid_key(g) -> list:  # tiles are named by position: a new grid or tile size is another tiling
         return [g.crs.to_wkt(), list(g.transform)[:6], g.width, g.height, cfg.tile_size]
 
-    masks = MASKS if cfg.mask_clouds and not getattr(source, "masks_clouds", False) else None
+    masks = MASKS if cfg.mask_clouds and needed_for(source) else None
     fingerprints = {y: stable_hash([model_key, source.fingerprint(y), grid_key(source.grid(y)), masks])
                     for y in years}
     manifest = Manifest(out_dir / "manifest.jsonl")

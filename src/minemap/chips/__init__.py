@@ -59,7 +59,7 @@ import shapely
 
 from minemap._io import atomic_path, write_json
 from minemap.config import ChipConfig
-from minemap.errors import InputError
+from minemap.errors import ImageryError, InputError
 from minemap.formats.chips import OTHER_YEARS, SPLITS, split_summary, write_blocks, write_other_years
 from minemap.geo import WGS84, ground_sample_distance_m
 from minemap.imagery import ImagerySource
@@ -232,9 +232,14 @@ def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, 
         write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters, ground)
         # the training blocks of other years: the same ground and labels under another year's haze and season
         training = {k for k in rasters if splits.get(k, "train") == "train"}
-        shown = {y: _write_blocks(tmp, source, y, grid, training, block, geoms, cfg, ignore=unsure,
-                                  progress=progress, obscured=True, since=year)
-                 for y in other_years if y != year}
+        shown, unseen = {}, {}
+        for y in (y for y in other_years if y != year):
+            try:
+                shown[y] = _write_blocks(tmp, source, y, grid, training, block, geoms, cfg, ignore=unsure,
+                                         progress=progress, obscured=True, since=year)
+            except ImageryError as e:  # no scenes that year (a remote source offers every year): the others go on
+                log.warning("chips.other_years: %s", e)
+                unseen[str(y)] = str(e)
         if shown:
             write_other_years(tmp / OTHER_YEARS, shown)
         write_json(tmp / "meta.json", {
@@ -248,6 +253,7 @@ def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, 
             "ignore_border_m": cfg.ignore_border_m, "splits": summary,
             "other_years": {str(y): {"blocks": len(b), "positive_pixels": sum(v["positive_pixels"] for v in b.values())}
                             for y, b in shown.items()},
+            **({"other_years_without_imagery": unseen} if unseen else {}),
             "review": {"not_mine_outlines": len(rejected), "reviewed_negative_chips": int(len(negative)),
                        "unsure_outlines_ignored": len(unsure)},
             **(extra_meta or {}),

@@ -31,6 +31,9 @@ in its own CRS, with the spatial splits balanced across tiles and regions.
    relative to the folder, so training (:mod:`minemap.train`) and the MMSegmentation layout read the folder as
    any other; ``tiles.parquet`` (GeoParquet, EPSG:4326) is the manifest of tiles: id, CRS (``grid_crs``), area,
    labels, chips and labelled pixels per split, region, seconds, and the reason a tile gave none.
+   ``other_years.parquet`` names the training blocks each tile cut again from other years' imagery
+   (``chips.other_years``: a list as given; a number N the years the source offers up to N after the labels',
+   which for a remote source, offering every year, means N more composites per tile's blocks).
    ``meta.json`` is written last: a folder without it is not yet a chips folder.
 """
 
@@ -50,12 +53,12 @@ import pandas as pd
 import shapely
 
 from minemap._io import atomic_path, mark_output_dir, read_json, stable_hash, write_json
-from minemap.chips import cut, labels_fingerprint, survey
+from minemap.chips import cut, labels_fingerprint, shown_years, survey
 from minemap.chips.splits import _split_targets, assign_splits, block_sizes, enough_blocks
 from minemap.config import ChipConfig
 from minemap.errors import InputError, MinemapError
 from minemap.execution import map_units
-from minemap.formats.chips import CHIPS_FORMAT, SPLITS, split_summary
+from minemap.formats.chips import CHIPS_FORMAT, OTHER_YEARS, SPLITS, split_summary
 from minemap.geo import WGS84, ground_sample_distance_m
 from minemap.imagery import BlockCache, for_area, open_imagery
 
@@ -63,7 +66,7 @@ log = logging.getLogger(__name__)
 
 REGION_DEG = 30.0  # side of a region (continent-sized) whose labelled blocks are shared out to every split
 METRES_PER_DEGREE = 111_320.0
-TOP_FILES = ("meta.json", "index.parquet", "blocks.parquet", "tiles.parquet")
+TOP_FILES = ("meta.json", "index.parquet", "blocks.parquet", "tiles.parquet", OTHER_YEARS)
 
 
 @dataclass(frozen=True)
@@ -173,18 +176,16 @@ def _unit(lon: float, lat: float) -> tuple[float, float, float]:
 def make_tiled_chips(labels: gpd.GeoDataFrame, imagery: Any, year: int, dest: Path, cfg: ChipConfig,
                      tile_deg: float = 1.0, bands: list[str] | None = None, workers: int = 1,
                      scheduler: str | None = None, progress: bool = True,
-                     labels_path: Path | None = None) -> gpd.GeoDataFrame:
+                     labels_path: Path | None = None, other_years: list[int] | None = None) -> gpd.GeoDataFrame:
     """Cut chips of ``year`` for ``labels`` anywhere on Earth into ``dest``, tile by tile (module docstring).
     ``imagery``: a source's description (a local folder, or a STAC or Planet config: its ``bbox`` and ``crs``
-    are replaced by each tile's). Returns the whole index (EPSG:4326)."""
+    are replaced by each tile's); ``other_years``: each tile's training blocks cut again from these years'
+    imagery (default: :func:`minemap.chips.shown_years` over the years the source offers). Returns the whole
+    index (EPSG:4326)."""
     where = f"{labels_path}: " if labels_path else ""
     dest = Path(dest).absolute()
     if not len(labels):
         raise InputError(f"{where}no labels")
-    if isinstance(cfg.other_years, list) and cfg.other_years:
-        raise InputError("chips.other_years: not available for chips cut in tiles; leave it empty")
-    if cfg.other_years:
-        log.info("chips cut in tiles show training the labels' year only (chips.other_years is not used)")
     mark_output_dir(dest, "chips")
     for name in ("meta.json", "images", "masks", "blocks"):  # a folder that is not whole is not a chips folder
         path = dest / name
@@ -192,6 +193,12 @@ def make_tiled_chips(labels: gpd.GeoDataFrame, imagery: Any, year: int, dest: Pa
     labels = labels.to_crs(WGS84).reset_index(drop=True)
     tiles, surveys, block = _survey_tiles(labels, imagery, year, cfg, tile_deg, bands, where)
     splits, region = _assign(tiles, surveys, cfg)
+    have = open_imagery(for_area(imagery, tiles[0].bbox), bands).years()
+    shown = shown_years(cfg, year, have) if other_years is None else sorted({int(y) for y in other_years} - {year})
+    missing = sorted(set(shown) - set(have))
+    if missing:
+        raise InputError(f"chips.other_years: no imagery for year(s) {', '.join(map(str, missing))} "
+                         f"(years found: {', '.join(map(str, have))})")
     units = []
     for t, sv, r in zip(tiles, surveys, region):
         if isinstance(sv, str):
@@ -199,8 +206,9 @@ def make_tiled_chips(labels: gpd.GeoDataFrame, imagery: Any, year: int, dest: Pa
         tile_splits = {(bx, by): s for (tid, bx, by), s in splits.items() if tid == t.tile_id}
         own = labels.iloc[list(t.members)]
         key = stable_hash([CHIPS_FORMAT, _describe(for_area(imagery, t.bbox)), bands, year, cfg.model_dump(),
-                           block, sorted(tile_splits.items()), labels_fingerprint(own)])
+                           block, sorted(tile_splits.items()), labels_fingerprint(own), shown])
         units.append({"tile_id": t.tile_id, "imagery": imagery, "bbox": t.bbox, "bands": bands, "year": year,
+                      "other_years": shown,
                       "labels": own, "cfg": cfg, "survey": sv, "splits": tile_splits, "dest": str(dest),
                       "key": key, "region": r})
     records = {t.tile_id: {"tile_id": t.tile_id, "status": sv, "labels": len(t.members)}
@@ -285,7 +293,8 @@ def cut_tile(unit: dict) -> dict:
         sv = unit["survey"]  # surveyed once, before the splits were assigned
         source = BlockCache(source, unit["year"], sv.grid, sv.block)  # each block read once, then cut from memory
         index = cut(unit["labels"], sv, source, unit["year"], dest / unit["tile_id"], unit["cfg"], unit["splits"],
-                    every_split=False, progress=False, extra_meta={"tile": unit["tile_id"], "bbox": list(unit["bbox"])})
+                    every_split=False, progress=False, extra_meta={"tile": unit["tile_id"], "bbox": list(unit["bbox"])},
+                    other_years=unit["other_years"])
         summary = split_summary(index)
         rec.update(status="cut", grid_crs=sv.grid.crs.to_string(), width=sv.grid.width, height=sv.grid.height,
                    chips=int(len(index)), **{f"{s}_chips": summary[s]["chips"] for s in SPLITS},
@@ -309,7 +318,7 @@ def _drop_stale(dest: Path, current: set[str]) -> None:
 def _write_whole(dest: Path, tiles: list[TileArea], records: dict, region: list[int], labels: gpd.GeoDataFrame,
                  year: int, cfg: ChipConfig, block: int, tile_deg: float, where: str) -> gpd.GeoDataFrame:
     """The top-level index, blocks, tile manifest and meta of the tiled folder (meta last)."""
-    indexes, blocks, metas = [], [], []
+    indexes, blocks, metas, shown = [], [], [], []
     for t in tiles:
         rec = records.get(t.tile_id, {})
         if not rec.get("chips"):
@@ -325,6 +334,9 @@ def _write_whole(dest: Path, tiles: list[TileArea], records: dict, region: list[
             b[col] = [None if pd.isna(v) else prefix + v for v in b[col]]
         blocks.append(b.assign(tile=t.tile_id))
         metas.append(read_json(folder / "meta.json")[0])
+        if (folder / OTHER_YEARS).is_file():
+            o = pd.read_parquet(folder / OTHER_YEARS)
+            shown.append(o.assign(image=prefix + o["image"], mask=prefix + o["mask"], tile=t.tile_id))
     if not indexes:
         reasons = sorted({str(r.get("status")) for r in records.values()})
         raise InputError(f"{where}no tile gave chips" + (f" ({reasons[0]})" if reasons else ""))
@@ -334,9 +346,13 @@ def _write_whole(dest: Path, tiles: list[TileArea], records: dict, region: list[
         [{**{k: v for k, v in records.get(t.tile_id, {}).items() if k != "key"}, "tile_id": t.tile_id,
           "region": r, "west": t.bbox[0], "south": t.bbox[1], "east": t.bbox[2], "north": t.bbox[3]}
          for t, r in zip(tiles, region)], geometry=[shapely.box(*t.bbox) for t in tiles], crs=WGS84)
-    for name, frame in (("index.parquet", index), ("blocks.parquet", table), ("tiles.parquet", manifest)):
-        with atomic_path(dest / name) as tmp:
-            frame.to_parquet(tmp)
+    other = pd.concat(shown, ignore_index=True) if shown else None
+    (dest / OTHER_YEARS).unlink(missing_ok=True)
+    for name, frame in (("index.parquet", index), ("blocks.parquet", table), ("tiles.parquet", manifest),
+                        (OTHER_YEARS, other)):
+        if frame is not None:
+            with atomic_path(dest / name) as tmp:
+                frame.to_parquet(tmp)
     summary = split_summary(index)
     gsd = [m["gsd_m"] for m in metas]
     cut_tiles = manifest[manifest.status == "cut"]
@@ -354,6 +370,9 @@ def _write_whole(dest: Path, tiles: list[TileArea], records: dict, region: list[
         "blocks_with_labels": int(sum(m["blocks_with_labels"] for m in metas)),
         "labels_fingerprint": labels_fingerprint(labels), "ignore_border_m": cfg.ignore_border_m,
         "splits": summary,
+        "other_years": {} if other is None else {
+            str(y): {"blocks": int(len(g)), "positive_pixels": int(g.positive_pixels.sum())}
+            for y, g in other.groupby("year")},
     })
     total = sum(v["positive_pixels"] for v in summary.values()) or 1
     log.info("chips: %d tiles, %s chips; positive pixel shares %s", len(cut_tiles),

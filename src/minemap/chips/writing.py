@@ -16,7 +16,7 @@ from minemap.formats.chips import IGNORE
 from minemap.geo import units_per_metre
 from minemap.imagery import ImagerySource
 from minemap.lattice import Grid
-from minemap.masks import changed_since, obscured_mask
+from minemap import masks
 
 log = logging.getLogger(__name__)
 
@@ -143,12 +143,12 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
         core = (slice(r - r0, r - r0 + h), slice(c - c0, c - c0 + w))
         if valid[core].mean() < 0.2:
             continue
-        if obscured and not getattr(source, "masks_clouds", False):
-            valid = valid & ~obscured_mask(pixels, valid, source.band_names)
+        if obscured and masks.needed_for(source):
+            valid = valid & ~masks.obscured_mask(pixels, valid, source.band_names)
         mask = outlines.mask(bgrid, shapely.box(*bgrid.bounds), valid)
         if since is not None:
             before, seen = source.read(since, bgrid)
-            change = changed_since(before, pixels, valid & seen, source.band_names)
+            change = masks.changed_since(before, pixels, valid & seen, source.band_names)
             if change is not None:
                 lost, gained = change
                 mask[((mask == 0) & lost) | ((mask == 1) & gained)] = IGNORE
