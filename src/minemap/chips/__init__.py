@@ -128,6 +128,17 @@ def shown_years(cfg: ChipConfig, year: int, have: list[int]) -> list[int]:
     return sorted({int(y) for y in cfg.other_years} - {year})
 
 
+def checked_other_years(cfg: ChipConfig, year: int, have: list[int], given: list[int] | None = None) -> list[int]:
+    """The other years a cut shows training: ``given``, else :func:`shown_years` over ``have`` (the years the
+    source offers); an InputError names those the source does not offer."""
+    shown = shown_years(cfg, year, have) if given is None else sorted({int(y) for y in given} - {year})
+    missing = sorted(set(shown) - set(have))
+    if missing:
+        raise InputError(f"chips.other_years: no imagery for year(s) {', '.join(map(str, missing))} "
+                         f"(years found: {', '.join(map(str, have))})")
+    return shown
+
+
 def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest: Path, cfg: ChipConfig,
                labels_path: Path | None = None, reviewed: TrainingVerdicts | None = None,
                other_years: list[int] | None = None) -> gpd.GeoDataFrame:
@@ -140,12 +151,7 @@ def make_chips(labels: gpd.GeoDataFrame, source: ImagerySource, year: int, dest:
     they were unsure of are ignored (255) in every chip. Labels anywhere on Earth, cut tile by tile each in
     its own CRS: :func:`minemap.chips.tiles.make_tiled_chips`."""
     where = f"{labels_path}: " if labels_path else ""
-    have = source.years()
-    other_years = shown_years(cfg, year, have) if other_years is None else other_years
-    missing = sorted(set(other_years) - set(have))
-    if missing:
-        raise InputError(f"chips.other_years: no imagery for year(s) {', '.join(map(str, missing))} "
-                         f"(years found: {', '.join(map(str, have))})")
+    other_years = checked_other_years(cfg, year, source.years(), other_years)
     sv = survey(labels, source, year, cfg, labels_path)
     grid, block = sv.grid, sv.block
     targets = _split_targets(cfg)

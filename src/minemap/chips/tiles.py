@@ -53,7 +53,7 @@ import pandas as pd
 import shapely
 
 from minemap._io import atomic_path, mark_output_dir, read_json, stable_hash, write_json
-from minemap.chips import cut, labels_fingerprint, shown_years, survey
+from minemap.chips import checked_other_years, cut, labels_fingerprint, survey
 from minemap.chips.splits import _split_targets, assign_splits, block_sizes, enough_blocks
 from minemap.config import ChipConfig
 from minemap.errors import InputError, MinemapError
@@ -193,12 +193,7 @@ def make_tiled_chips(labels: gpd.GeoDataFrame, imagery: Any, year: int, dest: Pa
     labels = labels.to_crs(WGS84).reset_index(drop=True)
     tiles, surveys, block = _survey_tiles(labels, imagery, year, cfg, tile_deg, bands, where)
     splits, region = _assign(tiles, surveys, cfg)
-    have = open_imagery(for_area(imagery, tiles[0].bbox), bands).years()
-    shown = shown_years(cfg, year, have) if other_years is None else sorted({int(y) for y in other_years} - {year})
-    missing = sorted(set(shown) - set(have))
-    if missing:
-        raise InputError(f"chips.other_years: no imagery for year(s) {', '.join(map(str, missing))} "
-                         f"(years found: {', '.join(map(str, have))})")
+    shown = checked_other_years(cfg, year, open_imagery(for_area(imagery, tiles[0].bbox), bands).years(), other_years)
     units = []
     for t, sv, r in zip(tiles, surveys, region):
         if isinstance(sv, str):
