@@ -1,9 +1,10 @@
 """Where a benchmark's figures go: ``benchmarks/results/<name>-<date>-<commit>.json``, with the commit (``+dirty``
-where tracked files differ from it), the date, the machine and the thread count beside the figures."""
+where tracked files differ from it), the date, the machine, its CPU (:func:`cpu`) and the thread count beside the figures."""
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from datetime import datetime, timezone
@@ -25,6 +26,33 @@ def commit() -> str:
         return "unknown"
 
 
+def cpu() -> dict:
+    """The CPU's model and the instruction sets that change a float's rounding: runs repeat bit for bit on one
+    machine, while a host with another vector width (AVX2 against AVX-512) or native bfloat16 computes the same
+    training with other roundings, which a training amplifies; so figures are compared within one machine."""
+    model = ""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model:
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    out = {"model": model or platform.processor(), "cores": os.cpu_count(),
+           "vector_flags": sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+        out["torch_capability"] = torch.backends.cpu.get_cpu_capability()
+    except ImportError:
+        pass
+    return out
+
+
 def write_results(name: str, threads: int, figures: dict) -> Path:
     """Write ``figures`` with the run's provenance; returns the file."""
     RESULTS.mkdir(exist_ok=True)
@@ -37,7 +65,8 @@ def write_results(name: str, threads: int, figures: dict) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.write_text(json.dumps({
         "benchmark": f"bench_{name}", "date": stamp.isoformat(timespec="seconds"), "commit": rev,
-        "machine": platform.platform(), "processor": platform.processor(), "threads": threads, **figures,
+        "machine": platform.platform(), "processor": platform.processor(), "cpu": cpu(), "threads": threads,
+        **figures,
     }, indent=1, default=str))
     tmp.replace(dest)
     return dest

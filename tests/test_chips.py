@@ -619,3 +619,32 @@ def test_another_year_without_imagery_leaves_the_chips_whole(tmp_path):
     assert len(index) > 0 and meta["other_years"] == {}
     assert meta["other_years_without_imagery"] == {"2020": "stac: no scenes for 2020 over bbox"}
     assert not (tmp_path / "chips" / "other_years.parquet").exists()
+
+
+def test_the_labels_year_is_read_once_for_all_other_years(tmp_path):
+    """Each other year's blocks are compared with the labels' year's (changed ground); that imagery is read
+    once a block, not once a block and year: a third year costs no more reads of the labels' year than a second
+    (a remote source fetches each read)."""
+    from minemap.synthetic import make_scene
+
+    scene = make_scene(tmp_path / "scene", years=(2019, 2020, 2021), size=384, n_mines=8, hazy_year=None, seed=3)
+    src = open_imagery(scene.imagery)
+    labels = gpd.read_file(scene.labels)
+
+    def reads_of_2019(other_years, dest):
+        calls = []
+
+        class Counting:
+            def __getattr__(self, name):
+                return getattr(src, name)
+
+            def read(self, year, grid):
+                calls.append(year)
+                return src.read(year, grid)
+
+        make_chips(labels, Counting(), 2019, dest, ChipConfig(chip_size=64, seed=1, other_years=other_years))
+        return calls.count(2019), calls.count(2021)
+
+    two, _ = reads_of_2019([2020], tmp_path / "two")
+    three, of_2021 = reads_of_2019([2020, 2021], tmp_path / "three")
+    assert of_2021 > 0 and three == two

@@ -112,7 +112,7 @@ def test_a_haze_over_the_whole_tile_is_not_masked(patchy):
 
 
 @pytest.mark.parametrize("patchy", [False, True])
-def test_ground_that_changed_since_the_labels_year(patchy):
+def test_ground_that_changed_since_the_labels_year(patchy, caplog):
     """The same forest two years apart: a mine grew from 25 to 45 px and a small pit was abandoned and grown
     over; the later year under a haze (uniform, or 15-40 % varying over the tile). The grown ring lost its
     vegetation and the abandoned pit gained it; the forest, the pit's old ground and the river did not change,
@@ -135,7 +135,12 @@ def test_ground_that_changed_since_the_labels_year(patchy):
     assert lost[ring].mean() > 0.98 and gained[_disk(50, 50, 13)].mean() > 0.98
     assert lost[still].mean() < 0.01 and gained[still].mean() < 0.01
     assert not lost[_disk(128, 128, 23)].any() and not gained[_disk(128, 128, 23)].any()
-    assert changed_since(before[:3], after[:3], valid, BANDS[:3]) is None
+    masks._warned.discard(("changed_since", tuple(BANDS[:3])))
+    with caplog.at_level("WARNING", logger="minemap.masks"):
+        assert changed_since(before[:3], after[:3], valid, BANDS[:3]) is None
+        assert changed_since(before[:3], after[:3], valid, BANDS[:3]) is None  # said once, not once a block
+    said = [r.getMessage() for r in caplog.records if "near infrared" in r.getMessage()]
+    assert len(said) == 1 and "not left out of the other years' training" in said[0]
 
 
 def test_bright_ground_casting_no_shadow_is_not_a_cloud():

@@ -405,7 +405,7 @@ def _box3(x: np.ndarray) -> np.ndarray:
     return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) / np.float32(9)
 
 
-__all__ = ["Obscured", "band_index", "find_obscured", "obscured_mask"]
+__all__ = ["Obscured", "band_index", "changed_since", "find_obscured", "obscured_mask"]
 
 
 # -- ground that changed since another year -----------------------------------------------------------------------
@@ -429,6 +429,11 @@ def changed_since(before: np.ndarray, after: np.ndarray, valid: np.ndarray, band
     forest's, are never vegetation, so a hazy year's river is no change."""
     r, n = band_index(band_names, "red"), band_index(band_names, "nir")
     if r is None or n is None:
+        key = ("changed_since", tuple(band_names))
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("bands %s lack red or near infrared: ground that changed since the labels' year is not "
+                        "left out of the other years' training", list(band_names))
         return None
     h, w = valid.shape
 

@@ -238,11 +238,11 @@ def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, 
         write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters, ground)
         # the training blocks of other years: the same ground and labels under another year's haze and season
         training = {k for k in rasters if splits.get(k, "train") == "train"}
-        shown, unseen = {}, {}
+        shown, unseen, labels_year = {}, {}, {}
         for y in (y for y in other_years if y != year):
             try:
                 shown[y] = _write_blocks(tmp, source, y, grid, training, block, geoms, cfg, ignore=unsure,
-                                         progress=progress, obscured=True, since=year)
+                                         progress=progress, obscured=True, since=year, since_pixels=labels_year)
             except ImageryError as e:  # no scenes that year (a remote source offers every year): the others go on
                 log.warning("chips.other_years: %s", e)
                 unseen[str(y)] = str(e)

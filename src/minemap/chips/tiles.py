@@ -66,7 +66,6 @@ log = logging.getLogger(__name__)
 
 REGION_DEG = 30.0  # side of a region (continent-sized) whose labelled blocks are shared out to every split
 METRES_PER_DEGREE = 111_320.0
-TOP_FILES = ("meta.json", "index.parquet", "blocks.parquet", "tiles.parquet", OTHER_YEARS)
 
 
 @dataclass(frozen=True)

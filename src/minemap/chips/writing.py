@@ -107,7 +107,7 @@ def _write_chips(tmp: Path, source: ImagerySource, year: int, grid: Grid, pos: n
 def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys: set[tuple[int, int]], block: int,
                   geoms: np.ndarray, cfg: ChipConfig, ignore: np.ndarray | None = None,
                   progress: bool = True, obscured: bool = False,
-                  since: int | None = None) -> dict[tuple[int, int], dict]:
+                  since: int | None = None, since_pixels: dict | None = None) -> dict[tuple[int, int], dict]:
     """Write each block of ``keys`` whole (image and mask, as a chip's) into ``tmp/blocks``, so that training
     draws its windows anywhere inside the training blocks and validates on the validation blocks wall to wall;
     returns their paths, labelled pixels and where the block lies in its raster (``core_row``, ``core_col``,
@@ -126,7 +126,8 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
     ``since``: the labels' year, for blocks of another year: where the ground changed between the two
     (:func:`minemap.masks.changed_since`), the labels say nothing about this year's ground, so it is left out of
     the loss: vegetation lost outside the labels (a pit that grew, a new one: no background to learn) and gained
-    inside them (a pit grown over: no mine)."""
+    inside them (a pit grown over: no mine). ``since_pixels``: a dict the caller keeps across the other years, so
+    that each block's imagery of the labels' year is read once, not once a year."""
     (tmp / "blocks").mkdir(parents=True, exist_ok=True)
     outlines = _Outlines(geoms, ignore, cfg)
     halo = max(32, cfg.chip_size // 4) if cfg.block_halo is None else cfg.block_halo
@@ -147,7 +148,10 @@ def _write_blocks(tmp: Path, source: ImagerySource, year: int, grid: Grid, keys:
             valid = valid & ~masks.obscured_mask(pixels, valid, source.band_names)
         mask = outlines.mask(bgrid, shapely.box(*bgrid.bounds), valid)
         if since is not None:
-            before, seen = source.read(since, bgrid)
+            cached = since_pixels.get((bx, by)) if since_pixels is not None else None
+            before, seen = cached if cached is not None else source.read(since, bgrid)
+            if since_pixels is not None:
+                since_pixels[(bx, by)] = (before, seen)
             change = masks.changed_since(before, pixels, valid & seen, source.band_names)
             if change is not None:
                 lost, gained = change
