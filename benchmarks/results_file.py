@@ -1,5 +1,6 @@
 """Where a benchmark's figures go: ``benchmarks/results/<name>-<date>-<commit>.json``, with the commit (``+dirty``
-where tracked files differ from it), the date, the machine, its CPU (:func:`cpu`) and the thread count beside the figures."""
+where tracked files differ from it), the date, the machine, its CPU (:func:`cpu`) and the thread count beside
+the figures."""
 
 from __future__ import annotations
 
