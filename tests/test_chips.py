@@ -511,10 +511,11 @@ def test_blocks_carry_a_halo_of_imagery_whose_labels_are_never_learnt(tmp_path):
 
 
 def test_other_years_show_the_training_blocks_under_each_years_sky(tmp_path):
-    """chips.other_years: the training blocks (and only they) cut again from another year's imagery, masked by
-    the same labels, with that year's thin clouds and shadows left out of the loss, and the ground that turned
-    into a mine after the labels' year too (the labels cannot say it is background); training draws from both
-    years' blocks, validation stays on the labels' year."""
+    """chips.other_years: the training and validation blocks (and only they: never a test block) cut again from
+    another year's imagery, masked by the same labels, with that year's thin clouds and shadows left out of the
+    loss, and the ground that turned into a mine after the labels' year too (the labels cannot say it is
+    background); training draws from both years' training blocks, validation judges both years' validation
+    blocks."""
     from minemap.lattice import Grid
     from minemap.synthetic import make_scene
     from minemap.trainset import block_pieces
@@ -528,16 +529,19 @@ def test_other_years_show_the_training_blocks_under_each_years_sky(tmp_path):
         make_chips(labels, src, 2019, tmp_path / "none", cfg, other_years=[2018])
     index = make_chips(labels, src, 2019, tmp_path / "chips", cfg.model_copy(update={"other_years": [2020]}))
     blocks = pd.read_parquet(tmp_path / "chips" / "blocks.parquet")
-    training = blocks[(blocks.split == "train") & blocks.image.notna()].set_index(["bx", "by"])
+    written = blocks[blocks.image.notna()].set_index(["bx", "by"])
+    training = written[written.split == "train"]
     other = pd.read_parquet(tmp_path / "chips" / "other_years.parquet")
     assert len(training) >= 3 and set(other.year) == {2020}
-    assert set(zip(other.bx, other.by)) == set(training.index)
+    assert set(zip(other.bx, other.by)) == set(written[written.split.isin(["train", "val"])].index)
+    assert (other.split == "val").sum() >= 1 and "test" not in set(other.split)
+    assert all(written.loc[(b.bx, b.by), "split"] == b.split for b in other.itertuples())
     with rasterio.open(scene.root / "clouds_2020.tif") as f:
         hidden_all, clouds_transform = f.read(1), f.transform
     truth = gpd.read_file(scene.truth)
     hidden_core = kept_mine = mine_core = masked_hidden = new_ground = new_ignored = 0
     for b in other.itertuples():
-        this = training.loc[(b.bx, b.by)]
+        this = written.loc[(b.bx, b.by)]
         assert (b.core_row, b.core_col, b.core_height, b.core_width) == \
             (this.core_row, this.core_col, this.core_height, this.core_width)
         with rasterio.open(tmp_path / "chips" / b.image) as im, rasterio.open(tmp_path / "chips" / b.mask) as mk, \
@@ -569,8 +573,16 @@ def test_other_years_show_the_training_blocks_under_each_years_sky(tmp_path):
     meta = json.loads((tmp_path / "chips" / "meta.json").read_text())
     assert meta["other_years"] == {"2020": {"blocks": len(other), "positive_pixels": int(other.positive_pixels.sum())}}
     train = block_pieces(tmp_path / "chips", "train", index[index.split == "train"].assign(root=str(tmp_path / "chips")))
-    assert len(train) == 2 * len(training) and len(block_pieces(tmp_path / "chips", "val")) == \
-        ((blocks.split == "val") & blocks.image.notna()).sum()
+    val = block_pieces(tmp_path / "chips", "val")
+    n_val = ((blocks.split == "val") & blocks.image.notna()).sum()
+    assert len(train) == 2 * len(training) and len(val) == 2 * n_val
+    assert [p.year for p in val.pieces] == [None] * n_val + [2020] * n_val  # the labels' year's first
+    assert len(block_pieces(tmp_path / "chips", "test")) == ((blocks.split == "test") & blocks.image.notna()).sum()
+    # a folder cut before validation blocks were cut again (no split column) holds training blocks only
+    other.drop(columns="split").to_parquet(tmp_path / "chips" / "other_years.parquet")
+    assert len(block_pieces(tmp_path / "chips", "val")) == n_val
+    assert len(block_pieces(tmp_path / "chips", "train")) == len(training) + len(other)
+    other.to_parquet(tmp_path / "chips" / "other_years.parquet")
     # anchors (the places of background chips) lie in the labels' year's blocks; windows come from both years
     assert all(i < len(training) for i, _, _ in train.anchors)
     from minemap.trainset import scan

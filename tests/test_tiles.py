@@ -230,9 +230,9 @@ def test_cli_cuts_chips_from_anywhere_through_a_stac_config(world, tmp_path):
 
 
 def test_tiles_show_training_other_years(world, tmp_path):
-    """chips.other_years in tiles: each tile's training blocks cut again from another year's composite in the
-    tile's own zone, named in the folder's other_years.parquet (paths under the tile's folder) and read by
-    training after the labels' year's blocks; a year the STAC API has no scenes of gives no block, and the
+    """chips.other_years in tiles: each tile's training and validation blocks cut again from another year's
+    composite in the tile's own zone, named in the folder's other_years.parquet (paths under the tile's folder,
+    with their split) and read by training and validation after the labels' year's blocks; a year the STAC API has no scenes of gives no block, and the
     tile's chips are cut all the same."""
     from minemap.trainset import block_pieces
 
@@ -246,12 +246,14 @@ def test_tiles_show_training_other_years(world, tmp_path):
     other = pd.read_parquet(dest / "other_years.parquet")
     blocks = pd.read_parquet(dest / "blocks.parquet")
     training = blocks[(blocks.split == "train") & blocks.image.notna()]
+    shown = blocks[blocks.split.isin(["train", "val"]) & blocks.image.notna()]
     assert set(other.year) == {2021} and len(other) > 0
-    assert set(zip(other.tile, other.bx, other.by)) == set(zip(training.tile, training.bx, training.by))
+    assert set(zip(other.tile, other.bx, other.by, other.split)) == \
+        set(zip(shown.tile, shown.bx, shown.by, shown.split))
     for r in other.itertuples():
         assert r.image.startswith(f"tiles/{r.tile}/blocks/2021_")
         with rasterio.open(dest / r.image) as im, rasterio.open(dest / r.mask) as mk:
-            assert im.crs == rasterio.open(dest / training.set_index(["tile", "bx", "by"]).loc[
+            assert im.crs == rasterio.open(dest / shown.set_index(["tile", "bx", "by"]).loc[
                 (r.tile, r.bx, r.by), "image"]).crs
             assert (mk.read(1) == 1).sum() == r.positive_pixels
     meta = json.loads((dest / "meta.json").read_text())
@@ -259,7 +261,9 @@ def test_tiles_show_training_other_years(world, tmp_path):
     tile_meta = json.loads((dest / "tiles" / other.tile.iloc[0] / "meta.json").read_text())
     assert tile_meta["other_years"]["2019"]["blocks"] == 0  # no scenes that year: no block, the rest cut
     train = block_pieces(dest, "train", index[index.split == "train"].assign(root=str(dest)))
-    assert len(train.pieces) == len(training) + len(other) and train.own == len(training)
+    n_other_train = int((other.split == "train").sum())
+    assert len(train.pieces) == len(training) + n_other_train and train.own == len(training)
+    assert len(block_pieces(dest, "val").pieces) == len(shown) - len(training) + len(other) - n_other_train
 
 
 def test_mmseg_layout_of_a_tiled_folder_keeps_every_chip(tiled, tmp_path):

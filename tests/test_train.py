@@ -439,7 +439,9 @@ def test_a_chip_broken_after_the_scan_is_one_line_from_a_loader_process(chips_di
 
 
 def test_training_sees_the_other_years_blocks(scene, tmp_path):
-    """chips.other_years: the card says which years' imagery training saw; the band statistics cover them."""
+    """chips.other_years: the card says which years' imagery training saw and judged; the epochs are chosen, and
+    the calibration and threshold fitted, on the validation blocks of every year pooled, each year's figures at
+    the one threshold beside them (their counts add up to the pooled ones)."""
     labels, _ = read_labels([scene.labels])
     base = dict(chip_size=64, stride=32, block_size=128, background_per_positive=0.3)
     make_chips(labels, open_imagery(scene.imagery), 2019, tmp_path / "chips",
@@ -448,3 +450,10 @@ def test_training_sees_the_other_years_blocks(scene, tmp_path):
                  progress=False)
     assert "the same blocks also from the imagery of 2020, 2021 (the same labels)" in card.selection["training"]
     assert card.train_year == 2019
+    assert "in the labels' year and again in 2020, 2021" in card.selection["validation"]
+    assert set(card.val_curve[0]["val_f1_by_year"]) == {"2019", "2020", "2021"}
+    years = card.val_metrics["by_year"]
+    assert list(years) == ["2019", "2020", "2021"]
+    for k in ("tp", "fp", "fn", "tn"):
+        assert sum(m[k] for m in years.values()) == card.val_metrics[k]
+    assert all(m["tp"] + m["fn"] > 0 for m in years.values())  # each year's validation holds labelled pixels

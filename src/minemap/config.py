@@ -71,7 +71,9 @@ class ChipConfig(Section):
                        "years up to N after the labels' year that a run maps (minemap chips: that the imagery "
                        "source offers) (a mine dug stays disturbed ground; before "
                        "the labels' year it may not yet have been dug, so earlier years are not used); a list, "
-                       "those years; 0 or [], none. Validation and test stay on the labels' year")
+                       "those years; 0 or [], none. The validation blocks are cut again from the same years (masked "
+                       "alike), so the epoch kept and the calibration answer for every year the model saw; the "
+                       "test blocks and a run's operating threshold stay on the labels' year")
     val_fraction: float = Field(0.15, ge=0, lt=1)
     test_fraction: float = Field(0.15, ge=0, lt=1)
     seed: int = 0

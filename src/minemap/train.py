@@ -112,20 +112,43 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: f
 
 
 def _histograms(held: HeldOut, model, mean, std, device, size: int, precision=None,
-                calibrate=None) -> tuple[np.ndarray, np.ndarray]:
+                calibrate=None) -> dict[int | None, tuple[np.ndarray, np.ndarray]]:
     """Histograms of the held-out split's probabilities (sigmoid of the logits, or ``calibrate`` of them) over
-    its mine and other pixels, streamed a piece at a time."""
-    pos, neg = 0, 0
-    for z, t in held.stream(model, mean, std, device, size, precision):
+    its mine and other pixels, streamed a piece at a time: per year of imagery (None: the labels' year; blocks
+    cut again from other years' imagery under theirs)."""
+    out: dict[int | None, tuple[np.ndarray, np.ndarray]] = {}
+    years = [p.year for p in held.pieces] if held.kind_ == "blocks" else None
+    for i, (z, t) in enumerate(held.stream(model, mean, std, device, size, precision)):
         p = calibrate(z) if calibrate is not None else 1 / (1 + np.exp(-z))
         hp, hn = histograms(quantise(p), t)
-        pos, neg = pos + hp, neg + hn
+        year = years[i] if years is not None else None
+        pos, neg = out.get(year, (0, 0))
+        out[year] = (pos + hp, neg + hn)
+    return out
+
+
+def _pooled(hists: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The histograms of every year summed: one threshold maps them all."""
+    pos = sum(h[0] for h in hists.values())
+    neg = sum(h[1] for h in hists.values())
     return pos, neg
 
 
-def _best_f1(held: HeldOut, model, mean, std, device, size: int, precision=None) -> dict:
-    """Metrics at the threshold of best F1 (a monotone calibration would give the same F1)."""
-    return best_threshold(*_histograms(held, model, mean, std, device, size, precision))[1]
+def _by_year(hists: dict, threshold: float, labels_year: int | None) -> dict[str, dict]:
+    """Metrics of each year's histograms at one ``threshold`` (the labels' year named by ``labels_year``)."""
+    return {str(labels_year if y is None else y): metrics_at(*h, threshold)
+            for y, h in sorted(hists.items(), key=lambda kv: -1 if kv[0] is None else kv[0])}
+
+
+def _best_f1(held: HeldOut, model, mean, std, device, size: int, precision=None,
+             labels_year: int | None = None) -> dict:
+    """Metrics at the threshold of best F1 over every year's validation pixels pooled (a monotone calibration
+    would give the same F1), with each year's at that threshold (``by_year``) where there are several."""
+    hists = _histograms(held, model, mean, std, device, size, precision)
+    threshold, row = best_threshold(*_pooled(hists))
+    if len(hists) > 1:
+        row = {**row, "by_year": _by_year(hists, threshold, labels_year)}
+    return row
 
 
 @dataclass
@@ -182,6 +205,7 @@ def _selection(data: _Data, early: bool, patience: int, max_epochs: int, min_val
                processes: int = 1) -> dict:
     """The card's account of how the model was chosen: what it trained on, the validation, the rule."""
     n_windows = data.n_positive + data.n_other
+    val_years = sorted({p.year for p in data.val.pieces if p.year is not None})
     return {
         "training": (f"{n_windows} windows drawn anywhere inside the training blocks each epoch "
                      f"({data.n_positive} holding a label; random place, flips, rotations)"
@@ -189,7 +213,10 @@ def _selection(data: _Data, early: bool, patience: int, max_epochs: int, min_val
                         "(the same labels)" if data.other_years else "")
                      + (f" and {len(data.fixed)} chips" if len(data.fixed) else "")
                      if data.blocks is not None else "the training chips"),
-        "validation": data.val.kind, "validation_positive_pixels": data.val.positive_pixels,
+        "validation": data.val.kind + (f", in the labels' year and again in {', '.join(map(str, val_years))} "
+                                       "(changed ground left out); chosen on all of them pooled"
+                                       if val_years else ""),
+        "validation_positive_pixels": data.val.positive_pixels,
         "rule": (f"early stopping on validation F1 (patience {patience})" if early else
                  f"a fixed schedule of {max_epochs} epochs (the rate halved every {patience}), the last weights "
                  f"kept: the validation holds "
@@ -446,7 +473,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     judged = avg.module if avg is not None else model
 
     def judge(m) -> dict:
-        v = _best_f1(val, m, mean, std, device, size, amp) if ranks.main else None
+        v = _best_f1(val, m, mean, std, device, size, amp, meta.get("year")) if ranks.main else None
         return ranks.share(v)
 
     if init_from is not None and st["best_epoch"] is None:
@@ -502,7 +529,9 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         v = judge(judged)
         st["curve"].append({"epoch": epoch + 1, "loss": round(float(np.mean(losses)), 5), "lr": st["lr"],
                             "val_f1": round(v["f1"], 5), "val_iou": round(v["iou"], 5),
-                            "val_threshold": v["threshold"]})
+                            "val_threshold": v["threshold"],
+                            **({"val_f1_by_year": {y: round(m["f1"], 5) for y, m in v["by_year"].items()}}
+                               if "by_year" in v else {})})
         if _choose(st, v, epoch, early, patience):
             card.epochs_trained = card.best_epoch = epoch + 1
             if ranks.main:
@@ -526,7 +555,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     card.stopped = (f"early: no better validation F1 for {patience} epochs" if early and st["bad"] >= patience
                     else "nothing new to fine-tune on" if max_epochs == 0 else f"at the cap of {max_epochs} epochs")
     card.val_curve = st["curve"]
-    _calibrate_and_test(model, card, val, test, mean, std, device, size, amp)
+    _calibrate_and_test(model, card, val, test, mean, std, device, size, amp, meta.get("year"))
     save_model(model, card, model_dir)
     ranks.close()
     return card
@@ -552,10 +581,11 @@ def _held(chips_dir: Path, split: str, chips: pd.DataFrame, missed) -> tuple[Hel
 
 
 def _calibrate_and_test(model, card: ModelCard, val: HeldOut, test: HeldOut, mean, std, device, size: int,
-                        precision: torch.dtype | None = None) -> None:
-    """Fit the calibration on the validation blocks (or chips): at most :data:`CALIBRATION_PIXELS` of their
-    logits, a fixed random share of every piece; then the threshold on their calibrated probabilities (a second
-    pass). Test metrics and calibration error on the test blocks (or chips)."""
+                        precision: torch.dtype | None = None, labels_year: int | None = None) -> None:
+    """Fit the calibration on the validation blocks (or chips) of every year: at most :data:`CALIBRATION_PIXELS`
+    of their logits, a fixed random share of every piece; then the threshold on their calibrated probabilities
+    (a second pass), with each year's metrics there. Test metrics and calibration error on the test blocks (or
+    chips)."""
     share = min(1.0, CALIBRATION_PIXELS / max(val.valid_pixels, 1))
     rng = np.random.default_rng(0)
     z, t = [], []
@@ -566,11 +596,14 @@ def _calibrate_and_test(model, card: ModelCard, val: HeldOut, test: HeldOut, mea
     scale, bias = fit_platt(np.concatenate(z) if z else np.zeros(0), np.concatenate(t) if t else np.zeros(0))
     del z, t
     card.calibration = {"method": "platt", "scale": scale, "bias": bias}
-    hv = _histograms(val, model, mean, std, device, size, precision, card.calibrate)
+    hists = _histograms(val, model, mean, std, device, size, precision, card.calibrate)
+    hv = _pooled(hists)
     card.threshold, card.val_metrics = operating_threshold(*hv)
     card.val_metrics["calibration"] = reliability(*hv)
+    if len(hists) > 1:
+        card.val_metrics["by_year"] = _by_year(hists, card.threshold, labels_year)
     if test:
-        ht = _histograms(test, model, mean, std, device, size, precision, card.calibrate)
+        ht = _pooled(_histograms(test, model, mean, std, device, size, precision, card.calibrate))
         card.test_metrics = {**metrics_at(*ht, card.threshold), "calibration": reliability(*ht)}
 
 

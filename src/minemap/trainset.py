@@ -40,7 +40,7 @@ from rasterio.windows import Window, bounds as window_bounds
 from scipy import ndimage
 
 from minemap.errors import InputError
-from minemap.formats.chips import OTHER_YEARS, read_meta
+from minemap.formats.chips import OTHER_YEARS, OTHER_YEARS_SPLITS, read_meta
 from minemap.model import forward_logits
 
 CELL = 16  # side of the cells in which labelled pixels are counted (windows holding a label contain one)
@@ -64,6 +64,7 @@ class Piece:
     weights: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     # a block written with a halo of imagery around it: (row, col, height, width) of the block in the raster
     core: tuple[int, int, int, int] | None = None
+    year: int | None = None  # the imagery's year, for a block cut again from another year's (None: the labels')
 
     @property
     def block(self) -> tuple[int, int, int, int]:
@@ -284,11 +285,14 @@ def block_pieces(chips_dir: Path, split: str, chips: pd.DataFrame | None = None)
                 r0, c0 = pieces[i].core[:2] if pieces[i].core else (0, 0)  # not scanned yet: no height
                 anchors.append((i, int(r) - keys[i][2] * block + r0, int(c) - keys[i][1] * block + c0))
     other = Path(chips_dir) / OTHER_YEARS
-    if split == "train" and other.is_file():  # the training blocks cut again from other years' imagery
+    if split in OTHER_YEARS_SPLITS and other.is_file():  # the blocks cut again from other years' imagery
         more = pd.read_parquet(other)
-        pieces += [Piece(str(Path(chips_dir) / i), str(Path(chips_dir) / m), core=tuple(int(v) for v in k))
-                   for i, m, *k in zip(more.image, more["mask"], more.core_row, more.core_col, more.core_height,
-                                       more.core_width)]
+        # a folder cut before validation blocks were cut again holds training blocks only
+        more = more[more["split"] == split] if "split" in more.columns else more[[split == "train"] * len(more)]
+        pieces += [Piece(str(Path(chips_dir) / i), str(Path(chips_dir) / m), core=tuple(int(v) for v in k),
+                         year=int(y))
+                   for y, i, m, *k in zip(more.year, more.image, more["mask"], more.core_row, more.core_col,
+                                          more.core_height, more.core_width)]
         keys += [(f"year {y}", int(bx), int(by)) for y, bx, by in zip(more.year, more.bx, more.by)]
     return Blocks(pieces, keys, anchors, own=len(table))
 

@@ -60,14 +60,14 @@ import shapely
 from minemap._io import atomic_path, write_json
 from minemap.config import ChipConfig
 from minemap.errors import ImageryError, InputError
-from minemap.formats.chips import OTHER_YEARS, SPLITS, split_summary, write_blocks, write_other_years
+from minemap.formats.chips import OTHER_YEARS, OTHER_YEARS_SPLITS, SPLITS, split_summary, write_blocks, write_other_years
 from minemap.geo import WGS84, ground_sample_distance_m
 from minemap.imagery import ImagerySource
 from minemap.lattice import Grid
 from minemap.chips.sampling import _in_grid, chips_over, hard_negative_chips, select_background
 from minemap.chips.splits import (_chip_boxes, _cover_shares, _labels_in_grid, _split_targets, assign_splits,
                                   block_cover, block_weights, chip_positions, choose_block_size, labelled_ground)
-from minemap.chips.writing import _write_blocks, _write_chips
+from minemap.chips.writing import _write_blocks, _write_chips, _write_other_years
 
 if TYPE_CHECKING:
     from minemap.review import TrainingVerdicts
@@ -236,18 +236,13 @@ def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, 
                                  f"chips.{x}_fraction to 0")
         index.to_parquet(tmp / "index.parquet")
         write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters, ground)
-        # the training blocks of other years: the same ground and labels under another year's haze and season
-        training = {k for k in rasters if splits.get(k, "train") == "train"}
-        shown, unseen, labels_year = {}, {}, {}
-        for y in (y for y in other_years if y != year):
-            try:
-                shown[y] = _write_blocks(tmp, source, y, grid, training, block, geoms, cfg, ignore=unsure,
-                                         progress=progress, obscured=True, since=year, since_pixels=labels_year)
-            except ImageryError as e:  # no scenes that year (a remote source offers every year): the others go on
-                log.warning("chips.other_years: %s", e)
-                unseen[str(y)] = str(e)
+        # the training and validation blocks of other years: the same ground and labels under another year's
+        # haze and season, taught and judged (the model maps every year, so it is chosen on every year it saw)
+        shown, unseen = _write_other_years(
+            tmp, source, year, list(other_years), grid, {k for k in rasters if splits.get(k, "train") in OTHER_YEARS_SPLITS},
+            block, geoms, cfg, ignore=unsure, progress=progress)
         if shown:
-            write_other_years(tmp / OTHER_YEARS, shown)
+            write_other_years(tmp / OTHER_YEARS, shown, splits)
         write_json(tmp / "meta.json", {
             "year": year, "bands": list(source.band_names), "crs": grid.crs.to_string(),
             "pixel_size": list(grid.res), "gsd_m": ground_sample_distance_m(grid.crs, grid.transform,

@@ -7,8 +7,9 @@
                                                 col, row, footprint (EPSG:4326)
     blocks.parquet                              a row per block: bx, by, split, label_pixels, labelled_ground,
                                                 image, mask, positive_pixels, footprint (the grid's CRS)
-    other_years.parquet                         (chips.other_years) a row per training block cut from another
-                                                year's imagery: year, bx, by, image, mask, positive_pixels, core_*
+    other_years.parquet                         (chips.other_years) a row per training or validation block cut
+                                                from another year's imagery: year, bx, by, split, image, mask,
+                                                positive_pixels, core_*
     meta.json                                   year, bands, CRS, pixel size, chip and block sizes, splits, ...
     possible_missed_mines.parquet               (hard negatives) detections that no chip teaches
 """
@@ -36,7 +37,8 @@ IGNORE = 255
 MISSED = "possible_missed_mines.parquet"  # beside hard-negative chips: pixels no chip teaches
 
 
-OTHER_YEARS = "other_years.parquet"  # the training blocks cut from other years' imagery
+OTHER_YEARS = "other_years.parquet"  # the training and validation blocks cut from other years' imagery
+OTHER_YEARS_SPLITS = ("train", "val")  # the splits whose blocks are cut again from other years' imagery
 
 
 def split_summary(index: pd.DataFrame) -> dict[str, dict]:
@@ -50,7 +52,7 @@ def split_summary(index: pd.DataFrame) -> dict[str, dict]:
     return out
 
 
-CHIPS_FORMAT = 5  # bumped when the chips folder's files change, so that a resumed run cuts them again
+CHIPS_FORMAT = 6  # bumped when the chips folder's files change, so that a resumed run cuts them again
 
 
 def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[tuple[int, int], float], grid: Grid,
@@ -78,13 +80,14 @@ def write_blocks(dest: Path, splits: dict[tuple[int, int], str], weights: dict[t
                      geometry=boxes, crs=grid.crs).to_parquet(dest)
 
 
-def write_other_years(dest: Path, rasters: dict[int, dict[tuple[int, int], dict]]) -> None:
-    """``other_years.parquet``: a row per training block written from another year's imagery (``rasters``: per
-    year, what :func:`minemap.chips.writing._write_blocks` returned)."""
-    rows = [{"year": int(y), "bx": int(b[0]), "by": int(b[1]), **v}
+def write_other_years(dest: Path, rasters: dict[int, dict[tuple[int, int], dict]],
+                      splits: dict[tuple[int, int], str]) -> None:
+    """``other_years.parquet``: a row per training or validation block written from another year's imagery
+    (``rasters``: per year, what :func:`minemap.chips.writing._write_other_years` returned), with its split."""
+    rows = [{"year": int(y), "bx": int(b[0]), "by": int(b[1]), "split": splits.get(b, "train"), **v}
             for y, blocks in sorted(rasters.items()) for b, v in sorted(blocks.items())]
-    columns = ["year", "bx", "by", "image", "mask", "positive_pixels", "core_row", "core_col", "core_height",
-               "core_width"]
+    columns = ["year", "bx", "by", "split", "image", "mask", "positive_pixels", "core_row", "core_col",
+               "core_height", "core_width"]
     pd.DataFrame(rows, columns=columns).to_parquet(dest)
 
 
