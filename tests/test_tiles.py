@@ -232,8 +232,8 @@ def test_cli_cuts_chips_from_anywhere_through_a_stac_config(world, tmp_path):
 def test_tiles_show_training_other_years(world, tmp_path):
     """chips.other_years in tiles: each tile's training and validation blocks cut again from another year's
     composite in the tile's own zone, named in the folder's other_years.parquet (paths under the tile's folder,
-    with their split) and read by training and validation after the labels' year's blocks; a year the STAC API has no scenes of gives no block, and the
-    tile's chips are cut all the same."""
+    with their split) and read by training and validation after the labels' year's blocks; a year the STAC API
+    has no scenes of gives no block, and the tile's chips are cut all the same."""
     from minemap.trainset import block_pieces
 
     server, labels, root = world

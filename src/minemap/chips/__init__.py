@@ -59,8 +59,9 @@ import shapely
 
 from minemap._io import atomic_path, write_json
 from minemap.config import ChipConfig
-from minemap.errors import ImageryError, InputError
-from minemap.formats.chips import OTHER_YEARS, OTHER_YEARS_SPLITS, SPLITS, split_summary, write_blocks, write_other_years
+from minemap.errors import InputError
+from minemap.formats.chips import (OTHER_YEARS, OTHER_YEARS_SPLITS, SPLITS, split_summary, write_blocks,
+                                   write_other_years)
 from minemap.geo import WGS84, ground_sample_distance_m
 from minemap.imagery import ImagerySource
 from minemap.lattice import Grid
@@ -238,9 +239,9 @@ def cut(labels: gpd.GeoDataFrame, sv: Survey, source: ImagerySource, year: int, 
         write_blocks(tmp / "blocks.parquet", splits, weights, grid, block, rasters, ground)
         # the training and validation blocks of other years: the same ground and labels under another year's
         # haze and season, taught and judged (the model maps every year, so it is chosen on every year it saw)
-        shown, unseen = _write_other_years(
-            tmp, source, year, list(other_years), grid, {k for k in rasters if splits.get(k, "train") in OTHER_YEARS_SPLITS},
-            block, geoms, cfg, ignore=unsure, progress=progress)
+        shown_blocks = {k for k in rasters if splits.get(k, "train") in OTHER_YEARS_SPLITS}
+        shown, unseen = _write_other_years(tmp, source, year, list(other_years), grid, shown_blocks, block, geoms, cfg,
+                                           ignore=unsure, progress=progress)
         if shown:
             write_other_years(tmp / OTHER_YEARS, shown, splits)
         write_json(tmp / "meta.json", {
