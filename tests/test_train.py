@@ -457,3 +457,8 @@ def test_training_sees_the_other_years_blocks(scene, tmp_path):
     for k in ("tp", "fp", "fn", "tn"):
         assert sum(m[k] for m in years.values()) == card.val_metrics[k]
     assert all(m["tp"] + m["fn"] > 0 for m in years.values())  # each year's validation holds labelled pixels
+    # train.validation_years = "labels": judged on the labels' year alone, as before other years were cut
+    alone = train(tmp_path / "chips", tmp_path / "alone", TrainConfig(epochs=1, batch_size=8, epoch_windows=16,
+                                                                      validation_years="labels"), progress=False)
+    assert alone.selection["validation"] == "blocks, wall to wall" and "by_year" not in alone.val_metrics
+    assert alone.val_metrics["tp"] + alone.val_metrics["fn"] == years["2019"]["tp"] + years["2019"]["fn"]

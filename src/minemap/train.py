@@ -192,6 +192,8 @@ def _read_data(dirs: list[Path], index: pd.DataFrame, meta: dict, cfg: TrainConf
     else:
         cleaned, stats = scan(fixed_pieces, missed, stats=True)
     val, cleaned_va = _held(dirs[0], "val", va, missed)
+    if cfg.validation_years == "labels":  # the blocks cut again from other years' imagery left out
+        val = HeldOut([p for p in val.pieces if p.year is None], val.kind_, val.ignore)
     test, _ = _held(dirs[0], "test", te, missed)
     if not val:
         log.warning("no validation blocks or chips: model selection and threshold use the training chips")
