@@ -119,3 +119,24 @@ def test_an_unreadable_accuracy_is_said_in_the_card_not_left_out(tmp_path, caplo
     card = export(run, tmp_path / "model", ["card"], run_dir=run)["card"].read_text()
     assert "- Model: its card `" in card and "model.json` could not be read (UnicodeDecodeError:" in card
     assert "- Threshold: its record `" in card and "threshold.json` could not be read (JSONDecodeError:" in card
+
+
+def test_the_card_says_how_the_model_was_validated_and_each_years_f1(tmp_path):
+    """A model validated on every year it saw (train.validation_years = "shown") has its validation and each
+    year's F1 at the threshold in the dataset card; one validated on the labels' year says that alone."""
+    run, _ = _panel_dir(tmp_path)
+    (run / "model").mkdir()
+    shown = "blocks, wall to wall, in the labels' year and again in 2020 (changed ground left out); chosen on all " \
+            "of them pooled"
+    card = {"encoder": "mit-b0", "train_year": 2019, "chip_size": 256, "gsd_m": 4.77, "epochs_trained": 3,
+            "stopped": "at the cap of 3 epochs", "calibration": {"method": "platt"},
+            "selection": {"training": "the training chips", "validation": shown},
+            "val_metrics": {"f1": 0.8, "by_year": {"2019": {"f1": 0.9}, "2020": {"f1": 0.7}}}}
+    (run / "model" / "model.json").write_text(json.dumps(card))
+    text = export(run, tmp_path / "shown", ["card"], run_dir=run)["card"].read_text()
+    assert f"- Validation: {shown}; F1 at the threshold by year: 2019 0.900, 2020 0.700.\n" in text
+    card["selection"]["validation"] = "blocks, wall to wall"
+    del card["val_metrics"]["by_year"]
+    (run / "model" / "model.json").write_text(json.dumps(card))
+    assert "- Validation: blocks, wall to wall.\n" in export(run, tmp_path / "labels", ["card"],
+                                                             run_dir=run)["card"].read_text()

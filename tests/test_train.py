@@ -439,15 +439,16 @@ def test_a_chip_broken_after_the_scan_is_one_line_from_a_loader_process(chips_di
 
 
 def test_training_sees_the_other_years_blocks(scene, tmp_path):
-    """chips.other_years: the card says which years' imagery training saw and judged; the epochs are chosen, and
-    the calibration and threshold fitted, on the validation blocks of every year pooled, each year's figures at
-    the one threshold beside them (their counts add up to the pooled ones)."""
+    """chips.other_years: the card says which years' imagery training saw and judged; with
+    train.validation_years = "shown" the epochs are chosen, and the calibration and threshold fitted, on the
+    validation blocks of every year pooled, each year's figures at the one threshold beside them (their counts
+    add up to the pooled ones); by default on the labels' year's alone."""
     labels, _ = read_labels([scene.labels])
     base = dict(chip_size=64, stride=32, block_size=128, background_per_positive=0.3)
     make_chips(labels, open_imagery(scene.imagery), 2019, tmp_path / "chips",
                ChipConfig(**base, other_years=[2020, 2021]))
-    card = train(tmp_path / "chips", tmp_path / "model", TrainConfig(epochs=1, batch_size=8, epoch_windows=16),
-                 progress=False)
+    card = train(tmp_path / "chips", tmp_path / "model", TrainConfig(epochs=1, batch_size=8, epoch_windows=16,
+                                                                     validation_years="shown"), progress=False)
     assert "the same blocks also from the imagery of 2020, 2021 (the same labels)" in card.selection["training"]
     assert card.train_year == 2019
     assert "in the labels' year and again in 2020, 2021" in card.selection["validation"]
@@ -457,8 +458,8 @@ def test_training_sees_the_other_years_blocks(scene, tmp_path):
     for k in ("tp", "fp", "fn", "tn"):
         assert sum(m[k] for m in years.values()) == card.val_metrics[k]
     assert all(m["tp"] + m["fn"] > 0 for m in years.values())  # each year's validation holds labelled pixels
-    # train.validation_years = "labels": judged on the labels' year alone, as before other years were cut
-    alone = train(tmp_path / "chips", tmp_path / "alone", TrainConfig(epochs=1, batch_size=8, epoch_windows=16,
-                                                                      validation_years="labels"), progress=False)
+    # the default, train.validation_years = "labels": judged on the labels' year alone
+    alone = train(tmp_path / "chips", tmp_path / "alone", TrainConfig(epochs=1, batch_size=8, epoch_windows=16),
+                  progress=False)
     assert alone.selection["validation"] == "blocks, wall to wall" and "by_year" not in alone.val_metrics
     assert alone.val_metrics["tp"] + alone.val_metrics["fn"] == years["2019"]["tp"] + years["2019"]["fn"]

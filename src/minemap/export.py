@@ -204,11 +204,11 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
         if (card.get("selection") or {}).get("training"):
             lines.append(f"- Training saw {card['selection']['training']}.")
         if (card.get("selection") or {}).get("validation"):
-            years = (card.get("val_metrics") or {}).get("by_year") or {}
+            by_year = (card.get("val_metrics") or {}).get("by_year") or {}
             lines.append(f"- Validation: {card['selection']['validation']}"
                          + ("; F1 at the threshold by year: " + ", ".join(f"{y} {_fmt(m.get('f1'))}"
-                                                                          for y, m in years.items())
-                            if years else "") + ".")
+                                                                          for y, m in by_year.items())
+                            if by_year else "") + ".")
         if card.get("review"):
             r = card["review"]
             lines.append(f"- Reviewers' verdicts used in training: {r.get('mines_added', 0)} detections confirmed as "
