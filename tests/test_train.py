@@ -74,6 +74,13 @@ def test_training_stops_when_validation_stalls(chips_dir, tmp_path):
     assert card.val_curve[1]["lr"] == pytest.approx(card.val_curve[0]["lr"] / 2)  # the plateau halves the rate
     on_disk = read_card(tmp_path / "model")
     assert on_disk.val_curve == card.val_curve and on_disk.splits["train"]["chips"] > 0
+    # train.stopping = fixed: the same stalled validation runs every epoch and keeps the last weights, the rate
+    # halved every `patience` epochs, and the card says it was asked for (not forced by a small validation)
+    fixed = train(chips_dir, tmp_path / "fixed", cfg.model_copy(update={"epochs": 3, "stopping": "fixed"}),
+                  progress=False)
+    assert fixed.epochs_trained == 3 and fixed.best_epoch == 3 and fixed.stopped == "at the cap of 3 epochs"
+    assert fixed.selection["rule"].endswith("the last weights kept (train.stopping = fixed)")
+    assert [c["lr"] / fixed.val_curve[0]["lr"] for c in fixed.val_curve] == pytest.approx([1, 0.5, 0.25])
 
 
 def test_card_records_calibration_splits_and_weak_models(chips_dir, tmp_path):

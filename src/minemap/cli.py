@@ -194,6 +194,9 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
           pretrained: Annotated[Optional[str], typer.Option(help="local encoder checkpoint (file or folder)")] = None,
           resume: Annotated[bool, typer.Option(help="continue from out/train_state.pt")] = False,
           device: str = _TRAIN.device, seed: int = _TRAIN.seed, patience: int = _TRAIN.patience,
+          stopping: Annotated[str, typer.Option(help="early: keep the best validation F1, stop after --patience "
+                                                     "epochs without a better one; fixed: run every epoch, keep "
+                                                     "the last weights")] = _TRAIN.stopping,
           min_val_f1: Annotated[float, typer.Option(help="validation F1 below this is an error")] = _TRAIN.min_val_f1,
           accept_weak_model: Annotated[bool, typer.Option(help="keep a model below --min-val-f1 without error")] = False,
           epoch_windows: int = _TRAIN.epoch_windows, precision: str = _TRAIN.precision,
@@ -220,7 +223,8 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
 
     mcfg = _settings(ModelConfig, encoder=encoder, pretrained=pretrained, head=head)
     tcfg = _settings(TrainConfig, epochs=epochs, batch_size=batch_size, learning_rate=learning_rate, device=device,
-                     seed=seed, patience=patience, min_val_f1=min_val_f1, epoch_windows=epoch_windows,
+                     seed=seed, patience=patience, stopping=stopping, min_val_f1=min_val_f1,
+                     epoch_windows=epoch_windows,
                      precision=precision, checkpoint_steps=checkpoint_steps, loader_workers=loader_workers,
                      compile=compile)
     card = train_fn(chips_dir, out_dir, tcfg, mcfg, resume=resume)

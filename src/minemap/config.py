@@ -132,6 +132,13 @@ class TrainConfig(Section):
                                                         "would choose the epoch, so training runs a fixed "
                                                         "schedule of `epochs` (the rate halved every `patience` "
                                                         "epochs) and keeps the last weights")
+    stopping: Literal["early", "fixed"] = Field(
+        "early", description="how the epoch kept is chosen: early, the best validation F1, training stopped after "
+                             "`patience` epochs without a better one (a fixed schedule where the validation holds "
+                             "fewer than `min_val_pixels`); fixed, every one of `epochs` run (the rate halved every "
+                             "`patience`) and the last (averaged) weights kept, so a model that learns a year slowly "
+                             "is never stopped in a dip; a fine-tune (review) keeps the given model unless "
+                             "validation improves either way")
     batch_size: int = Field(8, ge=1)
     epoch_windows: int = Field(128, ge=0, description="an epoch draws at least this many windows inside the "
                                                       "training blocks (positives and others in the proportion of "

@@ -13,7 +13,8 @@ carries on after a crash where it stopped, and ends where an uninterrupted train
   rejected). A chips folder without blocks (another layout, an older minemap) trains on its chips.
 - What judges it: the validation blocks mapped wall to wall (every pixel, not a handful of chips around
   mines); with fewer than ``train.min_val_pixels`` labelled pixels there, a chip or two would choose the epoch,
-  so training runs a fixed schedule and keeps the last weights. The card says which (``selection``).
+  so training runs a fixed schedule and keeps the last weights, as it does wherever ``train.stopping = "fixed"``
+  asks for it. The card says which (``selection``).
 - Loss: binary cross-entropy plus soft Dice over valid pixels (mask 255 ignored: no imagery, and the band along
   label outlines): Dice keeps small mines from being swamped by background.
 - Augmentation: flips, 90-degree rotations, and a photometric jitter (gain per chip and band, patchy haze
@@ -204,7 +205,7 @@ def _read_data(dirs: list[Path], index: pd.DataFrame, meta: dict, cfg: TrainConf
 
 
 def _selection(data: _Data, early: bool, patience: int, max_epochs: int, min_val_pixels: int,
-               processes: int = 1) -> dict:
+               processes: int = 1, chosen: bool = False) -> dict:
     """The card's account of how the model was chosen: what it trained on, the validation, the rule."""
     n_windows = data.n_positive + data.n_other
     val_years = sorted({p.year for p in data.val.pieces if p.year is not None})
@@ -221,9 +222,9 @@ def _selection(data: _Data, early: bool, patience: int, max_epochs: int, min_val
         "validation_positive_pixels": data.val.positive_pixels,
         "rule": (f"early stopping on validation F1 (patience {patience})" if early else
                  f"a fixed schedule of {max_epochs} epochs (the rate halved every {patience}), the last weights "
-                 f"kept: the validation holds "
-                 f"{data.val.positive_pixels} labelled pixels, fewer than {min_val_pixels}, too few to "
-                 "choose an epoch by"),
+                 + ("kept (train.stopping = fixed)" if chosen else
+                    f"kept: the validation holds {data.val.positive_pixels} labelled pixels, fewer than "
+                    f"{min_val_pixels}, too few to choose an epoch by")),
         "test": data.test.kind if data.test else "none",
         "processes": processes,
     }
@@ -397,8 +398,11 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     data = _read_data(dirs, index, meta, cfg)
     val, test, blocks = data.val, data.test, data.blocks
     # early stopping needs a validation that a chip or two cannot sway; with fewer labelled pixels than
-    # train.min_val_pixels the model is trained on a fixed schedule and the last (averaged) weights kept
-    early = val.positive_pixels >= cfg.min_val_pixels
+    # train.min_val_pixels the model is trained on a fixed schedule and the last (averaged) weights kept, as it is
+    # where train.stopping asks for it (a fine-tune still keeps the given model unless validation improves)
+    enough = val.positive_pixels >= cfg.min_val_pixels
+    chosen_fixed = cfg.stopping == "fixed" and init_from is None
+    early = enough and not chosen_fixed
     # a fine-tune whose training and validation chips are those of the given model, unchanged, has nothing new to
     # learn from nor a new judge: it only recalibrates. A possible missed mine in the validation chips is news:
     # the first fit was chosen by a validation that counted it as a false alarm (a model that learnt to see it
@@ -427,7 +431,8 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         cloud_level=(CLOUD_FACTOR * p999).round(1).tolist() if init_from is None else base.cloud_level,
         hard_negatives=next((m["hard_negatives"] for m in map(read_meta, dirs[1:]) if "hard_negatives" in m), {}),
         precision=PRECISION_NAMES[amp], review=review or {},
-        selection=_selection(data, early, patience, max_epochs, cfg.min_val_pixels, ranks.world),
+        selection=_selection(data, early, patience, max_epochs, cfg.min_val_pixels, ranks.world,
+                             chosen=enough and chosen_fixed),
     )
     model.to(device)
     if channels_last:
