@@ -152,6 +152,7 @@ def run_scene(seed: int, size: int, root: Path, settings: dict | None = None) ->
         "f1_all_blocks": {int(y): m["all_blocks"]["pixel"]["f1"] for y, m in metrics["years"].items()},
         "unobserved": {int(y): m["unobserved"]["reference_share"] for y, m in metrics["years"].items()},
         "masked": {int(y): m["unobserved"].get("masked_share") for y, m in metrics["years"].items()},
+        "unobserved_found": {int(y): m["unobserved"].get("found_share") for y, m in metrics["years"].items()},
         "last_year_raw_f1": raw_f1["years"][str(YEARS[-1])]["pixel"]["f1"],
         "mce": max(m["all_blocks"]["calibration"]["mce"] for m in metrics["years"].values()),
         "ece": max(m["all_blocks"]["calibration"]["ece"] for m in metrics["years"].values()),

@@ -182,9 +182,14 @@ def test_unobserved_reference_counts_as_missed(tmp_path):
     m = evaluate(pred, ref, tmp_path / "probs")["years"]["2020"]
     assert (m["pixel"]["tp"], m["pixel"]["fn"], m["pixel"]["fp"]) == (200, 200, 0)
     assert m["pixel"]["recall"] == pytest.approx(0.5)
-    assert m["unobserved"] == {"reference_pixels": 400, "unobserved_pixels": 200, "reference_share": 0.5}
+    assert m["unobserved"] == {"reference_pixels": 400, "unobserved_pixels": 200, "reference_share": 0.5,
+                               "found_share": 0.0}
     assert m["observed_only"]["pixel"]["recall"] == 1.0  # what the old figure said
     assert m["scope"].startswith("every pixel") and "all_blocks" not in m
+    # an outline filled from the years beside over a quarter of the mine's unobserved half: found, not missed
+    filled = evaluate(_gdf([_px_box(10, 10, 25, 30)]), ref, tmp_path / "probs")["years"]["2020"]
+    assert (filled["pixel"]["tp"], filled["pixel"]["fn"]) == (300, 100)
+    assert filled["unobserved"]["found_share"] == 0.5 and filled["unobserved"]["reference_share"] == 0.5
 
 
 class _Imagery:

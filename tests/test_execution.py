@@ -343,5 +343,6 @@ def test_a_units_error_on_a_worker_comes_back_as_it_was(cluster, tmp_path):
     from minemap.vectorize import _tile_unit
 
     with pytest.raises(InputError, match="cannot read probability raster") as e:
-        list(map_units(_tile_unit, [(0, str(tmp_path / "missing.tif"), 100)], progress=False, scheduler=cluster))
+        list(map_units(_tile_unit, [(0, str(tmp_path / "missing.tif"), 100, None, None)], progress=False,
+                       scheduler=cluster))
     assert "\n" not in str(e.value)

@@ -140,3 +140,23 @@ def test_the_card_says_how_the_model_was_validated_and_each_years_f1(tmp_path):
     (run / "model" / "model.json").write_text(json.dumps(card))
     assert "- Validation: blocks, wall to wall.\n" in export(run, tmp_path / "labels", ["card"],
                                                              run_dir=run)["card"].read_text()
+
+
+def test_a_panel_from_before_filled_share_is_read_with_nothing_filled(tmp_path):
+    from minemap.formats.panel import read_panel
+
+    run, panel = _panel_dir(tmp_path)
+    old = panel.drop(columns="filled_share")
+    old.to_parquet(run / "panel.parquet")
+    back = read_panel(run)
+    assert list(back.columns) == PANEL_COLUMNS and (back.filled_share == 0).all()
+    paths = export(run, tmp_path / "out", formats=("csv", "card"))
+    assert (pd.read_csv(paths["csv"]).filled_share == 0).all()
+    assert "filled from the years beside" not in paths["card"].read_text()
+    # outlines filled under a cloud: the card gives the km2 filled per year
+    filled = panel.assign(filled_share=[0.0, 0.5, 0.0])
+    filled.to_parquet(run / "panel.parquet")
+    card = export(run, tmp_path / "out2", formats=("card",))["card"].read_text()
+    km2 = float((filled.area_km2 * filled.filled_share).sum())
+    assert "Unobserved ground filled from the years beside it" in card
+    assert f"{int(filled.year[filled.filled_share > 0].iloc[0])} {km2:,.2f} km2" in card

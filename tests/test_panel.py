@@ -34,7 +34,7 @@ def test_mine_ids_are_anchored_and_stable():
     mine_b = [(2020, box(1, 1, 1.01, 1.01)), (2021, box(1, 1, 1.01, 1.01))]
     panel, events, _ = build_panel(_pp(mine_a + mine_b))
     assert list(panel.columns) == ["mine_id", "district_id", "year", "iso3", "country", "first_year", "area_km2",
-                                   "mean_probability", "provisional", "geometry"]
+                                   "mean_probability", "provisional", "filled_share", "geometry"]
     assert panel.mine_id.nunique() == 2 and panel.groupby(["mine_id", "year"]).size().max() == 1
     a = panel[panel.mine_id == geohash(0.005, 0.005)]  # anchored inside its first outline
     assert list(a.year) == [2019, 2020, 2021] and set(a.first_year) == {2019}

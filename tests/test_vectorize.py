@@ -68,7 +68,56 @@ def test_vectorize_writes_geoparquet_and_errors(tmp_path):
     import geopandas as gpd
 
     gdf = gpd.read_parquet(out[2020])
-    assert list(gdf.columns) == ["year", "area_km2", "mean_probability", "geometry"]
+    assert list(gdf.columns) == ["year", "area_km2", "mean_probability", "filled_share", "geometry"]
+    assert (gdf.filled_share == 0).all()  # one year: nothing beside it to fill from
     assert gdf.area_km2.sum() == pytest.approx(area_km2(gdf.geometry.values).sum())
     with pytest.raises(InputError, match="no probability rasters for year 2021"):
         vectorize(tmp_path / "probs", [2021], tmp_path / "polys", 0.5)
+
+
+def _year_tile(folder, year, q):
+    p = folder / str(year) / "r000_c000.tif"
+    write_cog(p, q, Grid("EPSG:3857", T, q.shape[1], q.shape[0]))
+
+
+def test_unobserved_pixels_are_filled_from_the_years_beside_them(tmp_path):
+    """A pit under the middle year's cloud is mining where the years before and after show it; a pit the next
+    year no longer shows is not filled; the first year is never filled from the next; the last year is filled
+    from the previous one alone, where that one observed it; ``fill_unobserved = false`` leaves the holes."""
+    import geopandas as gpd
+
+    probs = tmp_path / "probs"
+    before, middle, after = (np.zeros((64, 64), np.uint8) for _ in range(3))
+    for q in (before, middle, after):
+        q[5:25, 5:25] = 225  # pit A, 400 px, every year
+    before[40:60, 40:60] = middle[40:60, 40:60] = 225  # pit B: closed in the last year
+    before[40:50, 5:15] = middle[40:50, 5:15] = 225  # pit C, 100 px: closed in the last year
+    middle[5:25, 40:60] = after[5:25, 40:60] = 225  # pit D: new in the middle year
+    before[0:30, 34:64] = NODATA  # the first year did not see D's ground
+    middle[0:30, 0:30] = NODATA  # a cloud over A in the middle year
+    middle[38:62, 38:62] = NODATA  # and one over B
+    after[10:20, 45:55] = NODATA  # the last year: a cloud over D (100 px)
+    after[45:55, 45:55] = NODATA  # and one over B's ground, which the middle year did not see either
+    for year, q in ((2019, before), (2020, middle), (2021, after)):
+        _year_tile(probs, year, q)
+
+    def pixels(gdf):  # outline areas in pixels, smallest first
+        return sorted(int(v) for v in np.round(gdf.area_km2 / (RES * RES / 1e6) / 0.9933))  # ellipsoid / 3857
+
+    out = vectorize(probs, [2019, 2020, 2021], tmp_path / "polys", 0.5, VectorizeConfig(min_area_m2=0))
+    y19, y20, y21 = (gpd.read_parquet(out[y]) for y in (2019, 2020, 2021))
+    assert pixels(y19) == [100, 400, 400] and (y19.filled_share == 0).all()  # A, B, C; D is not back-filled
+    # C and D observed; A filled whole; of B only the centre the last year did not see either (the rest of it
+    # the last year sees as no mine)
+    assert pixels(y20) == [100, 100, 400, 400]
+    assert sorted(y20.filled_share) == [0, 0, 1, 1]
+    assert pixels(y21) == [400, 400]  # A observed; D filled where the cloud hid it; nothing on B's ground
+    assert sorted(y21.filled_share) == [0, pytest.approx(0.25)]
+    off = vectorize(probs, [2019, 2020, 2021], tmp_path / "off", 0.5,
+                    VectorizeConfig(min_area_m2=0, fill_unobserved=False))
+    assert pixels(gpd.read_parquet(off[2020])) == [100, 400]  # A lost under the cloud
+    assert pixels(gpd.read_parquet(off[2021])) == [300, 400]  # D with a hole
+    assert (gpd.read_parquet(off[2021]).filled_share == 0).all()
+    # one year alone has no neighbours: nothing filled
+    alone = vectorize(probs, [2020], tmp_path / "alone", 0.5, VectorizeConfig(min_area_m2=0))
+    assert pixels(gpd.read_parquet(alone[2020])) == [100, 400]

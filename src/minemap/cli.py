@@ -269,6 +269,10 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
               threshold: Annotated[Optional[float], typer.Option(help="default: the model card's")] = None,
               model_dir: Annotated[Optional[Path], typer.Option("--model", help="model whose threshold to use")] = None,
               min_area_m2: float = _VECTORIZE.min_area_m2, simplify_m: float = _VECTORIZE.simplify_m,
+              fill_unobserved: Annotated[bool, typer.Option(
+                  help="fill a year's unobserved pixels (cloud, shadow, no imagery) from the years beside it in "
+                       "--years: mining where the previous year shows it and the next, if observed, too")
+              ] = _VECTORIZE.fill_unobserved,
               workers: Annotated[int, typer.Option(help="local processes that polygonise tiles")] = 1,
               scheduler: Annotated[Optional[str], typer.Option(
                   help="Dask scheduler address (its workers must see the tiles' paths)")] = None):
@@ -277,7 +281,7 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
     from minemap.model import read_card
     from minemap.vectorize import vectorize as vectorize_fn
 
-    cfg = _settings(VectorizeConfig, min_area_m2=min_area_m2, simplify_m=simplify_m)
+    cfg = _settings(VectorizeConfig, min_area_m2=min_area_m2, simplify_m=simplify_m, fill_unobserved=fill_unobserved)
     scheduler = scheduler_address(scheduler)
     if threshold is None:
         if model_dir is None:

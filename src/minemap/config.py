@@ -230,6 +230,11 @@ class VectorizeConfig(Section):
     threshold: float | None = Field(None, gt=0, lt=1, description="default: the model card's threshold")
     min_area_m2: float = Field(1000.0, ge=0)
     simplify_m: float = Field(0.0, ge=0)
+    fill_unobserved: bool = Field(True, description="pixels a year did not observe (cloud, shadow, no imagery) "
+                                                    "count as mining where the previous processed year shows "
+                                                    "mining and the next one, if observed there, does too (the "
+                                                    "first year is never filled); outlines carry the share so "
+                                                    "filled (filled_share). false: unobserved pixels are no mine")
 
 
 class PostprocessConfig(Section):

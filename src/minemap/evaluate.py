@@ -145,6 +145,7 @@ class _Scope:
         self.observed = np.zeros(4)
         self.reference = 0
         self.unobserved = 0
+        self.unobserved_found = 0  # of those, covered by an outline filled from the years beside (or drawn anyway)
         self.no_imagery = 0
         self.hpos = np.zeros(LEVELS + 1, np.int64)
         self.hneg = np.zeros(LEVELS + 1, np.int64)
@@ -160,6 +161,7 @@ class _Scope:
         ref = truth & inside
         self.reference += int(ref.sum())
         self.unobserved += int((ref & ~valid).sum())
+        self.unobserved_found += int((ref & ~valid & pred).sum())
         if source_valid is not None:
             self.no_imagery += int((ref & ~source_valid).sum())
         hp, hn = histograms(q[inside & valid], truth[inside & valid])
@@ -170,7 +172,8 @@ class _Scope:
     def unobserved_record(self, with_source: bool) -> dict:
         share = self.unobserved / self.reference if self.reference else 0.0
         out = {"reference_pixels": self.reference, "unobserved_pixels": self.unobserved,
-               "reference_share": round(float(share), 5)}
+               "reference_share": round(float(share), 5),
+               "found_share": round(self.unobserved_found / self.unobserved, 5) if self.unobserved else 0.0}
         if with_source:  # the rest the run masked itself (clouds, shadows)
             out["no_imagery_share"] = round(self.no_imagery / self.reference, 5) if self.reference else 0.0
             out["masked_share"] = round((self.unobserved - self.no_imagery) / self.reference, 5) \
@@ -310,7 +313,9 @@ def evaluate(predicted: gpd.GeoDataFrame, reference: gpd.GeoDataFrame, prob_dir:
     years = sorted(set(predicted["year"]).union(reference["year"]))
     result: dict = {"years": {}, "threshold": threshold, "scope": HEADLINE[splits is not None],
                     "unobserved_rule": "reference pixels without an observation (no imagery, or masked as cloud "
-                                       "or shadow) count as missed"}
+                                       "or shadow) count as missed, unless an outline covers them (filled from "
+                                       "the years beside: vectorize.fill_unobserved); found_share: that share of "
+                                       "them"}
     totals = [np.zeros(4), np.zeros(4)]  # headline, every pixel
     year_scopes: list[tuple[_Scope, _Scope]] = []
     have = source.years() if source is not None else []

@@ -57,6 +57,9 @@ COLUMNS: dict[str, dict[str, str]] = {
         "provisional": "true for an outline of the first or last year without an overlapping outline in the "
                        "adjacent year, kept because the model is confident; a run that adds that year confirms "
                        "or drops it",
+        "filled_share": "0-1: share of the outline the year did not observe (cloud, shadow, no imagery), taken as "
+                        "mining because the previous year shows it and the next year, where observed, too "
+                        "(`vectorize.fill_unobserved`); 0: observed throughout",
         "geometry": "polygon, EPSG:4326 (longitude, latitude in degrees)",
     },
     "mines": {
@@ -180,6 +183,12 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
                       "without an overlapping outline in the adjacent year, kept because the model is confident "
                       "(`postprocess.temporal = \"provisional\"`); the study's rule would drop them, and the "
                       "`study/` layout leaves them out."]
+    filled = panel["filled_share"].fillna(0.0) if "filled_share" in panel else pd.Series(0.0, index=panel.index)
+    if (filled > 0).any():
+        km2 = (panel["area_km2"] * filled).groupby(panel["year"]).sum()
+        lines += ["", "Unobserved ground filled from the years beside it (`filled_share`; cloud, shadow or no "
+                      "imagery in that year, mining in the previous year and, where observed, the next): "
+                      + ", ".join(f"{y} {v:,.2f} km2" for y, v in km2.items() if v > 0) + "."]
     lines += ["", "## Sources", ""]
     if imagery:
         src = imagery.get("source", {})
@@ -262,7 +271,7 @@ def _accuracy_lines(metrics: dict) -> list[str] | None:
     try:
         lines += [f"Against the reference polygons given to the run, pixel level, on {metrics.get('scope', 'every pixel')}; "
                   "reference pixels without an observation (no imagery, or masked as cloud or shadow) count as "
-                  "missed; 95 % intervals from a bootstrap over 1 km blocks. 'All blocks' adds the blocks the model "
+                  "missed unless an outline filled from the years beside covers them (found); 95 % intervals from a bootstrap over 1 km blocks. 'All blocks' adds the blocks the model "
                   "was trained and tuned on (in-sample, for comparison only).", "",
                   "| year | precision | recall | F1 | reference unobserved | F1 all blocks (in-sample) | "
                   "calibration ECE / MCE |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -271,10 +280,12 @@ def _accuracy_lines(metrics: dict) -> list[str] | None:
             ci = px.get("ci95", {}).get("f1")
             f1 = _fmt(px.get("f1")) + (f" ({_fmt(ci[0])}-{_fmt(ci[1])})" if ci else "")
             unseen = m.get("unobserved", {}).get("reference_share")
+            found = m.get("unobserved", {}).get("found_share")
             every = m.get("all_blocks", {}).get("pixel", {}).get("f1")
             cal = m.get("calibration", {})
             lines.append(f"| {y} | {_fmt(px.get('precision'))} | {_fmt(px.get('recall'))} | {f1} | "
-                         f"{'' if unseen is None else f'{unseen:.1%}'} | {_fmt(every) if every is not None else ''} | "
+                         f"{'' if unseen is None else f'{unseen:.1%}'}{f' (found {found:.0%})' if unseen and found else ''} | "
+                         f"{_fmt(every) if every is not None else ''} | "
                          f"{_fmt(cal.get('ece'))} / {_fmt(cal.get('mce'))} |")
     except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:  # a value not of minemap's form
         log.warning("metrics.json: not in the form minemap writes (%s: %s)", type(e).__name__, e)

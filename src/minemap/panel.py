@@ -307,7 +307,7 @@ class Panel(NamedTuple):
 
 def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, where: str = "polygons") -> Panel:
     """The mine-year panel (:data:`PANEL_COLUMNS`, one row per mine and year) from post-processed polygons
-    (columns year, iso3, country, geometry; area_km2, mean_probability and provisional kept where present), the lineage
+    (columns year, iso3, country, geometry; area_km2, mean_probability, provisional and filled_share kept where present), the lineage
     events of :func:`track_mines` and the change table of :func:`change_statistics`, which shares the tracking's
     overlap search (without a buffer). ``where`` names the polygons' file in errors."""
     cfg = cfg or PanelConfig()
@@ -338,6 +338,7 @@ def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, wher
         "area_km2": gdf["area_km2"].to_numpy() if "area_km2" in gdf else area_km2(gdf.geometry.values),
         "mean_probability": gdf["mean_probability"].to_numpy() if "mean_probability" in gdf else np.nan,
         "provisional": gdf["provisional"].fillna(False).astype(bool).to_numpy() if "provisional" in gdf else False,
+        "filled_share": gdf["filled_share"].fillna(0.0).to_numpy() if "filled_share" in gdf else 0.0,
     }, geometry=gdf.geometry.values, crs=WGS84)
     changes = change_statistics(panel, (la[one], lb[one], overlaps[one]) if cfg.buffer_m == 0 else None)
     return Panel(panel.take(order).reset_index(drop=True)[PANEL_COLUMNS], events, changes)

@@ -13,7 +13,7 @@ embedded Natural Earth 1:10m layer or from a user's file (GADM, geoBoundaries); 
 offshore of the coarse coastline take the nearest country within ``NEAREST_MAX_M``.
 
 Reads ``polygons/<year>.parquet``; writes ``postprocessed.parquet`` (EPSG:4326, columns
-``year, iso3, country, area_km2, mean_probability, provisional, geometry``).
+``year, iso3, country, area_km2, mean_probability, provisional, filled_share, geometry``).
 """
 
 from __future__ import annotations
@@ -267,7 +267,7 @@ def postprocess(polygons: gpd.GeoDataFrame, cfg: PostprocessConfig | None = None
     gdf = attribute_countries(gdf, load_countries(cfg.countries))
     gdf["area_km2"] = area_km2(gdf.geometry.values, valid=True)  # made valid above
     cols = ["year", "iso3", "country", "area_km2"] + [c for c in ("mean_probability",) if c in gdf] + \
-        ["provisional", "geometry"]
+        ["provisional"] + [c for c in ("filled_share",) if c in gdf] + ["geometry"]
     return gdf[cols]
 
 

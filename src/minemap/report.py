@@ -270,12 +270,13 @@ def report(run_dir: Path, dest: Path | None = None, reference: Path | None = Non
                  "F1 95 % interval": "-".join(f"{v:.3f}" for v in m["pixel"].get("ci95", {}).get("f1", [])),
                  "object precision": m["object"]["precision"], "object recall": m["object"]["recall"],
                  "reference unobserved": f"{m.get('unobserved', {}).get('reference_share', 0):.1%}",
+                 "of it found (filled)": f"{m.get('unobserved', {}).get('found_share', 0):.0%}",
                  **({"F1 all blocks (in-sample)": m["all_blocks"]["pixel"]["f1"]} if "all_blocks" in m else {}),
                  "calibration ECE / MCE": f"{m['calibration']['ece']:.3f} / {m['calibration'].get('mce', 0):.3f}"}
                 for y, m in sorted(metrics["years"].items())]
         body = (f"<p>Headline: {html.escape(str(metrics.get('scope', 'every pixel')))}. Reference pixels without an "
-                "observation (no imagery, or masked as cloud or shadow) count as missed; the share of them is "
-                "given per year. 'All blocks' adds the blocks the model was trained and tuned on: in-sample, for "
+                "observation (no imagery, or masked as cloud or shadow) count as missed unless an outline filled "
+                "from the years beside covers them; the share of them, and of those found, is given per year. 'All blocks' adds the blocks the model was trained and tuned on: in-sample, for "
                 "comparison only.</p>")
         body += _table(pd.DataFrame(rows)) + f'<img alt="metrics" src="{plot_metrics(metrics)}">'
         body += f'<img alt="precision-recall and reliability" src="{plot_curves(metrics)}">'

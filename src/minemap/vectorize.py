@@ -3,7 +3,13 @@
 Pixels with P >= threshold become polygons (``rasterio.features.shapes``, holes kept); polygons cut by tile
 edges are merged with their neighbours across the seam; optional simplification (tolerance in metres, topology
 kept), then a minimum area in m2 on the ellipsoid. Writes ``polygons/<year>.parquet`` (GeoParquet, EPSG:4326,
-columns ``year, area_km2, mean_probability, geometry``).
+columns ``year, area_km2, mean_probability, filled_share, geometry``).
+
+Pixels a year did not observe (cloud, shadow, no imagery: NODATA) are filled from the processed years beside it
+(``vectorize.fill_unobserved``): mining where the previous year shows mining and the next year, where there is one
+and it observed the pixel, does too. Mines rarely close within a year, so a pit under this year's cloud is still
+there; the first year is never filled (a mine of the next year may be new). ``filled_share`` is the share of an
+outline's pixels so filled (0: observed throughout).
 """
 
 from __future__ import annotations
@@ -32,28 +38,64 @@ from minemap.formats.vectors import read_geoparquet, write_geoparquet
 from minemap.formats.rasters import LEVELS, NODATA
 
 log = logging.getLogger(__name__)
-COLUMNS = ["year", "area_km2", "mean_probability", "geometry"]
+COLUMNS = ["year", "area_km2", "mean_probability", "filled_share", "geometry"]
 
 
-def _tile_polygons(path: Path, cut: int) -> tuple[list, list, object, float]:
+def _read_tile(path: Path) -> tuple[np.ndarray, object, object]:
     try:
         with rasterio.open(path) as src:
-            q = src.read(1)
-            transform, crs = src.transform, src.crs
+            return src.read(1), src.transform, src.crs
     except RasterioError as e:
         raise InputError(f"{path}: cannot read probability raster ({e})") from None
+
+
+def fill_unobserved(q: np.ndarray, previous: np.ndarray | None, following: np.ndarray | None,
+                    cut: int) -> np.ndarray:
+    """``q`` (probability levels, NODATA where unobserved) with its unobserved pixels filled where the previous
+    year's tile (same grid) is at least ``cut`` and the following year's, where given and observed, is too; a
+    filled pixel takes the previous year's level. Returns a new array, or ``q`` itself where nothing is filled."""
+    if previous is None:
+        return q
+    fill = (q == NODATA) & (previous != NODATA) & (previous >= cut)
+    if following is not None:
+        fill &= (following == NODATA) | (following >= cut)
+    if not fill.any():
+        return q
+    out = q.copy()
+    out[fill] = previous[fill]
+    return out
+
+
+def _neighbour(folder: str | None, name: str, q: np.ndarray, transform) -> np.ndarray | None:
+    """The same tile of a neighbouring year, where it exists on the same grid."""
+    if folder is None or not (Path(folder) / name).is_file():
+        return None
+    other, t, _ = _read_tile(Path(folder) / name)
+    return other if other.shape == q.shape and t == transform else None
+
+
+def _tile_polygons(path: Path, cut: int, previous: str | None = None,
+                   following: str | None = None) -> tuple[list, list, object, float]:
+    q, transform, crs = _read_tile(path)
+    observed = q != NODATA
+    if previous is not None and not observed.all():
+        prev = _neighbour(previous, path.name, q, transform)
+        q = fill_unobserved(q, prev, _neighbour(following, path.name, q, transform) if prev is not None else None,
+                            cut)
     mask = (q != NODATA) & (q >= cut)
     if not mask.any():
         return [], [], crs, abs(transform.a)
     geoms, sums = [], []
-    # one polygon per connected region; its mean probability comes from the pixels it covers
+    # one polygon per connected region; its mean probability comes from the pixels it covers, its filled share
+    # from those it holds without an observation
     labels, n = cc_label(mask, structure=[[0, 1, 0], [1, 1, 1], [0, 1, 0]])
     sum_p = np.bincount(labels.ravel(), weights=q.ravel().astype(np.float64), minlength=n + 1)
     count = np.bincount(labels.ravel(), minlength=n + 1)
+    filled = np.bincount(labels[~observed], minlength=n + 1)
     for geom, value in shapes(labels, mask=mask, transform=transform, connectivity=4):
         geoms.append(shapely.geometry.shape(geom))
         v = int(value)
-        sums.append((sum_p[v], count[v]))
+        sums.append((sum_p[v], count[v], filled[v]))
     return geoms, sums, crs, abs(transform.a)
 
 
@@ -75,19 +117,24 @@ def merge_across_seams(geoms: np.ndarray, weights: np.ndarray, tolerance: float)
     return np.array(merged, dtype=object), np.array(w)
 
 
-def _tile_unit(unit: tuple[int, str, int]) -> tuple[int, tuple[list, list, object, float]]:
-    i, path, cut = unit
-    return i, _tile_polygons(Path(path), cut)
+def _tile_unit(unit: tuple) -> tuple[int, tuple[list, list, object, float]]:
+    i, path, cut, previous, following = unit
+    return i, _tile_polygons(Path(path), cut, previous, following)
 
 
 def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: VectorizeConfig | None = None,
-                   workers: int = 1, scheduler: str | None = None, progress: bool = False) -> gpd.GeoDataFrame:
+                   workers: int = 1, scheduler: str | None = None, progress: bool = False,
+                   neighbours: tuple[Path | None, Path | None] = (None, None)) -> gpd.GeoDataFrame:
     """Polygons of one year from its probability tiles. The per-tile part (thresholding and polygonising a tile)
     is a (tile, year) unit: serial, in ``workers`` local processes or on a Dask ``scheduler``'s workers (which
-    must see the tiles' paths, e.g. on shared storage); the seams are merged here."""
+    must see the tiles' paths, e.g. on shared storage); the seams are merged here. ``neighbours``: the folders of
+    the previous and next processed years' tiles (same names, same grids), which fill the pixels this year did
+    not observe (:func:`fill_unobserved`); None: no fill."""
     cfg = cfg or VectorizeConfig()
     cut = int(np.ceil(threshold * LEVELS - 1e-9))
-    units = [(i, str(Path(p).absolute()), cut) for i, p in enumerate(paths)]  # workers run in other folders
+    previous, following = (str(Path(f).absolute()) if f is not None else None for f in neighbours)
+    units = [(i, str(Path(p).absolute()), cut, previous, following)  # workers run in other folders
+             for i, p in enumerate(paths)]
     by_tile = dict(map_units(_tile_unit, units, workers, desc=f"vectorize {year}", progress=progress,
                              scheduler=scheduler))
     geoms, weights, crs, pixel = [], [], None, None
@@ -114,6 +161,7 @@ def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: Vectoriz
     gdf["geometry"] = shapely.make_valid(gdf.geometry.values)
     gdf["area_km2"] = area_km2(gdf.geometry.values)
     gdf["mean_probability"] = weights[:, 0] / np.maximum(weights[:, 1], 1) / LEVELS
+    gdf["filled_share"] = weights[:, 2] / np.maximum(weights[:, 1], 1)
     gdf = gdf.loc[gdf.area_km2 * 1e6 >= cfg.min_area_m2, COLUMNS].reset_index(drop=True)
     return gdf
 
@@ -122,16 +170,24 @@ def vectorize(prob_dir: Path, years: list[int], out_dir: Path, threshold: float,
               cfg: VectorizeConfig | None = None, workers: int = 1, scheduler: str | None = None,
               progress: bool = False) -> dict[int, Path]:
     """Stage ``vectorize``: ``out_dir/<year>.parquet`` from ``prob_dir/<year>/*.tif`` (see
-    :func:`vectorize_year` for ``workers`` and ``scheduler``)."""
+    :func:`vectorize_year` for ``workers`` and ``scheduler``). With ``cfg.fill_unobserved`` a year's unobserved
+    pixels are filled from the years beside it in ``years`` (the processed years, as the temporal rule's)."""
+    cfg = cfg or VectorizeConfig()
     out = {}
+    order = sorted(set(years))
     for year in years:
         folder = Path(prob_dir) / str(year)
         paths = outputs(folder, "*.tif")  # not the hidden temporaries of tiles being (or left half) written
         if not paths:
             raise InputError(f"{folder}: no probability rasters for year {year} (run predict first)")
-        gdf = vectorize_year(paths, year, threshold, cfg, workers, scheduler, progress)
+        k = order.index(year)
+        neighbours = (Path(prob_dir) / str(order[k - 1]) if cfg.fill_unobserved and k > 0 else None,
+                      Path(prob_dir) / str(order[k + 1]) if cfg.fill_unobserved and k + 1 < len(order) else None)
+        gdf = vectorize_year(paths, year, threshold, cfg, workers, scheduler, progress, neighbours)
         out[year] = write_geoparquet(gdf, Path(out_dir) / f"{year}.parquet")
-        log.info("vectorize %d: %d polygons, %.3f km2", year, len(gdf), gdf.area_km2.sum())
+        filled = float((gdf.area_km2 * gdf.filled_share).sum())
+        log.info("vectorize %d: %d polygons, %.3f km2 (%.3f km2 filled from the years beside it)", year, len(gdf),
+                 gdf.area_km2.sum(), filled)
     return out
 
 

@@ -17,7 +17,10 @@ from minemap.errors import InputError
 
 
 PANEL_COLUMNS = ["mine_id", "district_id", "year", "iso3", "country", "first_year", "area_km2", "mean_probability",
-                 "provisional", "geometry"]
+                 "provisional", "filled_share", "geometry"]
+
+
+LATER_COLUMNS = {"filled_share": 0.0}  # panel columns added after the first release, and their value in older panels
 
 
 LINEAGE_COLUMNS = ["mine_id", "district_id", "first_year", "last_year", "years_seen", "years", "max_area_km2",
@@ -34,7 +37,7 @@ EVENT_COLUMNS = ["year", "kind", "mine_id", "parent_ids", "child_ids"]
 EVENT_KINDS = ("appeared", "reappeared", "split", "merged", "disappeared")
 
 
-PANEL_FORMAT = 3  # bumped when the panel's files change, so that a resumed run rebuilds them
+PANEL_FORMAT = 4  # bumped when the panel's files change, so that a resumed run rebuilds them
 
 
 PANEL_FILES = {"parquet": "panel.parquet", "summary": "summary.csv",
@@ -53,9 +56,12 @@ def read_panel(path: Path) -> gpd.GeoDataFrame:
         panel = gpd.read_parquet(path)
     except Exception as e:  # not a GeoParquet file
         raise InputError(f"{path}: not a GeoParquet panel ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-    missing = [c for c in PANEL_COLUMNS if c not in panel.columns]
+    missing = [c for c in PANEL_COLUMNS if c not in panel.columns and c not in LATER_COLUMNS]
     if missing:
         raise InputError(f"{path}: missing panel column(s) {', '.join(missing)}")
+    for column, value in LATER_COLUMNS.items():  # a panel written before the column existed
+        if column not in panel.columns:
+            panel.insert(panel.columns.get_loc(PANEL_COLUMNS[PANEL_COLUMNS.index(column) - 1]) + 1, column, value)
     if panel.crs is None or panel.crs.to_epsg() != 4326:
         raise InputError(f"{path}: a panel is in EPSG:4326, not {panel.crs}")
     return panel

@@ -1,0 +1,103 @@
+"""What a change after prediction does to the accuracy, on runs kept by `bench_accuracy.py --keep DIR`.
+
+Training and prediction take nearly all of a benchmark's hour; the stages after them (vectorize, postprocess,
+panel, evaluate) take seconds. For each kept run (``DIR/run-<seed>`` beside ``DIR/scene-<seed>``) this derives the
+polygons, panel and test-block metrics again from the run's own probability rasters and threshold, twice with the
+current code: once with the settings that `bench_accuracy.py` ran (``--base KEY=VALUE``, default none) and once
+with the candidate (``--set KEY=VALUE``, vectorize.* or postprocess.*), and prints the test-block F1 per year of
+both, scored as `bench_accuracy.py` scores them (unobserved reference counted as missed). The probability rasters
+are the same on both sides, so the difference is the change alone.
+
+Run: `.venv/bin/python benchmarks/rescore_runs.py DIR --set vectorize.fill_unobserved=true
+--base vectorize.fill_unobserved=false`; results written to ``benchmarks/results/rescore-<date>-<commit>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import tomllib
+from pathlib import Path
+
+from minemap.config import PostprocessConfig, VectorizeConfig
+from minemap.evaluate import evaluate, read_reference
+from minemap.formats.chips import split_blocks
+from minemap.panel import build_panel
+from minemap.postprocess import postprocess
+from minemap.vectorize import read_polygons, vectorize
+from results_file import write_results
+
+SECTIONS = {"vectorize": VectorizeConfig, "postprocess": PostprocessConfig}
+
+
+def _setting(text: str) -> tuple[str, str, object]:
+    key, _, value = text.partition("=")
+    section, _, name = key.partition(".")
+    if section not in SECTIONS or not name or not value:
+        raise argparse.ArgumentTypeError(f"{text}: give vectorize.NAME=VALUE or postprocess.NAME=VALUE")
+    return section, name, tomllib.loads(f"v = {value}")["v"]
+
+
+def _configs(settings: list[tuple[str, str, object]]) -> dict:
+    values: dict[str, dict] = {s: {} for s in SECTIONS}
+    for section, name, value in settings:
+        values[section][name] = value
+    return {s: cls(**values[s]) for s, cls in SECTIONS.items()}
+
+
+def score(run: Path, scene: Path, years: list[int], cfgs: dict, work: Path) -> dict:
+    """Test-block F1 per year (and the share of unobserved reference an outline covers) of ``run``'s
+    probabilities, taken through vectorize, postprocess and panel with ``cfgs``."""
+    threshold = json.loads((run / "threshold.json").read_text())["threshold"]
+    paths = vectorize(run / "probabilities", years, work / "polygons", threshold, cfgs["vectorize"])
+    panel = build_panel(postprocess(read_polygons(paths), cfgs["postprocess"])).panel
+    reference = read_reference(scene / "truth.gpkg")
+    m = evaluate(panel, reference, run / "probabilities", threshold, splits=split_blocks(run / "chips"))
+    return {"f1": {int(y): v["pixel"]["f1"] for y, v in m["years"].items()},
+            "unobserved": {int(y): v["unobserved"]["reference_share"] for y, v in m["years"].items()},
+            "found": {int(y): v["unobserved"]["found_share"] for y, v in m["years"].items()}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("keep", type=Path, help="a folder of bench_accuracy.py --keep (run-<seed>, scene-<seed>)")
+    ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                    help="the candidate's setting (repeatable), e.g. vectorize.fill_unobserved=true")
+    ap.add_argument("--base", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                    help="the settings the kept runs ran with, where the defaults have changed since")
+    args = ap.parse_args()
+    runs = sorted(args.keep.glob("run-*"), key=lambda p: int(p.name.split("-")[1]))
+    runs = [r for r in runs if (r / "threshold.json").is_file() and (args.keep / f"scene-{r.name[4:]}").is_dir()]
+    if not runs:
+        raise SystemExit(f"{args.keep}: no kept runs (run-<seed> with threshold.json beside scene-<seed>)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="minemap-rescore-") as tmp:
+        for run in runs:
+            seed = int(run.name[4:])
+            scene = args.keep / f"scene-{seed}"
+            years = sorted(int(p.name) for p in (run / "probabilities").iterdir() if p.name.isdigit())
+            base = score(run, scene, years, _configs(args.base), Path(tmp) / f"{seed}-base")
+            cand = score(run, scene, years, _configs(args.base + args.set), Path(tmp) / f"{seed}-set")
+            rows.append({"seed": seed, "base": base, "candidate": cand})
+            fmt = lambda d: " / ".join(f"{d['f1'][y]:.3f}" for y in years)  # noqa: E731
+            print(f"seed {seed}: F1 test blocks {fmt(base)} -> {fmt(cand)} | unobserved "
+                  + " ".join(f"{base['unobserved'][y]:.1%}" for y in years) + " | of it found "
+                  + " ".join(f"{cand['found'][y]:.0%}" for y in years), flush=True)
+    before = [f for r in rows for f in r["base"]["f1"].values()]
+    after = [f for r in rows for f in r["candidate"]["f1"].values()]
+    summary = {"min_f1": [min(before), min(after)], "median_f1": [statistics.median(before),
+                                                                  statistics.median(after)],
+               "mean_f1": [statistics.mean(before), statistics.mean(after)]}
+    for k, (a, b) in summary.items():
+        print(f"  {k:10s} {a:.3f} -> {b:.3f}")
+    dest = write_results("rescore", 1, {"keep": str(args.keep), "seeds": [r["seed"] for r in rows],
+                                        "base": [f"{s}.{n}={v}" for s, n, v in args.base],
+                                        "candidate": [f"{s}.{n}={v}" for s, n, v in args.set],
+                                        "summary": summary, "scenes": rows})
+    print(f"results -> {dest}")
+
+
+if __name__ == "__main__":
+    main()
