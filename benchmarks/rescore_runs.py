@@ -18,7 +18,6 @@ import argparse
 import json
 import statistics
 import tempfile
-import tomllib
 from pathlib import Path
 
 from minemap.config import PostprocessConfig, VectorizeConfig
@@ -27,22 +26,19 @@ from minemap.formats.chips import split_blocks
 from minemap.panel import build_panel
 from minemap.postprocess import postprocess
 from minemap.vectorize import read_polygons, vectorize
+from bench_accuracy import _setting
 from results_file import write_results
 
 SECTIONS = {"vectorize": VectorizeConfig, "postprocess": PostprocessConfig}
 
 
-def _setting(text: str) -> tuple[str, str, object]:
-    key, _, value = text.partition("=")
-    section, _, name = key.partition(".")
-    if section not in SECTIONS or not name or not value:
-        raise argparse.ArgumentTypeError(f"{text}: give vectorize.NAME=VALUE or postprocess.NAME=VALUE")
-    return section, name, tomllib.loads(f"v = {value}")["v"]
-
-
-def _configs(settings: list[tuple[str, str, object]]) -> dict:
+def _configs(settings: list[tuple[str, object]]) -> dict:
+    """The stages' configurations with ``settings`` (dotted keys, as `bench_accuracy.py --set` parses them)."""
     values: dict[str, dict] = {s: {} for s in SECTIONS}
-    for section, name, value in settings:
+    for key, value in settings:
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or not name:
+            raise SystemExit(f"{key}: only vectorize.NAME or postprocess.NAME act after prediction")
         values[section][name] = value
     return {s: cls(**values[s]) for s, cls in SECTIONS.items()}
 
@@ -93,8 +89,8 @@ def main() -> None:
     for k, (a, b) in summary.items():
         print(f"  {k:10s} {a:.3f} -> {b:.3f}")
     dest = write_results("rescore", 1, {"keep": str(args.keep), "seeds": [r["seed"] for r in rows],
-                                        "base": [f"{s}.{n}={v}" for s, n, v in args.base],
-                                        "candidate": [f"{s}.{n}={v}" for s, n, v in args.set],
+                                        "base": [f"{k}={v}" for k, v in args.base],
+                                        "candidate": [f"{k}={v}" for k, v in args.set],
                                         "summary": summary, "scenes": rows})
     print(f"results -> {dest}")
 

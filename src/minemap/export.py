@@ -183,7 +183,7 @@ def dataset_card(panel: gpd.GeoDataFrame, run_dir: Path, licence: str = DEFAULT_
                       "without an overlapping outline in the adjacent year, kept because the model is confident "
                       "(`postprocess.temporal = \"provisional\"`); the study's rule would drop them, and the "
                       "`study/` layout leaves them out."]
-    filled = panel["filled_share"].fillna(0.0) if "filled_share" in panel else pd.Series(0.0, index=panel.index)
+    filled = panel["filled_share"].fillna(0.0)  # read_panel gives older panels the column
     if (filled > 0).any():
         km2 = (panel["area_km2"] * filled).groupby(panel["year"]).sum()
         lines += ["", "Unobserved ground filled from the years beside it (`filled_share`; cloud, shadow or no "
@@ -271,8 +271,9 @@ def _accuracy_lines(metrics: dict) -> list[str] | None:
     try:
         lines += [f"Against the reference polygons given to the run, pixel level, on {metrics.get('scope', 'every pixel')}; "
                   "reference pixels without an observation (no imagery, or masked as cloud or shadow) count as "
-                  "missed unless an outline filled from the years beside covers them (found); 95 % intervals from a bootstrap over 1 km blocks. 'All blocks' adds the blocks the model "
-                  "was trained and tuned on (in-sample, for comparison only).", "",
+                  "missed unless an outline filled from the years beside covers them (found); 95 % intervals from "
+                  "a bootstrap over 1 km blocks. 'All blocks' adds the blocks the model was trained and tuned on "
+                  "(in-sample, for comparison only).", "",
                   "| year | precision | recall | F1 | reference unobserved | F1 all blocks (in-sample) | "
                   "calibration ECE / MCE |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for y, m in sorted(metrics["years"].items()):
@@ -284,7 +285,8 @@ def _accuracy_lines(metrics: dict) -> list[str] | None:
             every = m.get("all_blocks", {}).get("pixel", {}).get("f1")
             cal = m.get("calibration", {})
             lines.append(f"| {y} | {_fmt(px.get('precision'))} | {_fmt(px.get('recall'))} | {f1} | "
-                         f"{'' if unseen is None else f'{unseen:.1%}'}{f' (found {found:.0%})' if unseen and found else ''} | "
+                         f"{'' if unseen is None else f'{unseen:.1%}'}"
+                         f"{f' (found {found:.0%})' if unseen and found else ''} | "
                          f"{_fmt(every) if every is not None else ''} | "
                          f"{_fmt(cal.get('ece'))} / {_fmt(cal.get('mce'))} |")
     except (AttributeError, TypeError, KeyError, ValueError, IndexError) as e:  # a value not of minemap's form

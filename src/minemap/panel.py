@@ -307,9 +307,9 @@ class Panel(NamedTuple):
 
 def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, where: str = "polygons") -> Panel:
     """The mine-year panel (:data:`PANEL_COLUMNS`, one row per mine and year) from post-processed polygons
-    (columns year, iso3, country, geometry; area_km2, mean_probability, provisional and filled_share kept where present), the lineage
-    events of :func:`track_mines` and the change table of :func:`change_statistics`, which shares the tracking's
-    overlap search (without a buffer). ``where`` names the polygons' file in errors."""
+    (columns year, iso3, country, geometry; area_km2, mean_probability, provisional and filled_share kept where
+    present), the lineage events of :func:`track_mines` and the change table of :func:`change_statistics`, which
+    shares the tracking's overlap search (without a buffer). ``where`` names the polygons' file in errors."""
     cfg = cfg or PanelConfig()
     check_polygons(polygons, where)
     gdf = polygons.reset_index(drop=True)

@@ -276,8 +276,8 @@ def report(run_dir: Path, dest: Path | None = None, reference: Path | None = Non
                 for y, m in sorted(metrics["years"].items())]
         body = (f"<p>Headline: {html.escape(str(metrics.get('scope', 'every pixel')))}. Reference pixels without an "
                 "observation (no imagery, or masked as cloud or shadow) count as missed unless an outline filled "
-                "from the years beside covers them; the share of them, and of those found, is given per year. 'All blocks' adds the blocks the model was trained and tuned on: in-sample, for "
-                "comparison only.</p>")
+                "from the years beside covers them; the share of them, and of those found, is given per year. "
+                "'All blocks' adds the blocks the model was trained and tuned on: in-sample, for comparison only.</p>")
         body += _table(pd.DataFrame(rows)) + f'<img alt="metrics" src="{plot_metrics(metrics)}">'
         body += f'<img alt="precision-recall and reliability" src="{plot_curves(metrics)}">'
         if metrics.get("by_country"):

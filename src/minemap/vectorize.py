@@ -80,8 +80,9 @@ def _tile_polygons(path: Path, cut: int, previous: str | None = None,
     observed = q != NODATA
     if previous is not None and not observed.all():
         prev = _neighbour(previous, path.name, q, transform)
-        q = fill_unobserved(q, prev, _neighbour(following, path.name, q, transform) if prev is not None else None,
-                            cut)
+        # the next year's tile is read only where the previous year leaves something to fill (it may veto it)
+        if fill_unobserved(q, prev, None, cut) is not q:
+            q = fill_unobserved(q, prev, _neighbour(following, path.name, q, transform), cut)
     mask = (q != NODATA) & (q >= cut)
     if not mask.any():
         return [], [], crs, abs(transform.a)
