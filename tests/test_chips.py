@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import rasterio
 import shapely
+import shapely.affinity
 from affine import Affine
 from rasterio.features import rasterize
 from scipy.ndimage import binary_dilation
@@ -660,3 +661,55 @@ def test_the_labels_year_is_read_once_for_all_other_years(tmp_path):
     two, _ = reads_of_2019([2020], tmp_path / "two")
     three, of_2021 = reads_of_2019([2020, 2021], tmp_path / "three")
     assert of_2021 > 0 and three == two
+
+
+def _ellipse_px(x0, y0, x1, y1):
+    """An ellipse inside the pixel box (x0, y0)-(x1, y1) of the test scene, in EPSG:3857 (rectangularity ~0.79)."""
+    box_ = _label_px(x0, y0, x1, y1)
+    (cx, cy), (w, h) = box_.centroid.coords[0], (box_.bounds[2] - box_.bounds[0], box_.bounds[3] - box_.bounds[1])
+    return shapely.affinity.scale(shapely.Point(cx, cy).buffer(1.0, 64), w / 2, h / 2)
+
+
+def test_a_sure_rectangle_away_from_the_labels_is_taught_not_spared(tmp_path):
+    """Labels shaped like pits (ellipses). Two detections far from them, both as sure as the labelled mines: an
+    ellipse like the labels is spared as a possible missed mine; a 30 x 20 px rectangle, a field, is taught as a
+    false alarm with a chip of its own. Where the labels themselves are rectangles, the rectangle is spared too;
+    with ``max_rectangularity=None`` shape never decides. A rectangle under 64 px is not judged by shape."""
+    from minemap.chips import hard_negative_chips
+    from minemap.chips.sampling import rectangularity
+    from minemap.config import HardNegativeConfig
+
+    src = _scene(tmp_path, size=512)
+    spots = [(20, 20), (150, 30), (300, 40), (40, 300), (200, 200), (420, 420)]
+    pits = gpd.GeoDataFrame(geometry=[_ellipse_px(x, y, x + 24, y + 16) for x, y in spots], crs="EPSG:3857")
+    assert np.allclose(rectangularity(pits.geometry.values), np.pi / 4, atol=0.01)
+    cfg = ChipConfig(chip_size=32, block_size=128, background_per_positive=0, seed=3, ignore_border_m=0)
+    make_chips(pits, src, 2019, tmp_path / "chips", cfg)
+    field, pit, speck = _label_px(400, 130, 430, 150), _ellipse_px(60, 400, 90, 420), _label_px(300, 300, 307, 307)
+    det = gpd.GeoDataFrame({"mean_probability": [0.97, 0.96, 0.97]}, geometry=[field, pit, speck],
+                           crs="EPSG:3857").to_crs("EPSG:4326")
+    hn = HardNegativeConfig(buffer_m=40.0, per_positive=1.0)
+    hard = hard_negative_chips(det, pits.to_crs("EPSG:4326"), src, tmp_path / "chips", tmp_path / "hard", cfg, hn)
+    meta = json.loads((tmp_path / "hard" / "meta.json").read_text())["hard_negatives"]
+    assert {k: meta[k] for k in ("ignored_as_possible_missed_mines", "false_alarms", "taught_as_rectangles")} == {
+        "ignored_as_possible_missed_mines": 2, "false_alarms": 1, "taught_as_rectangles": 1}
+    assert meta["rectangularity_level"] == 0.9 and "enclosing rectangle" in meta["rule"]
+    spared = gpd.read_parquet(tmp_path / "hard" / "possible_missed_mines.parquet").to_crs("EPSG:3857")
+    assert sorted(round(g.area / RES**2) for g in spared.geometry) == [49, round(pit.area / RES**2)]  # speck, pit
+    chip = hard.to_crs("EPSG:3857").geometry.iloc[0]
+    assert len(hard) == 1 and chip.intersects(field) and not chip.intersects(pit)
+    with rasterio.open(tmp_path / "hard" / hard["mask"].iloc[0]) as m:
+        assert set(np.unique(m.read(1))) == {0}  # the field taught as background
+
+    hard_negative_chips(det, pits.to_crs("EPSG:4326"), src, tmp_path / "chips", tmp_path / "off", cfg,
+                        HardNegativeConfig(buffer_m=40.0, per_positive=1.0, max_rectangularity=None))
+    meta = json.loads((tmp_path / "off" / "meta.json").read_text())["hard_negatives"]
+    assert (meta["ignored_as_possible_missed_mines"], meta["taught_as_rectangles"]) == (3, 0)
+    assert meta["rectangularity_level"] is None and "enclosing rectangle" not in meta["rule"]
+
+    boxes = gpd.GeoDataFrame(geometry=[_label_px(x, y, x + 24, y + 16) for x, y in spots], crs="EPSG:3857")
+    make_chips(boxes, src, 2019, tmp_path / "box_chips", cfg)
+    hard_negative_chips(det, boxes.to_crs("EPSG:4326"), src, tmp_path / "box_chips", tmp_path / "boxes", cfg, hn)
+    meta = json.loads((tmp_path / "boxes" / "meta.json").read_text())["hard_negatives"]
+    assert (meta["ignored_as_possible_missed_mines"], meta["taught_as_rectangles"]) == (3, 0)
+    assert meta["rectangularity_level"] > 0.99  # the labels' own rectangles raise the level

@@ -143,6 +143,48 @@ def _cap_missed(sure: np.ndarray, keep: np.ndarray, judged: np.ndarray, parts: n
     return out, int(len(beyond))
 
 
+SHAPE_MIN_PIXELS = 64  # detections smaller than this many pixels are not judged by their shape
+LABEL_RECT_QUANTILE = 0.99  # a rectangle is judged against this quantile of the labels' rectangularity
+
+
+def rectangularity(geoms: np.ndarray) -> np.ndarray:
+    """Each outline's area over that of its smallest enclosing (rotated) rectangle: 1 for a rectangle, about 0.79
+    for an ellipse, less for ragged or branching shapes; NaN for an empty or flat outline."""
+    geoms = np.asarray(geoms, dtype=object)
+    out = np.full(len(geoms), np.nan)
+    ok = ~shapely.is_empty(geoms) & (shapely.area(geoms) > 0)
+    if ok.any():
+        rect = shapely.area(shapely.minimum_rotated_rectangle(geoms[ok]))
+        out[ok] = np.minimum(shapely.area(geoms[ok]) / np.maximum(rect, 1e-12), 1.0)  # 1 + rounding for a box
+    return out
+
+
+def _rectangles(sure: np.ndarray, keep: np.ndarray, parts: np.ndarray, labels: np.ndarray, grid: Grid,
+                level: float | None) -> tuple[np.ndarray, float | None, int]:
+    """``sure`` with the possible missed mines (``sure & keep``) shaped unlike any mine unmarked: their part away
+    from the labels fills more than ``level`` of its enclosing rectangle, and more than
+    :data:`LABEL_RECT_QUANTILE` of the labels' outlines do (so labels that are rectangles themselves, quarries
+    drawn as boxes, keep their like spared). A model sure of a bright rectangular field it was never told about
+    would otherwise keep the confusion for good. Detections under :data:`SHAPE_MIN_PIXELS` pixels are not
+    judged (a few pixels are square whatever they show). Returns the new mask, the rectangularity level used
+    (None: off) and how many detections were unmarked."""
+    if level is None:
+        return sure, None, 0
+    outlines = shapely.get_parts(labels) if len(labels) else np.empty(0, object)
+    shown = rectangularity(outlines)
+    shown = shown[np.isfinite(shown)]
+    used = max(level, float(np.quantile(shown, LABEL_RECT_QUANTILE))) if len(shown) else level
+    cand = np.flatnonzero(sure & keep)
+    if len(cand) == 0:
+        return sure, used, 0
+    big = shapely.area(parts[cand]) >= SHAPE_MIN_PIXELS * grid.res[0] * grid.res[1]
+    rect = rectangularity(parts[cand])
+    shaped = cand[big & (np.nan_to_num(rect) > used)]
+    out = sure.copy()
+    out[shaped] = False
+    return out, used, int(len(shaped))
+
+
 def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, source: ImagerySource,
                         chips_dir: Path, dest: Path, cfg: ChipConfig, hn: HardNegativeConfig,
                         level: float | None = None, prob_paths: list[Path] | None = None,
@@ -157,8 +199,9 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     probability at least the median of the detections on labels, or ``hn.max_probability`` if lower) is not
     taught as background either: it may be a mine nobody drew. Such detections are written
     to ``dest/possible_missed_mines.parquet``; training ignores their pixels in every chip, background and
-    validation chips included, so a missed mine neither teaches the model nor counts against it. On labelled
-    ground they may cover at most ``hn.max_missed_share`` x the labelled area (the surest first, see
+    validation chips included, so a missed mine neither teaches the model nor counts against it. One shaped like
+    no mine, a rectangle (``hn.max_rectangularity``, see :func:`_rectangles`), is taught as a false alarm. On
+    labelled ground they may cover at most ``hn.max_missed_share`` x the labelled area (the surest first, see
     :func:`_cap_missed`); the rest are taught as false alarms. At most
     ``hn.per_positive`` x the positive chips are added, largest false alarms first, each placed in the blocks
     of ``chips_dir`` so that splits stay apart.
@@ -200,6 +243,7 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
         if len(rejected):  # a reviewer said no: no detection meeting it is a possible missed mine
             sure[shapely.STRtree(dgeoms).query(rejected, predicate="intersects")[1]] = False
     parts = np.where(on_label, false, dgeoms)  # what a possible missed mine would be: its part off the labels
+    sure, rect_level, rectangles = _rectangles(sure, keep, parts, geoms, grid, hn.max_rectangularity)
     sure, capped = _cap_missed(sure, keep, judged, parts, geoms, blocks, hn.max_missed_share)
     taught = false[keep & ~sure]
     missed_geoms = parts[keep & sure]  # a labelled mine is taught as such already
@@ -208,14 +252,19 @@ def hard_negative_chips(detections: gpd.GeoDataFrame, labels: gpd.GeoDataFrame, 
     n_max = int(round(hn.per_positive * (index.kind == "positive").sum()))
     stats = {"detections": int(len(dgeoms)), "false_alarms": int(len(taught)),
              "ignored_as_possible_missed_mines": int((keep & sure).sum()),
-             "taught_beyond_missed_share": capped,
+             "taught_as_rectangles": rectangles, "taught_beyond_missed_share": capped,
              "reviewed_not_mine": int(len(rejected)), "reviewed_unsure": int(len(unsure)), "chips": 0}
-    policy = {"buffer_m": hn.buffer_m, "search_level": level, "sure_level": round(sure_level, 4), "rule": (
+    policy = {"buffer_m": hn.buffer_m, "search_level": level, "sure_level": round(sure_level, 4),
+              "rectangularity_level": None if rect_level is None else round(rect_level, 4), "rule": (
         f"false alarms are the first model's detections{'' if level is None else f' at probability {level:g}'} further than {hn.buffer_m:g} m from every label and "
         f"less sure than {sure_level:.2f} (the median of its mean probability on labelled mines, capped at "
         f"{hn.max_probability:g}; a detection that reaches a label is judged on its part beyond that distance); "
         f"surer detections away from labels may be mines the labels miss: their pixels are ignored (255) in "
         f"every chip, as is the part of any detection within {hn.buffer_m:g} m of a label"
+        + ("" if rect_level is None else
+           f"; those whose part away from the labels fills more than {rect_level:.3f} of its enclosing rectangle "
+           f"(fields, clearings; at least {hn.max_rectangularity:g} and above {LABEL_RECT_QUANTILE:.0%} of the "
+           f"labels) are taught as false alarms")
         + ("" if hn.max_missed_share is None else
            f"; on labelled ground they cover at most {hn.max_missed_share:g} x the labelled area, the surest "
            f"first, and the rest are taught as false alarms"))}
