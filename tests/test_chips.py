@@ -674,7 +674,7 @@ def test_a_sure_rectangle_away_from_the_labels_is_taught_not_spared(tmp_path):
     """Labels shaped like pits (ellipses). Two detections far from them, both as sure as the labelled mines: an
     ellipse like the labels is spared as a possible missed mine; a 30 x 20 px rectangle, a field, is taught as a
     false alarm with a chip of its own. Where the labels themselves are rectangles, the rectangle is spared too;
-    with ``max_rectangularity=None`` shape never decides. A rectangle under 64 px is not judged by shape."""
+    with ``max_rectangularity=1`` shape never decides. A rectangle under 64 px is not judged by shape."""
     from minemap.chips import hard_negative_chips
     from minemap.chips.sampling import rectangularity
     from minemap.config import HardNegativeConfig
@@ -702,7 +702,7 @@ def test_a_sure_rectangle_away_from_the_labels_is_taught_not_spared(tmp_path):
         assert set(np.unique(m.read(1))) == {0}  # the field taught as background
 
     hard_negative_chips(det, pits.to_crs("EPSG:4326"), src, tmp_path / "chips", tmp_path / "off", cfg,
-                        HardNegativeConfig(buffer_m=40.0, per_positive=1.0, max_rectangularity=None))
+                        HardNegativeConfig(buffer_m=40.0, per_positive=1.0, max_rectangularity=1))
     meta = json.loads((tmp_path / "off" / "meta.json").read_text())["hard_negatives"]
     assert (meta["ignored_as_possible_missed_mines"], meta["taught_as_rectangles"]) == (3, 0)
     assert meta["rectangularity_level"] is None and "enclosing rectangle" not in meta["rule"]

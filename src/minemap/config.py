@@ -105,12 +105,12 @@ class HardNegativeConfig(Section):
         "first; the rest are taught as false alarms (for labels known to miss few mines: more sure area away "
         "from them is then likelier a confusion of the first model). None (default): no cap; on two benchmark "
         "draws a cap of 0.5 did not raise the mean test F1"))
-    max_rectangularity: float | None = Field(0.9, gt=0, le=1, description=(
+    max_rectangularity: float = Field(0.9, gt=0, le=1, description=(
         "a sure detection away from the labels whose outline fills more than this share of its smallest enclosing "
         "rectangle, and more than 99 % of the labels' outlines do, is taught as a false alarm, not spared as a "
         "possible missed mine: fields, clearings and plantation blocks are rectangles, pits, tailings and dredge "
         "ponds rarely are (the literature's mining polygons: 95 % below 0.875); detections under 64 pixels are not "
-        "judged by shape. None: shape never decides"))
+        "judged by shape. 1: shape never decides"))
     epochs: int = Field(8, ge=1, description="most epochs of the fine-tune")
     patience: int = Field(2, ge=1, description="stop the fine-tune after this many epochs without a better "
                                                "validation F1")

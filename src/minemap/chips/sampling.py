@@ -160,15 +160,15 @@ def rectangularity(geoms: np.ndarray) -> np.ndarray:
 
 
 def _rectangles(sure: np.ndarray, keep: np.ndarray, parts: np.ndarray, labels: np.ndarray, grid: Grid,
-                level: float | None) -> tuple[np.ndarray, float | None, int]:
+                level: float) -> tuple[np.ndarray, float | None, int]:
     """``sure`` with the possible missed mines (``sure & keep``) shaped unlike any mine unmarked: their part away
     from the labels fills more than ``level`` of its enclosing rectangle, and more than
     :data:`LABEL_RECT_QUANTILE` of the labels' outlines do (so labels that are rectangles themselves, quarries
     drawn as boxes, keep their like spared). A model sure of a bright rectangular field it was never told about
     would otherwise keep the confusion for good. Detections under :data:`SHAPE_MIN_PIXELS` pixels are not
     judged (a few pixels are square whatever they show). Returns the new mask, the rectangularity level used
-    (None: off) and how many detections were unmarked."""
-    if level is None:
+    (None: off, ``level`` 1) and how many detections were unmarked."""
+    if level >= 1:
         return sure, None, 0
     outlines = shapely.get_parts(labels) if len(labels) else np.empty(0, object)
     shown = rectangularity(outlines)
