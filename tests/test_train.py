@@ -128,6 +128,43 @@ def test_finetune_starts_from_the_given_model(chips_dir, tmp_path):
     assert tuned.splits["train"]["by_kind"]["hard_negative"] == first.splits["train"]["chips"]
 
 
+def test_a_finetune_is_kept_unless_validation_falls_beyond_keep_within(chips_dir, tmp_path):
+    """The hard negatives a fine-tune learns lie mostly outside the validation blocks, which cannot reward them:
+    its epoch is kept unless its validation F1 falls more than keep_within below the given model's. A margin of 1
+    always keeps the fine-tune; a margin of 0 keeps the given model's very weights unless validation improves."""
+    import re
+    import shutil
+
+    import geopandas as gpd
+
+    from minemap.train import MIN_DELTA
+
+    first = tmp_path / "first"
+    train(chips_dir, first, TrainConfig(epochs=1, batch_size=8, min_val_pixels=0), progress=False)
+    hard = tmp_path / "hard"
+    shutil.copytree(chips_dir, hard)
+    idx = gpd.read_parquet(hard / "index.parquet")
+    idx["kind"] = "hard_negative"
+    idx.to_parquet(hard / "index.parquet")
+    cfg = TrainConfig(batch_size=8, min_val_pixels=0)
+    cards = {kw: train([chips_dir, hard], tmp_path / f"kw{kw}", cfg, progress=False, init_from=first, epochs=1,
+                       keep_within=kw) for kw in (0.0, 1.0)}
+    assert cards[1.0].best_epoch == 1 and "within 1 of it" in cards[1.0].selection["fine_tune"]
+    assert read_card(tmp_path / "kw1.0").best_epoch == 1
+    assert (tmp_path / "kw1.0" / "weights.safetensors").read_bytes() != (first / "weights.safetensors").read_bytes()
+    # the same epoch (same seed) judged against the given model's validation F1 with no margin
+    strict = cards[0.0]
+    assert strict.val_curve[0]["val_f1"] == cards[1.0].val_curve[0]["val_f1"]
+    given = float(re.search(r"validation F1 ([0-9.]+)", strict.selection["fine_tune"]).group(1))
+    assert "within 0 of it" in strict.selection["fine_tune"] and strict.best_epoch in (0, 1)
+    if strict.best_epoch == 0:  # (the given F1 is printed to 4 places, the curve's to 5)
+        assert strict.val_curve[0]["val_f1"] <= given + MIN_DELTA + 1e-4
+        assert (tmp_path / "kw0.0" / "weights.safetensors").read_bytes() == (
+            first / "weights.safetensors").read_bytes()
+    else:
+        assert strict.val_curve[0]["val_f1"] > given + MIN_DELTA - 1e-4
+
+
 def test_a_state_from_other_settings_is_never_resumed(chips_dir, tmp_path, caplog):
     train(chips_dir, tmp_path / "model", TrainConfig(epochs=2, batch_size=8), progress=False, run_key="A")
     with caplog.at_level(logging.INFO, logger="minemap"):

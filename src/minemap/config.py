@@ -114,6 +114,11 @@ class HardNegativeConfig(Section):
     epochs: int = Field(8, ge=1, description="most epochs of the fine-tune")
     patience: int = Field(2, ge=1, description="stop the fine-tune after this many epochs without a better "
                                                "validation F1")
+    keep_within: float = Field(0.01, ge=0, le=1, description=(
+        "the fine-tune's weights are kept, rather than the first model's, unless their validation F1 falls more "
+        "than this below the first model's: the false alarms it is taught lie mostly outside the validation "
+        "blocks, which cannot reward their removal, so validation guards against harm instead of demanding a "
+        "gain. 0: kept only where validation improves"))
 
 
 class ModelConfig(Section):

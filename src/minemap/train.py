@@ -361,12 +361,13 @@ def _loader_workers(cfg: TrainConfig, device: torch.device) -> int:
 def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | None = None,
           model_cfg: ModelConfig | None = None, resume: bool = False, progress: bool = True,
           init_from: Path | None = None, epochs: int | None = None, patience: int | None = None,
-          run_key: str | None = None, review: dict | None = None) -> ModelCard:
+          run_key: str | None = None, review: dict | None = None, keep_within: float = 0.0) -> ModelCard:
     """Stage ``train``: fit a SegFormer on the chips and write the best model to ``model_dir``.
 
     ``init_from``: a model directory to fine-tune (its weights and band normalisation are kept, the learning
     rate is a third of ``cfg.learning_rate``, without warm-up; the given model counts as epoch 0, so a fine-tune
-    that does not beat it on validation keeps it); ``epochs`` and ``patience`` override ``cfg``'s. ``run_key``
+    that does not beat it on validation keeps it, or with ``keep_within`` one whose validation F1 falls more than
+    that below it); ``epochs`` and ``patience`` override ``cfg``'s. ``run_key``
     identifies the settings: ``resume`` continues only a state saved under the same key (at the step it was
     saved, inside an epoch or after it), and a training that does not resume starts by removing any older
     state. ``review``: the counts of reviewers' verdicts the chips were made with, recorded in the card.
@@ -484,14 +485,20 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
         return ranks.share(v)
 
     if init_from is not None and st["best_epoch"] is None:
-        # the model to improve on is the one given: a fine-tune that does no better keeps it (epoch 0)
-        st["best_f1"] = judge(model)["f1"]
+        # the model to improve on is the one given: a fine-tune that does worse by more than keep_within keeps it
+        # (epoch 0); its first epoch within that margin is kept, and each better one after it
+        st["given_f1"] = judge(model)["f1"]
+        st["best_f1"] = st["given_f1"] - keep_within
         st["best_epoch"] = card.best_epoch = 0
         if ranks.main:
             save_model(model, card, model_dir)
         if not news:
             log.info("fine-tune: no new training chips or pixels; the given model is kept and recalibrated")
             max_epochs = 0
+    if init_from is not None and "given_f1" in st:
+        card.selection = {**card.selection, "fine_tune": (
+            f"the given model is epoch 0 (validation F1 {st['given_f1']:.4f}); the fine-tune's first epoch within "
+            f"{keep_within:g} of it is kept, and each better one after it")}
 
     # 4. the epochs, streamed: a DataLoader reads, augments and normalises the epoch's items (in
     # train.loader_workers processes) ahead of the optimiser's steps

@@ -1,0 +1,112 @@
+"""What a change from the fine-tune on does to the accuracy, on runs kept by `bench_accuracy.py --keep DIR`.
+
+The first fit takes most of a benchmark scene's 10-15 minutes; the fine-tune, prediction and the stages after it
+take about two. For each kept run (``DIR/run-<seed>`` beside ``DIR/scene-<seed>``) this copies the run twice and
+runs `minemap run` on each copy with the current code, as `bench_accuracy.py` does: once with the settings the
+kept runs ran with (``--base KEY=VALUE``, default none) and once with the candidate (``--set KEY=VALUE``). Each
+stage whose inputs and settings are unchanged is skipped (the run's manifest), so the first fit and the hard
+negatives are the kept run's on both sides and the difference is the change alone; a setting that reaches an
+earlier stage, or code that changed it since the run was kept, redoes that stage (the output says which stages
+ran). Prints the test-block F1 per year of both sides (unobserved reference counted as missed, as
+`bench_accuracy.py` scores it) and writes ``benchmarks/results/refit-<date>-<commit>.json``.
+
+Run: `.venv/bin/python benchmarks/refit_runs.py DIR --set hard_negatives.keep_within=0.01
+--base hard_negatives.keep_within=0`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench_accuracy import YEARS, _f1, _setting
+from minemap.config import load_config
+from minemap.pipeline import run
+from results_file import write_results
+
+
+class _Stages(logging.Handler):
+    """The stages a run did, from the pipeline's log (those skipped say "up to date")."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.done: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        text = record.getMessage()
+        if ": done in " in text:
+            self.done.append(text.split(":")[0])
+
+
+def refit(kept: Path, scene: Path, settings: dict, work: Path) -> dict:
+    """``kept`` copied to ``work`` and run there with ``settings``: its test-block F1 per year and what ran."""
+    shutil.copytree(kept, work)
+    cfg = load_config(None, labels=[str(next(scene.glob("labels_*.gpkg")))], imagery=str(scene / "imagery"),
+                      train_year=YEARS[0], years=list(YEARS), out=str(work), reference=str(scene / "truth.gpkg"),
+                      accept_weak_model=True, **settings)
+    stages = _Stages()
+    logger = logging.getLogger("minemap.pipeline")
+    logger.addHandler(stages)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    t0 = time.perf_counter()
+    try:
+        res = run(cfg, progress=False)
+    finally:
+        logger.removeHandler(stages)
+        logger.setLevel(level)
+    card = json.loads((work / "model" / "model.json").read_text())
+    return {"f1": _f1(res.metrics_data), "stages_run": stages.done, "wall_s": round(time.perf_counter() - t0, 1),
+            "best_epoch": card.get("best_epoch"), "val_curve": [c["val_f1"] for c in card.get("val_curve", [])]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("keep", type=Path, help="a folder of bench_accuracy.py --keep (run-<seed>, scene-<seed>)")
+    ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                    help="the candidate's setting (repeatable), e.g. hard_negatives.keep_within=0.01")
+    ap.add_argument("--base", type=_setting, action="append", default=[], metavar="KEY=VALUE",
+                    help="the settings the kept runs ran with, where the defaults have changed since")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    runs = sorted(args.keep.glob("run-*"), key=lambda p: int(p.name.split("-")[1]))
+    runs = [r for r in runs if (r / "model" / "model.json").is_file() and (args.keep / f"scene-{r.name[4:]}").is_dir()]
+    if not runs:
+        raise SystemExit(f"{args.keep}: no kept runs (run-<seed> with model/ beside scene-<seed>)")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="minemap-refit-") as tmp:
+        for kept in runs:
+            seed = int(kept.name[4:])
+            scene = args.keep / f"scene-{seed}"
+            base = refit(kept, scene, dict(args.base), Path(tmp) / f"{seed}-base")
+            cand = refit(kept, scene, dict(args.base + args.set), Path(tmp) / f"{seed}-set")
+            rows.append({"seed": seed, "base": base, "candidate": cand})
+            fmt = lambda d: " / ".join(f"{d['f1'][y]:.3f}" for y in YEARS)  # noqa: E731
+            print(f"seed {seed}: F1 test blocks {fmt(base)} -> {fmt(cand)} | fine-tune kept epoch "
+                  f"{base['best_epoch']} -> {cand['best_epoch']} | stages run: {', '.join(base['stages_run'])} / "
+                  f"{', '.join(cand['stages_run'])}", flush=True)
+    before = [f for r in rows for f in r["base"]["f1"].values()]
+    after = [f for r in rows for f in r["candidate"]["f1"].values()]
+    summary = {"min_f1": [min(before), min(after)],
+               "median_f1": [statistics.median(before), statistics.median(after)],
+               "mean_f1": [statistics.mean(before), statistics.mean(after)]}
+    for k, (a, b) in summary.items():
+        print(f"  {k:10s} {a:.3f} -> {b:.3f}")
+    dest = write_results("refit", args.threads, {"keep": str(args.keep), "seeds": [r["seed"] for r in rows],
+                                                 "base": [f"{k}={v}" for k, v in args.base],
+                                                 "candidate": [f"{k}={v}" for k, v in args.set],
+                                                 "summary": summary, "scenes": rows})
+    print(f"results -> {dest}")
+
+
+if __name__ == "__main__":
+    main()
