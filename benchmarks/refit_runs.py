@@ -16,21 +16,19 @@ Run: `.venv/bin/python benchmarks/refit_runs.py DIR --set hard_negatives.keep_wi
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from bench_accuracy import YEARS, _f1, _setting
+from bench_accuracy import YEARS, _f1
+from kept_runs import arguments, kept_runs, summarise
 from minemap.config import load_config
 from minemap.pipeline import run
-from results_file import write_results
 
 
 class _Stages(logging.Handler):
@@ -69,24 +67,12 @@ def refit(kept: Path, scene: Path, settings: dict, work: Path) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("keep", type=Path, help="a folder of bench_accuracy.py --keep (run-<seed>, scene-<seed>)")
-    ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
-                    help="the candidate's setting (repeatable), e.g. hard_negatives.keep_within=0.01")
-    ap.add_argument("--base", type=_setting, action="append", default=[], metavar="KEY=VALUE",
-                    help="the settings the kept runs ran with, where the defaults have changed since")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    runs = sorted(args.keep.glob("run-*"), key=lambda p: int(p.name.split("-")[1]))
-    runs = [r for r in runs if (r / "model" / "model.json").is_file() and (args.keep / f"scene-{r.name[4:]}").is_dir()]
-    if not runs:
-        raise SystemExit(f"{args.keep}: no kept runs (run-<seed> with model/ beside scene-<seed>)")
+    args = arguments(__doc__.split("\n\n")[0], "hard_negatives.keep_within=0.01")
+    threads = 2
+    torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="minemap-refit-") as tmp:
-        for kept in runs:
-            seed = int(kept.name[4:])
-            scene = args.keep / f"scene-{seed}"
+        for seed, kept, scene in kept_runs(args.keep, "model/model.json"):
             base = refit(kept, scene, dict(args.base), Path(tmp) / f"{seed}-base")
             cand = refit(kept, scene, dict(args.base + args.set), Path(tmp) / f"{seed}-set")
             rows.append({"seed": seed, "base": base, "candidate": cand})
@@ -94,18 +80,7 @@ def main() -> None:
             print(f"seed {seed}: F1 test blocks {fmt(base)} -> {fmt(cand)} | fine-tune kept epoch "
                   f"{base['best_epoch']} -> {cand['best_epoch']} | stages run: {', '.join(base['stages_run'])} / "
                   f"{', '.join(cand['stages_run'])}", flush=True)
-    before = [f for r in rows for f in r["base"]["f1"].values()]
-    after = [f for r in rows for f in r["candidate"]["f1"].values()]
-    summary = {"min_f1": [min(before), min(after)],
-               "median_f1": [statistics.median(before), statistics.median(after)],
-               "mean_f1": [statistics.mean(before), statistics.mean(after)]}
-    for k, (a, b) in summary.items():
-        print(f"  {k:10s} {a:.3f} -> {b:.3f}")
-    dest = write_results("refit", args.threads, {"keep": str(args.keep), "seeds": [r["seed"] for r in rows],
-                                                 "base": [f"{k}={v}" for k, v in args.base],
-                                                 "candidate": [f"{k}={v}" for k, v in args.set],
-                                                 "summary": summary, "scenes": rows})
-    print(f"results -> {dest}")
+    summarise("refit", args, rows, threads)
 
 
 if __name__ == "__main__":

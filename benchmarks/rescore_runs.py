@@ -14,9 +14,7 @@ Run: `.venv/bin/python benchmarks/rescore_runs.py DIR --set vectorize.fill_unobs
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -26,8 +24,7 @@ from minemap.formats.chips import split_blocks
 from minemap.panel import build_panel
 from minemap.postprocess import postprocess
 from minemap.vectorize import read_polygons, vectorize
-from bench_accuracy import _setting
-from results_file import write_results
+from kept_runs import arguments, kept_runs, summarise
 
 SECTIONS = {"vectorize": VectorizeConfig, "postprocess": PostprocessConfig}
 
@@ -57,22 +54,10 @@ def score(run: Path, scene: Path, years: list[int], cfgs: dict, work: Path) -> d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("keep", type=Path, help="a folder of bench_accuracy.py --keep (run-<seed>, scene-<seed>)")
-    ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
-                    help="the candidate's setting (repeatable), e.g. vectorize.fill_unobserved=true")
-    ap.add_argument("--base", type=_setting, action="append", default=[], metavar="KEY=VALUE",
-                    help="the settings the kept runs ran with, where the defaults have changed since")
-    args = ap.parse_args()
-    runs = sorted(args.keep.glob("run-*"), key=lambda p: int(p.name.split("-")[1]))
-    runs = [r for r in runs if (r / "threshold.json").is_file() and (args.keep / f"scene-{r.name[4:]}").is_dir()]
-    if not runs:
-        raise SystemExit(f"{args.keep}: no kept runs (run-<seed> with threshold.json beside scene-<seed>)")
+    args = arguments(__doc__.split("\n\n")[0], "vectorize.fill_unobserved=true")
     rows = []
     with tempfile.TemporaryDirectory(prefix="minemap-rescore-") as tmp:
-        for run in runs:
-            seed = int(run.name[4:])
-            scene = args.keep / f"scene-{seed}"
+        for seed, run, scene in kept_runs(args.keep, "threshold.json"):
             years = sorted(int(p.name) for p in (run / "probabilities").iterdir() if p.name.isdigit())
             base = score(run, scene, years, _configs(args.base), Path(tmp) / f"{seed}-base")
             cand = score(run, scene, years, _configs(args.base + args.set), Path(tmp) / f"{seed}-set")
@@ -81,18 +66,7 @@ def main() -> None:
             print(f"seed {seed}: F1 test blocks {fmt(base)} -> {fmt(cand)} | unobserved "
                   + " ".join(f"{base['unobserved'][y]:.1%}" for y in years) + " | of it found "
                   + " ".join(f"{cand['found'][y]:.0%}" for y in years), flush=True)
-    before = [f for r in rows for f in r["base"]["f1"].values()]
-    after = [f for r in rows for f in r["candidate"]["f1"].values()]
-    summary = {"min_f1": [min(before), min(after)], "median_f1": [statistics.median(before),
-                                                                  statistics.median(after)],
-               "mean_f1": [statistics.mean(before), statistics.mean(after)]}
-    for k, (a, b) in summary.items():
-        print(f"  {k:10s} {a:.3f} -> {b:.3f}")
-    dest = write_results("rescore", 1, {"keep": str(args.keep), "seeds": [r["seed"] for r in rows],
-                                        "base": [f"{k}={v}" for k, v in args.base],
-                                        "candidate": [f"{k}={v}" for k, v in args.set],
-                                        "summary": summary, "scenes": rows})
-    print(f"results -> {dest}")
+    summarise("rescore", args, rows)
 
 
 if __name__ == "__main__":
