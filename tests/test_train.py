@@ -66,7 +66,7 @@ def test_train_bad_inputs(tmp_path):
 def test_training_stops_when_validation_stalls(chips_dir, tmp_path):
     """With a learning rate too small to change anything, validation F1 never improves after epoch 1: patience 1
     stops after epoch 2, long before the cap, and the card says so and keeps the curve."""
-    cfg = TrainConfig(epochs=10, patience=1, batch_size=8, learning_rate=1e-12, min_val_pixels=0)
+    cfg = TrainConfig(epochs=10, patience=1, batch_size=8, learning_rate=1e-12, min_val_pixels=0, stopping="early")
     card = train(chips_dir, tmp_path / "model", cfg, progress=False)
     assert card.epochs_trained == 2 and card.best_epoch == 1 and card.stopped.startswith("early")
     assert [c["epoch"] for c in card.val_curve] == [1, 2]

@@ -133,7 +133,8 @@ class ModelConfig(Section):
 
 
 class TrainConfig(Section):
-    epochs: int = Field(30, ge=1, description="most epochs; training stops earlier when validation stalls")
+    epochs: int = Field(30, ge=1, description="epochs of the schedule (with stopping = early, the most: training "
+                                              "stops earlier when validation stalls)")
     patience: int = Field(8, ge=1, description="stop after this many epochs without a better validation F1 (the "
                                                 "learning rate halves after half as many)")
     min_val_f1: float = Field(0.5, ge=0, le=1, description="a model below this validation F1 stops the run "
@@ -144,7 +145,9 @@ class TrainConfig(Section):
                                                         "schedule of `epochs` (the rate halved every `patience` "
                                                         "epochs) and keeps the last weights")
     stopping: Literal["early", "fixed"] = Field(
-        "early", description="how the epoch kept is chosen: early, the best validation F1, training stopped after "
+        "fixed", description="how the epoch kept is chosen (default fixed since 2026-12-07: early stopping on a "
+                             "district's few validation blocks kept undertrained models, README \"The fixed "
+                             "schedule by default\"): early, the best validation F1, training stopped after "
                              "`patience` epochs without a better one (a fixed schedule where the validation holds "
                              "fewer than `min_val_pixels`); fixed, every one of `epochs` run (the rate halved every "
                              "`patience`) and the last (averaged) weights kept, so a model that learns a year slowly "
