@@ -151,8 +151,9 @@ class TrainConfig(Section):
                              "`patience` epochs without a better one (a fixed schedule where the validation holds "
                              "fewer than `min_val_pixels`); fixed, every one of `epochs` run (the rate halved every "
                              "`patience`) and the last (averaged) weights kept, so a model that learns a year slowly "
-                             "is never stopped in a dip; a fine-tune (review) keeps the given model unless "
-                             "validation improves either way")
+                             "is never stopped in a dip; a fine-tune (review) stops early either way where "
+                             "its validation can, keeping the given model unless validation falls more than "
+                             "hard_negatives.keep_within below it")
     batch_size: int = Field(8, ge=1)
     epoch_windows: int = Field(128, ge=0, description="an epoch draws at least this many windows inside the "
                                                       "training blocks (positives and others in the proportion of "

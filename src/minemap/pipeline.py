@@ -138,6 +138,9 @@ def _optional(value) -> list:
 
 # the stages in order. A stage's key is stable_hash([name, the keys of `after`..., key_parts...]): a change
 # upstream, or of the stage's own settings, redoes it and every stage after it
+# the settings of hard_negatives that only the fine-tune reads: its key holds them, the hard negatives' does not
+FINETUNE_SETTINGS = ("epochs", "patience", "keep_within")
+
 STAGES: tuple[Stage, ...] = (
     Stage("labels", "labels", None, (), lambda r: [r.folder.labels],
           lambda r: [[_file_key(p) for p in r.cfg.labels]] + _optional(r.verdicts.labels_key()),
@@ -152,11 +155,11 @@ STAGES: tuple[Stage, ...] = (
           action=lambda r: _train_resumable(r, "train", [r.folder.chips], r.first_dir)),
     Stage("hard_negatives", "train", "hard_negatives", ("train",),
           lambda r: [r.folder.hard_negative_chips / "index.parquet"],
-          lambda r: [r.train_imagery_key, r.cfg.hard_negatives.model_dump(exclude={"epochs", "patience", "keep_within"}),
+          lambda r: [r.train_imagery_key, r.cfg.hard_negatives.model_dump(exclude=set(FINETUNE_SETTINGS)),
                      _predict_settings(r.cfg, "tile_size", "normalise_years")],
           applies=lambda r: not r.trained and r.cfg.hard_negatives.enabled, action=lambda r: _hard_negatives(r)),
     Stage("finetune", "train", "hard_negatives", ("hard_negatives",), lambda r: [r.folder.model / CARD],
-          lambda r: [r.cfg.hard_negatives.epochs, r.cfg.hard_negatives.patience, r.cfg.hard_negatives.keep_within],
+          lambda r: [getattr(r.cfg.hard_negatives, k) for k in FINETUNE_SETTINGS],
           applies=lambda r: not r.trained and r.cfg.hard_negatives.enabled,
           action=lambda r: _train_resumable(r, "finetune", [r.folder.chips, r.folder.hard_negative_chips],
                                             r.folder.model, init_from=r.first_dir,

@@ -14,15 +14,15 @@ carries on after a crash where it stopped, and ends where an uninterrupted train
 - What judges it: the validation blocks mapped wall to wall (every pixel, not a handful of chips around
   mines); with fewer than ``train.min_val_pixels`` labelled pixels there, a chip or two would choose the epoch,
   so training runs a fixed schedule and keeps the last weights, as it does wherever ``train.stopping = "fixed"``
-  asks for it. The card says which (``selection``).
+  (the default) asks for it. The card says which (``selection``).
 - Loss: binary cross-entropy plus soft Dice over valid pixels (mask 255 ignored: no imagery, and the band along
   label outlines): Dice keeps small mines from being swamped by background.
 - Augmentation: flips, 90-degree rotations, and a photometric jitter (gain per chip and band, patchy haze
   towards a bright per-band level, cloud shadows) so that hazy, shadowed or differently calibrated years still
   segment.
-- Schedule: a warm-up over the first epoch, then a constant rate that halves whenever validation F1 has not
-  improved for ``patience // 2`` epochs; training stops after ``patience`` epochs without improvement, or at
-  ``epochs``. Validation F1 is taken at its best threshold, so model selection does not depend on calibration.
+- Schedule: a warm-up over the first epoch, then a constant rate that halves every ``patience`` epochs of the
+  fixed schedule; with early stopping, whenever validation F1 has not improved for ``patience // 2`` epochs,
+  training stopping after ``patience`` epochs without improvement, or at ``epochs``. Validation F1 is taken at its best threshold, so model selection does not depend on calibration.
 - Arithmetic: bfloat16 autocast of the forward passes where the device computes it natively, float16 with a
   scaled loss on older GPUs (``train.precision``, see :func:`minemap.model.resolve_precision`); the loss, weights
   and optimiser stay float32. On a GPU the network runs channels-last (``train.channels_last``), optionally
@@ -400,7 +400,7 @@ def train(chips_dirs: Path | list[Path], model_dir: Path, cfg: TrainConfig | Non
     val, test, blocks = data.val, data.test, data.blocks
     # early stopping needs a validation that a chip or two cannot sway; with fewer labelled pixels than
     # train.min_val_pixels the model is trained on a fixed schedule and the last (averaged) weights kept, as it is
-    # where train.stopping asks for it (a fine-tune still keeps the given model unless validation improves)
+    # where train.stopping asks for it (a fine-tune still stops early, guarded by keep_within, where it can)
     enough = val.positive_pixels >= cfg.min_val_pixels
     chosen_fixed = cfg.stopping == "fixed" and init_from is None
     early = enough and not chosen_fixed
