@@ -1,6 +1,7 @@
 import json
 import logging
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -101,6 +102,35 @@ def test_card_records_calibration_splits_and_weak_models(chips_dir, tmp_path):
     assert weak_model_error(card, 0.0, tmp_path / "model") is None
     err = weak_model_error(card, 1.0, tmp_path / "model")
     assert err is not None and f"validation F1 {card.val_metrics['f1']:.3f} is below the floor 1.00" in str(err)
+
+
+def test_the_floor_does_not_judge_by_a_validation_too_small(caplog):
+    """A validation with fewer labelled pixels than train.min_val_pixels does not stop a run alone: the floor
+    judges validation and test blocks pooled, and warns without stopping where those are still too few."""
+    from minemap.model import ModelCard
+    from minemap.train import weak_model_error
+
+    def card(val, test, n_val):
+        tp, fp, fn = val
+        f1 = 2 * tp / (2 * tp + fp + fn)
+        return ModelCard(encoder="x", bands=["r"], band_mean=[0.0], band_std=[1.0], gsd_m=4.77, pixel_size=[1, 1],
+                         crs="EPSG:3857", chip_size=64, val_metrics={"f1": f1, "tp": tp, "fp": fp, "fn": fn},
+                         test_metrics=dict(zip(("tp", "fp", "fn"), test)),
+                         selection={"validation_positive_pixels": n_val})
+
+    # validation 0.26 on 3,100 pixels; test blocks 0.76 on 2,400: pooled 0.51 over 5,500 labelled pixels
+    weak_val = card((740, 1890, 2360), (2240, 1270, 160), 3100)
+    assert weak_model_error(weak_val, 0.5, Path("m"), min_pixels=0) is not None  # the validation alone judges
+    assert weak_model_error(weak_val, 0.5, Path("m"), min_pixels=5000) is None
+    err = weak_model_error(weak_val, 0.6, Path("m"), min_pixels=5000)
+    assert err is not None and "F1 of the validation and test blocks pooled" in str(err) and "0.512" in str(err)
+    # pooled still fewer than the bound: a warning, the run goes on
+    tiny = card((10, 80, 90), (5, 50, 40), 100)
+    with caplog.at_level("WARNING"):
+        assert weak_model_error(tiny, 0.5, Path("m"), min_pixels=5000) is None
+    assert "too few to judge the model by" in caplog.text and "145 labelled pixels" in caplog.text
+    # a validation large enough judges alone, as before
+    assert weak_model_error(card((10, 80, 90), (5000, 10, 10), 6000), 0.5, Path("m"), min_pixels=5000) is not None
 
 
 def test_finetune_starts_from_the_given_model(chips_dir, tmp_path):

@@ -207,7 +207,8 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
           compile: Annotated[bool, typer.Option(help="torch.compile the network for training")] = _TRAIN.compile,
           bands: Annotated[Optional[str], typer.Option(help="MMSegmentation layout: the chips' bands")] = None,
           gsd_m: Annotated[float, typer.Option(help="MMSegmentation layout: the chips' pixel size, metres")] = 4.77):
-    """Train a SegFormer on chips until validation F1 stalls; keeps the best epoch, calibrated. The chips folder
+    """Train a SegFormer on chips (a fixed schedule by default, or until validation F1 stalls with --stopping
+    early), calibrated on the validation blocks. The chips folder
     may be the published study's MMSegmentation layout (<year>/img_dir|ann_dir/<split>/): it is indexed into
     OUT-chips/ first. Chips are streamed from disk; several GPUs: torchrun --nproc-per-node N -m minemap train."""
     from minemap.train import train as train_fn
@@ -230,7 +231,7 @@ def train(chips_dir: Annotated[Path, typer.Argument(help="chips folder")],
     card = train_fn(chips_dir, out_dir, tcfg, mcfg, resume=resume)
     out.print(f"model -> {out_dir}: threshold {card.threshold:.2f}, val F1 {card.val_metrics.get('f1', 0):.3f}, "
               f"val IoU {card.val_metrics.get('iou', 0):.3f}, best epoch {card.best_epoch} ({card.stopped})")
-    weak = weak_model_error(card, min_val_f1, out_dir)
+    weak = weak_model_error(card, min_val_f1, out_dir, tcfg.min_val_pixels)
     if weak is not None and not accept_weak_model:
         raise weak
 

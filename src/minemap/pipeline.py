@@ -6,7 +6,8 @@ settings it reads, the stages its key is made from, its outputs, and the rest of
 -> postprocess -> panel -> evaluate -> export -> report (``minemap stages`` prints it).
 
 Training is a first fit, then (``hard_negatives.enabled``) hard-negative mining and a fine-tune on all chips.
-A model whose validation F1 is below ``train.min_val_f1`` stops the run unless ``accept_weak_model``. With
+A model whose validation F1 is below ``train.min_val_f1`` stops the run unless ``accept_weak_model`` (a
+validation too small to judge alone is pooled with the test blocks: :func:`minemap.train.weak_model_error`). With
 ``model.path`` (``--model DIR``) the run maps with that trained model instead: no labels, chips or training
 (OUT/model/ is not written; the model is used where it lies). Between predict and vectorize the threshold is
 chosen on the training year's validation blocks (``threshold.json``).
@@ -389,7 +390,7 @@ def _predict_settings(cfg: RunConfig, *also: str) -> dict:
 
 def _check_floor(cfg: RunConfig, model_dir: Path):
     card = read_card(model_dir)
-    weak = weak_model_error(card, cfg.train.min_val_f1, model_dir)
+    weak = weak_model_error(card, cfg.train.min_val_f1, model_dir, cfg.train.min_val_pixels)
     if weak is not None:
         if not cfg.accept_weak_model:
             raise weak
