@@ -316,6 +316,37 @@ def test_unit_reads_only_its_own_year_and_masks_by_signature(scene, tmp_path, mo
     assert np.array_equal(calls[0][1], sources[False].valid)  # every pixel of the year, opaque clouds included
 
 
+def test_the_signature_mask_sees_ground_around_the_windows(scene, tmp_path, monkeypatch):
+    """Clouds and shadows found by their signature are judged on each unit's windows and CONTEXT_PX of ground
+    around them (an object cut by the region's edge would be judged on half of itself: a white-sand mine was taken
+    for a cloud in a tile one window high), and the mask is put back where it was found: with a stand-in that
+    masks the scene's brightest pixels, every tile writes nodata at exactly those pixels."""
+    from minemap import predict as pr
+    from minemap.masks import CONTEXT_PX
+
+    model_dir = _pixel_model_dir(scene, tmp_path)
+    src = open_imagery(scene.imagery)
+    grid = src.grid(2020)
+    full, full_valid = src.read(2020, grid)
+    bright = np.percentile(full[0][full_valid], 99)
+    regions = []
+
+    def brightest(pixels, valid, bands):
+        regions.append(pixels.shape[1:])
+        return (pixels[0] > bright) & valid
+
+    monkeypatch.setattr(pr, "obscured_mask", brightest)
+    window, stride = 128, 96
+    cfg = PredictConfig(tile_size=160, window_size=window, window_overlap=0.25)
+    predict(model_dir, scene.imagery, [2020], tmp_path / "p", cfg, progress=False)
+    written = _mosaic(tmp_path / "p" / "2020", grid, 160) == NODATA
+    assert written.any() and np.array_equal(written, ((full[0] > bright) & full_valid) | ~full_valid)
+    assert len(regions) >= 4  # one per tile, each its windows and the context around them
+    for h, w in regions:
+        assert h >= window + 2 * CONTEXT_PX and (h - 2 * CONTEXT_PX - window) % stride == 0
+        assert w >= window + 2 * CONTEXT_PX and (w - 2 * CONTEXT_PX - window) % stride == 0
+
+
 def test_sources_say_whether_they_mask_clouds():
     """STAC composites leave out the scene classes of clouds and shadows; local files and Planet basemaps are
     taken as they are; a resampled source says what its source says."""

@@ -40,7 +40,10 @@ also mask 2-3 % of the clear mine pixels beside clouds. Pure numpy/scipy, vector
 normalisation), with bands named as ``card.bands`` / ``source.band_names``: red and blue are needed, green and
 near infrared are used when present; without red or blue nothing is masked (logged once). The mask is found in
 each unit's read region (a tile and the margin its windows reach): near a tile's edge, where the context
-differs, two tilings may disagree on a cloud whose shadow only one of them sees.
+differs, two tilings may disagree on a cloud whose shadow only one of them sees. Prediction therefore reads
+CONTEXT_PX more on every side for this mask alone: without it, a white-sand mine cut by the top of a unit's
+region (a tile one window high along a scene's edge), its ground at the sun's offset out of sight, was taken for
+a cloud in one tile and mapped as a mine in the tile beside it (a fresh benchmark scene, 2026-12-07).
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ LOCAL_FLAT = 1.6  # ... and its bands dimmed about alike (the largest share at m
 RATIO_BIN = 0.2  # width of the bins of log band ratios that make the colour classes
 MAX_SHIFT_PX = 60  # the farthest a shadow lies from its cloud
 COARSE_PX = 384  # the offset is searched on a grid of about this many blocks a side, then refined
+CONTEXT_PX = 2 * BLOCK_PX  # ground read around a region for this mask alone: beyond the farthest shadow
 _warned: set = set()
 
 

@@ -50,7 +50,7 @@ from minemap.grid import TILE_FILE, Tile, make_tiles
 from minemap.lattice import pixel_offset, window_origins
 from minemap.imagery import ImagerySource, Resampled, describe, open_imagery
 from minemap.manifest import Manifest
-from minemap.masks import needed_for, obscured_mask
+from minemap.masks import CONTEXT_PX, needed_for, obscured_mask
 from minemap import radiometry as rad
 from minemap.formats.rasters import NODATA, quantise, write_cog
 from minemap.model import ModelCard, forward_logits, load_model, read_card, resolve_device, resolve_precision
@@ -294,19 +294,25 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, tuple[str, str] | N
     rows = window_origins(gy + tile.row_off, tile.height, window, stride)
     cols = window_origins(gx + tile.col_off, tile.width, window, stride)
     r0, c0 = rows[0] - gy, cols[0] - gx  # the read region's origin in the parent grid
-    grid = parent.window(c0, r0, cols[-1] + window - cols[0], rows[-1] + window - rows[0])
-    pixels, valid = source.read(year, grid)
-    inner = (slice(tile.row_off - r0, tile.row_off - r0 + tile.height),
-             slice(tile.col_off - c0, tile.col_off - c0 + tile.width))
+    h, w = rows[-1] + window - rows[0], cols[-1] + window - cols[0]
+    # clouds and shadows found by their signature are judged with CONTEXT_PX of ground around the windows: an
+    # object cut by the region's edge, its shadow's ground out of sight, would be judged on half of itself
+    m = CONTEXT_PX if cfg.mask_clouds and needed_for(source) else 0
+    pixels, valid = source.read(year, parent.window(c0 - m, r0 - m, w + 2 * m, h + 2 * m))
+    inner = (slice(tile.row_off - r0 + m, tile.row_off - r0 + m + tile.height),
+             slice(tile.col_off - c0 + m, tile.col_off - c0 + m + tile.width))
     if not valid[inner].any():  # no imagery over the tile: nothing to write or vectorise
         Path(dest).unlink(missing_ok=True)
         return year, tile.tile_id, False
     if radiometry is not None:
-        pixels = rad.apply(pixels, rad.load_cached(*radiometry), c0, r0)
+        pixels = rad.apply(pixels, rad.load_cached(*radiometry), c0 - m, r0 - m)
+    hidden = None
+    if m:  # thin clouds and shadows, by their own signature (opaque ones too: they show where shadows lie)
+        hidden = obscured_mask(pixels, valid, card.bands)[m:m + h, m:m + w]
+        pixels, valid = pixels[:, m:m + h, m:m + w], valid[m:m + h, m:m + w]
+        inner = tuple(slice(sl.start - m, sl.stop - m) for sl in inner)
     if cfg.mask_clouds:  # after normalising: the cloud level is in the training year's units
-        hidden = cloud_mask(pixels, card)
-        if needed_for(source):  # thin clouds and shadows, by their own signature (the
-            hidden |= obscured_mask(pixels, valid, card.bands)  # opaque ones too: they show where shadows lie)
+        hidden = cloud_mask(pixels, card) if hidden is None else hidden | cloud_mask(pixels, card)
         valid &= ~hidden
     batch = max(1, cfg.batch_size * card.chip_size ** 2 // window ** 2)  # batch_size counts training chips
     prob = blend_windows(model, card, pixels, valid, [r - rows[0] for r in rows], [q - cols[0] for q in cols],
