@@ -11,15 +11,25 @@ from bench_accuracy import _setting
 from results_file import write_results
 
 
-def arguments(description: str, example: str) -> argparse.Namespace:
-    """``keep`` (the folder), ``set`` (the candidate's settings) and ``base`` (the kept runs' settings)."""
+def arguments(description: str, example: str, redo: list[str] | None = None) -> argparse.Namespace:
+    """``keep`` (the folder), ``set`` (the candidate's settings) and ``base`` (the kept runs' settings); with
+    ``redo`` (the stages it may name), ``--redo STAGE``: the candidate redoes that stage on, with the code as it
+    is now (None where not given)."""
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("keep", type=Path, help="a folder of bench_accuracy.py --keep (run-<seed>, scene-<seed>)")
     ap.add_argument("--set", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                     help=f"the candidate's setting (repeatable), e.g. {example}")
     ap.add_argument("--base", type=_setting, action="append", default=[], metavar="KEY=VALUE",
                     help="the settings the kept runs ran with, where the defaults have changed since")
-    return ap.parse_args()
+    if redo:
+        ap.add_argument("--redo", choices=redo, help="the candidate redoes this stage and every one after it with "
+                                                     "the current code (a change of code, not of settings)")
+    args = ap.parse_args()
+    if not redo:
+        args.redo = None
+    if not args.set and not args.base and not args.redo:
+        ap.error("nothing to compare: give --set KEY=VALUE" + (" or --redo STAGE" if redo else ""))
+    return args
 
 
 def kept_runs(keep: Path, needs: str) -> list[tuple[int, Path, Path]]:
@@ -47,6 +57,7 @@ def summarise(kind: str, args: argparse.Namespace, rows: list[dict], threads: in
     dest = write_results(kind, threads, {"keep": str(args.keep), "seeds": [r["seed"] for r in rows],
                                          "base": [f"{k}={v}" for k, v in args.base],
                                          "candidate": [f"{k}={v}" for k, v in args.set],
+                                         "redo": getattr(args, "redo", None),
                                          "summary": summary, "scenes": rows})
     print(f"results -> {dest}")
     return dest

@@ -10,8 +10,13 @@ earlier stage, or code that changed it since the run was kept, redoes that stage
 ran). Prints the test-block F1 per year of both sides (unobserved reference counted as missed, as
 `bench_accuracy.py` scores it) and writes ``benchmarks/results/refit-<date>-<commit>.json``.
 
+A change of code, not of a setting, is measured with ``--redo STAGE``: the candidate's copy forgets that stage and
+every one after it (their manifest entries, and the tiles prediction and hard-negative mining resume from), so
+they run again with the current code, while the base side reruns nothing and scores the kept outputs as they
+are (by the current evaluation).
+
 Run: `.venv/bin/python benchmarks/refit_runs.py DIR --set hard_negatives.keep_within=0.01
---base hard_negatives.keep_within=0`.
+--base hard_negatives.keep_within=0`, or `.venv/bin/python benchmarks/refit_runs.py DIR --redo predict`.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ import torch
 from bench_accuracy import YEARS, _f1
 from kept_runs import arguments, kept_runs, summarise
 from minemap.config import load_config
-from minemap.pipeline import run
+from minemap.pipeline import STAGES, run
+
+# the folders of the stages that resume unit by unit: forgetting the stage alone would reuse their units
+RESUMED = {"hard_negatives": ("hard_negatives",), "predict": ("probabilities",)}
 
 
 class _Stages(logging.Handler):
@@ -44,9 +52,26 @@ class _Stages(logging.Handler):
             self.done.append(text.split(":")[0])
 
 
-def refit(kept: Path, scene: Path, settings: dict, work: Path) -> dict:
-    """``kept`` copied to ``work`` and run there with ``settings``: its test-block F1 per year and what ran."""
+def forget(work: Path, stage: str) -> list[str]:
+    """The run in ``work`` made to redo ``stage`` and every stage after it: returns their names."""
+    names = [s.name for s in STAGES]
+    later = names[names.index(stage):]
+    manifest = work / "manifest.jsonl"
+    lines = [ln for ln in manifest.read_text().splitlines()
+             if json.loads(ln)["key"].split(":", 1)[-1] not in later]
+    manifest.write_text("".join(f"{ln}\n" for ln in lines))
+    for name in later:
+        for folder in RESUMED.get(name, ()):
+            shutil.rmtree(work / folder, ignore_errors=True)
+    return later
+
+
+def refit(kept: Path, scene: Path, settings: dict, work: Path, redo: str | None = None) -> dict:
+    """``kept`` copied to ``work`` and run there with ``settings`` (``redo``: from that stage on, whatever the
+    manifest says): its test-block F1 per year and what ran."""
     shutil.copytree(kept, work)
+    if redo:
+        forget(work, redo)
     cfg = load_config(None, labels=[str(next(scene.glob("labels_*.gpkg")))], imagery=str(scene / "imagery"),
                       train_year=YEARS[0], years=list(YEARS), out=str(work), reference=str(scene / "truth.gpkg"),
                       accept_weak_model=True, **settings)
@@ -67,14 +92,15 @@ def refit(kept: Path, scene: Path, settings: dict, work: Path) -> dict:
 
 
 def main() -> None:
-    args = arguments(__doc__.split("\n\n")[0], "hard_negatives.keep_within=0.01")
+    args = arguments(__doc__.split("\n\n")[0], "hard_negatives.keep_within=0.01",
+                     redo=[s.name for s in STAGES if s.name not in ("labels", "chips")])
     threads = 2
     torch.set_num_threads(threads)
     rows = []
     with tempfile.TemporaryDirectory(prefix="minemap-refit-") as tmp:
         for seed, kept, scene in kept_runs(args.keep, "model/model.json"):
             base = refit(kept, scene, dict(args.base), Path(tmp) / f"{seed}-base")
-            cand = refit(kept, scene, dict(args.base + args.set), Path(tmp) / f"{seed}-set")
+            cand = refit(kept, scene, dict(args.base + args.set), Path(tmp) / f"{seed}-set", args.redo)
             rows.append({"seed": seed, "base": base, "candidate": cand})
             fmt = lambda d: " / ".join(f"{d['f1'][y]:.3f}" for y in YEARS)  # noqa: E731
             print(f"seed {seed}: F1 test blocks {fmt(base)} -> {fmt(cand)} | fine-tune kept epoch "
