@@ -18,6 +18,8 @@ import json
 import tempfile
 from pathlib import Path
 
+import geopandas as gpd
+
 from minemap.config import PostprocessConfig, VectorizeConfig
 from minemap.evaluate import evaluate, read_reference
 from minemap.formats.chips import split_blocks
@@ -44,7 +46,8 @@ def score(run: Path, scene: Path, years: list[int], cfgs: dict, work: Path) -> d
     """Test-block F1 per year (and the share of unobserved reference an outline covers) of ``run``'s
     probabilities, taken through vectorize, postprocess and panel with ``cfgs``."""
     threshold = json.loads((run / "threshold.json").read_text())["threshold"]
-    paths = vectorize(run / "probabilities", years, work / "polygons", threshold, cfgs["vectorize"])
+    labels = gpd.read_parquet(run / "labels.parquet") if (run / "labels.parquet").is_file() else None
+    paths = vectorize(run / "probabilities", years, work / "polygons", threshold, cfgs["vectorize"], labels=labels)
     panel = build_panel(postprocess(read_polygons(paths), cfgs["postprocess"])).panel
     reference = read_reference(scene / "truth.gpkg")
     m = evaluate(panel, reference, run / "probabilities", threshold, splits=split_blocks(run / "chips"))

@@ -676,7 +676,7 @@ def test_a_sure_rectangle_away_from_the_labels_is_taught_not_spared(tmp_path):
     false alarm with a chip of its own. Where the labels themselves are rectangles, the rectangle is spared too;
     with ``max_rectangularity=1`` shape never decides. A rectangle under 64 px is not judged by shape."""
     from minemap.chips import hard_negative_chips
-    from minemap.chips.sampling import rectangularity
+    from minemap.geo import rectangularity
     from minemap.config import HardNegativeConfig
 
     src = _scene(tmp_path, size=512)

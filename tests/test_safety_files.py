@@ -248,11 +248,14 @@ def test_vectorize_ignores_a_tile_left_half_written(tmp_path):
     q = np.zeros((64, 64), np.uint8)
     q[10:40, 20:50] = 200
     write_cog(tmp_path / "prob" / "2020" / "r000_c000.tif", q, Grid("EPSG:3857", Affine(4.0, 0, 0, 0, -4.0, 0), 64, 64))
-    before = vectorize(tmp_path / "prob", [2020], tmp_path / "poly", 0.5)
+    from minemap.config import VectorizeConfig
+
+    square = VectorizeConfig(max_rectangularity=1)  # a square pit: shape does not decide here
+    before = vectorize(tmp_path / "prob", [2020], tmp_path / "poly", 0.5, square)
     # a worker killed while writing a tile leaves its temporary beside the tiles: half a GeoTIFF
     (tmp_path / "prob" / "2020" / ".r000_c001.tif.1a2b3c4d.tmp.tif").write_bytes(b"II*\0" + b"\0" * 40)
     (tmp_path / "prob" / "2020" / "._r000_c000.tif").write_bytes(b"\0\5\26\7")  # a macOS resource fork
-    after = vectorize(tmp_path / "prob", [2020], tmp_path / "poly2", 0.5)
+    after = vectorize(tmp_path / "prob", [2020], tmp_path / "poly2", 0.5, square)
     a, b = (gpd.read_parquet(p[2020]).area_km2.round(9).tolist() for p in (before, after))
     assert a == b and len(a) == 1
     assert outputs(tmp_path / "prob" / "2020", "*.tif") == [tmp_path / "prob" / "2020" / "r000_c000.tif"]

@@ -12,6 +12,7 @@ from minemap.vectorize import vectorize, vectorize_year
 
 RES = 4.0
 T = Affine(RES, 0, 0.0, 0, -RES, 0.0)  # EPSG:3857 at the equator
+SQUARES = {"max_rectangularity": 1}  # these tests' pits are squares: shape never decides (tested on its own)
 
 
 def _tiles(tmp_path, q):
@@ -34,7 +35,7 @@ def test_polygons_merge_across_tile_seams_with_holes(tmp_path):
     q[50:52, 5:7] = 220  # a 4-pixel speck: 64 m2
     q[55:60, 55:60] = NODATA
     paths = _tiles(tmp_path, q)
-    gdf = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=100))
+    gdf = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=100, **SQUARES))
     assert len(gdf) == 1 and gdf.crs.to_epsg() == 4326 and gdf.geometry.is_valid.all()
     poly = gdf.geometry.iloc[0]
     assert poly.geom_type == "Polygon" and len(poly.interiors) == 1
@@ -42,7 +43,7 @@ def test_polygons_merge_across_tile_seams_with_holes(tmp_path):
     assert gdf.area_km2.iloc[0] * 1e6 == pytest.approx(expected_m2, rel=0.01)
     assert gdf.mean_probability.iloc[0] == pytest.approx(200 / 250)
     assert gdf.year.iloc[0] == 2020
-    small = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=10))
+    small = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=10, **SQUARES))
     assert len(small) == 2
     assert len(vectorize_year(paths, 2020, 0.9)) == 0  # 200/250 = 0.8 < 0.9
 
@@ -64,7 +65,7 @@ def test_vectorize_writes_geoparquet_and_errors(tmp_path):
     q = np.zeros((32, 32), np.uint8)
     q[5:15, 5:15] = 250
     _tiles(tmp_path / "probs", q)
-    out = vectorize(tmp_path / "probs", [2020], tmp_path / "polys", 0.5)
+    out = vectorize(tmp_path / "probs", [2020], tmp_path / "polys", 0.5, VectorizeConfig(**SQUARES))
     import geopandas as gpd
 
     gdf = gpd.read_parquet(out[2020])
@@ -104,7 +105,7 @@ def test_unobserved_pixels_are_filled_from_the_years_beside_them(tmp_path):
     def pixels(gdf):  # outline areas in pixels, smallest first
         return sorted(int(v) for v in np.round(gdf.area_km2 / (RES * RES / 1e6) / 0.9933))  # ellipsoid / 3857
 
-    out = vectorize(probs, [2019, 2020, 2021], tmp_path / "polys", 0.5, VectorizeConfig(min_area_m2=0))
+    out = vectorize(probs, [2019, 2020, 2021], tmp_path / "polys", 0.5, VectorizeConfig(min_area_m2=0, **SQUARES))
     y19, y20, y21 = (gpd.read_parquet(out[y]) for y in (2019, 2020, 2021))
     assert pixels(y19) == [100, 400, 400] and (y19.filled_share == 0).all()  # A, B, C; D is not back-filled
     # C and D observed; A filled whole; of B only the centre the last year did not see either (the rest of it
@@ -114,10 +115,44 @@ def test_unobserved_pixels_are_filled_from_the_years_beside_them(tmp_path):
     assert pixels(y21) == [400, 400]  # A observed; D filled where the cloud hid it; nothing on B's ground
     assert sorted(y21.filled_share) == [0, pytest.approx(0.25)]
     off = vectorize(probs, [2019, 2020, 2021], tmp_path / "off", 0.5,
-                    VectorizeConfig(min_area_m2=0, fill_unobserved=False))
+                    VectorizeConfig(min_area_m2=0, fill_unobserved=False, **SQUARES))
     assert pixels(gpd.read_parquet(off[2020])) == [100, 400]  # A lost under the cloud
     assert pixels(gpd.read_parquet(off[2021])) == [300, 400]  # D with a hole
     assert (gpd.read_parquet(off[2021]).filled_share == 0).all()
     # one year alone has no neighbours: nothing filled
-    alone = vectorize(probs, [2020], tmp_path / "alone", 0.5, VectorizeConfig(min_area_m2=0))
+    alone = vectorize(probs, [2020], tmp_path / "alone", 0.5, VectorizeConfig(min_area_m2=0, **SQUARES))
     assert pixels(gpd.read_parquet(alone[2020])) == [100, 400]
+
+
+def test_outlines_shaped_like_fields_are_dropped(tmp_path):
+    """An outline of 64 px or more filling more than vectorize.max_rectangularity (0.9) of its smallest enclosing
+    rectangle is a field, not a mine: a rotated rectangle is dropped, an ellipse of the same size and a small
+    square kept; labels that are rectangles themselves raise the level (quarries drawn as boxes keep their
+    like); 1 turns the rule off."""
+    import geopandas as gpd
+
+    from minemap.geo import rectangularity
+    from minemap.vectorize import field_level
+
+    yy, xx = np.mgrid[:128, :128].astype(float)
+    q = np.zeros((128, 128), np.uint8)
+    u, v = (xx - 40) * np.cos(0.5) + (yy - 40) * np.sin(0.5), -(xx - 40) * np.sin(0.5) + (yy - 40) * np.cos(0.5)
+    q[(np.abs(u) < 22) & (np.abs(v) < 12)] = 230  # a field: a rotated rectangle of ~1,000 px
+    q[((xx - 90) / 24) ** 2 + ((yy - 90) / 13) ** 2 < 1] = 230  # a pit: an ellipse of about the same size
+    q[110:116, 10:16] = 230  # 36 px: too small to judge by shape
+    paths = _tiles(tmp_path, q)
+    everything = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=0, max_rectangularity=1))
+    assert len(everything) == 3
+    rect = rectangularity(everything.geometry.values, geographic=True)
+    ellipse, field, square = sorted(rect)
+    assert ellipse < 0.85 and 0.9 < field < square
+    kept = vectorize_year(paths, 2020, 0.5, VectorizeConfig(min_area_m2=0))
+    assert len(kept) == 2 and sorted(kept.area_km2 * 1e6 / RES ** 2) == [pytest.approx(36, rel=0.03),
+                                                                         pytest.approx(np.pi * 24 * 13, rel=0.03)]
+    # labels drawn as boxes raise the level above the field's: it is kept
+    boxes = gpd.GeoDataFrame(geometry=[shapely.box(10, 0, 10.01, 0.01 * (1 + k / 10)) for k in range(20)],
+                             crs="EPSG:4326")
+    assert field_level(VectorizeConfig()) == 0.9 and field_level(VectorizeConfig(), boxes) > 0.99
+    assert field_level(VectorizeConfig(max_rectangularity=1), boxes) is None
+    out = vectorize(tmp_path, [2020], tmp_path / "polys", 0.5, VectorizeConfig(min_area_m2=0), labels=boxes)
+    assert len(gpd.read_parquet(out[2020])) == 3

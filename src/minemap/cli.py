@@ -270,6 +270,12 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
               threshold: Annotated[Optional[float], typer.Option(help="default: the model card's")] = None,
               model_dir: Annotated[Optional[Path], typer.Option("--model", help="model whose threshold to use")] = None,
               min_area_m2: float = _VECTORIZE.min_area_m2, simplify_m: float = _VECTORIZE.simplify_m,
+              max_rectangularity: Annotated[float, typer.Option(
+                  help="drop outlines of 64 px or more filling more than this share of their enclosing rectangle "
+                       "(fields); 1: shape never decides")] = _VECTORIZE.max_rectangularity,
+              labels_path: Annotated[Optional[Path], typer.Option(
+                  "--labels", help="the labels the model learnt from: more rectangles among them raise "
+                                   "--max-rectangularity to their 99th percentile")] = None,
               fill_unobserved: Annotated[bool, typer.Option(
                   help="fill a year's unobserved pixels (cloud, shadow, no imagery) from the years beside it in "
                        "--years: mining where the previous year shows it and the next, if observed, too")
@@ -282,7 +288,8 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
     from minemap.model import read_card
     from minemap.vectorize import vectorize as vectorize_fn
 
-    cfg = _settings(VectorizeConfig, min_area_m2=min_area_m2, simplify_m=simplify_m, fill_unobserved=fill_unobserved)
+    cfg = _settings(VectorizeConfig, min_area_m2=min_area_m2, simplify_m=simplify_m, fill_unobserved=fill_unobserved,
+                    max_rectangularity=max_rectangularity)
     scheduler = scheduler_address(scheduler)
     if threshold is None:
         if model_dir is None:
@@ -290,7 +297,13 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
         threshold = read_card(model_dir).threshold
     if not 0 < threshold < 1:
         raise InputError(f"--threshold {threshold:g}: a probability threshold lies between 0 and 1 (e.g. 0.5)")
-    paths = vectorize_fn(prob_dir, _years(years), out_dir, threshold, cfg, workers, scheduler, progress=True)
+    labels = None
+    if labels_path is not None:
+        from minemap.labels import read_labels
+
+        labels = read_labels([labels_path])[0]
+    paths = vectorize_fn(prob_dir, _years(years), out_dir, threshold, cfg, workers, scheduler, progress=True,
+                         labels=labels)
     out.print(f"{len(paths)} polygon files -> {out_dir} (threshold {threshold:.2f})")
 
 

@@ -245,6 +245,11 @@ class VectorizeConfig(Section):
     threshold: float | None = Field(None, gt=0, lt=1, description="default: the model card's threshold")
     min_area_m2: float = Field(1000.0, ge=0)
     simplify_m: float = Field(0.0, ge=0)
+    max_rectangularity: float = Field(0.9, gt=0, le=1, description=(
+        "an outline of 64 pixels or more that fills more than this share of its smallest enclosing rectangle is "
+        "a field, clearing or plantation block, not a mine, and is dropped; raised to the labels' 99th "
+        "percentile where more of them are rectangles (quarries drawn as boxes). Hard-negative mining uses the "
+        "same rule (hard_negatives.max_rectangularity). 1: shape never decides"))
     fill_unobserved: bool = Field(True, description="pixels a year did not observe (cloud, shadow, no imagery) "
                                                     "count as mining where the previous processed year shows "
                                                     "mining and the next one, if observed there, does too (the "

@@ -205,3 +205,51 @@ def check_bbox(v: tuple[float, float, float, float]) -> tuple[float, float, floa
     if not (-180 <= w < e <= 180 and -90 <= s < n <= 90):
         raise ValueError(f"bbox {list(v)}: expected west < east and south < north, in degrees")
     return v
+
+
+SHAPE_MIN_PIXELS = 64  # outlines smaller than this many pixels are not judged by their shape (few pixels are square)
+LABEL_RECT_QUANTILE = 0.99  # a rectangle is judged against this quantile of the labels' rectangularity
+
+
+def rectangularity(geoms: np.ndarray, geographic: bool = False) -> np.ndarray:
+    """Each outline's area over that of its smallest enclosing (rotated) rectangle: 1 for a rectangle, about 0.79
+    for an ellipse, less for ragged or branching shapes; NaN for an empty or flat outline. ``geographic``:
+    longitude and latitude, measured with each outline's longitudes shrunk by the cosine of its latitude (a
+    rectangle on the ground stays one)."""
+    geoms = np.asarray(geoms, dtype=object)
+    out = np.full(len(geoms), np.nan)
+    ok = ~shapely.is_empty(geoms) & (shapely.area(geoms) > 0)
+    if not ok.any():
+        return out
+    g = geoms[ok]
+    if geographic:
+        xy, idx = shapely.get_coordinates(g, return_index=True)
+        lat = shapely.get_y(shapely.centroid(g))
+        xy[:, 0] *= np.cos(np.radians(lat))[idx]
+        g = shapely.set_coordinates(g.copy(), xy)
+    rect = shapely.area(shapely.minimum_rotated_rectangle(g))
+    out[ok] = np.minimum(shapely.area(g) / np.maximum(rect, 1e-30), 1.0)  # 1 + rounding for a box
+    return out
+
+
+def shape_level(level: float, label_outlines: np.ndarray | None = None, geographic: bool = False) -> float | None:
+    """The rectangularity above which an outline is judged a field, not a mine: ``level``, raised to the labels'
+    :data:`LABEL_RECT_QUANTILE` quantile where more of them are rectangles than that (quarries drawn as boxes keep
+    their like); None (never judged) for ``level`` 1."""
+    if level >= 1:
+        return None
+    if label_outlines is None or len(label_outlines) == 0:
+        return level
+    shown = rectangularity(shapely.get_parts(np.asarray(label_outlines, dtype=object)), geographic)
+    shown = shown[np.isfinite(shown)]
+    return max(level, float(np.quantile(shown, LABEL_RECT_QUANTILE))) if len(shown) else level
+
+
+def shaped_like_fields(geoms: np.ndarray, level: float | None, pixel_area: float) -> np.ndarray:
+    """Which outlines (in a projected CRS whose pixels span ``pixel_area`` square units) fill more than ``level``
+    of their enclosing rectangle, among those of :data:`SHAPE_MIN_PIXELS` pixels or more: (n,) bool."""
+    geoms = np.asarray(geoms, dtype=object)
+    if level is None or len(geoms) == 0:
+        return np.zeros(len(geoms), bool)
+    big = shapely.area(geoms) >= SHAPE_MIN_PIXELS * pixel_area
+    return big & (np.nan_to_num(rectangularity(geoms)) > level)

@@ -54,7 +54,7 @@ from minemap.review import TrainingVerdicts, apply_to_labels, training_verdicts
 from minemap.synthetic import make_scene
 from minemap.threshold import block_threshold
 from minemap.train import train, weak_model_error
-from minemap.vectorize import read_polygons, vectorize, vectorize_year
+from minemap.vectorize import field_level, read_polygons, vectorize, vectorize_year
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,7 @@ class _Run:
     aoi: shapely.Geometry | None = None
     ref_key: str | None = None
     threshold: float | None = None
+    labels: gpd.GeoDataFrame | None = None  # the labels, where the run has them
     model_dir: Path | None = None
     keys: dict[str, str | None] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -174,9 +175,9 @@ STAGES: tuple[Stage, ...] = (
                                    r.cfg.bands, r.cfg.workers, overwrite=r.overwrite, progress=r.progress,
                                    aoi=r.aoi, scheduler=r.cfg.scheduler)),
     Stage("vectorize", "vectorize", "vectorize", ("predict",), lambda r: list(_polygon_paths(r).values()),
-          lambda r: [r.threshold, r.cfg.vectorize.model_dump()],
+          lambda r: [r.threshold, r.cfg.vectorize.model_dump(), field_level(r.cfg.vectorize, r.labels)],
           action=lambda r: vectorize(r.folder.probabilities, r.cfg.years, r.folder.polygons, r.threshold,
-                                     r.cfg.vectorize, r.cfg.workers, r.cfg.scheduler, r.progress)),
+                                     r.cfg.vectorize, r.cfg.workers, r.cfg.scheduler, r.progress, r.labels)),
     Stage("postprocess", "postprocess", "postprocess", ("vectorize",), lambda r: [r.folder.postprocessed],
           lambda r: [r.cfg.postprocess.model_dump(),
                      _file_key(r.cfg.postprocess.countries) if r.cfg.postprocess.countries else None],
@@ -283,9 +284,14 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         r.model_dir = folder.model
         r.keys["model"] = r.keys["finetune" if cfg.hard_negatives.enabled else "train"]
         card = _check_floor(cfg, r.model_dir)
-    if around_labels:  # the labels, cleaned by the labels stage (or read now, with a trained model)
-        labels = gpd.read_parquet(folder.labels) if not trained else read_labels(cfg.labels)[0]
-        r.aoi = parse_aoi(cfg.aoi, labels=labels)
+    # the labels, cleaned by the labels stage (or read now, with a trained model): the AOI around them, and the
+    # shapes of mines that outlines shaped like fields are judged against
+    if not trained:
+        r.labels = gpd.read_parquet(folder.labels)
+    elif cfg.labels:
+        r.labels = read_labels(cfg.labels)[0]
+    if around_labels:
+        r.aoi = parse_aoi(cfg.aoi, labels=r.labels)
 
     _step(r, STAGE["predict"])
     r.threshold = cfg.vectorize.threshold or card.threshold

@@ -10,6 +10,12 @@ Pixels a year did not observe (cloud, shadow, no imagery: NODATA) are filled fro
 and it observed the pixel, does too. Mines rarely close within a year, so a pit under this year's cloud is still
 there; the first year is never filled (a mine of the next year may be new). ``filled_share`` is the share of an
 outline's pixels so filled (0: observed throughout).
+
+Outlines shaped like fields are dropped (``vectorize.max_rectangularity``): one of 64 pixels or more that fills
+more than 0.9 of its smallest enclosing rectangle, in the tiles' projected CRS, after the seams are merged.
+Fields, clearings and plantation blocks are rectangles; pits, tailings and dredge ponds rarely are (of the
+literature's sample of 100 mining polygons, 4 exceed 0.9). Where the labels hold more rectangles than that, the
+level is raised to their 99th percentile (:func:`minemap.geo.shape_level`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from minemap._io import outputs
 from minemap.config import VectorizeConfig
 from minemap.errors import InputError
 from minemap.execution import map_units
-from minemap.geo import WGS84, area_km2, units_per_metre
+from minemap.geo import WGS84, area_km2, shape_level, shaped_like_fields, units_per_metre
 from minemap.formats.vectors import read_geoparquet, write_geoparquet
 from minemap.formats.rasters import LEVELS, NODATA
 
@@ -125,13 +131,16 @@ def _tile_unit(unit: tuple) -> tuple[int, tuple[list, list, object, float]]:
 
 def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: VectorizeConfig | None = None,
                    workers: int = 1, scheduler: str | None = None, progress: bool = False,
-                   neighbours: tuple[Path | None, Path | None] = (None, None)) -> gpd.GeoDataFrame:
+                   neighbours: tuple[Path | None, Path | None] = (None, None),
+                   fields: float | None | str = "config") -> gpd.GeoDataFrame:
     """Polygons of one year from its probability tiles. The per-tile part (thresholding and polygonising a tile)
     is a (tile, year) unit: serial, in ``workers`` local processes or on a Dask ``scheduler``'s workers (which
     must see the tiles' paths, e.g. on shared storage); the seams are merged here. ``neighbours``: the folders of
     the previous and next processed years' tiles (same names, same grids), which fill the pixels this year did
-    not observe (:func:`fill_unobserved`); None: no fill."""
+    not observe (:func:`fill_unobserved`); None: no fill. ``fields``: the rectangularity above which an outline is
+    dropped as a field (:func:`field_level`; None: never; "config": ``cfg.max_rectangularity``)."""
     cfg = cfg or VectorizeConfig()
+    fields = field_level(cfg) if fields == "config" else fields
     cut = int(np.ceil(threshold * LEVELS - 1e-9))
     previous, following = (str(Path(f).absolute()) if f is not None else None for f in neighbours)
     units = [(i, str(Path(p).absolute()), cut, previous, following)  # workers run in other folders
@@ -158,6 +167,11 @@ def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: Vectoriz
         weights = weights[sub]
         poly = shapely.get_type_id(parts) == shapely.GeometryType.POLYGON
         parts, weights = parts[poly], weights[poly]
+    shaped = shaped_like_fields(parts, fields, pixel * pixel)
+    if shaped.any():
+        log.info("vectorize %d: %d outlines shaped like fields dropped (rectangularity above %.3f)", year,
+                 int(shaped.sum()), fields)
+        parts, weights = parts[~shaped], weights[~shaped]
     gdf = gpd.GeoDataFrame({"year": np.full(len(parts), year, dtype=np.int32)}, geometry=parts, crs=crs).to_crs(WGS84)
     gdf["geometry"] = shapely.make_valid(gdf.geometry.values)
     gdf["area_km2"] = area_km2(gdf.geometry.values)
@@ -169,11 +183,14 @@ def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: Vectoriz
 
 def vectorize(prob_dir: Path, years: list[int], out_dir: Path, threshold: float,
               cfg: VectorizeConfig | None = None, workers: int = 1, scheduler: str | None = None,
-              progress: bool = False) -> dict[int, Path]:
+              progress: bool = False, labels: gpd.GeoDataFrame | None = None) -> dict[int, Path]:
     """Stage ``vectorize``: ``out_dir/<year>.parquet`` from ``prob_dir/<year>/*.tif`` (see
     :func:`vectorize_year` for ``workers`` and ``scheduler``). With ``cfg.fill_unobserved`` a year's unobserved
-    pixels are filled from the years beside it in ``years`` (the processed years, as the temporal rule's)."""
+    pixels are filled from the years beside it in ``years`` (the processed years, as the temporal rule's).
+    ``labels``: the mines the model learnt from, whose shapes may raise the level at which outlines are dropped
+    as fields (``cfg.max_rectangularity``)."""
     cfg = cfg or VectorizeConfig()
+    fields = field_level(cfg, labels)
     out = {}
     order = sorted(set(years))
     for year in years:
@@ -184,12 +201,21 @@ def vectorize(prob_dir: Path, years: list[int], out_dir: Path, threshold: float,
         k = order.index(year)
         neighbours = (Path(prob_dir) / str(order[k - 1]) if cfg.fill_unobserved and k > 0 else None,
                       Path(prob_dir) / str(order[k + 1]) if cfg.fill_unobserved and k + 1 < len(order) else None)
-        gdf = vectorize_year(paths, year, threshold, cfg, workers, scheduler, progress, neighbours)
+        gdf = vectorize_year(paths, year, threshold, cfg, workers, scheduler, progress, neighbours, fields)
         out[year] = write_geoparquet(gdf, Path(out_dir) / f"{year}.parquet")
         filled = float((gdf.area_km2 * gdf.filled_share).sum())
         log.info("vectorize %d: %d polygons, %.3f km2 (%.3f km2 filled from the years beside it)", year, len(gdf),
                  gdf.area_km2.sum(), filled)
     return out
+
+
+def field_level(cfg: VectorizeConfig, labels: gpd.GeoDataFrame | None = None) -> float | None:
+    """The rectangularity above which an outline is dropped as a field: ``cfg.max_rectangularity``, raised by
+    ``labels`` (any CRS) where more of them are rectangles; None: shape never decides."""
+    if labels is None or len(labels) == 0:
+        return shape_level(cfg.max_rectangularity)
+    geographic = labels.crs is None or labels.crs.is_geographic
+    return shape_level(cfg.max_rectangularity, np.asarray(labels.geometry.values), geographic)
 
 
 def read_polygons(paths: dict[int, Path] | list[Path]) -> gpd.GeoDataFrame:

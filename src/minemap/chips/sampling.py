@@ -19,7 +19,7 @@ from minemap._io import atomic_path, write_json
 from minemap.config import ChipConfig, HardNegativeConfig
 from minemap.formats.chips import MISSED, read_meta, split_summary
 from minemap.formats.rasters import zonal_mean
-from minemap.geo import WGS84, units_per_metre
+from minemap.geo import LABEL_RECT_QUANTILE, WGS84, shape_level, shaped_like_fields, units_per_metre
 from minemap.imagery import ImagerySource
 from minemap.lattice import Grid
 from minemap.chips.splits import _chip_boxes, _labels_in_grid, chip_positions
@@ -143,43 +143,22 @@ def _cap_missed(sure: np.ndarray, keep: np.ndarray, judged: np.ndarray, parts: n
     return out, int(len(beyond))
 
 
-SHAPE_MIN_PIXELS = 64  # detections smaller than this many pixels are not judged by their shape
-LABEL_RECT_QUANTILE = 0.99  # a rectangle is judged against this quantile of the labels' rectangularity
-
-
-def rectangularity(geoms: np.ndarray) -> np.ndarray:
-    """Each outline's area over that of its smallest enclosing (rotated) rectangle: 1 for a rectangle, about 0.79
-    for an ellipse, less for ragged or branching shapes; NaN for an empty or flat outline."""
-    geoms = np.asarray(geoms, dtype=object)
-    out = np.full(len(geoms), np.nan)
-    ok = ~shapely.is_empty(geoms) & (shapely.area(geoms) > 0)
-    if ok.any():
-        rect = shapely.area(shapely.minimum_rotated_rectangle(geoms[ok]))
-        out[ok] = np.minimum(shapely.area(geoms[ok]) / np.maximum(rect, 1e-12), 1.0)  # 1 + rounding for a box
-    return out
-
-
 def _rectangles(sure: np.ndarray, keep: np.ndarray, parts: np.ndarray, labels: np.ndarray, grid: Grid,
                 level: float) -> tuple[np.ndarray, float | None, int]:
     """``sure`` with the possible missed mines (``sure & keep``) shaped unlike any mine unmarked: their part away
     from the labels fills more than ``level`` of its enclosing rectangle, and more than
-    :data:`LABEL_RECT_QUANTILE` of the labels' outlines do (so labels that are rectangles themselves, quarries
-    drawn as boxes, keep their like spared). A model sure of a bright rectangular field it was never told about
-    would otherwise keep the confusion for good. Detections under :data:`SHAPE_MIN_PIXELS` pixels are not
-    judged (a few pixels are square whatever they show). Returns the new mask, the rectangularity level used
+    :data:`~minemap.geo.LABEL_RECT_QUANTILE` of the labels' outlines do (so labels that are rectangles themselves,
+    quarries drawn as boxes, keep their like spared; :func:`~minemap.geo.shape_level`). A model sure of a bright
+    rectangular field it was never told about would otherwise keep the confusion for good. Detections under
+    :data:`~minemap.geo.SHAPE_MIN_PIXELS` pixels are not judged (a few pixels are square whatever they show). Returns the new mask, the rectangularity level used
     (None: off, ``level`` 1) and how many detections were unmarked."""
-    if level >= 1:
+    used = shape_level(level, labels)
+    if used is None:
         return sure, None, 0
-    outlines = shapely.get_parts(labels) if len(labels) else np.empty(0, object)
-    shown = rectangularity(outlines)
-    shown = shown[np.isfinite(shown)]
-    used = max(level, float(np.quantile(shown, LABEL_RECT_QUANTILE))) if len(shown) else level
     cand = np.flatnonzero(sure & keep)
     if len(cand) == 0:
         return sure, used, 0
-    big = shapely.area(parts[cand]) >= SHAPE_MIN_PIXELS * grid.res[0] * grid.res[1]
-    rect = rectangularity(parts[cand])
-    shaped = cand[big & (np.nan_to_num(rect) > used)]
+    shaped = cand[shaped_like_fields(parts[cand], used, grid.res[0] * grid.res[1])]
     out = sure.copy()
     out[shaped] = False
     return out, used, int(len(shaped))
