@@ -12,8 +12,8 @@ ran). Prints the test-block F1 per year of both sides (unobserved reference coun
 
 A change of code, not of a setting, is measured with ``--redo STAGE``: the candidate's copy forgets that stage and
 every one after it (their manifest entries, and the tiles prediction and hard-negative mining resume from), so
-they run again with the current code, while the base side reruns nothing and scores the kept outputs as they
-are (by the current evaluation).
+they run again with the current code, while the base side reruns only what the current code's stage keys ask
+(a setting added since the run was kept changes its stage's key: the stages run are printed).
 
 Run: `.venv/bin/python benchmarks/refit_runs.py DIR --set hard_negatives.keep_within=0.01
 --base hard_negatives.keep_within=0`, or `.venv/bin/python benchmarks/refit_runs.py DIR --redo predict`.
