@@ -434,7 +434,8 @@ def _hard_negatives(r: _Run) -> None:
             progress=r.progress, scheduler=cfg.scheduler)
     level = min(cfg.hard_negatives.search_level, read_card(r.first_dir).threshold)
     tiles = sorted((prob_dir / str(year)).glob("*.tif"))
-    detections = vectorize_year(tiles, year, level, VectorizeConfig(min_area_m2=0.0))
+    # every detection of the first model, whatever its shape: the hard-negative rule judges rectangles itself
+    detections = vectorize_year(tiles, year, level, VectorizeConfig(min_area_m2=0.0, max_rectangularity=1))
     hard_negative_chips(detections, gpd.read_parquet(r.folder.labels), r.source, r.folder.chips,
                         r.folder.hard_negative_chips, cfg.chips, cfg.hard_negatives, level, tiles, r.verdicts)
 
