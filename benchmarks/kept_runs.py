@@ -57,7 +57,7 @@ def summarise(kind: str, args: argparse.Namespace, rows: list[dict], threads: in
     dest = write_results(kind, threads, {"keep": str(args.keep), "seeds": [r["seed"] for r in rows],
                                          "base": [f"{k}={v}" for k, v in args.base],
                                          "candidate": [f"{k}={v}" for k, v in args.set],
-                                         "redo": getattr(args, "redo", None),
+                                         "redo": args.redo,
                                          "summary": summary, "scenes": rows})
     print(f"results -> {dest}")
     return dest

@@ -25,7 +25,7 @@ from minemap.evaluate import evaluate, read_reference
 from minemap.formats.chips import split_blocks
 from minemap.panel import build_panel
 from minemap.postprocess import postprocess
-from minemap.vectorize import read_polygons, vectorize
+from minemap.vectorize import field_level, read_polygons, vectorize
 from kept_runs import arguments, kept_runs, summarise
 
 SECTIONS = {"vectorize": VectorizeConfig, "postprocess": PostprocessConfig}
@@ -47,7 +47,8 @@ def score(run: Path, scene: Path, years: list[int], cfgs: dict, work: Path) -> d
     probabilities, taken through vectorize, postprocess and panel with ``cfgs``."""
     threshold = json.loads((run / "threshold.json").read_text())["threshold"]
     labels = gpd.read_parquet(run / "labels.parquet") if (run / "labels.parquet").is_file() else None
-    paths = vectorize(run / "probabilities", years, work / "polygons", threshold, cfgs["vectorize"], labels=labels)
+    paths = vectorize(run / "probabilities", years, work / "polygons", threshold, cfgs["vectorize"],
+                      fields=field_level(cfgs["vectorize"], labels))
     panel = build_panel(postprocess(read_polygons(paths), cfgs["postprocess"])).panel
     reference = read_reference(scene / "truth.gpkg")
     m = evaluate(panel, reference, run / "probabilities", threshold, splits=split_blocks(run / "chips"))

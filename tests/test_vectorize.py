@@ -154,5 +154,6 @@ def test_outlines_shaped_like_fields_are_dropped(tmp_path):
                              crs="EPSG:4326")
     assert field_level(VectorizeConfig()) == 0.9 and field_level(VectorizeConfig(), boxes) > 0.99
     assert field_level(VectorizeConfig(max_rectangularity=1), boxes) is None
-    out = vectorize(tmp_path, [2020], tmp_path / "polys", 0.5, VectorizeConfig(min_area_m2=0), labels=boxes)
+    cfg = VectorizeConfig(min_area_m2=0)
+    out = vectorize(tmp_path, [2020], tmp_path / "polys", 0.5, cfg, fields=field_level(cfg, boxes))
     assert len(gpd.read_parquet(out[2020])) == 3

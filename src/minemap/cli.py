@@ -286,6 +286,7 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
     """Threshold probabilities into valid polygons (EPSG:4326), one GeoParquet a year."""
     from minemap.errors import InputError
     from minemap.model import read_card
+    from minemap.vectorize import field_level
     from minemap.vectorize import vectorize as vectorize_fn
 
     cfg = _settings(VectorizeConfig, min_area_m2=min_area_m2, simplify_m=simplify_m, fill_unobserved=fill_unobserved,
@@ -303,7 +304,7 @@ def vectorize(prob_dir: Annotated[Path, typer.Argument(help="folder of probabili
 
         labels = read_labels([labels_path])[0]
     paths = vectorize_fn(prob_dir, _years(years), out_dir, threshold, cfg, workers, scheduler, progress=True,
-                         labels=labels)
+                         fields=field_level(cfg, labels))
     out.print(f"{len(paths)} polygon files -> {out_dir} (threshold {threshold:.2f})")
 
 

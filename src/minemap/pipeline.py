@@ -119,6 +119,7 @@ class _Run:
     ref_key: str | None = None
     threshold: float | None = None
     labels: gpd.GeoDataFrame | None = None  # the labels, where the run has them
+    fields: float | None = None  # the rectangularity above which an outline is a field (vectorize.field_level)
     model_dir: Path | None = None
     keys: dict[str, str | None] = field(default_factory=dict)
     skipped: list[str] = field(default_factory=list)
@@ -175,9 +176,9 @@ STAGES: tuple[Stage, ...] = (
                                    r.cfg.bands, r.cfg.workers, overwrite=r.overwrite, progress=r.progress,
                                    aoi=r.aoi, scheduler=r.cfg.scheduler)),
     Stage("vectorize", "vectorize", "vectorize", ("predict",), lambda r: list(_polygon_paths(r).values()),
-          lambda r: [r.threshold, r.cfg.vectorize.model_dump(), field_level(r.cfg.vectorize, r.labels)],
+          lambda r: [r.threshold, r.cfg.vectorize.model_dump(), r.fields],
           action=lambda r: vectorize(r.folder.probabilities, r.cfg.years, r.folder.polygons, r.threshold,
-                                     r.cfg.vectorize, r.cfg.workers, r.cfg.scheduler, r.progress, r.labels)),
+                                     r.cfg.vectorize, r.cfg.workers, r.cfg.scheduler, r.progress, r.fields)),
     Stage("postprocess", "postprocess", "postprocess", ("vectorize",), lambda r: [r.folder.postprocessed],
           lambda r: [r.cfg.postprocess.model_dump(),
                      _file_key(r.cfg.postprocess.countries) if r.cfg.postprocess.countries else None],
@@ -292,6 +293,7 @@ def run(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> RunRe
         r.labels = read_labels(cfg.labels)[0]
     if around_labels:
         r.aoi = parse_aoi(cfg.aoi, labels=r.labels)
+    r.fields = field_level(cfg.vectorize, r.labels)
 
     _step(r, STAGE["predict"])
     r.threshold = cfg.vectorize.threshold or card.threshold

@@ -306,13 +306,14 @@ def _predict_unit(unit: tuple[int, Tile, str, PredictConfig, tuple[str, str] | N
         return year, tile.tile_id, False
     if radiometry is not None:
         pixels = rad.apply(pixels, rad.load_cached(*radiometry), c0 - m, r0 - m)
-    hidden = None
     if m:  # thin clouds and shadows, by their own signature (opaque ones too: they show where shadows lie)
-        hidden = obscured_mask(pixels, valid, card.bands)[m:m + h, m:m + w]
+        obscured = obscured_mask(pixels, valid, card.bands)[m:m + h, m:m + w]
         pixels, valid = pixels[:, m:m + h, m:m + w], valid[m:m + h, m:m + w]
         inner = tuple(slice(sl.start - m, sl.stop - m) for sl in inner)
     if cfg.mask_clouds:  # after normalising: the cloud level is in the training year's units
-        hidden = cloud_mask(pixels, card) if hidden is None else hidden | cloud_mask(pixels, card)
+        hidden = cloud_mask(pixels, card)
+        if m:
+            hidden |= obscured
         valid &= ~hidden
     batch = max(1, cfg.batch_size * card.chip_size ** 2 // window ** 2)  # batch_size counts training chips
     prob = blend_windows(model, card, pixels, valid, [r - rows[0] for r in rows], [q - cols[0] for q in cols],

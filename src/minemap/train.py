@@ -21,8 +21,9 @@ carries on after a crash where it stopped, and ends where an uninterrupted train
   towards a bright per-band level, cloud shadows) so that hazy, shadowed or differently calibrated years still
   segment.
 - Schedule: a warm-up over the first epoch, then a constant rate that halves every ``patience`` epochs of the
-  fixed schedule; with early stopping, whenever validation F1 has not improved for ``patience // 2`` epochs,
-  training stopping after ``patience`` epochs without improvement, or at ``epochs``. Validation F1 is taken at its best threshold, so model selection does not depend on calibration.
+  fixed schedule; with early stopping, it halves whenever validation F1 has not improved for ``patience // 2``
+  epochs, and training stops after ``patience`` epochs without improvement, or at ``epochs``. Validation F1 is
+  taken at its best threshold, so model selection does not depend on calibration.
 - Arithmetic: bfloat16 autocast of the forward passes where the device computes it natively, float16 with a
   scaled loss on older GPUs (``train.precision``, see :func:`minemap.model.resolve_precision`); the loss, weights
   and optimiser stay float32. On a GPU the network runs channels-last (``train.channels_last``), optionally

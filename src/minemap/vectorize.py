@@ -183,14 +183,13 @@ def vectorize_year(paths: list[Path], year: int, threshold: float, cfg: Vectoriz
 
 def vectorize(prob_dir: Path, years: list[int], out_dir: Path, threshold: float,
               cfg: VectorizeConfig | None = None, workers: int = 1, scheduler: str | None = None,
-              progress: bool = False, labels: gpd.GeoDataFrame | None = None) -> dict[int, Path]:
+              progress: bool = False, fields: float | None | str = "config") -> dict[int, Path]:
     """Stage ``vectorize``: ``out_dir/<year>.parquet`` from ``prob_dir/<year>/*.tif`` (see
     :func:`vectorize_year` for ``workers`` and ``scheduler``). With ``cfg.fill_unobserved`` a year's unobserved
     pixels are filled from the years beside it in ``years`` (the processed years, as the temporal rule's).
-    ``labels``: the mines the model learnt from, whose shapes may raise the level at which outlines are dropped
-    as fields (``cfg.max_rectangularity``)."""
+    ``fields``: the rectangularity above which an outline is dropped as a field (:func:`field_level`, which the
+    labels the model learnt from may raise; None: never; "config": ``cfg.max_rectangularity``)."""
     cfg = cfg or VectorizeConfig()
-    fields = field_level(cfg, labels)
     out = {}
     order = sorted(set(years))
     for year in years:

@@ -150,8 +150,9 @@ def _rectangles(sure: np.ndarray, keep: np.ndarray, parts: np.ndarray, labels: n
     :data:`~minemap.geo.LABEL_RECT_QUANTILE` of the labels' outlines do (so labels that are rectangles themselves,
     quarries drawn as boxes, keep their like spared; :func:`~minemap.geo.shape_level`). A model sure of a bright
     rectangular field it was never told about would otherwise keep the confusion for good. Detections under
-    :data:`~minemap.geo.SHAPE_MIN_PIXELS` pixels are not judged (a few pixels are square whatever they show). Returns the new mask, the rectangularity level used
-    (None: off, ``level`` 1) and how many detections were unmarked."""
+    :data:`~minemap.geo.SHAPE_MIN_PIXELS` pixels are not judged (a few pixels are square whatever they show).
+    Returns the new mask, the rectangularity level used (None: off, ``level`` 1) and how many detections were
+    unmarked."""
     used = shape_level(level, labels)
     if used is None:
         return sure, None, 0
