@@ -123,3 +123,47 @@ def test_large_frames_written_in_row_groups_read_back_the_same(tmp_path, monkeyp
     # small frames, and frames with an index of their own, are written in one piece as before
     small = labels_mod.write_geoparquet(gdf.iloc[:3], tmp_path / "small.parquet")
     assert pq.ParquetFile(small).num_row_groups == 1
+
+
+def test_polygons_written_back_as_read_keep_their_bytes(tmp_path, monkeypatch):
+    """Within reusing_wkb, polygons read from GeoParquet and written again unchanged are copied, not encoded: only
+    the one polygon changed since is encoded (and the template row geopandas writes for the schema); the file
+    holds every polygon, in the new order, whatever the batches they were read in. Outside, all are encoded."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    import minemap.formats.vectors as vectors
+
+    monkeypatch.setattr(vectors, "PARQUET_CHUNK_ROWS", 4)  # reads and writes in batches of 4 rows
+    n = 11
+    src = gpd.GeoDataFrame({"year": np.arange(n, dtype=np.int64), "area_km2": np.linspace(0.1, 1.0, n)},
+                           geometry=[shapely.Polygon([(i, 0), (i + 1, 0.2 * i), (i + 0.5, 1 + i)]) for i in range(n)],
+                           crs="EPSG:4326")
+    vectors.write_geoparquet(src, tmp_path / "a.parquet")
+    vectors.write_geoparquet(src.iloc[:3].assign(year=[20, 21, 22]), tmp_path / "b.parquet")  # a second file
+    encoded = []
+    to_wkb = shapely.to_wkb
+
+    def counting(geoms, *args, **kwargs):
+        encoded.append(np.size(geoms))
+        return to_wkb(geoms, *args, **kwargs)
+
+    monkeypatch.setattr(shapely, "to_wkb", counting)
+    with vectors.reusing_wkb():
+        got = pd.concat([vectors.read_geoparquet(tmp_path / "a.parquet"), vectors.read_geoparquet(tmp_path / "b.parquet")],
+                        ignore_index=True)
+        out = gpd.GeoDataFrame(got.iloc[::-1].reset_index(drop=True), crs="EPSG:4326")  # another order, 14 rows
+        out = out[out.year != 5].reset_index(drop=True)
+        out.loc[2, "geometry"] = shapely.buffer(out.geometry.iloc[2], 0.1)  # changed: a new object
+        vectors.write_geoparquet(out, tmp_path / "out.parquet")
+    assert sum(encoded) <= 2 and 1 in encoded  # the changed polygon alone (and the schema's one row)
+    back = gpd.read_parquet(tmp_path / "out.parquet")
+    assert pq.ParquetFile(tmp_path / "out.parquet").num_row_groups == 4
+    pd.testing.assert_frame_equal(pd.DataFrame(back.drop(columns="geometry")), pd.DataFrame(out.drop(columns="geometry")))
+    assert list(back.year) == [22, 21, 20, 10, 9, 8, 7, 6, 4, 3, 2, 1, 0]
+    assert back.geometry.geom_equals_exact(out.geometry, 0).all()
+    assert back.geometry.iloc[2].area > src.geometry.iloc[0].area  # year 20 is src's first polygon, buffered
+    encoded.clear()
+    vectors.write_geoparquet(out, tmp_path / "again.parquet")  # outside: every polygon encoded
+    assert sum(encoded) >= len(out)
+    assert gpd.read_parquet(tmp_path / "again.parquet").geometry.geom_equals_exact(back.geometry, 0).all()
