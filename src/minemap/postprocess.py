@@ -29,7 +29,7 @@ import shapely
 from minemap.config import PostprocessConfig
 from minemap.geo import (EQUAL_AREA, WGS84, area_km2, in_threads, inner_points, pairs_across_years, polygons_meet,
                          units_per_metre)
-from minemap.formats.countries import load_countries
+from minemap.formats.countries import load_countries, stored_inland_grid
 from minemap.formats.vectors import write_geoparquet
 from minemap.lattice import Lattice
 
@@ -138,13 +138,16 @@ def inland_cells(countries: gpd.GeoDataFrame, bounds: tuple[float, float, float,
 
 def _inland_country(geoms: np.ndarray, countries: gpd.GeoDataFrame, cell: float = GRID_DEG) -> np.ndarray:
     """Per polygon, the index of the country holding it whole, read from :func:`inland_cells` where the polygon's
-    box lies in cells that one country alone holds (a box over at most 2 x 2 cells); -1 elsewhere."""
+    box lies in cells that one country alone holds (a box over at most 2 x 2 cells); -1 elsewhere. The embedded
+    layer's grid is stored (:func:`~minemap.formats.countries.stored_inland_grid`); another layer's is computed
+    over the polygons' bounds."""
     bounds = shapely.bounds(geoms)
     ok = np.isfinite(bounds).all(1)
     out = np.full(len(geoms), -1, np.int64)
     if not ok.any():
         return out
-    grid, x0, y0 = inland_cells(countries, tuple(np.r_[bounds[ok, :2].min(0), bounds[ok, 2:].max(0)]), cell)
+    grid, x0, y0 = stored_inland_grid(countries, cell) or inland_cells(
+        countries, tuple(np.r_[bounds[ok, :2].min(0), bounds[ok, 2:].max(0)]), cell)
     b = np.where(ok[:, None], bounds, 0.0)
     c0, c1 = np.floor((b[:, 0] - x0) / cell).astype(np.int64), np.floor((b[:, 2] - x0) / cell).astype(np.int64)
     r0, r1 = np.floor((y0 - b[:, 3]) / cell).astype(np.int64), np.floor((y0 - b[:, 1]) / cell).astype(np.int64)

@@ -25,7 +25,43 @@ _NAME_COLUMNS = ("country", "COUNTRY", "NAME", "name", "NAME_0", "ADMIN", "COUNT
 
 
 EMBEDDED = {"10m": "countries_ne10m.parquet", "110m": "countries_ne110m.parquet"}
+# the grid of cells one country alone holds (minemap.postprocess.inland_cells), over the globe, for a layer,
+# computed once by tools/make_countries.py: rasterising 1:10m borders over the tropics takes seconds a run
+INLAND_GRIDS = {"10m": "countries_ne10m_inland.npz"}
 _LOADED: dict[str, gpd.GeoDataFrame] = {}
+_GRIDS: dict[str, dict] = {}
+
+
+def layer_fingerprint(countries: gpd.GeoDataFrame) -> str:
+    """A digest of a country layer's rows: codes, and every vertex of each outline in order. Equal digests: the
+    same layer, row for row (an inland grid's country indices hold for it)."""
+    import hashlib
+
+    geoms = np.asarray(countries.geometry.values)
+    h = hashlib.sha256()
+    h.update("\x1f".join(map(str, countries["iso3"])).encode())
+    h.update(shapely.get_num_coordinates(geoms).astype(np.int64).tobytes())
+    h.update(np.ascontiguousarray(shapely.get_coordinates(geoms), np.float64).tobytes())
+    return h.hexdigest()
+
+
+def stored_inland_grid(countries: gpd.GeoDataFrame, cell: float) -> tuple[np.ndarray, float, float] | None:
+    """The inland grid stored for an embedded layer (``INLAND_GRIDS``; the grid, and its top-left corner x0, y0),
+    where ``countries`` is that layer row for row and the grid's cell is ``cell``; None otherwise (a user's layer,
+    a subset or reordering of the embedded one: the caller computes the grid)."""
+    for scale, name in INLAND_GRIDS.items():
+        if scale not in _GRIDS:
+            with resources.as_file(resources.files("minemap") / "data" / name) as p:
+                if not p.is_file():
+                    _GRIDS[scale] = {}
+                    continue
+                with np.load(p) as z:
+                    _GRIDS[scale] = {k: z[k] for k in z.files}
+        stored = _GRIDS[scale]
+        if stored and len(countries) == int(stored["countries"]) and float(stored["cell"]) == cell \
+                and layer_fingerprint(countries) == str(stored["fingerprint"]):
+            return stored["grid"].astype(np.int32), float(stored["x0"]), float(stored["y0"])
+    return None
 
 
 def load_countries(path: Path | None = None, scale: str = "10m") -> gpd.GeoDataFrame:
