@@ -210,6 +210,20 @@ def test_panel_files(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
 
 
+def test_tables_as_csv_read_back(tmp_path):
+    """The CSV writer: a name holding a comma and quotes stays one field, floats come back to 6 places, missing
+    values empty, whole numbers as integers."""
+    from minemap.panel import write_csv
+
+    table = pd.DataFrame({"iso3": ["BES", None], "country": ['Bonaire, Sint "Eustatius"', "(none)"],
+                          "year": [2019, 2020], "area_km2": [0.123456789, np.nan]})
+    write_csv(table, tmp_path / "t.csv")
+    back = pd.read_csv(tmp_path / "t.csv")
+    assert back.country.tolist() == table.country.tolist() and back.year.tolist() == [2019, 2020]
+    assert back.area_km2.iloc[0] == 0.123457 and np.isnan(back.area_km2.iloc[1]) and pd.isna(back.iso3.iloc[1])
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
 def test_the_published_study_files_become_a_panel(tmp_path):
     """The study's per-year GeoPackages (id, iso_a3, country_name, year, area; a multipolygon, Natural Earth's -99)
     get mine identities across years and a summary, without imagery; the _buffer variants are left out."""
