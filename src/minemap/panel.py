@@ -121,6 +121,11 @@ def _overlap(geoms: np.ndarray, a: np.ndarray, b: np.ndarray, buffer_m: float) -
 
 
 
+def _group_starts(values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts."""
+    return np.r_[True, values[1:] != values[:-1]] if len(values) else np.zeros(0, bool)
+
+
 def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 0.0,
                 links: tuple[np.ndarray, ...] | None = None, points: tuple[np.ndarray, np.ndarray] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -163,59 +168,65 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
     district_of[first.comp.to_numpy()] = _anchor_ids(x[first.i.to_numpy()], y[first.i.to_numpy()])
 
     # mines, year by year: each polygon picks a parent mine in the nearest earlier year it overlaps
-    links = pd.DataFrame({"c": la, "p": lb, "dy": yi[la] - yi[lb], "ov": known})
-    links = links[links.dy == links.groupby("c").dy.transform("min")]
-    links["t"] = yi[links.c.to_numpy()]
+    dy = yi[la] - yi[lb]
+    nearest = np.full(n, np.iinfo(np.int64).max)
+    np.minimum.at(nearest, la, dy)
+    keep = np.flatnonzero(dy == nearest[la])
+    keep = keep[np.argsort(yi[la[keep]], kind="stable")]  # by the child's year
+    lc, lp, lov = la[keep], lb[keep], np.asarray(known, float)[keep]
+    at_year = np.searchsorted(yi[lc], np.arange(len(years) + 1))
     mine = np.full(n, -1, np.int64)
     last_t = np.full(n, -1, np.int64)  # per mine number, the last year it was seen so far
     n_mines = 0
     ev: list[pd.DataFrame] = []  # columns t, kind, m, parents (list of mine numbers), kids (list)
     for t in range(len(years)):
-        lk = links[links.t == t]
-        lk = lk.assign(m=mine[lk.p.to_numpy()])
-        per = lk.groupby(["c", "m"], as_index=False).agg(dy=("dy", "first"))
-        per["kids"] = per.groupby("m").c.transform("size")
-        per["mines"] = per.groupby("c").m.transform("size")
-        per["ov"] = 0.0
+        c, p, ov_link = lc[at_year[t]:at_year[t + 1]], lp[at_year[t]:at_year[t + 1]], lov[at_year[t]:at_year[t + 1]]
+        m = mine[p]  # earlier years are settled: every parent has its mine
+        # the (child, mine) pairs: a child may meet a mine through several of its polygons (a gap year's)
+        _, first, pair = np.unique(c * (n + 1) + m, return_index=True, return_inverse=True)
+        pc, pm = c[first], m[first]
+        kids = np.bincount(pm, minlength=n)[pm]  # children meeting the pair's mine
+        mines = np.bincount(pc, minlength=n)[pc]  # mines the pair's child meets
+        ov = np.zeros(len(pc))
         # overlap areas only where a choice is to be made: a child meeting several mines, a mine met by several
-        need = ((per.kids > 1) | (per.mines > 1)).to_numpy()
+        need = (kids > 1) | (mines > 1)
         if need.any():
-            sub = lk.merge(per.loc[need, ["c", "m"]], on=["c", "m"])
-            todo = np.flatnonzero(np.isnan(sub.ov.to_numpy()))
+            rows = np.flatnonzero(need[pair])
+            todo = rows[np.isnan(ov_link[rows])]
             if len(todo):
-                sub.iloc[todo, sub.columns.get_loc("ov")] = _overlap(geoms, sub.c.to_numpy()[todo],
-                                                                     sub.p.to_numpy()[todo], buffer_m)
-            per.loc[need, "ov"] = sub.groupby(["c", "m"]).ov.sum().reindex(
-                pd.MultiIndex.from_frame(per.loc[need, ["c", "m"]])).to_numpy()
-        per = per.sort_values(["c", "ov", "m"], ascending=[True, False, True])
-        claims = per.drop_duplicates("c")
-        merges = per[per.mines > 1].groupby("c").m.agg(list)
-        if len(merges):
-            ev.append(pd.DataFrame({"t": t, "kind": "merged", "c": merges.index.to_numpy(),
-                                    "parents": merges.to_numpy()}))
+                ov_link[todo] = _overlap(geoms, c[todo], p[todo], buffer_m)
+            ov = np.where(need, np.bincount(pair[rows], weights=ov_link[rows], minlength=len(pc)), 0.0)
+        by_child = np.lexsort((pm, -ov, pc))  # each child's pairs, the mine it overlaps most first
+        claims = by_child[_group_starts(pc[by_child])]
+        several = by_child[mines[by_child] > 1]
+        if len(several):
+            heads = np.flatnonzero(_group_starts(pc[several]))
+            ev.append(pd.DataFrame({"t": t, "kind": "merged", "c": pc[several[heads]],
+                                    "parents": [list(g) for g in np.split(pm[several], heads[1:])]}))
         # each mine goes on with the child overlapping it most; the other children split off as new mines
-        claims = claims.sort_values(["m", "ov", "c"], ascending=[True, False, True])
-        carry = claims.drop_duplicates("m")
-        mine[carry.c.to_numpy()] = carry.m.to_numpy()
-        back = carry.m.to_numpy()[last_t[carry.m.to_numpy()] < t - 1]
+        claims = claims[np.lexsort((pc[claims], -ov[claims], pm[claims]))]
+        goes_on = _group_starts(pm[claims])
+        carry, split = claims[goes_on], claims[~goes_on]
+        mine[pc[carry]] = pm[carry]
+        back = pm[carry][last_t[pm[carry]] < t - 1]
         if len(back):  # unseen since a year before the last: gone in the year after it was last seen, and back
             ev.append(pd.DataFrame({"t": last_t[back] + 1, "kind": "disappeared", "m": back}))
             ev.append(pd.DataFrame({"t": t, "kind": "reappeared", "m": back}))
-        last_t[carry.m.to_numpy()] = t
+        last_t[pm[carry]] = t
         this = np.flatnonzero(yi == t)
         new = this[mine[this] < 0]
         mine[new] = np.arange(n_mines, n_mines + len(new))
         last_t[mine[new]] = t
         n_mines += len(new)
-        split = claims[claims.duplicated("m")]
         split_off = np.zeros(n, bool)
-        split_off[split.c.to_numpy()] = True
+        split_off[pc[split]] = True
         appeared = new[~split_off[new]]
         ev.append(pd.DataFrame({"t": t, "kind": "appeared", "m": mine[appeared]}))
         if len(split):
-            kids = split.assign(k=mine[split.c.to_numpy()]).groupby("m").k.agg(list)
-            ev.append(pd.DataFrame({"t": t, "kind": "split", "m": kids.index.to_numpy(),
-                                    "kids": [[m, *k] for m, k in zip(kids.index, kids)]}))
+            heads = np.flatnonzero(_group_starts(pm[split]))
+            parents = pm[split[heads]]
+            ev.append(pd.DataFrame({"t": t, "kind": "split", "m": parents, "kids": [
+                [int(k) for k in (mp, *g)] for mp, g in zip(parents, np.split(mine[pc[split]], heads[1:]))]}))
     # the mine each merging child carries on, known once the year's claims are settled
     ev = pd.concat(ev, ignore_index=True)
     if "c" in ev:
