@@ -320,14 +320,12 @@ def postprocess(poly_dir: Annotated[Path, typer.Argument(help="folder of <year>.
                                                            "off")] = _POSTPROCESS.temporal,
                 countries: Annotated[Optional[Path], typer.Option(help="country polygons (default: embedded Natural Earth 1:10m)")] = None):
     """Temporal consistency rule, country attribution, areas in km2."""
-    from minemap.formats.vectors import reusing_wkb
     from minemap.postprocess import postprocess_stage
     from minemap.vectorize import read_polygons
 
     cfg = _settings(PostprocessConfig, temporal=temporal, buffer_m=buffer_m, countries=countries)
-    with reusing_wkb():  # the polygons kept are written back as read
-        gdf = read_polygons([poly_dir / f"{y}.parquet" for y in _years(years)])
-        res = postprocess_stage(gdf, out_path, cfg)
+    gdf = read_polygons([poly_dir / f"{y}.parquet" for y in _years(years)])
+    res = postprocess_stage(gdf, out_path, cfg)
     out.print(f"{len(res)} of {len(gdf)} polygons kept -> {out_path}")
 
 
@@ -341,16 +339,15 @@ def panel(postprocessed: Annotated[list[Path], typer.Argument(
                                                                "count as overlapping")] = _PANEL.buffer_m):
     """Track mines across years (mine_id, lineage events, district_id) and write the panel, its summary, the
     lineage tables and the change statistics."""
-    from minemap.formats.vectors import read_vector, reusing_wkb
+    from minemap.formats.vectors import read_vector
     from minemap.panel import build_panel, read_study_polygons, write_panel
     from minemap.formats.panel import STUDY_PATTERN
 
     settings = _settings(PanelConfig, max_gap=max_gap, buffer_m=buffer_m)  # checked before any file is read
     study = len(postprocessed) > 1 or postprocessed[0].is_dir() or STUDY_PATTERN.search(postprocessed[0].name)
-    with reusing_wkb():  # the panel's outlines are written back as read
-        polygons = read_study_polygons(postprocessed) if study else read_vector(postprocessed[0])
-        p, events, changes = build_panel(polygons, settings, where=", ".join(map(str, postprocessed)))
-        paths = write_panel(p, events, out_dir, changes)
+    polygons = read_study_polygons(postprocessed) if study else read_vector(postprocessed[0])
+    p, events, changes = build_panel(polygons, settings, where=", ".join(map(str, postprocessed)))
+    paths = write_panel(p, events, out_dir, changes)
     out.print(f"{p.mine_id.nunique()} mines, {len(p)} mine-years -> {paths['parquet']}")
 
 

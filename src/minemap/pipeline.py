@@ -41,7 +41,7 @@ from minemap.export import EXPORT_FILES, export
 from minemap.formats.chips import CHIPS_FORMAT, possible_missed_mines, split_blocks
 from minemap.formats.panel import PANEL_FORMAT
 from minemap.formats.run import CARD, STATE, WEIGHTS, RunFolder
-from minemap.formats.vectors import read_geoparquet, reusing_wkb, write_geoparquet
+from minemap.formats.vectors import write_geoparquet
 from minemap.imagery import describe, open_imagery
 from minemap.labels import read_labels
 from minemap.manifest import Manifest
@@ -182,7 +182,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("postprocess", "postprocess", "postprocess", ("vectorize",), lambda r: [r.folder.postprocessed],
           lambda r: [r.cfg.postprocess.model_dump(),
                      _file_key(r.cfg.postprocess.countries) if r.cfg.postprocess.countries else None],
-          action=lambda r: _postprocess(r)),
+          action=lambda r: postprocess_stage(read_polygons(_polygon_paths(r)), r.folder.postprocessed,
+                                             r.cfg.postprocess)),
     Stage("panel", "panel", "panel", ("postprocess",), lambda r: list(r.folder.panel_files.values()),
           lambda r: [r.cfg.panel.model_dump(), PANEL_FORMAT], action=lambda r: _panel(r)),
     Stage("evaluate", "evaluate", None, ("panel",), lambda r: [r.folder.metrics],
@@ -337,15 +338,9 @@ def _chips(r: _Run) -> None:
                other_years=_shown_years(r.cfg))
 
 
-def _postprocess(r: _Run) -> None:
-    with reusing_wkb():  # the polygons kept are written back as read
-        postprocess_stage(read_polygons(_polygon_paths(r)), r.folder.postprocessed, r.cfg.postprocess)
-
-
 def _panel(r: _Run) -> None:
-    with reusing_wkb():  # the panel's outlines are written back as read
-        built = build_panel(read_geoparquet(r.folder.postprocessed), r.cfg.panel, where=str(r.folder.postprocessed))
-        write_panel(built.panel, built.events, r.folder.root, built.changes)
+    built = build_panel(gpd.read_parquet(r.folder.postprocessed), r.cfg.panel, where=str(r.folder.postprocessed))
+    write_panel(built.panel, built.events, r.folder.root, built.changes)
 
 
 def _evaluate(r: _Run) -> None:
