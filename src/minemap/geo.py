@@ -144,13 +144,18 @@ def _authalic(lonlat: np.ndarray) -> np.ndarray:
     return np.column_stack([np.radians(lonlat[:, 0]), q])
 
 
+def group_starts(values: np.ndarray) -> np.ndarray:
+    """Where each run of equal values of a sorted array starts (a boolean mask; empty for an empty array)."""
+    return np.r_[True, values[1:] != values[:-1]] if len(values) else np.zeros(0, bool)
+
+
 def _ring_areas(xy: np.ndarray, index: np.ndarray, n: int) -> np.ndarray:
     """Plane areas of ``n`` single rings from their closed coordinates in order (``index``: the ring of each
     coordinate): the shoelace sum, each ring shifted to its first vertex so that small rings far from the origin
     keep their digits."""
     if len(xy) == 0:
         return np.zeros(n)
-    start = np.flatnonzero(np.r_[True, index[1:] != index[:-1]])
+    start = np.flatnonzero(group_starts(index))
     first = np.repeat(start, np.diff(np.r_[start, len(index)]))
     x, y = xy[:, 0] - xy[first, 0], xy[:, 1] - xy[first, 1]
     cross = x[:-1] * y[1:] - x[1:] * y[:-1]

@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from minemap._io import atomic_path
 from minemap.config import PanelConfig
 from minemap.errors import InputError
-from minemap.geo import (WGS84, area_km2, in_threads, inner_points, pairs_across_years, polygons_meet,
+from minemap.geo import (WGS84, area_km2, group_starts, in_threads, inner_points, pairs_across_years, polygons_meet,
                          units_per_metre)
 from minemap.formats.panel import (CHANGE_COLUMNS, EVENT_COLUMNS, EVENT_KINDS, LINEAGE_COLUMNS, PANEL_COLUMNS,
                                    PANEL_FILES, STUDY_PATTERN)
@@ -121,11 +121,6 @@ def _overlap(geoms: np.ndarray, a: np.ndarray, b: np.ndarray, buffer_m: float) -
 
 
 
-def _group_starts(values: np.ndarray) -> np.ndarray:
-    """Where each run of equal values of a sorted array starts."""
-    return np.r_[True, values[1:] != values[:-1]] if len(values) else np.zeros(0, bool)
-
-
 def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 0.0,
                 links: tuple[np.ndarray, ...] | None = None, points: tuple[np.ndarray, np.ndarray] | None = None
                 ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -197,15 +192,15 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
                 ov_link[todo] = _overlap(geoms, c[todo], p[todo], buffer_m)
             ov = np.where(need, np.bincount(pair[rows], weights=ov_link[rows], minlength=len(pc)), 0.0)
         by_child = np.lexsort((pm, -ov, pc))  # each child's pairs, the mine it overlaps most first
-        claims = by_child[_group_starts(pc[by_child])]
+        claims = by_child[group_starts(pc[by_child])]
         several = by_child[mines[by_child] > 1]
         if len(several):
-            heads = np.flatnonzero(_group_starts(pc[several]))
+            heads = np.flatnonzero(group_starts(pc[several]))
             ev.append(pd.DataFrame({"t": t, "kind": "merged", "c": pc[several[heads]],
                                     "parents": [list(g) for g in np.split(pm[several], heads[1:])]}))
         # each mine goes on with the child overlapping it most; the other children split off as new mines
         claims = claims[np.lexsort((pc[claims], -ov[claims], pm[claims]))]
-        goes_on = _group_starts(pm[claims])
+        goes_on = group_starts(pm[claims])
         carry, split = claims[goes_on], claims[~goes_on]
         mine[pc[carry]] = pm[carry]
         back = pm[carry][last_t[pm[carry]] < t - 1]
@@ -223,7 +218,7 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
         appeared = new[~split_off[new]]
         ev.append(pd.DataFrame({"t": t, "kind": "appeared", "m": mine[appeared]}))
         if len(split):
-            heads = np.flatnonzero(_group_starts(pm[split]))
+            heads = np.flatnonzero(group_starts(pm[split]))
             parents = pm[split[heads]]
             ev.append(pd.DataFrame({"t": t, "kind": "split", "m": parents, "kids": [
                 [int(k) for k in (mp, *g)] for mp, g in zip(parents, np.split(mine[pc[split]], heads[1:]))]}))
@@ -245,7 +240,7 @@ def track_mines(polygons: gpd.GeoDataFrame, max_gap: int = 1, buffer_m: float = 
     ev = pd.concat([ev, pd.DataFrame({"t": last[gone] + 1, "kind": "disappeared", "m": gone})], ignore_index=True)
 
     order = np.lexsort((yi, mine))
-    firsts = order[np.r_[True, mine[order][1:] != mine[order][:-1]]]
+    firsts = order[group_starts(mine[order])]
     ids = np.empty(n_mines, dtype=object)
     ids[mine[firsts]] = _anchor_ids(x[firsts], y[firsts])
 
@@ -340,7 +335,7 @@ def build_panel(polygons: gpd.GeoDataFrame, cfg: PanelConfig | None = None, wher
     year = gdf["year"].astype(int).to_numpy()
     code, _ = pd.factorize(mine_id, sort=True)
     order = np.lexsort((year, code))  # by mine_id, then year
-    start = order[np.r_[True, code[order][1:] != code[order][:-1]]]
+    start = order[group_starts(code[order])]
     first_of = np.empty(code.max() + 1, dtype=year.dtype)
     first_of[code[start]] = year[start]
     panel = gpd.GeoDataFrame({
@@ -375,7 +370,7 @@ def lineage_table(panel: gpd.GeoDataFrame, events: pd.DataFrame) -> pd.DataFrame
     year = panel["year"].to_numpy()
     area = panel["area_km2"].to_numpy(dtype=float)
     by = np.lexsort((year, code))  # rows by mine, then year
-    start = np.flatnonzero(np.r_[True, code[by][1:] != code[by][:-1]])
+    start = np.flatnonzero(group_starts(code[by]))
     end = np.r_[start[1:], len(by)]
     # the years of each mine spelt "2016;2017;2019": a bit a year seen, each pattern spelt once
     seen, yi = np.unique(year, return_inverse=True)

@@ -27,8 +27,8 @@ import pandas as pd
 import shapely
 
 from minemap.config import PostprocessConfig
-from minemap.geo import (EQUAL_AREA, WGS84, area_km2, in_threads, inner_points, pairs_across_years, polygons_meet,
-                         units_per_metre)
+from minemap.geo import (EQUAL_AREA, WGS84, area_km2, group_starts, in_threads, inner_points, pairs_across_years,
+                         polygons_meet, units_per_metre)
 from minemap.formats.countries import load_countries, stored_inland_grid
 from minemap.formats.vectors import write_geoparquet
 from minemap.lattice import Lattice
@@ -247,7 +247,7 @@ def nearest_outline(geoms: np.ndarray, outlines: np.ndarray, tree: shapely.STRtr
                                                              return_distance=True, all_matches=True)
     # several at the same distance (a corner's two segments, two countries' shared corner): the first outline
     pairs = np.unique(np.stack([src, segment_owner[dst]], axis=1), axis=0)  # sorted by position, then outline
-    first = np.r_[True, pairs[1:, 0] != pairs[:-1, 0]]
+    first = group_starts(pairs[:, 0])
     return pairs[first, 0], pairs[first, 1]
 
 

@@ -46,9 +46,9 @@ def layer_fingerprint(countries: gpd.GeoDataFrame) -> str:
 
 
 def stored_inland_grid(countries: gpd.GeoDataFrame, cell: float) -> tuple[np.ndarray, float, float] | None:
-    """The inland grid stored for an embedded layer (``INLAND_GRIDS``; the grid, and its top-left corner x0, y0),
-    where ``countries`` is that layer row for row and the grid's cell is ``cell``; None otherwise (a user's layer,
-    a subset or reordering of the embedded one: the caller computes the grid)."""
+    """The inland grid stored for an embedded layer (``INLAND_GRIDS``; the grid, int16 and read-only, and its
+    top-left corner x0, y0), where ``countries`` is that layer row for row and the grid's cell is ``cell``; None
+    otherwise (a user's layer, a subset or reordering of the embedded one: the caller computes the grid)."""
     for scale, name in INLAND_GRIDS.items():
         if scale not in _GRIDS:
             with resources.as_file(resources.files("minemap") / "data" / name) as p:
@@ -57,10 +57,11 @@ def stored_inland_grid(countries: gpd.GeoDataFrame, cell: float) -> tuple[np.nda
                     continue
                 with np.load(p) as z:
                     _GRIDS[scale] = {k: z[k] for k in z.files}
+                _GRIDS[scale]["grid"].setflags(write=False)  # shared by every call: read, never copied
         stored = _GRIDS[scale]
         if stored and len(countries) == int(stored["countries"]) and float(stored["cell"]) == cell \
                 and layer_fingerprint(countries) == str(stored["fingerprint"]):
-            return stored["grid"].astype(np.int32), float(stored["x0"]), float(stored["y0"])
+            return stored["grid"], float(stored["x0"]), float(stored["y0"])
     return None
 
 
